@@ -1,0 +1,25 @@
+# All set-up lives here: `make demo` and `make test` work on a fresh clone with Python 3.10+ and pip.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/.installed: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/cocoon demo
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,177 @@
+"""BlockSpan: decoder blocks [start, end) of one model, computed by transformers' own layers.
+
+A span holds only its own blocks' weights, and a KV cache per inference session. The math of every
+block is the decoder-layer module of transformers, so the reference for correctness is transformers'
+full model on the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from shards.checkpoint import Checkpoint
+from shards.errors import MissingWeightsError, SpanOutOfRangeError
+from shards.families import Family, get_family
+from shards.precision import check_quant, quantize_linears, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class BlockSpan(nn.Module):
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList,
+                 rotary_emb: nn.Module, *, dtype: torch.dtype, quant: str = "none"):
+        super().__init__()
+        self.config, self.start, self.end = config, start, end
+        self.dtype_, self.quant = dtype, quant
+        self.layers = layers
+        self.rotary_emb = rotary_emb
+        self.layer_types = _layer_types(config)[start:end]
+        self.span_config = _span_config(config, start, end)
+        self.sessions: dict[str, DynamicCache] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | Checkpoint, start: int, end: int, *,
+                        dtype: str | torch.dtype = "auto", quant: str = "none",
+                        device: str | torch.device | None = None, attn_implementation: str = "sdpa",
+                        progress: bool = False, **hub_kwargs) -> "BlockSpan":
+        """Load blocks [start, end) of ``model`` (directory, hub cache dir or repo id), reading nothing else."""
+        checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model, **hub_kwargs)
+        config = copy.deepcopy(checkpoint.config)
+        config._attn_implementation = attn_implementation
+        family = get_family(config)
+        num_blocks = config.num_hidden_layers
+        if not (0 <= start < end <= num_blocks):
+            raise SpanOutOfRangeError(
+                f"span [{start}, {end}) is outside the model's {num_blocks} blocks: use 0 <= start < end <= {num_blocks}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = resolve_dtype(dtype, device)
+        check_quant(quant, torch_dtype, device)
+        span_config = _span_config(config, start, end)
+
+        layers = nn.ModuleList()
+        blocks = range(start, end)
+        if progress:
+            from tqdm.auto import tqdm
+            blocks = tqdm(blocks, desc=f"loading blocks {start}:{end}", unit="block")
+        for index in blocks:
+            layers.append(_load_block(checkpoint, family, span_config, index, index - start, torch_dtype, quant, device))
+        rotary_emb = family.rotary_embedding(config=config).to(device)
+        span = cls(config, start, end, layers, rotary_emb, dtype=torch_dtype, quant=quant)
+        return span.requires_grad_(False).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.rotary_emb.inv_freq.device
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, hidden_states: torch.Tensor, *, cache: DynamicCache | None = None,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None) -> torch.Tensor:
+        """hidden_states [batch, new_tokens, hidden] -> the same shape after every block of the span.
+
+        ``attention_mask`` is 2D [batch, past + new] (1 = attend, 0 = padding), ``position_ids`` is
+        [batch, new]; both default to "no padding". With ``cache``, keys and values are appended to it.
+        """
+        batch, length = hidden_states.shape[:2]
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=hidden_states.device).expand(batch, -1)
+        mask_kwargs = dict(config=self.span_config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                           cache=cache, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)} if "full_attention" in self.layer_types else {}
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            hidden_states = layer(hidden_states, attention_mask=masks[layer_type], position_ids=position_ids,
+                                  position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
+        return hidden_states
+
+    # ------------------------------------------------------------------ sessions (KV caches)
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.span_config)
+
+    def open_session(self, session_id: str) -> None:
+        if session_id in self.sessions:
+            raise KeyError(f"session {session_id!r} is already open")
+        self.sessions[session_id] = self.new_cache()
+
+    def step(self, session_id: str, hidden_states: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.LongTensor | None = None) -> torch.Tensor:
+        """Run the new tokens of one session, extending its KV cache."""
+        return self(hidden_states, cache=self._cache(session_id), attention_mask=attention_mask,
+                    position_ids=position_ids)
+
+    def session_length(self, session_id: str) -> int:
+        return self._cache(session_id).get_seq_length()
+
+    def reorder_session(self, session_id: str, beam_idx: torch.LongTensor) -> None:
+        """Select/reorder the batch rows of a session's cache (beam search)."""
+        self._cache(session_id).reorder_cache(beam_idx.to(self.device))
+
+    def trim_session(self, session_id: str, length: int) -> None:
+        """Keep only the first ``length`` tokens of a session's cache."""
+        cache = self._cache(session_id)
+        current = cache.get_seq_length()
+        if not 0 <= length <= current:
+            raise ValueError(f"cannot trim a session of {current} tokens to {length}")
+        cache.crop(length - current)
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def _cache(self, session_id: str) -> DynamicCache:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r}: open it first") from None
+
+    def cache_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one sequence takes in this span (for memory budgets)."""
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * len(self.layers) * config.num_key_value_heads * head_dim * self.dtype_.itemsize
+
+    def parameters_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def _load_block(checkpoint: Checkpoint, family: Family, span_config: PretrainedConfig, index: int,
+                local_index: int, dtype: torch.dtype, quant: str, device: torch.device) -> nn.Module:
+    prefix = family.layer_prefix.format(index)
+    names = checkpoint.names_with_prefix(prefix)
+    if not names:
+        raise MissingWeightsError(f"the checkpoint {checkpoint.name_or_path!r} has no tensors for block {index} "
+                                  f"(prefix {prefix!r}); it does not match its config")
+    state = family.convert_block({name[len(prefix):]: t for name, t in checkpoint.load(names, dtype).items()})
+    with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
+        layer = family.decoder_layer(span_config, layer_idx=local_index)
+    try:
+        layer.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise MissingWeightsError(f"block {index} of {checkpoint.name_or_path!r} does not match its config: {e}") from e
+    return quantize_linears(layer, quant, dtype).to(device)
+
+
+def _layer_types(config: PretrainedConfig) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+def _span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
+    """The config of a model made of blocks [start, end) alone: its caches and masks then fit the span."""
+    span_config = copy.deepcopy(config)
+    span_config.num_hidden_layers = end - start
+    if getattr(config, "layer_types", None):
+        span_config.layer_types = list(config.layer_types[start:end])
+    return span_config

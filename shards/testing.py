@@ -1,0 +1,33 @@
+"""Small random checkpoints written with transformers' own config classes, for tests, benches and the demo."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "mixtral": MixtralConfig}
+
+
+def tiny_config(family: str = "llama", *, hidden_size: int = 64, num_hidden_layers: int = 4,
+                num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 128, **overrides):
+    extra = dict(num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
+    extra.update(overrides)
+    return CONFIGS[family](
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
+        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+
+
+def save_random_checkpoint(path: str | Path, family: str = "llama", *, seed: int = 0,
+                           max_shard_size: str | int = "5GB", **config_kwargs) -> Path:
+    """Write a randomly initialised model of ``family`` to ``path`` with ``save_pretrained`` (safetensors)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs), dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init so that blocks change hidden states visibly
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.08)
+    path = Path(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
