@@ -129,4 +129,6 @@ def _resolve_local_dir(path: Path, revision: str | None) -> Path | None:
         return snapshot
     if path.exists():
         raise MissingWeightsError(f"{path} exists but holds no config.json: not a Hugging Face checkpoint")
+    if path.is_absolute() or str(path).startswith(".") or str(path).count("/") > 1:
+        raise MissingWeightsError(f"no checkpoint at {path}: give a local directory or a hub repo id (org/name)")
     return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def quantize_linears(module: nn.Module, quant: str, compute_dtype: torch.dtype) 
             else:
                 new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                         compute_dtype=compute_dtype, quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False)
             if child.bias is not None:
                 new.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, name, new)
@@ -81,8 +82,10 @@ def check_quant(quant: str, dtype: torch.dtype, device: torch.device) -> None:
 
 
 def _import_bitsandbytes(quant: str):
-    # bitsandbytes logs a warning about optional CPU kernels on import; it still works without them
+    # bitsandbytes logs about optional CPU kernels on import and warns at every int8 matmul of float32
+    # inputs (they are computed in float16, as in transformers); neither needs the user's attention
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     try:
         import bitsandbytes
     except ImportError as e:

@@ -1,0 +1,85 @@
+"""Throughput of a span, measured once per (hardware, model, dtype, quantization) and cached on disk."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from shards.span import BlockSpan
+
+CACHE_ENV = "COCOON_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Tokens per second of one block; a span of n blocks runs at these rates divided by n."""
+    decode_tokens_per_s: float   # one new token per step, batch of one sequence
+    prefill_tokens_per_s: float  # a prefill of many tokens
+
+    def for_blocks(self, num_blocks: int) -> "Throughput":
+        return Throughput(self.decode_tokens_per_s / num_blocks, self.prefill_tokens_per_s / num_blocks)
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "cocoon"))
+    return root / "throughput.json"
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
+
+
+def get_throughput(span: BlockSpan, model_id: str, *, force: bool = False, decode_steps: int = 32,
+                   prefill_tokens: int = 256, progress: bool = True) -> Throughput:
+    """Per-block throughput of this span's model on this hardware: read from the cache or measured now."""
+    key = "|".join([hardware_name(span.device), model_id, str(span.dtype_).removeprefix("torch."), span.quant])
+    path = cache_path()
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key in cached and not force:
+        return Throughput(**cached[key])
+    measured = measure(span, decode_steps=decode_steps, prefill_tokens=prefill_tokens, progress=progress)
+    per_block = Throughput(measured.decode_tokens_per_s * len(span.layers),
+                           measured.prefill_tokens_per_s * len(span.layers))
+    cached[key] = asdict(per_block)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)  # atomic: several servers may start at once
+    return per_block
+
+
+@torch.inference_mode()
+def measure(span: BlockSpan, *, decode_steps: int = 32, prefill_tokens: int = 256, progress: bool = True) -> Throughput:
+    """Tokens/s of the whole span: decode (batch 1, with a KV cache) and one prefill of ``prefill_tokens``."""
+    hidden = span.config.hidden_size
+    sync = torch.cuda.synchronize if span.device.type == "cuda" else (lambda: None)
+    bar = tqdm(total=decode_steps + 2, desc=f"measuring throughput of blocks {span.start}:{span.end}",
+               disable=not progress, unit="step")
+    x = torch.randn(1, prefill_tokens, hidden, dtype=span.dtype_, device=span.device)
+    span(x[:, :8])  # warm-up
+    sync()
+    bar.update()
+    start = time.perf_counter()
+    span(x)
+    sync()
+    prefill = prefill_tokens / (time.perf_counter() - start)
+    bar.update()
+    cache = span.new_cache()
+    span(x[:, :16], cache=cache)
+    sync()
+    start = time.perf_counter()
+    for i in range(decode_steps):
+        span(x[:, i:i + 1], cache=cache)
+        bar.update()
+    sync()
+    decode = decode_steps / (time.perf_counter() - start)
+    bar.close()
+    return Throughput(decode, prefill)
