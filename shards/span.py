@@ -72,26 +72,35 @@ class BlockSpan(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, hidden_states: torch.Tensor, *, cache: DynamicCache | None = None,
-                attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                blocks: tuple[int, int] | None = None) -> torch.Tensor:
         """hidden_states [batch, new_tokens, hidden] -> the same shape after every block of the span.
 
         ``attention_mask`` is 2D [batch, past + new] (1 = attend, 0 = padding), ``position_ids`` is
         [batch, new]; both default to "no padding". With ``cache``, keys and values are appended to it.
+        ``blocks`` = (first, last) runs only blocks [first, last) of the span (absolute indices).
         """
+        first, last = blocks or (self.start, self.end)
+        if not self.start <= first < last <= self.end:
+            raise SpanOutOfRangeError(f"blocks [{first}, {last}) are not inside this span [{self.start}, {self.end})")
+        local = range(first - self.start, last - self.start)
         batch, length = hidden_states.shape[:2]
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
+            past = cache.get_seq_length(local.start) if cache is not None else 0
             position_ids = torch.arange(past, past + length, device=hidden_states.device).expand(batch, -1)
-        mask_kwargs = dict(config=self.span_config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-                           cache=cache, position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)} if "full_attention" in self.layer_types else {}
-        if "sliding_attention" in self.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        masks = {}
+        for kind, make_mask in (("full_attention", create_causal_mask),
+                                ("sliding_attention", create_sliding_window_causal_mask)):
+            first_of_kind = next((i for i in local if self.layer_types[i] == kind), None)
+            if first_of_kind is not None:  # the mask's past length is read from a layer of that kind
+                masks[kind] = make_mask(config=self.span_config, inputs_embeds=hidden_states,
+                                        attention_mask=attention_mask, cache=cache, position_ids=position_ids,
+                                        layer_idx=first_of_kind)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for layer, layer_type in zip(self.layers, self.layer_types):
-            hidden_states = layer(hidden_states, attention_mask=masks[layer_type], position_ids=position_ids,
-                                  position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
+        for i in local:
+            hidden_states = self.layers[i](hidden_states, attention_mask=masks[self.layer_types[i]],
+                                           position_ids=position_ids, position_embeddings=position_embeddings,
+                                           cache=cache, use_cache=cache is not None)
         return hidden_states
 
     # ------------------------------------------------------------------ sessions (KV caches)
@@ -110,7 +119,8 @@ class BlockSpan(nn.Module):
                     position_ids=position_ids)
 
     def session_length(self, session_id: str) -> int:
-        return self._cache(session_id).get_seq_length()
+        cache = self._cache(session_id)
+        return max(cache.get_seq_length(i) for i in range(len(self.layers)))
 
     def reorder_session(self, session_id: str, beam_idx: torch.LongTensor) -> None:
         """Select/reorder the batch rows of a session's cache (beam search)."""

@@ -198,3 +198,16 @@ def test_clear_errors(checkpoints, tmp_path):
         BlockSpan.from_pretrained(checkpoints("llama"), 0, 1, device="meta")
     with pytest.raises(FileNotFoundError):
         BlockSpan.from_pretrained(tmp_path / "nothing-here", 0, 1)
+
+
+@torch.no_grad()
+def test_part_of_a_span_with_its_own_cache(checkpoints):
+    path = checkpoints("qwen2")
+    span, part = BlockSpan.from_pretrained(path, 0, 4), BlockSpan.from_pretrained(path, 1, 3)
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(5))
+    assert rel_err(span(x, blocks=(1, 3)), part(x)) < 1e-6
+    cache = span.new_cache()
+    stepped = torch.cat([span(x[:, :5], cache=cache, blocks=(1, 3)), span(x[:, 5:], cache=cache, blocks=(1, 3))], 1)
+    assert rel_err(stepped, part(x)) < 1e-5
+    with pytest.raises(SpanOutOfRangeError):
+        span(x, blocks=(3, 5))
