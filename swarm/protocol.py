@@ -82,7 +82,7 @@ def unpack_metadata(data: bytes) -> dict[str, Any]:
     if not data:
         return {}
     try:
-        metadata = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=len(data))
+        metadata = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:
         raise ProtocolError(f"metadata is not valid msgpack: {type(e).__name__}") from None
     if not isinstance(metadata, dict):

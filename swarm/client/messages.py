@@ -1,0 +1,40 @@
+"""Building client requests and reading server responses."""
+from __future__ import annotations
+
+import torch
+from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
+
+from swarm.protocol import pack_metadata, pack_tensors, unpack_metadata, unpack_tensors, wire_compression
+
+MAX_RESPONSE_NUMEL = 1 << 30
+
+
+def span_request(tensors: dict[str, torch.Tensor | None], meta: dict, *, exact: bool) -> ExpertRequest:
+    """``tensors`` in wire order (hidden first); None values are left out and not named."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    compression = wire_compression(present["hidden"].dtype, exact)
+    return ExpertRequest(tensors=pack_tensors(list(present.values()), compression),
+                         metadata=pack_metadata({**meta, "tensors": list(present)}))
+
+
+def read_output(response: ExpertResponse, like: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The response's one tensor, checked against the shape it must have, on ``like``'s device and dtype."""
+    (output,) = unpack_tensors(response.tensors, MAX_RESPONSE_NUMEL)
+    if output.shape != like.shape:
+        raise ValueError(f"server returned shape {list(output.shape)}, expected {list(like.shape)}")
+    return output.to(device=like.device, dtype=like.dtype), unpack_metadata(response.metadata)
+
+
+def optional_inputs(batch: int, past: int, length: int, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """Position ids and attention mask, left out when they say what the server assumes anyway (no padding)."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    default_positions = torch.arange(past, past + length).expand(batch, -1)
+    if position_ids is not None and attention_mask is None and torch.equal(position_ids.cpu(), default_positions):
+        position_ids = None
+    if position_ids is not None:
+        position_ids = position_ids.long().cpu().expand(batch, -1).contiguous()
+    if attention_mask is not None:
+        attention_mask = attention_mask.long().cpu()
+    return {"position_ids": position_ids, "attention_mask": attention_mask}

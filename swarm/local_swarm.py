@@ -1,0 +1,112 @@
+"""A swarm of real processes on this machine: a DHT peer and servers on 127.0.0.1.
+
+Used by ``cocoon demo``, the end-to-end tests and the benches. Each process is a ``cocoon`` CLI call.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+class SwarmProcess:
+    """One child process whose output is collected line by line."""
+
+    def __init__(self, args: Sequence[str], name: str, env: dict | None = None, echo: bool = False):
+        self.name, self.echo = name, echo
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                                        start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+            if self.echo:
+                print(f"[{self.name}] {line}", end="", flush=True)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if text in line:
+                return line
+        raise RuntimeError(f"{self.name} did not print {text!r} within {timeout}s; its output:\n" + "".join(self.output))
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.process.wait()
+
+
+class LocalSwarm:
+    """Start with ``with LocalSwarm(model, spans=[(0, 2), (2, 4)]) as swarm:``; ``swarm.initial_peers`` to connect."""
+
+    def __init__(self, model: str | os.PathLike, spans: Sequence[tuple[int, int]] = (), *, dtype: str = "float32",
+                 server_args: Sequence[str] = (), echo: bool = False, startup_timeout: float = 180.0):
+        self.model, self.dtype, self.server_args = str(model), dtype, list(server_args)
+        self.echo, self.startup_timeout = echo, startup_timeout
+        self.spans = list(spans)
+        self.servers: list[SwarmProcess] = []
+        self.dht: SwarmProcess | None = None
+        self.initial_peers: list[str] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="cocoon-swarm-")
+
+    def __enter__(self) -> "LocalSwarm":
+        try:
+            self.start_dht()
+            for span in self.spans:
+                self.add_server(span)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_dht(self) -> None:
+        maddr_file = Path(self._tmp.name) / "dht.maddrs"
+        self.dht = SwarmProcess(["dht", "--host", "127.0.0.1", "--port", "0", "--maddr-file", str(maddr_file)],
+                                "dht", echo=self.echo)
+        self.dht.wait_for("DHT running", self.startup_timeout)
+        self.initial_peers = maddr_file.read_text().split()
+
+    def add_server(self, span: tuple[int, int] | None = None, *extra: str, num_blocks: int | None = None,
+                   wait: bool = True) -> SwarmProcess:
+        where = ["--blocks", f"{span[0]}:{span[1]}"] if span else ["--num-blocks", str(num_blocks)]
+        name = f"server{len(self.servers)}"
+        server = SwarmProcess(["serve", self.model, "--initial-peers", *self.initial_peers, *where,
+                               "--host", "127.0.0.1", "--dtype", self.dtype, "--public-name", name,
+                               *self.server_args, *extra], name, echo=self.echo)
+        self.servers.append(server)
+        if wait:
+            server.wait_for("Server ready", self.startup_timeout)
+        return server
+
+    def close(self) -> None:
+        for process in self.servers + ([self.dht] if self.dht else []):
+            process.stop()
+        self._tmp.cleanup()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,244 @@
+"""RPC handlers of a server: a streaming ``inference`` with a KV cache per session, stateless
+``forward`` and ``backward``, and ``info``. Every request is untrusted: it is validated before it
+reaches the span, and a bad one gets an error frame while every other session goes on."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import torch
+from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
+
+from shards import BlockSpan
+from swarm.protocol import (ProtocolError, RemoteError, pack_metadata, pack_tensors, read_frame, unpack_metadata,
+                            unpack_tensors, write_error, write_frame)
+from swarm.server.sessions import Session, SessionError, SessionTable
+
+logger = logging.getLogger(__name__)
+HANDLERS = ("inference", "forward", "backward", "info")
+OPTIONAL_INPUTS = ("position_ids", "attention_mask")
+
+
+class RequestError(ValueError):
+    """The request is well-formed on the wire but not acceptable: the text goes back to the caller."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 32
+    max_tokens_per_request: int = 8192   # batch x new tokens
+    max_length: int = 4096               # tokens of one session
+
+    def max_numel(self, hidden_size: int) -> int:
+        return max(self.max_tokens_per_request * hidden_size, self.max_batch * self.max_length)
+
+    def max_message_bytes(self, hidden_size: int) -> int:
+        return 2 * 4 * self.max_numel(hidden_size) + (1 << 20)  # backward carries two float32 tensors
+
+
+@dataclass
+class Inputs:
+    hidden: torch.Tensor
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    compression: int
+    wire_dtype: torch.dtype
+
+
+class SpanHandler:
+    def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]]):
+        self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
+        self.hidden_size = span.config.hidden_size
+        self.max_bytes = limits.max_message_bytes(self.hidden_size)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")  # torch releases the GIL
+        self.accepting = True
+
+    async def add_p2p_handlers(self, p2p) -> None:
+        for name in HANDLERS:
+            await p2p.add_binary_stream_handler(f"cocoon.{name}", self._stream_handler(name))
+
+    # ------------------------------------------------------------------ streams
+    def _stream_handler(self, name: str):
+        step = getattr(self, f"_{name}")
+
+        async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state: dict[str, Any] = {}
+            try:
+                while True:
+                    try:
+                        request = await read_frame(reader, ExpertRequest, self.max_bytes)
+                    except (ProtocolError, RemoteError) as e:  # the frame boundary is lost: answer, then hang up
+                        await write_error(writer, str(e))
+                        return
+                    if request is None:
+                        return
+                    try:
+                        await write_frame(writer, await step(request, state))
+                    except (RequestError, ProtocolError, SessionError) as e:
+                        await write_error(writer, str(e))
+                    if name != "inference":
+                        return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the caller went away
+            except Exception as e:
+                logger.exception(f"{name} failed")
+                await _suppress(write_error(writer, f"internal server error: {type(e).__name__}: {e}"))
+            finally:
+                if "session" in state:
+                    self.sessions.close(state["session"].session_id)
+                writer.close()
+
+        return handle
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------ inference
+    async def _inference(self, request: ExpertRequest, state: dict[str, Any]) -> ExpertResponse:
+        meta = unpack_metadata(request.metadata)
+        session: Session | None = state.get("session")
+        if session is None:
+            if not self.accepting:
+                raise RequestError("server is shutting down: open the session elsewhere")
+            start, end = self._blocks(meta)
+            max_length = _int(meta, "max_length", 1, self.limits.max_length)
+            inputs = self._inputs(request, meta, past=0, max_length=max_length)
+            session = self.sessions.open(start=start, end=end, batch_size=inputs.hidden.shape[0],
+                                         max_length=max_length, cache=self.span.new_cache())
+            state["session"] = session
+        else:
+            session = self.sessions.get(session.session_id)
+            if "trim" in meta:
+                session.length = _int(meta, "trim", 0, session.length)
+                await self._compute(self._trim, session)
+            inputs = self._inputs(request, meta, past=session.length, max_length=session.max_length)
+            if inputs.hidden.shape[0] != session.batch_size:
+                raise RequestError(f"batch of {inputs.hidden.shape[0]} in a session opened with {session.batch_size}")
+        if "reorder" in meta:
+            order = meta["reorder"]
+            if not (isinstance(order, list) and len(order) == session.batch_size
+                    and all(isinstance(i, int) and 0 <= i < session.batch_size for i in order)):
+                raise RequestError(f"reorder must list {session.batch_size} row indices")
+            await self._compute(session.cache.reorder_cache, torch.tensor(order, device=self.span.device))
+        output = await self._compute(self._run, inputs, session.cache, (session.start, session.end))
+        session.length += inputs.hidden.shape[1]
+        return _response(output, inputs, {"length": session.length})
+
+    def _trim(self, session: Session) -> None:
+        for i in range(len(self.span.layers)):
+            layer_length = session.cache.get_seq_length(i)
+            if layer_length > session.length:
+                session.cache.layers[i].crop(session.length - layer_length)
+
+    # ------------------------------------------------------------------ forward / backward / info
+    async def _forward(self, request: ExpertRequest, state) -> ExpertResponse:
+        meta = unpack_metadata(request.metadata)
+        blocks = self._blocks(meta)
+        inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length)
+        output = await self._compute(self._run, inputs, None, blocks)
+        return _response(output, inputs, {})
+
+    async def _backward(self, request: ExpertRequest, state) -> ExpertResponse:
+        meta = unpack_metadata(request.metadata)
+        blocks = self._blocks(meta)
+        inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length, grad=True)
+        grad_input = await self._compute(self._run_backward, inputs, blocks)
+        return _response(grad_input, inputs, {})
+
+    async def _info(self, request: ExpertRequest, state) -> ExpertResponse:
+        return ExpertResponse(metadata=pack_metadata(self.info()))
+
+    # ------------------------------------------------------------------ compute (in the executor)
+    @torch.inference_mode()
+    def _run(self, inputs: Inputs, cache, blocks: tuple[int, int]) -> torch.Tensor:
+        return self.span(inputs.hidden, cache=cache, attention_mask=inputs.attention_mask,
+                         position_ids=inputs.position_ids, blocks=blocks)
+
+    def _run_backward(self, inputs: Inputs, blocks: tuple[int, int]) -> torch.Tensor:
+        hidden, grad_output = inputs.hidden
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_(True)
+            output = self.span(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                               blocks=blocks)
+            (grad_input,) = torch.autograd.grad(output, hidden, grad_output)
+        return grad_input
+
+    # ------------------------------------------------------------------ validation
+    def _blocks(self, meta: dict) -> tuple[int, int]:
+        start = _int(meta, "start", self.span.start, self.span.end - 1)
+        end = _int(meta, "end", start + 1, self.span.end)
+        return start, end
+
+    def _inputs(self, request: ExpertRequest, meta: dict, *, past: int, max_length: int, grad: bool = False) -> Inputs:
+        names = meta.get("tensors", [])
+        expected = ["hidden", "grad_output"] if grad else ["hidden"]
+        if (not isinstance(names, list) or names[:len(expected)] != expected
+                or not set(names[len(expected):]) <= set(OPTIONAL_INPUTS) or len(set(names)) != len(names)):
+            raise RequestError(f"metadata 'tensors' must be {expected} followed by any of {list(OPTIONAL_INPUTS)}")
+        if len(names) != len(request.tensors):
+            raise RequestError(f"metadata names {len(names)} tensors but the request carries {len(request.tensors)}")
+        tensors = dict(zip(names, unpack_tensors(request.tensors, self.limits.max_numel(self.hidden_size))))
+        hidden = self._hidden(tensors["hidden"], "hidden")
+        batch, length = hidden.shape[:2]
+        if past + length > max_length:
+            raise RequestError(f"{past} + {length} tokens exceed the session's max_length {max_length}")
+        position_ids, attention_mask = tensors.get("position_ids"), tensors.get("attention_mask")
+        if position_ids is not None:
+            _check_ints(position_ids, "position_ids", (batch, length), 0, self.span.config.max_position_embeddings - 1)
+        if attention_mask is not None:
+            _check_ints(attention_mask, "attention_mask", (batch, past + length), 0, 1)
+        device = self.span.device
+        position_ids = position_ids.to(device) if position_ids is not None else None
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        compression = request.tensors[0].compression
+        wire_dtype = tensors["hidden"].dtype
+        if grad:
+            grad_output = self._hidden(tensors["grad_output"], "grad_output")
+            if grad_output.shape != hidden.shape:
+                raise RequestError(f"grad_output shape {list(grad_output.shape)} != hidden shape {list(hidden.shape)}")
+            hidden = (hidden, grad_output)
+        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype)
+
+    def _hidden(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            raise RequestError(f"{name} must be floating point, got {tensor.dtype}")
+        if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size or tensor.shape[1] < 1:
+            raise RequestError(f"{name} must have shape [batch, tokens, {self.hidden_size}], got {list(tensor.shape)}")
+        if not 1 <= tensor.shape[0] <= self.limits.max_batch:
+            raise RequestError(f"batch of {tensor.shape[0]} is outside 1..{self.limits.max_batch}")
+        if tensor.shape[0] * tensor.shape[1] > self.limits.max_tokens_per_request:
+            raise RequestError(f"{tensor.shape[0] * tensor.shape[1]} tokens in one request exceed the limit of "
+                               f"{self.limits.max_tokens_per_request}")
+        if not torch.isfinite(tensor).all():
+            raise RequestError(f"{name} contains NaN or inf")
+        return tensor.to(self.span.dtype_).to(self.span.device)
+
+
+def _response(output: torch.Tensor, inputs: Inputs, meta: dict) -> ExpertResponse:
+    output = output.to(inputs.wire_dtype).cpu()
+    compression = inputs.compression if output.dtype == torch.float32 else CompressionType.NONE
+    return ExpertResponse(tensors=pack_tensors([output], compression), metadata=pack_metadata(meta))
+
+
+def _int(meta: dict, key: str, low: int, high: int) -> int:
+    value = meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(f"metadata {key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _check_ints(tensor: torch.Tensor, name: str, shape: tuple[int, int], low: int, high: int) -> None:
+    if tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
+        raise RequestError(f"{name} must be int64 of shape {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+    if tensor.numel() and (tensor.min() < low or tensor.max() > high):
+        raise RequestError(f"{name} values must lie in [{low}, {high}]")
+
+
+async def _suppress(awaitable: Awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:
+        pass

@@ -1,0 +1,122 @@
+"""A server: loads a span, measures its throughput, announces it in the DHT and serves RPCs until stopped."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import hivemind
+
+import swarm
+from routing import ServerInfo, ServerState
+from routing.placement import choose_span
+from shards import BlockSpan, Checkpoint
+from shards.throughput import get_throughput
+from swarm.dht_records import announce, fetch_swarm_state
+from swarm.server.handler import Limits, SpanHandler
+from swarm.server.sessions import SessionTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    initial_peers: Sequence[str] = ()
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    dtype: str = "auto"
+    quant: str = "none"
+    device: str | None = None
+    max_sessions: int = 64
+    cache_tokens: int = 16384
+    session_timeout: float = 120.0
+    public_name: str = ""
+    model_id: str | None = None
+    identity_path: str | None = None
+    announce_period: float = 15.0
+    shutdown_grace: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.stop = asyncio.Event()
+
+    def run(self) -> None:
+        asyncio.run(self.serve())
+
+    async def serve(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+
+        checkpoint = Checkpoint(config.model)
+        self.model_id = config.model_id or checkpoint.model_id
+        total_blocks = checkpoint.config.num_hidden_layers
+        dht_kwargs = {"identity_path": config.identity_path} if config.identity_path else {}
+        self.dht = hivemind.DHT(initial_peers=list(config.initial_peers), start=True,
+                                host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"], **dht_kwargs)
+        self.peer_id = str(self.dht.peer_id)
+        try:
+            start, end = config.blocks or self._choose_span(total_blocks)
+            self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
+                                   public_name=config.public_name, max_sessions=config.max_sessions)
+            announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
+            self.span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
+                                                  device=config.device, progress=True)
+            per_block = get_throughput(self.span, self.model_id)
+            self.info.throughput = per_block.for_blocks(end - start).decode_tokens_per_s
+            self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
+            self.info.quant = config.quant
+            self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
+                                         max_length=config.limits.max_length, timeout=config.session_timeout)
+            self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe)
+            p2p = await self.dht.replicate_p2p()
+            await self.handler.add_p2p_handlers(p2p)
+            self.info.state = ServerState.ONLINE
+            self._announce()
+            print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
+            while not self.stop.is_set():
+                try:
+                    await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
+                except asyncio.TimeoutError:
+                    for session_id in self.sessions.expire():
+                        logger.info(f"session {session_id} expired")
+                    self._announce()
+            await self._shutdown()
+        finally:
+            self.dht.shutdown()
+
+    def _choose_span(self, total_blocks: int) -> tuple[int, int]:
+        num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
+        state = fetch_swarm_state(self.dht, self.model_id, total_blocks)
+        return choose_span(state, num_blocks)
+
+    def describe(self) -> dict:
+        self.info.sessions = len(self.sessions.sessions)
+        self.info.cache_tokens_left = self.sessions.tokens_left
+        return {"model_id": self.model_id, "peer_id": self.peer_id, **self.info.to_wire(),
+                "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length}
+
+    def _announce(self) -> None:
+        self.describe()
+        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * self.config.announce_period)
+
+    async def _shutdown(self) -> None:
+        """Stop announcing, refuse new sessions, let open ones finish for a grace period, then leave."""
+        logger.info("shutting down")
+        self.handler.accepting = False
+        self.info.state = ServerState.OFFLINE
+        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=self.config.announce_period)
+        deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace
+        while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        self.handler.executor.shutdown(wait=True)
+        print("Server stopped", flush=True)

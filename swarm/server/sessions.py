@@ -1,0 +1,71 @@
+"""Inference sessions on a server: KV caches under a token budget reserved up front, with idle expiry."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from transformers.cache_utils import DynamicCache
+
+
+class SessionError(ValueError):
+    pass
+
+
+@dataclass
+class Session:
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    cache: DynamicCache
+    length: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class SessionTable:
+    """Every open session; a new one is admitted only if its whole KV cache fits in the budget."""
+
+    def __init__(self, *, cache_tokens: int, max_sessions: int, max_length: int, timeout: float):
+        self.cache_tokens, self.max_sessions = cache_tokens, max_sessions
+        self.max_length, self.timeout = max_length, timeout
+        self.sessions: dict[str, Session] = {}
+
+    @property
+    def tokens_left(self) -> int:
+        return self.cache_tokens - sum(s.reserved_tokens for s in self.sessions.values())
+
+    def open(self, *, start: int, end: int, batch_size: int, max_length: int, cache: DynamicCache) -> Session:
+        if max_length > self.max_length:
+            raise SessionError(f"max_length {max_length} exceeds this server's limit of {self.max_length} tokens")
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionError(f"server full: {len(self.sessions)} sessions open (--max-sessions {self.max_sessions})")
+        if batch_size * max_length > self.tokens_left:
+            raise SessionError(f"server full: {batch_size} x {max_length} cache tokens asked, "
+                               f"{self.tokens_left} of {self.cache_tokens} left")
+        session = Session(uuid.uuid4().hex, start, end, batch_size, max_length, cache)
+        self.sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"unknown or expired session {session_id!r}: open a new one")
+        session.last_active = time.monotonic()
+        return session
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def expire(self) -> list[str]:
+        """Close sessions idle for longer than the timeout; returns their ids."""
+        deadline = time.monotonic() - self.timeout
+        expired = [sid for sid, s in self.sessions.items() if s.last_active < deadline]
+        for sid in expired:
+            self.close(sid)
+        return expired
