@@ -30,4 +30,17 @@ def save_random_checkpoint(path: str | Path, family: str = "llama", *, seed: int
                 param.normal_(0.0, 0.08)
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if model.config.vocab_size >= 128:
+        ascii_tokenizer().save_pretrained(path)
     return path
+
+
+def ascii_tokenizer():
+    """One token per ASCII character (ids 3..127), with <pad>=0, <s>=1, </s>=2: text in and out of tiny models."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(i): i for i in range(3, 128)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<pad>")

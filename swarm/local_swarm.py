@@ -77,8 +77,9 @@ class LocalSwarm:
     def __enter__(self) -> "LocalSwarm":
         try:
             self.start_dht()
-            for span in self.spans:
-                self.add_server(span)
+            started = [self.add_server(span, wait=False) for span in self.spans]  # load in parallel
+            for server in started:
+                server.wait_for("Server ready", self.startup_timeout)
         except BaseException:
             self.close()
             raise
@@ -104,7 +105,10 @@ class LocalSwarm:
         return server
 
     def close(self) -> None:
-        for process in self.servers + ([self.dht] if self.dht else []):
+        processes = self.servers + ([self.dht] if self.dht else [])
+        for process in processes:  # all at once: each takes a moment to leave the DHT
+            process.signal(signal.SIGTERM)
+        for process in processes:
             process.stop()
         self._tmp.cleanup()
 

@@ -78,8 +78,8 @@ class Server:
             self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
                                          max_length=config.limits.max_length, timeout=config.session_timeout)
             self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe)
-            p2p = await self.dht.replicate_p2p()
-            await self.handler.add_p2p_handlers(p2p)
+            self.p2p = await self.dht.replicate_p2p()
+            await self.handler.add_p2p_handlers(self.p2p)
             self.info.state = ServerState.ONLINE
             self._announce()
             print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
@@ -119,4 +119,5 @@ class Server:
         while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
         self.handler.executor.shutdown(wait=True)
+        await self.p2p.shutdown()
         print("Server stopped", flush=True)
