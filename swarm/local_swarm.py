@@ -49,8 +49,13 @@ class SwarmProcess:
         raise RuntimeError(f"{self.name} did not print {text!r} within {timeout}s; its output:\n" + "".join(self.output))
 
     def signal(self, sig: int) -> None:
+        """SIGKILL takes the whole process group (the DHT and p2p daemons too); other signals only the
+        main process, which shuts its children down itself."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> int:
         self.signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.proto.runtime_pb2 import CompressionType
 
 MESSAGE, ERROR = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER
@@ -100,7 +101,7 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int)
         raise ProtocolError(f"message of {length} bytes exceeds this server's limit of {max_bytes} bytes")
     payload = await reader.readexactly(length)
     if marker == ERROR:
-        error = runtime_pb2.RPCError()
+        error = RPCError()
         error.ParseFromString(payload)
         if not error.message:  # hivemind's END_OF_STREAM is an empty error frame
             return None
@@ -120,7 +121,7 @@ async def write_frame(writer: asyncio.StreamWriter, message) -> None:
 
 
 async def write_error(writer: asyncio.StreamWriter, text: str) -> None:
-    await P2P.send_protobuf(runtime_pb2.RPCError(message=text), writer)
+    await P2P.send_protobuf(RPCError(message=text), writer)
 
 
 def raise_for_error(text: str) -> None:
