@@ -9,6 +9,7 @@ from routing import ChainLink
 from swarm.client import loop
 from swarm.client.messages import optional_inputs, read_output, span_request
 from swarm.client.swarm_client import ServerStream, SwarmClient
+from swarm.protocol import ServerFullError
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,27 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
         if not self._sessions:
-            for link in self.client.make_chain():
-                stream = await self.client.open_stream(link.peer_id, "inference")
-                self._sessions.append(_ServerSession(link, stream, self.max_length))
+            return await self._open(hidden, extra)
         for session in self._sessions:
             hidden = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout)
+        return hidden
+
+    async def _open(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
+        """First step: open a session on each server of a chain; a full server is skipped for another."""
+        full: set[str] = set()
+        block = 0
+        while block < self.client.num_blocks:
+            link = self.client.make_chain(block, banned=full)[0]
+            session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length)
+            try:
+                output = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout)
+            except ServerFullError as e:
+                logger.info(f"{link.peer_id} is full ({e}); trying another server for blocks {link.start}:{link.end}")
+                session.stream.close()
+                full.add(link.peer_id)
+                continue
+            self._sessions.append(session)
+            hidden, block = output, link.end
         return hidden
 
     def close(self) -> None:
