@@ -7,16 +7,15 @@ from routing import SwarmState
 def format_status(state: SwarmState, model_id: str) -> str:
     lines = [f"model {model_id}: {state.num_blocks} blocks, {len(state.online())} servers online"]
     peers = sorted(state.servers, key=lambda p: (state.servers[p].start, p))
-    width = max(state.num_blocks, 6)
-    lines.append(f"{'server':<20} {'name':<12} {'state':<8} {'blocks':<9} {'tok/s':>8} {'sessions':>8}  "
-                 f"{'coverage':<{width}}")
+    header = f"{'server':<20} {'name':<12} {'state':<8} {'blocks':<9} {'tok/s':>8} {'sessions':>8}  "
+    lines.append(header + "coverage")
     for peer in peers:
         info = state.servers[peer]
         bar = "".join("#" if info.start <= b < info.end else "." for b in range(state.num_blocks))
         lines.append(f"{'…' + peer[-19:]:<20} {info.public_name[:12]:<12} {info.state.value:<8} "
                      f"{f'{info.start}:{info.end}':<9} {info.throughput:>8.1f} {info.sessions:>8}  {bar}")
     holders = "".join(str(min(len(state.holders(b)), 9)) if state.holders(b) else "!" for b in range(state.num_blocks))
-    lines.append(f"{'servers per block':<70}{holders}")
+    lines.append(f"{'servers per block (! = none)':<{len(header)}}{holders}")
     missing = state.missing_blocks()
     if missing:
         lines.append(f"MISSING: no online server holds block(s) {', '.join(map(str, missing))}")

@@ -71,4 +71,5 @@ class SwarmClient:
             stream.close()
 
     def shutdown(self) -> None:
+        loop.run(self.p2p.shutdown())
         self.dht.shutdown()
