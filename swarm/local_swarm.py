@@ -23,8 +23,11 @@ class SwarmProcess:
         self.name, self.echo = name, echo
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
+        # Many processes share this machine's cores: OpenMP threads that spin after each parallel region
+        # would steal them from the next server of the chain, so they sleep instead.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}
         self.process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                                        stderr=subprocess.STDOUT, text=True, env=env,
                                         start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
 
