@@ -1,5 +1,8 @@
 """Pure decisions over a swarm snapshot: no torch, no network."""
-from routing.chain import ChainLink, NoChainError, make_chain
+from routing.bans import BanList
+from routing.chain import ChainLink, NoChainError, chain_seconds, make_chain
+from routing.placement import choose_span, should_move, swarm_throughput
 from routing.state import ServerInfo, ServerState, SwarmState
 
-__all__ = ["ChainLink", "NoChainError", "make_chain", "ServerInfo", "ServerState", "SwarmState"]
+__all__ = ["BanList", "ChainLink", "NoChainError", "chain_seconds", "make_chain", "choose_span", "should_move",
+           "swarm_throughput", "ServerInfo", "ServerState", "SwarmState"]

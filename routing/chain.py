@@ -1,11 +1,20 @@
-"""Choosing the chain of servers that a client's hidden states go through."""
+"""Choosing the chain of servers that a client's hidden states go through.
+
+A chain covers blocks [start, end) in order with no gap; a server may be entered in the middle of its
+span and left before its end. The cost of a chain is the expected time per token: for every hop, the
+round trip to that server, plus the compute of the blocks it runs at its throughput, slowed by its load.
+The cheapest chain is found by dynamic programming over blocks in O(blocks x servers per block).
+"""
 from __future__ import annotations
+
 
 import random
 from dataclasses import dataclass
 from typing import Collection
 
-from routing.state import SwarmState
+from routing.state import ServerInfo, SwarmState
+
+DEFAULT_RTT = 0.05  # seconds, for a server this client has not measured yet
 
 
 class NoChainError(LookupError):
@@ -19,38 +28,79 @@ class ChainLink:
     end: int
 
 
-def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *,
-               banned: Collection[str] = (), rng: random.Random | None = None) -> list[ChainLink]:
-    """Servers that together cover blocks [start, end) in order, with no gap and no overlap.
+def block_seconds(info: ServerInfo, *, training: bool = False) -> float:
+    """Seconds one token spends in one block of this server, counting the sessions it already serves."""
+    span_throughput = (info.prefill_throughput or info.throughput * 8) if training else info.throughput
+    per_block = max(span_throughput, 1e-9) * (info.end - info.start)
+    load = 1.0 + (info.sessions / info.max_sessions if info.max_sessions else 0.0)
+    return load / per_block
 
-    Greedy: at each block take a server that reaches furthest (fewest hops), ties broken at random so
-    that clients spread over equivalent servers. A server may be used for a part of its span.
-    """
+
+def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, banned: Collection[str] = (),
+               training: bool = False, batch_tokens: int = 1, rng: random.Random | None = None) -> list[ChainLink]:
+    """The chain of least expected time per token (``training``: of most throughput for large batches,
+    where round trips weigh ``1 / batch_tokens`` as much). Ties are broken at random so that load spreads."""
     end = state.num_blocks if end is None else end
     rng = rng or random.Random()
-    online = {peer: info for peer, info in state.online().items() if peer not in banned}
-    chain, block = [], start
-    while block < end:
-        candidates = [(min(info.end, end), peer) for peer, info in online.items() if info.start <= block < info.end]
-        if not candidates:
-            missing = [b for b in range(block, end)
-                       if not any(info.start <= b < info.end for info in online.values())]
+    servers = {peer: info for peer, info in state.online().items() if peer not in banned and info.end > start
+               and info.start < end}
+    hop = {peer: state.rtt.get(peer, DEFAULT_RTT) / (batch_tokens if training else 1) for peer in servers}
+    # a tiny random factor per server breaks ties between equivalent servers at random
+    per_block = {peer: block_seconds(info, training=training) * (1 + 1e-9 * rng.random())
+                 for peer, info in servers.items()}
+    by_block: list[list[str]] = [[] for _ in range(end)]
+    for peer, info in servers.items():
+        for block in range(max(info.start, start), min(info.end, end)):
+            by_block[block].append(peer)
+
+    # best[b]: cheapest time to have run blocks [start, b); inside[p]: cheapest time with the last hop
+    # being server p, still inside its span. Back-pointers rebuild the chain.
+    best = {start: (0.0, None)}
+    inside: dict[str, tuple[float, int]] = {}  # peer -> (cost, block where we entered it)
+    entry_of: dict[tuple[int, str], int] = {}
+    for block in range(start, end):
+        if not by_block[block]:
+            missing = [b for b in range(block, end) if not by_block[b]]
             raise NoChainError(f"no server holds block(s) {_ranges(missing)} of {state.num_blocks}; "
                                f"start a server with --blocks covering them, or wait for one to join")
-        reach = max(c[0] for c in candidates)
-        peer = rng.choice(sorted(p for r, p in candidates if r == reach))
-        chain.append(ChainLink(peer, block, reach))
-        block = reach
-    return chain
+        before, _ = best[block]
+        updated = {}
+        for peer in by_block[block]:
+            stay = inside.get(peer)
+            enter = before + hop[peer]
+            cost, entered = (stay if stay is not None and stay[0] <= enter else (enter, block))
+            updated[peer] = (cost + per_block[peer], entered)
+        inside = updated
+        peer = min(inside, key=lambda p: inside[p][0])
+        best[block + 1] = (inside[peer][0], peer)
+        entry_of[(block + 1, peer)] = inside[peer][1]
+
+    chain, block = [], end
+    while block > start:
+        peer = best[block][1]
+        entered = entry_of[(block, peer)]
+        chain.append(ChainLink(peer, entered, block))
+        block = entered
+    return chain[::-1]
+
+
+def chain_seconds(state: SwarmState, chain: list[ChainLink]) -> float:
+    """Expected seconds per token of a chain under the same model as ``make_chain``."""
+    total = 0.0
+    for link in chain:
+        info = state.servers[link.peer_id]
+        total += state.rtt.get(link.peer_id, DEFAULT_RTT) + (link.end - link.start) * block_seconds(info)
+    return total
 
 
 def _ranges(blocks: list[int]) -> str:
-    parts, run = [], []
+    parts: list[list[int]] = []
     for b in blocks:
-        if run and b != run[-1] + 1:
-            parts.append(run)
-            run = []
-        run.append(b)
-    if run:
-        parts.append(run)
+        if parts and b == parts[-1][-1] + 1:
+            parts[-1].append(b)
+        else:
+            parts.append([b])
     return ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in parts)
+
+
+

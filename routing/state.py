@@ -20,6 +20,7 @@ class ServerInfo:
     start: int
     end: int
     throughput: float                 # tokens/s through the whole span (decode, batch 1)
+    prefill_throughput: float = 0.0   # tokens/s through the whole span for a large batch
     cache_tokens_left: int = 0
     sessions: int = 0
     max_sessions: int = 0
@@ -50,6 +51,8 @@ class ServerInfo:
             info.adapters = tuple(str(a) for a in info.adapters)
             info.start, info.end = int(info.start), int(info.end)
             info.throughput = float(info.throughput)
+            info.prefill_throughput = float(info.prefill_throughput)
+            info.sessions, info.max_sessions = int(info.sessions), int(info.max_sessions)
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not 0 <= info.start < info.end:

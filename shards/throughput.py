@@ -37,12 +37,32 @@ def hardware_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
 
 
+def _key(device: torch.device, model_id: str, dtype: torch.dtype, quant: str) -> str:
+    return "|".join([hardware_name(device), model_id, str(dtype).removeprefix("torch."), quant])
+
+
+def _read_cache() -> dict:
+    path = cache_path()
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}  # a damaged cache is measured again, not fatal
+
+
+def cached_throughput(model_id: str, dtype: str, quant: str, device: str | None = None) -> Throughput | None:
+    """The per-block throughput measured earlier on this hardware, if any (without loading anything)."""
+    from shards.precision import resolve_dtype
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    entry = _read_cache().get(_key(torch_device, model_id, resolve_dtype(dtype, torch_device), quant))
+    return Throughput(**entry) if entry else None
+
+
 def get_throughput(span: BlockSpan, model_id: str, *, force: bool = False, decode_steps: int = 32,
                    prefill_tokens: int = 256, progress: bool = True) -> Throughput:
     """Per-block throughput of this span's model on this hardware: read from the cache or measured now."""
-    key = "|".join([hardware_name(span.device), model_id, str(span.dtype_).removeprefix("torch."), span.quant])
+    key = _key(span.device, model_id, span.dtype_, span.quant)
     path = cache_path()
-    cached = json.loads(path.read_text()) if path.exists() else {}
+    cached = _read_cache()
     if key in cached and not force:
         return Throughput(**cached[key])
     measured = measure(span, decode_steps=decode_steps, prefill_tokens=prefill_tokens, progress=progress)

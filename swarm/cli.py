@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model-id", default=None, help="override the id derived from the checkpoint")
     serve.add_argument("--identity", metavar="PATH")
     serve.add_argument("--announce-period", type=float, default=15.0)
+    serve.add_argument("--balance-period", type=float, default=120.0,
+                       help="with --num-blocks: seconds between checks whether another span needs this server more")
+    serve.add_argument("--balance-threshold", type=float, default=1.1,
+                       help="move only when the swarm's throughput would grow by more than this factor")
 
     generate = commands.add_parser("generate", help="generate text through the swarm, streaming it")
     generate.add_argument("model")
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--model-id", default=None)
+    generate.add_argument("--request-timeout", type=float, default=60.0,
+                          help="seconds before a silent server is replaced")
 
     status = commands.add_parser("status", help="which servers hold which blocks")
     status.add_argument("model", help="checkpoint (for its block count and id), or use --model-id + --num-blocks")
@@ -98,7 +104,8 @@ def run_serve(args) -> int:
         host=args.host, port=args.port, dtype=args.dtype, quant=args.quant, device=args.device,
         max_sessions=args.max_sessions, cache_tokens=args.cache_tokens, session_timeout=args.session_timeout,
         public_name=args.public_name, model_id=args.model_id, identity_path=args.identity,
-        announce_period=args.announce_period, limits=Limits(max_length=args.max_length))
+        announce_period=args.announce_period, balance_period=args.balance_period,
+        balance_threshold=args.balance_threshold, limits=Limits(max_length=args.max_length))
     Server(config).run()
     return 0
 
@@ -107,7 +114,7 @@ def run_generate(args) -> int:
     from transformers import AutoTokenizer, TextStreamer
     from swarm.client.model import AutoDistributedModelForCausalLM
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                            model_id=args.model_id)
+                                                            model_id=args.model_id, request_timeout=args.request_timeout)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \

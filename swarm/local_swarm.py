@@ -19,14 +19,15 @@ from typing import Sequence
 class SwarmProcess:
     """One child process whose output is collected line by line."""
 
-    def __init__(self, args: Sequence[str], name: str, env: dict | None = None, echo: bool = False):
+    def __init__(self, args: Sequence[str], name: str, env: dict | None = None, echo: bool = False,
+                 prefix: Sequence[str] = ()):
         self.name, self.echo = name, echo
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         # Many processes share this machine's cores: OpenMP threads that spin after each parallel region
         # would steal them from the next server of the chain, so they sleep instead.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}
-        self.process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([*prefix, sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env,
                                         start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -51,6 +52,14 @@ class SwarmProcess:
                 return line
         raise RuntimeError(f"{self.name} did not print {text!r} within {timeout}s; its output:\n" + "".join(self.output))
 
+    @property
+    def peer_id(self) -> str | None:
+        """The peer id a server printed when it became ready."""
+        for line in reversed(self.output):
+            if "Server ready" in line:
+                return line.split(" as peer ")[-1].strip()
+        return None
+
     def signal(self, sig: int) -> None:
         """SIGKILL takes the whole process group (the DHT and p2p daemons too); other signals only the
         main process, which shuts its children down itself."""
@@ -73,13 +82,15 @@ class LocalSwarm:
     """Start with ``with LocalSwarm(model, spans=[(0, 2), (2, 4)]) as swarm:``; ``swarm.initial_peers`` to connect."""
 
     def __init__(self, model: str | os.PathLike, spans: Sequence[tuple[int, int]] = (), *, dtype: str = "float32",
-                 server_args: Sequence[str] = (), echo: bool = False, startup_timeout: float = 180.0):
+                 server_args: Sequence[str] = (), echo: bool = False, startup_timeout: float = 180.0,
+                 dht_host: str = "127.0.0.1"):
         self.model, self.dtype, self.server_args = str(model), dtype, list(server_args)
         self.echo, self.startup_timeout = echo, startup_timeout
         self.spans = list(spans)
         self.servers: list[SwarmProcess] = []
         self.dht: SwarmProcess | None = None
         self.initial_peers: list[str] = []
+        self.dht_host = dht_host
         self._tmp = tempfile.TemporaryDirectory(prefix="cocoon-swarm-")
 
     def __enter__(self) -> "LocalSwarm":
@@ -95,22 +106,28 @@ class LocalSwarm:
 
     def start_dht(self) -> None:
         maddr_file = Path(self._tmp.name) / "dht.maddrs"
-        self.dht = SwarmProcess(["dht", "--host", "127.0.0.1", "--port", "0", "--maddr-file", str(maddr_file)],
+        self.dht = SwarmProcess(["dht", "--host", self.dht_host, "--port", "0", "--maddr-file", str(maddr_file)],
                                 "dht", echo=self.echo)
         self.dht.wait_for("DHT running", self.startup_timeout)
         self.initial_peers = maddr_file.read_text().split()
 
     def add_server(self, span: tuple[int, int] | None = None, *extra: str, num_blocks: int | None = None,
-                   wait: bool = True) -> SwarmProcess:
+                   wait: bool = True, host: str = "127.0.0.1", netns: str | None = None) -> SwarmProcess:
+        """A server for blocks ``span`` (or ``num_blocks`` wherever the swarm needs them); ``netns`` runs it
+        inside that network namespace (a host of its own, for tests that cut hosts off)."""
         where = ["--blocks", f"{span[0]}:{span[1]}"] if span else ["--num-blocks", str(num_blocks)]
         name = f"server{len(self.servers)}"
         server = SwarmProcess(["serve", self.model, "--initial-peers", *self.initial_peers, *where,
-                               "--host", "127.0.0.1", "--dtype", self.dtype, "--public-name", name,
-                               *self.server_args, *extra], name, echo=self.echo)
+                               "--host", host, "--dtype", self.dtype, "--public-name", name,
+                               *self.server_args, *extra], name, echo=self.echo,
+                              prefix=["ip", "netns", "exec", netns] if netns else ())
         self.servers.append(server)
         if wait:
             server.wait_for("Server ready", self.startup_timeout)
         return server
+
+    def server_of(self, peer_id: str) -> SwarmProcess:
+        return next(server for server in self.servers if server.peer_id == peer_id)
 
     def close(self) -> None:
         processes = self.servers + ([self.dht] if self.dht else [])

@@ -1,4 +1,10 @@
-"""InferenceSession: one open stream per server of a chain, each holding a KV cache for this client."""
+"""InferenceSession: one open stream per server of a chain, each holding a KV cache for this client.
+
+Every server session remembers the inputs it was sent. When a server fails, hangs past the timeout or
+refuses, the client bans it, asks routing for a replacement chain for exactly the blocks it covered,
+replays those inputs to the new server(s) to rebuild their KV caches, and goes on: the output is the
+same as with no failure.
+"""
 from __future__ import annotations
 
 import logging
@@ -18,12 +24,14 @@ class _ServerSession:
     def __init__(self, link: ChainLink, stream: ServerStream, max_length: int):
         self.link, self.stream, self.max_length = link, stream, max_length
         self.opened = False
+        self.history: list[tuple[torch.Tensor, dict]] = []  # (hidden, extra) of every step sent here
 
     async def step(self, hidden: torch.Tensor, extra: dict, *, exact: bool, timeout: float) -> torch.Tensor:
         meta = {} if self.opened else {"start": self.link.start, "end": self.link.end, "max_length": self.max_length}
         response = await self.stream.request(span_request({"hidden": hidden, **extra}, meta, exact=exact), timeout)
         self.opened = True
         output, _ = read_output(response, hidden)
+        self.history.append((hidden, extra))
         return output
 
 
@@ -34,6 +42,7 @@ class InferenceSession:
         self.client, self.max_length, self.exact = client, max_length, exact
         self.position = 0
         self._sessions: list[_ServerSession] = []
+        self.failovers = 0
         self.closed = False
 
     @property
@@ -50,34 +59,54 @@ class InferenceSession:
             raise ValueError(f"{self.position} + {length} tokens exceed the session's max_length {self.max_length}; "
                              f"open the session with a larger max_length")
         extra = optional_inputs(batch, self.position, length, attention_mask, position_ids)
-        output = loop.run(self._step(hidden.detach(), extra))
+        output = loop.run(self._step(hidden.detach().cpu(), extra))
         self.position += length
-        return output
+        return output.to(hidden.device)
 
     async def _step(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
-        if not self._sessions:
-            return await self._open(hidden, extra)
-        for session in self._sessions:
-            hidden = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout)
-        return hidden
-
-    async def _open(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
-        """First step: open a session on each server of a chain; a full server is skipped for another."""
-        full: set[str] = set()
-        block = 0
+        block, index, failures = 0, 0, 0
         while block < self.client.num_blocks:
-            link = self.client.make_chain(block, banned=full)[0]
-            session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length)
+            if index == len(self._sessions):  # first step, or the chain was cut: open sessions from `block` on
+                self._sessions.extend(await self._open_chain(block, self.client.num_blocks, history=[]))
+            session = self._sessions[index]
             try:
                 output = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout)
-            except ServerFullError as e:
-                logger.info(f"{link.peer_id} is full ({e}); trying another server for blocks {link.start}:{link.end}")
+                self.client.bans.succeeded(session.link.peer_id)
+            except Exception as e:
+                failures += 1
+                if failures > self.client.max_retries:
+                    raise RuntimeError(f"gave up after {failures} failed servers for blocks {session.link.start}:"
+                                       f"{session.link.end}; last error: {e}. Check `cocoon status`.") from e
+                if not isinstance(e, ServerFullError):
+                    self.client.report_failure(session.link.peer_id, e)
+                else:
+                    self.client.bans.ban(session.link.peer_id)
                 session.stream.close()
-                full.add(link.peer_id)
+                replacement = await self._open_chain(session.link.start, session.link.end, session.history)
+                self._sessions[index:index + 1] = replacement
+                self.failovers += 1
                 continue
-            self._sessions.append(session)
-            hidden, block = output, link.end
+            hidden, block, index = output, session.link.end, index + 1
         return hidden
+
+    async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]]) -> list[_ServerSession]:
+        """Sessions on a chain for blocks [start, end); when ``history`` holds the inputs of earlier steps,
+        they are replayed (as one prefill) so the new servers' KV caches match the lost one's."""
+        sessions, block = [], start
+        replay = _concat_history(history)
+        while block < end:
+            link = self.client.make_chain(block, end)[0]
+            try:
+                session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length)
+                if replay is not None:
+                    output = await session.step(*replay, exact=self.exact, timeout=self.client.request_timeout)
+                    replay = (output, replay[1])
+            except Exception as e:
+                self.client.report_failure(link.peer_id, e)
+                continue
+            sessions.append(session)
+            block = link.end
+        return sessions
 
     def close(self) -> None:
         if not self.closed:
@@ -90,3 +119,19 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _concat_history(history: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict] | None:
+    """All past steps as one: hidden states and position ids concatenated, the latest attention mask."""
+    if not history:
+        return None
+    hidden = torch.cat([h for h, _ in history], dim=1)
+    batch, past = hidden.shape[0], 0
+    positions = []
+    for h, extra in history:
+        length = h.shape[1]
+        given = extra.get("position_ids")
+        positions.append(given if given is not None else torch.arange(past, past + length).expand(batch, -1))
+        past += length
+    mask = history[-1][1].get("attention_mask")
+    return hidden, optional_inputs(batch, 0, past, mask, torch.cat(positions, dim=1))

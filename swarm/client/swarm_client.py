@@ -1,4 +1,4 @@
-"""The client's view of the swarm: a DHT peer, a P2P handle, and request/stream calls to servers."""
+"""The client's view of the swarm: a DHT peer, a P2P handle, bans, round-trip times, and calls to servers."""
 from __future__ import annotations
 
 import asyncio
@@ -11,13 +11,15 @@ import hivemind
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
-from routing import ChainLink, SwarmState, make_chain
+from routing import BanList, ChainLink, SwarmState, make_chain
 from swarm.client import loop
 from swarm.dht_records import fetch_swarm_state
 from swarm.protocol import RemoteError, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 1 << 31
+RTT_MAX_AGE = 60.0       # seconds before a server's round trip is measured again
+RTT_PROBES = 32          # servers probed at most per refresh
 
 
 class ServerStream:
@@ -39,24 +41,55 @@ class ServerStream:
 
 class SwarmClient:
     def __init__(self, initial_peers: Sequence[str], model_id: str, num_blocks: int, *,
-                 request_timeout: float = 60.0, state_ttl: float = 5.0):
+                 request_timeout: float = 60.0, state_ttl: float = 5.0, max_retries: int = 8):
         self.model_id, self.num_blocks = model_id, num_blocks
-        self.request_timeout, self.state_ttl = request_timeout, state_ttl
+        self.request_timeout, self.state_ttl, self.max_retries = request_timeout, state_ttl, max_retries
         self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
         self.p2p = loop.run(self.dht.replicate_p2p())
+        self.bans = BanList()
+        self.rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._state: SwarmState | None = None
         self._state_time = 0.0
         self.rng = random.Random()
 
+    # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
         if refresh or self._state is None or time.monotonic() - self._state_time > self.state_ttl:
-            self._state = fetch_swarm_state(self.dht, self.model_id, self.num_blocks)
-            self._state_time = time.monotonic()
+            state = fetch_swarm_state(self.dht, self.model_id, self.num_blocks)
+            loop.run(self._measure_rtts(state))
+            state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
+            self._state, self._state_time = state, time.monotonic()
         return self._state
 
-    def make_chain(self, start: int = 0, end: int | None = None, banned: Sequence[str] = ()) -> list[ChainLink]:
-        return make_chain(self.swarm_state(), start, end, banned=banned, rng=self.rng)
+    async def _measure_rtts(self, state: SwarmState) -> None:
+        now = time.monotonic()
+        stale = [p for p in state.online() if p not in self.rtt or now - self.rtt[p][1] > RTT_MAX_AGE]
+        await asyncio.gather(*(self._ping(peer) for peer in self.rng.sample(stale, min(len(stale), RTT_PROBES))))
 
+    async def _ping(self, peer_id: str) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.call(peer_id, "info", ExpertRequest()), min(5.0, self.request_timeout))
+        except Exception as e:
+            logger.info(f"{peer_id} did not answer a ping ({type(e).__name__}: {e}); banned for "
+                        f"{self.bans.ban(peer_id):.0f}s")
+            return
+        self.rtt[peer_id] = (time.perf_counter() - started, time.monotonic())
+
+    def make_chain(self, start: int = 0, end: int | None = None, banned: Sequence[str] = (), **kwargs) -> list[ChainLink]:
+        state = self.swarm_state()
+        exclude = self.bans.banned() | set(banned)
+        try:
+            return make_chain(state, start, end, banned=exclude, rng=self.rng, **kwargs)
+        except LookupError:  # maybe a server joined or came back since the last snapshot
+            return make_chain(self.swarm_state(refresh=True), start, end, banned=exclude, rng=self.rng, **kwargs)
+
+    def report_failure(self, peer_id: str, error: BaseException) -> None:
+        seconds = self.bans.ban(peer_id)
+        logger.warning(f"server {peer_id} failed ({type(error).__name__}: {error}); banned for {seconds:.0f}s, "
+                       f"finding a replacement")
+
+    # ------------------------------------------------------------------ calls
     async def open_stream(self, peer_id: str, handler: str) -> ServerStream:
         _, reader, writer = await asyncio.wait_for(
             self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), f"cocoon.{handler}"),

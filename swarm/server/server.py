@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -11,9 +12,9 @@ import hivemind
 
 import swarm
 from routing import ServerInfo, ServerState
-from routing.placement import choose_span
+from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
-from shards.throughput import get_throughput
+from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, fetch_swarm_state
 from swarm.server.handler import Limits, SpanHandler
 from swarm.server.sessions import SessionTable
@@ -39,6 +40,8 @@ class ServerConfig:
     model_id: str | None = None
     identity_path: str | None = None
     announce_period: float = 15.0
+    balance_period: float = 120.0     # how often a --num-blocks server considers moving (randomised +-50%)
+    balance_threshold: float = 1.1    # move only if the swarm's throughput grows by more than this factor
     shutdown_grace: float = 5.0
     limits: Limits = field(default_factory=Limits)
 
@@ -71,8 +74,8 @@ class Server:
             announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
             self.span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
                                                   device=config.device, progress=True)
-            per_block = get_throughput(self.span, self.model_id)
-            self.info.throughput = per_block.for_blocks(end - start).decode_tokens_per_s
+            self.per_block = get_throughput(self.span, self.model_id)
+            self._set_throughput()
             self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
             self.info.quant = config.quant
             self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
@@ -83,12 +86,17 @@ class Server:
             self.info.state = ServerState.ONLINE
             self._announce()
             print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
+            loop = asyncio.get_running_loop()
+            next_balance = loop.time() + self._balance_delay()
             while not self.stop.is_set():
                 try:
                     await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
                 except asyncio.TimeoutError:
                     for session_id in self.sessions.expire():
                         logger.info(f"session {session_id} expired")
+                    if config.blocks is None and loop.time() >= next_balance:
+                        await self._maybe_move(checkpoint)
+                        next_balance = loop.time() + self._balance_delay()
                     self._announce()
             await self._shutdown()
         finally:
@@ -97,7 +105,48 @@ class Server:
     def _choose_span(self, total_blocks: int) -> tuple[int, int]:
         num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
         state = fetch_swarm_state(self.dht, self.model_id, total_blocks)
-        return choose_span(state, num_blocks)
+        # our own throughput, if measured before on this hardware; else the swarm's typical server
+        known = cached_throughput(self.model_id, self.config.dtype, self.config.quant, self.config.device)
+        others = [info.throughput for info in state.online().values()]
+        estimate = known.for_blocks(num_blocks).decode_tokens_per_s if known else (
+            sum(others) / len(others) if others else 1.0)
+        return choose_span(state, num_blocks, estimate)
+
+    def _balance_delay(self) -> float:
+        return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
+
+    async def _maybe_move(self, checkpoint: Checkpoint) -> None:
+        state = fetch_swarm_state(self.dht, self.model_id, checkpoint.config.num_hidden_layers)
+        state.servers[self.peer_id] = self.info
+        target = should_move(state, self.peer_id, self.config.balance_threshold)
+        if target is None:
+            return
+        start, end = target
+        print(f"Moving from blocks [{self.info.start}, {self.info.end}) to [{start}, {end}): the swarm needs them more",
+              flush=True)
+        self.info.state = ServerState.JOINING
+        self._announce()  # old span, no longer usable: clients fail over
+        new_span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=self.config.dtype, quant=self.config.quant,
+                                             device=self.config.device, progress=True)
+
+        def swap():  # in the compute thread, so no request runs on a half-swapped span
+            self.sessions.sessions.clear()
+            self.handler.span = self.span = new_span
+
+        await self.handler._compute(swap)
+        old = (self.info.start, self.info.end)
+        self.info.start, self.info.end = start, end
+        self._set_throughput()
+        self.info.state = ServerState.ONLINE
+        announce(self.dht, self.model_id, self.peer_id, ServerInfo(ServerState.OFFLINE, *old, throughput=0.0),
+                 expiration=self.config.announce_period)
+        self._announce()
+        print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
+
+    def _set_throughput(self) -> None:
+        span = self.per_block.for_blocks(self.info.end - self.info.start)
+        self.info.throughput = span.decode_tokens_per_s
+        self.info.prefill_throughput = span.prefill_tokens_per_s
 
     def describe(self) -> dict:
         self.info.sessions = len(self.sessions.sessions)

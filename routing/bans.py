@@ -1,0 +1,32 @@
+"""Servers that failed this client, banned for a time that doubles with each failure in a row."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+class BanList:
+    def __init__(self, base_seconds: float = 5.0, max_seconds: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.base, self.max, self.clock = base_seconds, max_seconds, clock
+        self._until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    def ban(self, peer_id: str) -> float:
+        """Record a failure; returns how many seconds the peer is banned for."""
+        failures = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = failures
+        seconds = min(self.base * 2 ** (failures - 1), self.max)
+        self._until[peer_id] = self.clock() + seconds
+        return seconds
+
+    def succeeded(self, peer_id: str) -> None:
+        """A successful request resets the backoff (the ban itself, if any, has already expired)."""
+        self._failures.pop(peer_id, None)
+
+    def is_banned(self, peer_id: str) -> bool:
+        return self._until.get(peer_id, 0.0) > self.clock()
+
+    def banned(self) -> set[str]:
+        now = self.clock()
+        return {peer for peer, until in self._until.items() if until > now}

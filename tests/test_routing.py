@@ -1,0 +1,151 @@
+"""Routing decisions on hand-built swarm states: no network, no torch."""
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from routing import (BanList, ChainLink, NoChainError, ServerInfo, ServerState, SwarmState, chain_seconds,
+                     choose_span, make_chain, should_move, swarm_throughput)
+
+
+def server(start, end, throughput=10.0, **kwargs):
+    return ServerInfo(ServerState.ONLINE, start, end, throughput, **kwargs)
+
+
+def state(num_blocks, **servers):
+    return SwarmState(num_blocks, dict(servers))
+
+
+def covers_without_gap(chain, start, end):
+    return chain[0].start == start and chain[-1].end == end and all(
+        a.end == b.start for a, b in zip(chain, chain[1:])) and all(link.start < link.end for link in chain)
+
+
+def test_chain_never_skips_a_block_and_respects_spans():
+    rng = random.Random(0)
+    for trial in range(200):
+        num_blocks = rng.randint(2, 30)
+        servers = {}
+        for i in range(rng.randint(1, 25)):
+            a = rng.randrange(num_blocks)
+            servers[f"s{i}"] = server(a, rng.randint(a + 1, num_blocks), rng.uniform(1, 100))
+        for b in range(num_blocks):  # make sure everything is covered
+            servers[f"fill{b}"] = server(b, b + 1, 0.5)
+        swarm = state(num_blocks, **servers)
+        swarm.rtt = {p: rng.uniform(0.001, 0.2) for p in servers}
+        start = rng.randrange(num_blocks)
+        chain = make_chain(swarm, start, rng=rng)
+        assert covers_without_gap(chain, start, num_blocks)
+        for link in chain:
+            info = servers[link.peer_id]
+            assert info.start <= link.start and link.end <= info.end
+
+
+def test_chain_minimises_expected_time_by_brute_force():
+    rng = random.Random(1)
+    for _ in range(100):
+        servers = {f"s{i}": server(a, rng.randint(a + 1, 6), rng.uniform(1, 50))
+                   for i, a in enumerate(rng.choices(range(6), k=5))}
+        servers.update({f"f{b}": server(b, b + 1, rng.uniform(1, 50)) for b in range(6)})
+        swarm = state(6, **servers)
+        swarm.rtt = {p: rng.uniform(0.001, 0.1) for p in servers}
+        best = chain_seconds(swarm, make_chain(swarm, rng=rng))
+        assert best <= _brute_force(swarm, 0, 6) + 1e-9
+
+
+def _brute_force(swarm, block, end):
+    if block == end:
+        return 0.0
+    options = []
+    for peer, info in swarm.servers.items():
+        if info.start <= block < info.end:
+            for stop in range(block + 1, min(info.end, end) + 1):
+                options.append(chain_seconds(swarm, [ChainLink(peer, block, stop)]) + _brute_force(swarm, stop, end))
+    return min(options)
+
+
+def test_fast_nearby_servers_win_and_round_trips_count():
+    swarm = state(4, slow=server(0, 4, 1.0), a=server(0, 2, 100.0), b=server(2, 4, 100.0))
+    swarm.rtt = {"slow": 0.01, "a": 0.01, "b": 0.01}
+    assert [l.peer_id for l in make_chain(swarm)] == ["a", "b"]
+    swarm.rtt = {"slow": 0.01, "a": 5.0, "b": 5.0}  # far away: one slow hop beats two long round trips
+    assert [l.peer_id for l in make_chain(swarm)] == ["slow"]
+
+
+def test_banned_servers_are_not_chosen_and_missing_blocks_are_named():
+    swarm = state(4, a=server(0, 4), b=server(0, 2), c=server(2, 4))
+    for _ in range(20):
+        assert "a" not in {l.peer_id for l in make_chain(swarm, banned={"a"})}
+    with pytest.raises(NoChainError, match=r"block\(s\) 2-3 of 4"):
+        make_chain(swarm, banned={"a", "c"})
+    offline = state(3, a=server(0, 2), b=ServerInfo(ServerState.OFFLINE, 2, 3, 10.0))
+    with pytest.raises(NoChainError, match=r"block\(s\) 2 of 3"):
+        make_chain(offline)
+
+
+def test_ties_spread_load():
+    swarm = state(4, **{f"twin{i}": server(0, 4) for i in range(4)})
+    rng = random.Random(2)
+    counts = Counter(make_chain(swarm, rng=rng)[0].peer_id for _ in range(400))
+    assert set(counts) == {f"twin{i}" for i in range(4)} and min(counts.values()) > 60
+
+
+def test_load_steers_clients_away():
+    swarm = state(2, busy=server(0, 2, 10.0, sessions=60, max_sessions=64), idle=server(0, 2, 10.0, max_sessions=64))
+    assert {make_chain(swarm)[0].peer_id for _ in range(20)} == {"idle"}
+
+
+def test_training_chain_prefers_throughput_over_latency():
+    swarm = state(2, near=server(0, 2, 10.0, prefill_throughput=100.0),
+                  far=server(0, 2, 10.0, prefill_throughput=1000.0))
+    swarm.rtt = {"near": 0.001, "far": 0.05}
+    assert make_chain(swarm)[0].peer_id == "near"
+    assert make_chain(swarm, training=True, batch_tokens=4096)[0].peer_id == "far"
+
+
+def test_joining_server_takes_the_bottleneck():
+    swarm = state(8, a=server(0, 4, 10.0), b=server(4, 8, 10.0), c=server(0, 4, 10.0))
+    assert choose_span(swarm, 4) == (4, 8)  # blocks 4-7 have half the throughput of 0-3
+    gap = state(8, a=server(0, 3, 10.0), b=server(5, 8, 10.0))
+    assert choose_span(gap, 2) == (3, 5)  # the gap itself
+    assert choose_span(state(6), 2) == (0, 2)  # an empty swarm starts at the beginning
+    uneven = state(6, a=server(0, 6, 10.0), b=server(0, 2, 5.0), c=server(4, 6, 5.0))
+    assert choose_span(uneven, 2) == (2, 4)
+
+
+def test_redundant_server_moves_to_a_gap_with_hysteresis():
+    swarm = state(6, a=server(0, 2), b=server(0, 2), c=server(2, 4))
+    assert swarm_throughput(swarm) == 0.0
+    assert should_move(swarm, "b") == (4, 6)
+    assert should_move(swarm, "c") is None  # c is the only holder of 2-3: moving opens another gap
+    balanced = state(4, a=server(0, 2, 10.0), b=server(2, 4, 10.0), c=server(0, 2, 10.0), d=server(2, 4, 9.0))
+    assert should_move(balanced, "c") is None  # no gain worth a move
+    skewed = state(4, a=server(0, 2, 10.0), b=server(2, 4, 10.0), c=server(0, 2, 10.0), d=server(0, 2, 10.0))
+    assert should_move(skewed, "d") == (2, 4)
+
+
+def test_ban_backoff_doubles_and_expires():
+    now = [100.0]
+    bans = BanList(base_seconds=2, max_seconds=10, clock=lambda: now[0])
+    assert bans.ban("x") == 2 and bans.is_banned("x")
+    assert bans.ban("x") == 4 and bans.ban("x") == 8 and bans.ban("x") == 10
+    now[0] += 10.5
+    assert not bans.is_banned("x") and bans.banned() == set()
+    bans.succeeded("x")
+    assert bans.ban("x") == 2
+
+
+def test_chain_for_1000_servers_is_fast():
+    rng = random.Random(3)
+    servers = {}
+    for i in range(1000):
+        a = rng.randrange(80)
+        servers[f"s{i}"] = server(a, min(80, a + rng.randint(4, 16)), rng.uniform(1, 100))
+    servers.update({f"f{b}": server(b, b + 1) for b in range(80)})
+    swarm = state(80, **servers)
+    swarm.rtt = {p: rng.uniform(0.005, 0.3) for p in servers}
+    started = time.perf_counter()
+    chain = make_chain(swarm, rng=rng)
+    assert covers_without_gap(chain, 0, 80)
+    assert time.perf_counter() - started < 1.0  # the bench measures it; this only catches a blow-up
