@@ -27,7 +27,16 @@ def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration
 def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
     """Read every block's records; malformed or inconsistent records are skipped, not trusted."""
     keys = [block_key(model_id, b) for b in range(num_blocks)]
-    found = dht.run_coroutine(partial(_get_many, keys=keys))
+    return _parse_records(dht.run_coroutine(partial(_get_many, keys=keys)), keys, num_blocks)
+
+
+async def fetch_swarm_state_async(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
+    """The same, awaitable from an event loop without blocking it."""
+    keys = [block_key(model_id, b) for b in range(num_blocks)]
+    return _parse_records(await dht.run_coroutine(partial(_get_many, keys=keys), return_future=True), keys, num_blocks)
+
+
+def _parse_records(found: dict, keys: list[str], num_blocks: int) -> SwarmState:
     state = SwarmState(num_blocks)
     for block, key in enumerate(keys):
         entry = found.get(key)

@@ -70,12 +70,19 @@ class SwarmProcess:
                 self.process.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
         self.signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
-            return self.process.wait()
+            code = self.process.wait()
+        try:  # whatever the process left behind in its group (DHT workers, p2p daemons) goes too
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return code
 
 
 class LocalSwarm:

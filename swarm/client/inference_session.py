@@ -95,7 +95,7 @@ class InferenceSession:
         sessions, block = [], start
         replay = _concat_history(history)
         while block < end:
-            link = self.client.make_chain(block, end)[0]
+            link = (await self.client.chain(block, end))[0]
             try:
                 session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length)
                 if replay is not None:

@@ -21,7 +21,7 @@ async def _forward_chain(client: SwarmClient, start: int, end: int, hidden: torc
                          exact: bool, depth: int = 0) -> tuple[torch.Tensor, list[tuple[ChainLink, torch.Tensor]]]:
     """Blocks [start, end) on ``hidden``; returns the output and (link, input) of every hop taken."""
     hops = []
-    for link in client.make_chain(start, end):
+    for link in await client.chain(start, end):
         try:
             output = await _call_span(client, link, "forward", {"hidden": hidden, **extra}, exact)
             hops.append((link, hidden))

@@ -13,7 +13,7 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, SwarmState, make_chain
 from swarm.client import loop
-from swarm.dht_records import fetch_swarm_state
+from swarm.dht_records import fetch_swarm_state_async
 from swarm.protocol import RemoteError, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,13 @@ class SwarmClient:
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
+        return loop.run(self.state(refresh))
+
+    async def state(self, refresh: bool = False) -> SwarmState:
+        """The latest snapshot of the swarm, with this client's round-trip times to its servers."""
         if refresh or self._state is None or time.monotonic() - self._state_time > self.state_ttl:
-            state = fetch_swarm_state(self.dht, self.model_id, self.num_blocks)
-            loop.run(self._measure_rtts(state))
+            state = await fetch_swarm_state_async(self.dht, self.model_id, self.num_blocks)
+            await self._measure_rtts(state)
             state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
             self._state, self._state_time = state, time.monotonic()
         return self._state
@@ -76,13 +80,21 @@ class SwarmClient:
             return
         self.rtt[peer_id] = (time.perf_counter() - started, time.monotonic())
 
-    def make_chain(self, start: int = 0, end: int | None = None, banned: Sequence[str] = (), **kwargs) -> list[ChainLink]:
-        state = self.swarm_state()
+    async def chain(self, start: int = 0, end: int | None = None, banned: Sequence[str] = (), **kwargs) -> list[ChainLink]:
+        """Servers for blocks [start, end), avoiding banned ones (see routing.make_chain)."""
         exclude = self.bans.banned() | set(banned)
         try:
-            return make_chain(state, start, end, banned=exclude, rng=self.rng, **kwargs)
+            return make_chain(await self.state(), start, end, banned=exclude, rng=self.rng, **kwargs)
         except LookupError:  # maybe a server joined or came back since the last snapshot
-            return make_chain(self.swarm_state(refresh=True), start, end, banned=exclude, rng=self.rng, **kwargs)
+            state = await self.state(refresh=True)
+        try:
+            return make_chain(state, start, end, banned=exclude, rng=self.rng, **kwargs)
+        except LookupError:
+            if not self.bans.banned() - set(banned):
+                raise
+            # a server that failed a moment ago is a better bet than no server at all
+            logger.warning(f"only recently failed servers hold blocks {start}:{end}; trying them again")
+            return make_chain(state, start, end, banned=set(banned), rng=self.rng, **kwargs)
 
     def report_failure(self, peer_id: str, error: BaseException) -> None:
         seconds = self.bans.ban(peer_id)
