@@ -149,3 +149,14 @@ def test_chain_for_1000_servers_is_fast():
     chain = make_chain(swarm, rng=rng)
     assert covers_without_gap(chain, 0, 80)
     assert time.perf_counter() - started < 1.0  # the bench measures it; this only catches a blow-up
+
+
+def test_simulator_runs_the_real_code_and_approaches_the_bound():
+    from routing.simulate import simulate
+    report = simulate(servers=120, blocks=24, hours=0.5, step=60, mean_lifetime=900, sessions_per_step=4,
+                      progress=False)
+    baseline = simulate(servers=120, blocks=24, hours=0.5, step=60, mean_lifetime=900, sessions_per_step=4,
+                        placement="random", progress=False)
+    assert report.sessions > 0 and report.unserved == 0
+    assert report.steady_ratio() > 0.85 and report.steady_ratio() > baseline.steady_ratio()
+    assert all(r["throughput"] <= r["bound"] + 1e-9 for r in report.rows)

@@ -1,0 +1,158 @@
+"""A swarm simulator that runs the real placement and chain code on thousands of synthetic servers.
+
+    python -m routing.simulate --servers 1000 --blocks 80 --hours 2
+
+Servers join and leave (exponential lifetimes; arrivals keep the population steady), choose their span
+with ``choose_span``, and reconsider it with ``should_move`` at random times. Clients open sessions whose
+chains come from ``make_chain``. Every step reports the swarm's throughput (its bottleneck block)
+against the upper bound (total block-throughput over the number of blocks: what a perfect placement of
+the same servers could reach), the expected latency per token, and the sessions that had to fail over.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from routing.chain import NoChainError, chain_seconds, make_chain
+from routing.placement import choose_span, should_move, swarm_throughput
+from routing.state import ServerInfo, ServerState, SwarmState
+
+
+@dataclass
+class Report:
+    rows: list[dict] = field(default_factory=list)
+    chain_ms: list[float] = field(default_factory=list)
+    sessions: int = 0
+    failovers: int = 0
+    unserved: int = 0
+
+    def steady_ratio(self) -> float:
+        """Mean throughput / bound over the second half of the run (after the swarm has formed)."""
+        half = self.rows[len(self.rows) // 2:]
+        return statistics.mean(r["throughput"] / r["bound"] for r in half)
+
+
+def simulate(*, servers: int = 1000, blocks: int = 80, hours: float = 2.0, step: float = 60.0,
+             mean_lifetime: float = 3600.0, sessions_per_step: int = 10, session_seconds: float = 120.0,
+             balance_period: float = 600.0, placement: str = "bottleneck", seed: int = 0,
+             progress: bool = True) -> Report:
+    """``placement="random"`` places joining servers at random and never moves them: the baseline."""
+    rng = random.Random(seed)
+    state = SwarmState(blocks)
+    per_block_speed: dict[str, float] = {}   # block-tokens/s each server can do
+    leaves_at: dict[str, float] = {}
+    next_balance: dict[str, float] = {}
+    active: list[tuple[float, set[str]]] = []  # (end time, servers of its chain)
+    report = Report()
+    counter = 0
+
+    def join(now: float) -> None:
+        nonlocal counter
+        peer = f"s{counter}"
+        counter += 1
+        speed = rng.lognormvariate(5.0, 0.6)                    # ~150 block-tokens/s, heterogeneous
+        num_blocks = rng.choice([4, 6, 8, 10, 12, 16])          # what fits in its memory
+        if placement == "random":
+            start = rng.randrange(blocks - num_blocks + 1)
+            start, end = start, start + num_blocks
+        else:
+            start, end = choose_span(state, num_blocks, speed / num_blocks)
+        state.servers[peer] = ServerInfo(ServerState.ONLINE, start, end, throughput=speed / num_blocks,
+                                         max_sessions=64)
+        state.rtt[peer] = rng.lognormvariate(-3.0, 0.7)          # ~50 ms round trips
+        per_block_speed[peer] = speed
+        leaves_at[peer] = now + rng.expovariate(1 / mean_lifetime)
+        next_balance[peer] = now + balance_period * rng.uniform(0.5, 1.5)
+
+    for _ in range(servers):  # the initial swarm forms one server after another
+        join(0.0)
+    now, end_time = 0.0, hours * 3600
+    while now < end_time:
+        now += step
+        for peer in [p for p, t in leaves_at.items() if t <= now]:  # departures, and the sessions they break
+            for peer_dict in (state.servers, state.rtt, per_block_speed, leaves_at, next_balance):
+                peer_dict.pop(peer, None)
+            broken = [s for s in active if peer in s[1]]
+            report.failovers += len(broken)
+        while len(state.servers) < servers:  # arrivals keep the population steady
+            join(now)
+        for peer in [p for p, t in next_balance.items() if t <= now and placement != "random"]:
+            target = should_move(state, peer)
+            if target:
+                info = state.servers[peer]
+                info.start, info.end = target
+            next_balance[peer] = now + balance_period * rng.uniform(0.5, 1.5)
+        active = [s for s in active if s[0] > now]
+        latencies = []
+        for _ in range(sessions_per_step):
+            started = time.perf_counter()
+            try:
+                chain = make_chain(state, rng=rng)
+            except NoChainError:
+                report.unserved += 1
+                continue
+            report.chain_ms.append(1000 * (time.perf_counter() - started))
+            latencies.append(chain_seconds(state, chain))
+            active.append((now + session_seconds, {link.peer_id for link in chain}))
+            report.sessions += 1
+        bound = sum(per_block_speed.values()) / blocks
+        row = dict(minute=now / 60, servers=len(state.servers), throughput=swarm_throughput(state), bound=bound,
+                   latency_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
+                   failovers=report.failovers)
+        report.rows.append(row)
+        if progress and len(report.rows) % 10 == 0:
+            print(f"  minute {row['minute']:.0f}: throughput {row['throughput']:.1f} of bound {bound:.1f}", flush=True)
+    return report
+
+
+def format_report(report: Report, every: int = 10) -> str:
+    lines = ["| minute | servers | swarm tokens/s | upper bound | ratio | median latency ms/token | failovers so far |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report.rows[every - 1::every]:
+        lines.append(f"| {row['minute']:.0f} | {row['servers']} | {row['throughput']:.2f} | {row['bound']:.2f} | "
+                     f"{row['throughput'] / row['bound']:.3f} | {row['latency_ms']:.0f} | {row['failovers']} |")
+    chain = sorted(report.chain_ms)
+    lines.append("")
+    lines.append(f"steady-state throughput / upper bound: {report.steady_ratio():.3f}")
+    lines.append(f"chain computation: median {statistics.median(chain):.2f} ms, p99 {chain[int(0.99 * (len(chain) - 1))]:.2f} ms "
+                 f"over {len(chain)} sessions")
+    lines.append(f"sessions {report.sessions}, failed over {report.failovers}, unserved {report.unserved}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", type=int, default=1000)
+    parser.add_argument("--blocks", type=int, default=80)
+    parser.add_argument("--hours", type=float, default=2.0)
+    parser.add_argument("--mean-lifetime", type=float, default=3600.0, help="seconds a server stays, on average")
+    parser.add_argument("--sessions-per-step", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="write throughput and bound over time (needs matplotlib)")
+    args = parser.parse_args()
+    report = simulate(servers=args.servers, blocks=args.blocks, hours=args.hours, mean_lifetime=args.mean_lifetime,
+                      sessions_per_step=args.sessions_per_step, seed=args.seed)
+    print(format_report(report))
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: pip install matplotlib to write a plot")
+            return
+        minutes = [r["minute"] for r in report.rows]
+        plt.plot(minutes, [r["throughput"] for r in report.rows], label="swarm throughput")
+        plt.plot(minutes, [r["bound"] for r in report.rows], label="upper bound")
+        plt.xlabel("minute")
+        plt.ylabel("tokens/s through all blocks")
+        plt.legend()
+        plt.savefig(args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
