@@ -1,0 +1,1 @@
+"""Metering, vouchers, settlement and verification: a plain library (no torch, no swarm)."""

@@ -1,0 +1,114 @@
+"""The settlement contract: compiled from Settlement.vy by the vyper package, deployed and driven with web3."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.exceptions import ContractLogicError
+
+from incentives.vouchers import Domain, Voucher
+
+SOURCE = Path(__file__).with_name("Settlement.vy")
+
+
+class ChainError(RuntimeError):
+    """A transaction was refused by the contract or the node; the message says why."""
+
+
+@functools.lru_cache(maxsize=1)
+def compiled() -> tuple[list, str]:
+    import vyper
+    out = vyper.compile_code(SOURCE.read_text(), output_formats=["abi", "bytecode"])
+    return out["abi"], out["bytecode"]
+
+
+class Settlement:
+    def __init__(self, w3: Web3, address: str):
+        abi, _ = compiled()
+        self.w3 = w3
+        self.contract = w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
+        self.address = self.contract.address
+        self.domain = Domain(w3.eth.chain_id, self.address)
+
+    @classmethod
+    def deploy(cls, w3: Web3, deployer: LocalAccount, *, withdrawal_delay: int = 3600, min_stake: int = 0,
+               verdict_threshold: int = 2) -> "Settlement":
+        abi, bytecode = compiled()
+        factory = w3.eth.contract(abi=abi, bytecode=bytecode)
+        receipt = send(w3, deployer, factory.constructor(withdrawal_delay, min_stake, verdict_threshold))
+        return cls(w3, receipt.contractAddress)
+
+    # ---------------------------------------------------------------- transactions
+    def deposit(self, client: LocalAccount, amount: int):
+        return send(self.w3, client, self.contract.functions.deposit(), value=amount)
+
+    def request_withdrawal(self, client: LocalAccount, amount: int):
+        return send(self.w3, client, self.contract.functions.request_withdrawal(amount))
+
+    def withdraw(self, client: LocalAccount):
+        return send(self.w3, client, self.contract.functions.withdraw())
+
+    def register(self, server: LocalAccount, stake: int):
+        return send(self.w3, server, self.contract.functions.register(), value=stake)
+
+    def request_unstake(self, server: LocalAccount):
+        return send(self.w3, server, self.contract.functions.request_unstake())
+
+    def unstake(self, server: LocalAccount):
+        return send(self.w3, server, self.contract.functions.unstake())
+
+    def redeem(self, sender: LocalAccount, voucher: Voucher, signature: bytes):
+        return send(self.w3, sender, self.contract.functions.redeem(voucher.as_tuple(), signature))
+
+    def add_verifier(self, owner: LocalAccount, verifier: str):
+        return send(self.w3, owner, self.contract.functions.add_verifier(verifier))
+
+    def slash(self, sender: LocalAccount, server: str, evidence: bytes, reporter: str, signatures: Sequence[bytes]):
+        return send(self.w3, sender, self.contract.functions.slash(server, evidence, reporter, list(signatures)))
+
+    # ---------------------------------------------------------------- views
+    def escrow(self, client: str) -> int:
+        return self.contract.functions.escrow(client).call()
+
+    def stake(self, server: str) -> int:
+        return self.contract.functions.stake(server).call()
+
+    def paid(self, client: str, server: str, channel: int) -> int:
+        return self.contract.functions.paid(self.contract.functions.channel_key(client, server, channel).call()).call()
+
+
+def send(w3: Web3, account: LocalAccount, call, value: int = 0):
+    """Sign locally, send, wait; a revert becomes a ChainError carrying the contract's reason."""
+    try:
+        tx = call.build_transaction({"from": account.address, "value": value,
+                                     "nonce": w3.eth.get_transaction_count(account.address, "pending")})
+    except ContractLogicError as e:
+        raise ChainError(f"refused: {_reason(e)}") from None
+    except Exception as e:  # eth-tester raises its own TransactionFailed while estimating gas
+        if "revert" not in str(e):
+            raise
+        raise ChainError(f"refused: {_reason(e)}") from None
+    signed = account.sign_transaction(tx)
+    receipt = w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(signed.raw_transaction))
+    if receipt.status != 1:
+        raise ChainError(f"transaction {receipt.transactionHash.hex()} reverted")
+    return receipt
+
+
+def _reason(error: Exception) -> str:
+    message = str(getattr(error, "message", None) or error)
+    return message.split("execution reverted: ")[-1]
+
+
+def advance_time(w3: Web3, seconds: int) -> None:
+    """Move the chain's clock forward (in-process eth-tester or a development node such as anvil)."""
+    tester = getattr(w3.provider, "ethereum_tester", None)
+    if tester is not None:
+        tester.time_travel(w3.eth.get_block("latest").timestamp + seconds)
+        tester.mine_blocks(1)
+    else:
+        w3.provider.make_request("evm_increaseTime", [seconds])
+        w3.provider.make_request("evm_mine", [])

@@ -1,0 +1,205 @@
+"""The settlement contract on an in-process chain (eth-tester + py-evm), attack by attack."""
+import pytest
+from eth_account import Account
+from hypothesis import HealthCheck, given, settings, strategies as st
+from web3 import EthereumTesterProvider, Web3
+
+from incentives.contract import ChainError, Settlement, advance_time
+from incentives.vouchers import Domain, Verdict, Voucher, sign
+
+ETH = 10**18
+HALF_N = 57896044618658097711785492504343953926418782139537452191302581570759080747168
+N = 2 * HALF_N + 1
+
+
+@pytest.fixture(scope="module")
+def chain():
+    w3 = Web3(EthereumTesterProvider())
+    funder = w3.eth.accounts[0]
+    accounts = [Account.create() for _ in range(8)]
+    for account in accounts:
+        w3.eth.send_transaction({"from": funder, "to": account.address, "value": 1000 * ETH})
+    return w3, accounts
+
+
+@pytest.fixture
+def setup(chain):
+    w3, (owner, client, server, other, verifier1, verifier2, verifier3, reporter) = chain
+    settlement = Settlement.deploy(w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+    for verifier in (verifier1, verifier2, verifier3):
+        settlement.add_verifier(owner, verifier.address)
+    settlement.register(server, 10 * ETH)
+    settlement.deposit(client, 5 * ETH)
+    return w3, settlement, client, server, other, [verifier1, verifier2, verifier3], reporter
+
+
+def voucher(client, server, units, amount, channel=1):
+    return Voucher(client.address, server.address, channel, units, amount)
+
+
+def test_cumulative_vouchers_pay_only_the_increase(setup):
+    w3, settlement, client, server, other, _, _ = setup
+    before = w3.eth.get_balance(server.address)
+    v1 = voucher(client, server, 100, 10**15)
+    receipt = settlement.redeem(other, v1, sign(v1, client.key, settlement.domain))  # anyone may submit it
+    v2 = voucher(client, server, 250, 25 * 10**14)
+    settlement.redeem(other, v2, sign(v2, client.key, settlement.domain))
+    assert w3.eth.get_balance(server.address) - before == 25 * 10**14
+    assert settlement.paid(client.address, server.address, 1) == 25 * 10**14
+    assert settlement.escrow(client.address) == 5 * ETH - 25 * 10**14
+    assert receipt.gasUsed < 150_000
+
+
+def test_old_voucher_after_newer_one_and_replay_are_refused(setup):
+    _, settlement, client, server, other, _, _ = setup
+    old, new = voucher(client, server, 10, 1000), voucher(client, server, 20, 2000)
+    old_signature = sign(old, client.key, settlement.domain)
+    settlement.redeem(server, new, sign(new, client.key, settlement.domain))
+    with pytest.raises(ChainError, match="voucher already redeemed"):
+        settlement.redeem(server, old, old_signature)
+    with pytest.raises(ChainError, match="voucher already redeemed"):
+        settlement.redeem(server, new, sign(new, client.key, settlement.domain))
+
+
+def test_voucher_for_another_chain_or_contract_is_refused(setup, chain):
+    w3, settlement, client, server, other, _, _ = setup
+    v = voucher(client, server, 10, 1000)
+    other_chain = Domain(settlement.domain.chain_id + 1, settlement.address)
+    with pytest.raises(ChainError, match="not signed by its client"):
+        settlement.redeem(server, v, sign(v, client.key, other_chain))
+    twin = Settlement.deploy(w3, chain[1][0], withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+    with pytest.raises(ChainError, match="not signed by its client"):
+        settlement.redeem(server, v, sign(v, client.key, twin.domain))
+
+
+def test_forged_and_malleated_signatures_are_refused(setup):
+    _, settlement, client, server, other, _, _ = setup
+    v = voucher(client, server, 10, 1000)
+    with pytest.raises(ChainError, match="not signed by its client"):
+        settlement.redeem(server, v, sign(v, other.key, settlement.domain))
+    signature = sign(v, client.key, settlement.domain)
+    r, s, recovery = signature[:32], int.from_bytes(signature[32:64], "big"), signature[64]
+    twin = r + (N - s).to_bytes(32, "big") + bytes([55 - recovery])  # the other valid (r, s, v) of the same key
+    with pytest.raises(ChainError, match="malleable signature"):
+        settlement.redeem(server, v, twin)
+    with pytest.raises(ChainError, match="bad signature v"):
+        settlement.redeem(server, v, signature[:64] + bytes([3]))
+    tampered = voucher(client, server, 10, 10**6)  # the amount changed after signing
+    with pytest.raises(ChainError, match="not signed by its client"):
+        settlement.redeem(server, tampered, signature)
+    settlement.redeem(server, v, signature)
+
+
+def test_redeeming_beyond_the_escrow_pays_only_the_escrow(setup):
+    w3, settlement, client, server, _, _, _ = setup
+    big = voucher(client, server, 10**6, 8 * ETH)
+    before = w3.eth.get_balance(server.address)
+    settlement.redeem(server, big, sign(big, client.key, settlement.domain))
+    assert settlement.escrow(client.address) == 0
+    with pytest.raises(ChainError, match="client escrow is empty"):
+        settlement.redeem(server, big, sign(big, client.key, settlement.domain))
+    settlement.deposit(client, ETH)  # the rest is redeemable once the client pays in again
+    settlement.redeem(server, big, sign(big, client.key, settlement.domain))
+    assert settlement.paid(client.address, server.address, 1) == 6 * ETH
+    assert w3.eth.get_balance(server.address) - before < 6 * ETH and w3.eth.get_balance(server.address) > before
+
+
+def test_withdrawal_races_a_redemption_and_the_server_wins(setup):
+    w3, settlement, client, server, _, _, _ = setup
+    settlement.request_withdrawal(client, 5 * ETH)
+    v = voucher(client, server, 1000, 2 * ETH)
+    settlement.redeem(server, v, sign(v, client.key, settlement.domain))  # within the delay: still redeemable
+    with pytest.raises(ChainError, match="withdrawal delay has not passed"):
+        settlement.withdraw(client)
+    advance_time(w3, 3601)
+    before = w3.eth.get_balance(client.address)
+    settlement.withdraw(client)
+    assert settlement.escrow(client.address) == 0
+    assert 2 * ETH < w3.eth.get_balance(client.address) - before <= 3 * ETH  # only what was left, minus gas
+
+
+def test_unregistered_server_cannot_redeem_and_unstake_waits(setup):
+    w3, settlement, client, server, other, _, _ = setup
+    v = voucher(client, other, 1, 1)
+    with pytest.raises(ChainError, match="server is not registered"):
+        settlement.redeem(other, v, sign(v, client.key, settlement.domain))
+    settlement.request_unstake(server)
+    with pytest.raises(ChainError, match="unstake delay has not passed"):
+        settlement.unstake(server)
+    advance_time(w3, 3601)
+    settlement.unstake(server)
+    assert settlement.stake(server.address) == 0
+
+
+def verdict_signatures(verdict, verifiers, domain):
+    return [sign(verdict, v.key, domain) for v in sorted(verifiers, key=lambda a: int(a.address, 16))]
+
+
+def test_slashing_needs_a_threshold_of_distinct_verifiers_and_happens_once(setup):
+    w3, settlement, client, server, other, verifiers, reporter = setup
+    evidence = bytes(range(32))
+    verdict = Verdict(server.address, evidence, reporter.address)
+    with pytest.raises(ChainError, match="too few verifier signatures"):
+        settlement.slash(other, server.address, evidence, reporter.address,
+                         verdict_signatures(verdict, verifiers[:1], settlement.domain))
+    with pytest.raises(ChainError, match="signer is not a verifier"):
+        settlement.slash(other, server.address, evidence, reporter.address,
+                         verdict_signatures(verdict, [verifiers[0], other], settlement.domain))
+    one = verdict_signatures(verdict, verifiers[:1], settlement.domain)
+    with pytest.raises(ChainError, match="distinct and sorted"):
+        settlement.slash(other, server.address, evidence, reporter.address, one + one)
+    wrong_server = Verdict(other.address, evidence, reporter.address)
+    with pytest.raises(ChainError, match="not a verifier"):
+        settlement.slash(other, server.address, evidence, reporter.address,
+                         verdict_signatures(wrong_server, verifiers[:2], settlement.domain))
+
+    before = w3.eth.get_balance(reporter.address)
+    receipt = settlement.slash(other, server.address, evidence, reporter.address,
+                               verdict_signatures(verdict, verifiers[:2], settlement.domain))
+    assert settlement.stake(server.address) == 0
+    assert w3.eth.get_balance(reporter.address) - before == 5 * ETH
+    assert receipt.gasUsed < 200_000
+    with pytest.raises(ChainError, match="evidence already used"):
+        settlement.slash(other, server.address, evidence, reporter.address,
+                         verdict_signatures(verdict, verifiers[1:], settlement.domain))
+    fresh = Verdict(server.address, bytes(32), reporter.address)
+    with pytest.raises(ChainError, match="nothing to slash"):
+        settlement.slash(other, server.address, bytes(32), reporter.address,
+                         verdict_signatures(fresh, verifiers[:2], settlement.domain))
+
+
+operations = st.lists(st.tuples(st.sampled_from(["deposit", "sign", "redeem", "withdraw"]),
+                                st.integers(0, 2), st.integers(1, 10**6)), min_size=1, max_size=12)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations)
+def test_total_paid_never_exceeds_deposits_or_what_clients_signed(chain, ops):
+    w3, (owner, client, server, other, *_rest) = chain
+    settlement = Settlement.deploy(w3, owner, withdrawal_delay=0, min_stake=0, verdict_threshold=1)
+    settlement.register(server, 1)
+    deposited, withdrawn, signed, vouchers = 0, 0, {0: 0, 1: 0, 2: 0}, {}
+    for op, channel, amount in ops:
+        if op == "deposit":
+            settlement.deposit(client, amount)
+            deposited += amount
+        elif op == "sign":  # vouchers may go up or (maliciously replayed old ones) down
+            total = max(0, signed[channel] + amount - 5 * 10**5)
+            vouchers[channel] = voucher(client, server, total, total, channel)
+            signed[channel] = max(signed[channel], total)
+        elif op == "redeem" and channel in vouchers:
+            v = vouchers[channel]
+            try:
+                settlement.redeem(server, v, sign(v, client.key, settlement.domain))
+            except ChainError:
+                pass
+        elif op == "withdraw" and settlement.escrow(client.address) > 0:
+            request = min(amount, settlement.escrow(client.address))
+            settlement.request_withdrawal(client, request)
+            settlement.withdraw(client)
+            withdrawn += request
+        paid = {c: settlement.paid(client.address, server.address, c) for c in signed}
+        assert all(paid[c] <= signed[c] for c in signed)  # never more than the client signed
+        assert sum(paid.values()) <= deposited  # never more than was deposited
+        assert sum(paid.values()) + settlement.escrow(client.address) + withdrawn == deposited  # nothing lost
+        assert w3.eth.get_balance(settlement.address) == settlement.escrow(client.address) + 1  # + the stake
