@@ -30,7 +30,8 @@ class ServerInfo:
     adapters: tuple[str, ...] = ()
     public_name: str = ""
     payout_address: str = ""
-    price_per_unit: int = 0           # wei per (token x block)
+    price_per_unit: int = 0           # wei per (token x block), inference and forward
+    backward_price_per_unit: int = 0  # wei per (token x block) of backward
 
     def to_wire(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)

@@ -128,6 +128,6 @@ def raise_for_error(text: str) -> None:
     """Turn an error text from a server into the matching exception type."""
     if text.startswith("server full"):
         raise ServerFullError(text)
-    if text.startswith("credit limit"):
+    if text.startswith("credit limit reached"):
         raise CreditLimitError(text)
     raise RemoteError(text)

@@ -26,11 +26,15 @@ class _ServerSession:
         self.opened = False
         self.history: list[tuple[torch.Tensor, dict]] = []  # (hidden, extra) of every step sent here
 
-    async def step(self, hidden: torch.Tensor, extra: dict, *, exact: bool, timeout: float) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, extra: dict, *, exact: bool, timeout: float,
+                   client: SwarmClient) -> torch.Tensor:
         meta = {} if self.opened else {"start": self.link.start, "end": self.link.end, "max_length": self.max_length}
+        meta.update(client.payment_meta(self.link.peer_id))
         response = await self.stream.request(span_request({"hidden": hidden, **extra}, meta, exact=exact), timeout)
         self.opened = True
-        output, _ = read_output(response, hidden)
+        output, response_meta = read_output(response, hidden)
+        client.record_work(self.link.peer_id, response_meta, hidden.shape[0] * hidden.shape[1],
+                           self.link.end - self.link.start)
         self.history.append((hidden, extra))
         return output
 
@@ -70,7 +74,8 @@ class InferenceSession:
                 self._sessions.extend(await self._open_chain(block, self.client.num_blocks, history=[]))
             session = self._sessions[index]
             try:
-                output = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout)
+                output = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout,
+                                            client=self.client)
                 self.client.bans.succeeded(session.link.peer_id)
             except Exception as e:
                 failures += 1
@@ -99,7 +104,8 @@ class InferenceSession:
             try:
                 session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length)
                 if replay is not None:
-                    output = await session.step(*replay, exact=self.exact, timeout=self.client.request_timeout)
+                    output = await session.step(*replay, exact=self.exact, timeout=self.client.request_timeout,
+                                                client=self.client)
                     replay = (output, replay[1])
             except Exception as e:
                 self.client.report_failure(link.peer_id, e)
@@ -113,6 +119,7 @@ class InferenceSession:
             for session in self._sessions:
                 loop.background_loop().call_soon_threadsafe(session.stream.close)
             self.closed = True
+            loop.run(self.client.settle())
 
     def __enter__(self) -> "InferenceSession":
         return self

@@ -84,7 +84,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
+    def settle(self) -> None:
+        """Send every priced server a voucher for all work counted so far (generate() does it by itself)."""
+        from swarm.client import loop
+        loop.run(self.swarm.settle())
+
     def shutdown(self) -> None:
+        self.settle()
         self.swarm.shutdown()
 
 
@@ -94,15 +100,24 @@ class AutoDistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, initial_peers: Sequence[str], model_id: str | None = None,
                         dtype: str | torch.dtype = "auto", device: str | None = None, exact_wire: bool = False,
-                        request_timeout: float = 60.0, **hub_kwargs) -> DistributedModelForCausalLM:
+                        request_timeout: float = 60.0, wallet=None, contract: str | None = None,
+                        chain_id: int | None = None, **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
         ``exact_wire=True`` keeps float32 activations in float32 on the wire (default: 16-bit).
+        ``wallet`` (an eth_account LocalAccount), ``contract`` and ``chain_id``: pay priced servers with
+        vouchers redeemable from this client's escrow in that settlement contract.
         """
         checkpoint = Checkpoint(model, **hub_kwargs)
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
         swarm = SwarmClient(initial_peers, model_id or checkpoint.model_id, checkpoint.config.num_hidden_layers,
                             request_timeout=request_timeout)
+        if wallet is not None:
+            from incentives.vouchers import Domain
+            from swarm.client.payments import Payments
+            if contract is None or chain_id is None:
+                raise ValueError("paying servers needs the settlement contract address and its chain id")
+            swarm.payments = Payments(wallet, Domain(chain_id, contract))
         distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire)
         try:
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint._file("config.json").parent)

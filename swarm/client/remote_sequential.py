@@ -11,9 +11,13 @@ from swarm.client.swarm_client import SwarmClient
 
 
 async def _call_span(client: SwarmClient, link: ChainLink, handler: str, tensors: dict, exact: bool) -> torch.Tensor:
-    request = span_request(tensors, {"start": link.start, "end": link.end}, exact=exact)
-    output, _ = read_output(await client.call(link.peer_id, handler, request), tensors["hidden"])
+    meta = {"start": link.start, "end": link.end, **client.payment_meta(link.peer_id)}
+    request = span_request(tensors, meta, exact=exact)
+    hidden = tensors["hidden"]
+    output, response_meta = read_output(await client.call(link.peer_id, handler, request), hidden)
     client.bans.succeeded(link.peer_id)
+    client.record_work(link.peer_id, response_meta, hidden.shape[0] * hidden.shape[1], link.end - link.start,
+                       backward=handler == "backward")
     return output
 
 

@@ -51,6 +51,7 @@ class SwarmClient:
         self._state: SwarmState | None = None
         self._state_time = 0.0
         self.rng = random.Random()
+        self.payments = None  # swarm.client.payments.Payments when this client pays servers
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
@@ -114,6 +115,26 @@ class SwarmClient:
             return await stream.request(message, self.request_timeout)
         finally:
             stream.close()
+
+    # ------------------------------------------------------------------ payment
+    def payment_meta(self, peer_id: str) -> dict:
+        if self.payments is None:
+            return {}
+        return self.payments.request_meta(peer_id, self._state.servers.get(peer_id) if self._state else None)
+
+    def record_work(self, peer_id: str, response_meta: dict, tokens: int, blocks: int, backward: bool = False) -> None:
+        if self.payments is not None:
+            self.payments.record(peer_id, response_meta, tokens, blocks, backward)
+
+    async def settle(self) -> None:
+        """Send every priced server a voucher for all the work counted so far."""
+        if self.payments is None:
+            return
+        for peer_id, request in self.payments.settle_requests():
+            try:
+                await self.call(peer_id, "pay", request)
+            except Exception as e:
+                logger.warning(f"could not send a voucher to {peer_id}: {e}")
 
     def shutdown(self) -> None:
         loop.run(self.p2p.shutdown())

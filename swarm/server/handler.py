@@ -12,13 +12,15 @@ from typing import Any, Awaitable, Callable
 import torch
 from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
 
+from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
+from incentives.vouchers import Voucher
 from shards import BlockSpan
 from swarm.protocol import (ProtocolError, RemoteError, pack_metadata, pack_tensors, read_frame, unpack_metadata,
                             unpack_tensors, write_error, write_frame)
 from swarm.server.sessions import Session, SessionError, SessionTable
 
 logger = logging.getLogger(__name__)
-HANDLERS = ("inference", "forward", "backward", "info")
+HANDLERS = ("inference", "forward", "backward", "info", "pay")
 OPTIONAL_INPUTS = ("position_ids", "attention_mask")
 
 
@@ -49,8 +51,10 @@ class Inputs:
 
 
 class SpanHandler:
-    def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]]):
+    def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]],
+                 ledger: ServerLedger | None = None):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
+        self.ledger = ledger  # None: this server works for free
         self.hidden_size = span.config.hidden_size
         self.max_bytes = limits.max_message_bytes(self.hidden_size)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")  # torch releases the GIL
@@ -123,9 +127,11 @@ class SpanHandler:
                     and all(isinstance(i, int) and 0 <= i < session.batch_size for i in order)):
                 raise RequestError(f"reorder must list {session.batch_size} row indices")
             await self._compute(session.cache.reorder_cache, torch.tensor(order, device=self.span.device))
+        payer = self._charge_before(meta)
         output = await self._compute(self._run, inputs, session.cache, (session.start, session.end))
         session.length += inputs.hidden.shape[1]
-        return _response(output, inputs, {"length": session.length})
+        return _response(output, inputs, {"length": session.length,
+                                          **self._charge_after(payer, inputs.hidden, session.start, session.end)})
 
     def _trim(self, session: Session) -> None:
         for i in range(len(self.span.layers)):
@@ -138,18 +144,55 @@ class SpanHandler:
         meta = unpack_metadata(request.metadata)
         blocks = self._blocks(meta)
         inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length)
+        payer = self._charge_before(meta)
         output = await self._compute(self._run, inputs, None, blocks)
-        return _response(output, inputs, {})
+        return _response(output, inputs, self._charge_after(payer, inputs.hidden, *blocks))
 
     async def _backward(self, request: ExpertRequest, state) -> ExpertResponse:
         meta = unpack_metadata(request.metadata)
         blocks = self._blocks(meta)
         inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length, grad=True)
+        payer = self._charge_before(meta)
         grad_input = await self._compute(self._run_backward, inputs, blocks)
-        return _response(grad_input, inputs, {})
+        return _response(grad_input, inputs, self._charge_after(payer, inputs.hidden[0], *blocks, backward=True))
 
     async def _info(self, request: ExpertRequest, state) -> ExpertResponse:
         return ExpertResponse(metadata=pack_metadata(self.info()))
+
+    async def _pay(self, request: ExpertRequest, state) -> ExpertResponse:
+        """A voucher sent on its own, e.g. when a client settles at the end of a generation."""
+        self._charge_before(unpack_metadata(request.metadata), check_credit=False)
+        return ExpertResponse(metadata=pack_metadata({"ok": True}))
+
+    # ------------------------------------------------------------------ payment
+    def _charge_before(self, meta: dict, check_credit: bool = True) -> tuple[str, int] | None:
+        """Take the voucher a request carries, and refuse work beyond the client's credit."""
+        if self.ledger is None:
+            return None
+        payer = meta.get("payer")
+        if not (isinstance(payer, dict) and isinstance(payer.get("client"), str) and isinstance(payer.get("channel"), int)):
+            raise RequestError(f"this server charges {self.ledger.prices.forward} wei per token x block: send "
+                               f"metadata 'payer' = {{client, channel}} and vouchers (see from_pretrained(wallet=...))")
+        if "voucher" in meta:
+            try:
+                record = dict(meta["voucher"])
+                signature = bytes(record.pop("signature"))
+                self.ledger.accept_voucher(Voucher.from_wire(record), signature)
+            except (InvalidVoucher, ValueError, TypeError, KeyError) as e:
+                raise RequestError(f"invalid voucher: {e}") from None
+        if check_credit:
+            try:
+                self.ledger.check_credit(payer["client"], payer["channel"])
+            except CreditLimitExceeded as e:
+                raise RequestError(str(e)) from None
+        return payer["client"], payer["channel"]
+
+    def _charge_after(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> dict:
+        if payer is None:
+            return {}
+        receipt = self.ledger.record(*payer, tokens=hidden.shape[0] * hidden.shape[1], blocks=end - start,
+                                     backward=backward)
+        return {"receipt": receipt.to_wire()}
 
     # ------------------------------------------------------------------ compute (in the executor)
     @torch.inference_mode()

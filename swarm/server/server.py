@@ -44,6 +44,15 @@ class ServerConfig:
     balance_threshold: float = 1.1    # move only if the swarm's throughput grows by more than this factor
     shutdown_grace: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    # payment: free when price is 0
+    price: int = 0                    # wei per token x block
+    backward_price: int | None = None  # default: the same as price
+    wallet: str | None = None         # keystore of the payout key (signs receipts, sends redemptions)
+    passphrase: str = ""
+    chain_rpc: str | None = None
+    contract: str | None = None
+    credit_limit: int = 10**15        # wei a client may owe beyond its latest voucher
+    redeem_period: float = 60.0
 
 
 class Server:
@@ -80,7 +89,8 @@ class Server:
             self.info.quant = config.quant
             self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
                                          max_length=config.limits.max_length, timeout=config.session_timeout)
-            self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe)
+            self.ledger, self.redeemer = self._payments()
+            self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger)
             self.p2p = await self.dht.replicate_p2p()
             await self.handler.add_p2p_handlers(self.p2p)
             self.info.state = ServerState.ONLINE
@@ -88,12 +98,16 @@ class Server:
             print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
             loop = asyncio.get_running_loop()
             next_balance = loop.time() + self._balance_delay()
+            next_redeem = loop.time() + config.redeem_period
             while not self.stop.is_set():
                 try:
                     await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
                 except asyncio.TimeoutError:
                     for session_id in self.sessions.expire():
                         logger.info(f"session {session_id} expired")
+                    if self.redeemer and loop.time() >= next_redeem:
+                        await self._redeem()
+                        next_redeem = loop.time() + config.redeem_period
                     if config.blocks is None and loop.time() >= next_balance:
                         await self._maybe_move(checkpoint)
                         next_balance = loop.time() + self._balance_delay()
@@ -111,6 +125,34 @@ class Server:
         estimate = known.for_blocks(num_blocks).decode_tokens_per_s if known else (
             sum(others) / len(others) if others else 1.0)
         return choose_span(state, num_blocks, estimate)
+
+    def _payments(self):
+        """The ledger of what clients owe and the redeemer that settles it on chain (None, None when free)."""
+        config = self.config
+        if config.price == 0:
+            return None, None
+        if not (config.wallet and config.chain_rpc and config.contract):
+            raise SystemExit("a priced server needs --wallet, --chain-rpc and --contract (see `cocoon chain deploy`)")
+        from web3 import Web3
+
+        from incentives.contract import Settlement
+        from incentives.credit import ServerLedger
+        from incentives.metering import Prices
+        from incentives.redeemer import Redeemer
+        from incentives.wallet import load_wallet
+        account = load_wallet(config.wallet, config.passphrase)
+        settlement = Settlement(Web3(Web3.HTTPProvider(config.chain_rpc)), config.contract)
+        prices = Prices(config.price, config.price if config.backward_price is None else config.backward_price)
+        ledger = ServerLedger(account.address, prices, settlement.domain, config.credit_limit, account)
+        self.info.payout_address = account.address
+        self.info.price_per_unit, self.info.backward_price_per_unit = prices.forward, prices.backward
+        return ledger, Redeemer(settlement, account, ledger)
+
+    async def _redeem(self) -> None:
+        received = await asyncio.get_running_loop().run_in_executor(None, self.redeemer.redeem_new)
+        if received:
+            print(f"Redeemed {received} wei (total paid to {self.info.payout_address}: "
+                  f"{sum(self.redeemer.redeemed.values())} wei)", flush=True)
 
     def _balance_delay(self) -> float:
         return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
@@ -168,5 +210,7 @@ class Server:
         while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
         self.handler.executor.shutdown(wait=True)
+        if self.redeemer:
+            await self._redeem()
         await self.p2p.shutdown()
         print("Server stopped", flush=True)

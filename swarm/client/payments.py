@@ -1,0 +1,75 @@
+"""The client's wallet across the swarm: one payment channel per priced server, vouchers sent in-band."""
+from __future__ import annotations
+
+import logging
+import random
+
+from eth_account.signers.local import LocalAccount
+from hivemind.proto.runtime_pb2 import ExpertRequest
+
+from incentives.credit import ClientChannel
+from incentives.metering import Prices, Receipt
+from incentives.vouchers import Domain
+from routing import ServerInfo
+from swarm.protocol import pack_metadata
+
+logger = logging.getLogger(__name__)
+VOUCHER_EVERY = 16  # requests between in-band vouchers to one server (and one at every settle())
+
+
+class Payments:
+    def __init__(self, account: LocalAccount, domain: Domain):
+        self.account, self.domain = account, domain
+        self.channel_id = random.getrandbits(63)  # one channel per client run; vouchers are cumulative in it
+        self.channels: dict[str, ClientChannel] = {}  # by peer id
+        self._requests: dict[str, int] = {}
+
+    def channel(self, peer_id: str, info: ServerInfo) -> ClientChannel | None:
+        if info.price_per_unit == 0 and info.backward_price_per_unit == 0:
+            return None
+        if peer_id not in self.channels:
+            self.channels[peer_id] = ClientChannel(self.account, info.payout_address, self.channel_id,
+                                                   Prices(info.price_per_unit, info.backward_price_per_unit),
+                                                   self.domain)
+        return self.channels[peer_id]
+
+    def request_meta(self, peer_id: str, info: ServerInfo | None) -> dict:
+        """What a request to this server carries: who pays, and now and then a voucher for all counted so far."""
+        channel = self.channel(peer_id, info) if info is not None else None
+        if channel is None:
+            return {}
+        meta = {"payer": {"client": self.account.address, "channel": self.channel_id}}
+        self._requests[peer_id] = self._requests.get(peer_id, 0) + 1
+        if self._requests[peer_id] % VOUCHER_EVERY == 0:
+            meta.update(self._voucher_meta(channel))
+        return meta
+
+    def record(self, peer_id: str, response_meta: dict, tokens: int, blocks: int, backward: bool = False) -> None:
+        channel = self.channels.get(peer_id)
+        if channel is None:
+            return
+        channel.record(tokens, blocks, backward)
+        try:
+            receipt = Receipt.from_wire(response_meta["receipt"])
+            if not channel.check_receipt(receipt):
+                logger.warning(f"{peer_id} sent a receipt for more than this client counted: {receipt}")
+        except (KeyError, ValueError) as e:
+            logger.warning(f"{peer_id} sent no valid receipt ({e})")
+
+    def settle_requests(self) -> list[tuple[str, ExpertRequest]]:
+        """A `pay` request for every server owed more than its latest voucher covers."""
+        requests = []
+        for peer_id, channel in self.channels.items():
+            meta = self._voucher_meta(channel)
+            if meta:
+                meta["payer"] = {"client": self.account.address, "channel": self.channel_id}
+                requests.append((peer_id, ExpertRequest(metadata=pack_metadata(meta))))
+        return requests
+
+    @staticmethod
+    def _voucher_meta(channel: ClientChannel) -> dict:
+        signed = channel.voucher()
+        if signed is None:
+            return {}
+        voucher, signature = signed
+        return {"voucher": {**voucher.to_wire(), "signature": signature}}
