@@ -11,6 +11,8 @@ $(BIN)/.installed: setup.cfg constraints.txt
 	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# anvil, a local Ethereum node for the demo and the settlement integration tests
+	npm install --silent --no-save --prefix .tools @foundry-rs/anvil@1.7.1
 	touch $@
 
 install: $(BIN)/.installed

@@ -72,6 +72,14 @@ class ServerLedger:
     def redeemable(self) -> list[tuple[Voucher, bytes]]:
         return [(a.voucher, a.signature) for a in self.accounts.values() if a.voucher is not None]
 
+    def to_json(self) -> dict:
+        """What `cocoon earnings` and `cocoon redeem` read: per client channel, units, owed, best voucher."""
+        return {"payout": self.payout, "chain_id": self.domain.chain_id, "contract": self.domain.contract,
+                "channels": [{"client": client, "channel": channel, "forward_units": a.tally.forward_units,
+                              "backward_units": a.tally.backward_units, "owed": a.tally.amount(self.prices),
+                              "voucher": a.voucher.to_wire() if a.voucher else None,
+                              "signature": a.signature.hex()} for (client, channel), a in self.accounts.items()]}
+
 
 class ClientChannel:
     """Client side, one per server: counts the units it asked for and signs cumulative vouchers for them."""

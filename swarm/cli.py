@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --num-blocks: seconds between checks whether another span needs this server more")
     serve.add_argument("--balance-threshold", type=float, default=1.1,
                        help="move only when the swarm's throughput would grow by more than this factor")
+    serve.add_argument("--price", type=int, default=0, help="wei per token x block (0: serve for free)")
+    serve.add_argument("--backward-price", type=int, default=None, help="wei per token x block of backward")
+    serve.add_argument("--payout", metavar="WALLET", help="keystore of the payout key (passphrase: $COCOON_PASSPHRASE)")
+    serve.add_argument("--chain-rpc", help="JSON-RPC URL of the settlement chain")
+    serve.add_argument("--contract", help="settlement contract address")
+    serve.add_argument("--credit-limit", type=int, default=10**15, help="wei a client may owe beyond its voucher")
+    serve.add_argument("--redeem-period", type=float, default=60.0, help="seconds between redemptions")
 
     generate = commands.add_parser("generate", help="generate text through the swarm, streaming it")
     generate.add_argument("model")
@@ -67,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--prompt", default="The swarm")
 
+    from swarm import cli_chain
+    cli_chain.add_parsers(commands)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("hivemind", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
-    return {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status,
-            "demo": run_demo}[args.command](args)
+    handlers = {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status, "demo": run_demo}
+    return handlers.get(args.command, cli_chain.run)(args)
 
 
 def run_dht(args) -> int:
@@ -105,7 +116,10 @@ def run_serve(args) -> int:
         max_sessions=args.max_sessions, cache_tokens=args.cache_tokens, session_timeout=args.session_timeout,
         public_name=args.public_name, model_id=args.model_id, identity_path=args.identity,
         announce_period=args.announce_period, balance_period=args.balance_period,
-        balance_threshold=args.balance_threshold, limits=Limits(max_length=args.max_length))
+        balance_threshold=args.balance_threshold, limits=Limits(max_length=args.max_length),
+        price=args.price, backward_price=args.backward_price, wallet=args.payout,
+        passphrase=os.environ.get("COCOON_PASSPHRASE", ""), chain_rpc=args.chain_rpc, contract=args.contract,
+        credit_limit=args.credit_limit, redeem_period=args.redeem_period)
     Server(config).run()
     return 0
 

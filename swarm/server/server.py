@@ -150,6 +150,8 @@ class Server:
 
     async def _redeem(self) -> None:
         received = await asyncio.get_running_loop().run_in_executor(None, self.redeemer.redeem_new)
+        from incentives.ledger_file import write_ledger
+        write_ledger(self.ledger)
         if received:
             print(f"Redeemed {received} wei (total paid to {self.info.payout_address}: "
                   f"{sum(self.redeemer.redeemed.values())} wei)", flush=True)

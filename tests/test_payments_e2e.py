@@ -1,0 +1,82 @@
+"""Servers paid per processed token, end to end: real server processes, a client, vouchers, and the
+settlement contract on anvil over HTTP (a real node; every process reaches it)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from incentives.contract import Settlement
+from incentives.devnode import DevNode, anvil_path
+from incentives.wallet import create_wallet
+from swarm import AutoDistributedModelForCausalLM
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+ETH = 10**18
+PRICES = {(0, 1): 3 * 10**9, (1, 4): 5 * 10**9}  # wei per token x block: servers set their own price
+
+
+@pytest.fixture(scope="module")
+def node():
+    try:
+        anvil_path()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+    with DevNode() as node:
+        yield node
+
+
+def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_path, monkeypatch):
+    path = checkpoints("llama")
+    monkeypatch.setenv("COCOON_PASSPHRASE", "test passphrase")
+    owner, client = node.new_account(), node.new_account()
+    settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+    settlement.deposit(client, 10 * ETH)
+
+    payouts, server_args = {}, {}
+    for span, price in PRICES.items():
+        keystore = tmp_path / f"server-{span[0]}.json"
+        account = create_wallet(keystore, "test passphrase")
+        node.fund(account.address, 2 * ETH)
+        settlement.register(account, ETH)
+        payouts[span] = account.address
+        server_args[span] = ["--price", str(price), "--payout", str(keystore), "--chain-rpc", node.url,
+                             "--contract", settlement.address, "--redeem-period", "1", "--announce-period", "2"]
+    before = {span: node.w3.eth.get_balance(address) for span, address in payouts.items()}
+    first_block = node.w3.eth.block_number + 1
+
+    prompt, new_tokens = 7, 24
+    with LocalSwarm(path) as swarm:
+        servers = [swarm.add_server(span, *server_args[span], wait=False) for span in PRICES]
+        for server in servers:
+            server.wait_for("Server ready", 180)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client,
+            contract=settlement.address, chain_id=node.w3.eth.chain_id)
+        ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(0))
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        assert torch.equal(output, local.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None))
+        channel = model.swarm.payments.channel_id
+        model.shutdown()  # sends final vouchers
+        for server in servers:
+            server.stop()  # SIGTERM: the server redeems what it holds before leaving
+            assert "Redeemed" in "".join(server.output), "".join(server.output)
+
+    tokens = prompt + new_tokens - 1  # every token but the last generated one went through every block
+    for span, price in PRICES.items():
+        units = tokens * (span[1] - span[0])
+        assert settlement.paid(client.address, payouts[span], channel) == units * price
+        gas = gas_spent(node.w3, payouts[span], first_block)  # the server sent its redemptions itself
+        assert node.w3.eth.get_balance(payouts[span]) - before[span] == units * price - gas
+    total = sum(tokens * (b - a) * price for (a, b), price in PRICES.items())
+    assert settlement.escrow(client.address) == 10 * ETH - total
+
+
+def gas_spent(w3, address, first_block):
+    spent = 0
+    for number in range(first_block, w3.eth.block_number + 1):
+        for tx in w3.eth.get_block(number, full_transactions=True).transactions:
+            if tx["from"] == address:
+                receipt = w3.eth.get_transaction_receipt(tx["hash"])
+                spent += receipt.gasUsed * receipt.effectiveGasPrice
+    return spent
