@@ -17,8 +17,12 @@ class BanList:
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
         seconds = min(self.base * 2 ** (failures - 1), self.max)
-        self._until[peer_id] = self.clock() + seconds
+        self._until[peer_id] = max(self._until.get(peer_id, 0.0), self.clock() + seconds)  # forever stays forever
         return seconds
+
+    def ban_forever(self, peer_id: str) -> None:
+        """For a server proven to compute wrongly: never chosen again by this client."""
+        self._until[peer_id] = float("inf")
 
     def succeeded(self, peer_id: str) -> None:
         """A successful request resets the backoff (the ban itself, if any, has already expired)."""

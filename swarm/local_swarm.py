@@ -20,14 +20,14 @@ class SwarmProcess:
     """One child process whose output is collected line by line."""
 
     def __init__(self, args: Sequence[str], name: str, env: dict | None = None, echo: bool = False,
-                 prefix: Sequence[str] = ()):
+                 prefix: Sequence[str] = (), module: str = "swarm.cli"):
         self.name, self.echo = name, echo
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         # Many processes share this machine's cores: OpenMP threads that spin after each parallel region
         # would steal them from the next server of the chain, so they sleep instead.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}
-        self.process = subprocess.Popen([*prefix, sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([*prefix, sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env,
                                         start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -119,7 +119,8 @@ class LocalSwarm:
         self.initial_peers = maddr_file.read_text().split()
 
     def add_server(self, span: tuple[int, int] | None = None, *extra: str, num_blocks: int | None = None,
-                   wait: bool = True, host: str = "127.0.0.1", netns: str | None = None) -> SwarmProcess:
+                   wait: bool = True, host: str = "127.0.0.1", netns: str | None = None,
+                   module: str = "swarm.cli") -> SwarmProcess:
         """A server for blocks ``span`` (or ``num_blocks`` wherever the swarm needs them); ``netns`` runs it
         inside that network namespace (a host of its own, for tests that cut hosts off)."""
         where = ["--blocks", f"{span[0]}:{span[1]}"] if span else ["--num-blocks", str(num_blocks)]
@@ -127,7 +128,7 @@ class LocalSwarm:
         server = SwarmProcess(["serve", self.model, "--initial-peers", *self.initial_peers, *where,
                                "--host", host, "--dtype", self.dtype, "--public-name", name,
                                *self.server_args, *extra], name, echo=self.echo,
-                              prefix=["ip", "netns", "exec", netns] if netns else ())
+                              prefix=["ip", "netns", "exec", netns] if netns else (), module=module)
         self.servers.append(server)
         if wait:
             server.wait_for("Server ready", self.startup_timeout)

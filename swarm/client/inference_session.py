@@ -36,6 +36,12 @@ class _ServerSession:
         client.record_work(self.link.peer_id, response_meta, hidden.shape[0] * hidden.shape[1],
                            self.link.end - self.link.start)
         self.history.append((hidden, extra))
+        if client.spot_checker is not None:
+            try:
+                await client.spot_checker.maybe_check(self, output, response_meta, exact)
+            except Exception:
+                self.history.pop()  # the step is not kept: the replacement replays only good history
+                raise
         return output
 
 

@@ -25,6 +25,14 @@ def read_output(response: ExpertResponse, like: torch.Tensor) -> tuple[torch.Ten
     return output.to(device=like.device, dtype=like.dtype), unpack_metadata(response.metadata)
 
 
+def wire_round(tensor: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The values of ``tensor`` as they arrive after crossing the wire (16-bit unless exact)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.float32 and not exact:
+        return tensor.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max).half().float()
+    return tensor.float()
+
+
 def optional_inputs(batch: int, past: int, length: int, attention_mask: torch.Tensor | None,
                     position_ids: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     """Position ids and attention mask, left out when they say what the server assumes anyway (no padding)."""

@@ -101,12 +101,15 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(cls, model: str | os.PathLike, *, initial_peers: Sequence[str], model_id: str | None = None,
                         dtype: str | torch.dtype = "auto", device: str | None = None, exact_wire: bool = False,
                         request_timeout: float = 60.0, wallet=None, contract: str | None = None,
-                        chain_id: int | None = None, **hub_kwargs) -> DistributedModelForCausalLM:
+                        chain_id: int | None = None, spot_check_rate: float = 0.0, spot_check_seed: int | None = None,
+                        **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
         ``exact_wire=True`` keeps float32 activations in float32 on the wire (default: 16-bit).
         ``wallet`` (an eth_account LocalAccount), ``contract`` and ``chain_id``: pay priced servers with
         vouchers redeemable from this client's escrow in that settlement contract.
+        ``spot_check_rate``: the fraction of inference steps re-run on other servers holding the same blocks
+        (e.g. 0.05); a server found wrong is banned, unpaid, and the evidence is published in the DHT.
         """
         checkpoint = Checkpoint(model, **hub_kwargs)
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
@@ -118,6 +121,9 @@ class AutoDistributedModelForCausalLM:
             if contract is None or chain_id is None:
                 raise ValueError("paying servers needs the settlement contract address and its chain id")
             swarm.payments = Payments(wallet, Domain(chain_id, contract))
+        if spot_check_rate > 0:
+            from swarm.client.spot_check import SpotChecker
+            swarm.spot_checker = SpotChecker(swarm, spot_check_rate, spot_check_seed)
         distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire)
         try:
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint._file("config.json").parent)

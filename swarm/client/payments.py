@@ -23,9 +23,15 @@ class Payments:
         self.channel_id = random.getrandbits(63)  # one channel per client run; vouchers are cumulative in it
         self.channels: dict[str, ClientChannel] = {}  # by peer id
         self._requests: dict[str, int] = {}
+        self.stopped: set[str] = set()
+
+    def stop(self, peer_id: str) -> None:
+        """No more vouchers for this server (convicted of wrong work): what it did since the last one is unpaid."""
+        self.stopped.add(peer_id)
+        self.channels.pop(peer_id, None)
 
     def channel(self, peer_id: str, info: ServerInfo) -> ClientChannel | None:
-        if info.price_per_unit == 0 and info.backward_price_per_unit == 0:
+        if peer_id in self.stopped or (info.price_per_unit == 0 and info.backward_price_per_unit == 0):
             return None
         if peer_id not in self.channels:
             self.channels[peer_id] = ClientChannel(self.account, info.payout_address, self.channel_id,

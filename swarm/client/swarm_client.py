@@ -52,6 +52,7 @@ class SwarmClient:
         self._state_time = 0.0
         self.rng = random.Random()
         self.payments = None  # swarm.client.payments.Payments when this client pays servers
+        self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:

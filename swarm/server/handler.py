@@ -13,6 +13,7 @@ import torch
 from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
 
 from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
+from incentives.verification import Attestation, array_hash, chain_hash
 from incentives.vouchers import Voucher
 from shards import BlockSpan
 from swarm.protocol import (ProtocolError, RemoteError, pack_metadata, pack_tensors, read_frame, unpack_metadata,
@@ -130,8 +131,11 @@ class SpanHandler:
         payer = self._charge_before(meta)
         output = await self._compute(self._run, inputs, session.cache, (session.start, session.end))
         session.length += inputs.hidden.shape[1]
-        return _response(output, inputs, {"length": session.length,
-                                          **self._charge_after(payer, inputs.hidden, session.start, session.end)})
+        response = _response(output, inputs, {})
+        session.input_chain, attestation = self._attest(session.input_chain, request, response, session.start,
+                                                        session.end)
+        return _with_meta(response, {"length": session.length, **attestation,
+                                     **self._charge_after(payer, inputs.hidden, session.start, session.end)})
 
     def _trim(self, session: Session) -> None:
         for i in range(len(self.span.layers)):
@@ -146,7 +150,9 @@ class SpanHandler:
         inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length)
         payer = self._charge_before(meta)
         output = await self._compute(self._run, inputs, None, blocks)
-        return _response(output, inputs, self._charge_after(payer, inputs.hidden, *blocks))
+        response = _response(output, inputs, {})
+        _, attestation = self._attest(b"", request, response, *blocks)
+        return _with_meta(response, {**attestation, **self._charge_after(payer, inputs.hidden, *blocks)})
 
     async def _backward(self, request: ExpertRequest, state) -> ExpertResponse:
         meta = unpack_metadata(request.metadata)
@@ -186,6 +192,17 @@ class SpanHandler:
             except CreditLimitExceeded as e:
                 raise RequestError(str(e)) from None
         return payer["client"], payer["channel"]
+
+    def _attest(self, chain: bytes, request: ExpertRequest, response: ExpertResponse, start: int, end: int):
+        """Sign the hashes of this request's input (chained onto the session's) and of our output, as the
+        values crossed the wire. Servers with no payout key (free ones) sign nothing."""
+        if self.ledger is None:
+            return chain, {}
+        wire_input = unpack_tensors(request.tensors[:1], self.limits.max_numel(self.hidden_size))[0]
+        wire_output = unpack_tensors(response.tensors, self.limits.max_numel(self.hidden_size))[0]
+        chain = chain_hash(chain, wire_input.float().numpy())
+        attestation = Attestation(self.ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()))
+        return chain, {"attestation": attestation.signed(self.ledger.signer.key).to_wire()}
 
     def _charge_after(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> dict:
         if payer is None:
@@ -264,6 +281,11 @@ def _response(output: torch.Tensor, inputs: Inputs, meta: dict) -> ExpertRespons
     output = output.to(inputs.wire_dtype).cpu()
     compression = inputs.compression if output.dtype == torch.float32 else CompressionType.NONE
     return ExpertResponse(tensors=pack_tensors([output], compression), metadata=pack_metadata(meta))
+
+
+def _with_meta(response: ExpertResponse, meta: dict) -> ExpertResponse:
+    response.metadata = pack_metadata(meta)
+    return response
 
 
 def _int(meta: dict, key: str, low: int, high: int) -> int:

@@ -21,6 +21,7 @@ class Session:
     max_length: int
     cache: DynamicCache
     length: int = 0
+    input_chain: bytes = b""  # chained hash of every step's input (see incentives.verification)
     last_active: float = field(default_factory=time.monotonic)
 
     @property

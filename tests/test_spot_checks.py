@@ -1,0 +1,97 @@
+"""Spot-checks with real processes: a server that perturbs its outputs is caught within the steps the
+sampling rate predicts, banned, unpaid, replaced without changing the output, and its published evidence
+re-checks and gets it slashed; honest servers are never flagged over 1000 checked steps."""
+import pytest
+import torch
+from hivemind.utils import get_dht_time  # noqa: F401  (the DHT API the evidence is read with)
+from transformers import AutoModelForCausalLM
+
+from incentives.contract import Settlement
+from incentives.devnode import DevNode
+from incentives.verification import Evidence
+from incentives.vouchers import Verdict, sign
+from incentives.wallet import create_wallet
+from shards import BlockSpan
+from swarm import AutoDistributedModelForCausalLM
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+ETH = 10**18
+RATE = 0.2
+
+
+def test_cheating_server_is_caught_banned_unpaid_and_slashed(checkpoints, tmp_path, monkeypatch):
+    path = checkpoints("llama")
+    monkeypatch.setenv("COCOON_PASSPHRASE", "pw")
+    with DevNode() as node:
+        owner, client, reporter = node.new_account(), node.new_account(), node.new_account()
+        verifiers = sorted([node.new_account() for _ in range(2)], key=lambda a: int(a.address, 16))
+        settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+        for verifier in verifiers:
+            settlement.add_verifier(owner, verifier.address)
+        settlement.deposit(client, 10 * ETH)
+
+        def priced(name):
+            keystore = tmp_path / f"{name}.json"
+            account = create_wallet(keystore, "pw")
+            node.fund(account.address, 5 * ETH)
+            settlement.register(account, 2 * ETH)
+            return account, ["--price", "1000", "--payout", str(keystore), "--chain-rpc", node.url,
+                             "--contract", settlement.address, "--redeem-period", "3600"]
+
+        cheat_account, cheat_args = priced("cheat")
+        with LocalSwarm(path) as swarm:
+            cheat = swarm.add_server((0, 4), *cheat_args, wait=False, module="tests.malicious_server")
+            honest = [swarm.add_server(span, *priced(f"honest{i}")[1], wait=False)
+                      for i, span in enumerate([(0, 4), (0, 2), (2, 4)])]
+            for server in [cheat, *honest]:
+                server.wait_for("Server ready", 180)
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client, contract=settlement.address,
+                chain_id=node.w3.eth.chain_id, spot_check_rate=RATE, spot_check_seed=0)
+            checker = model.swarm.spot_checker
+            local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            for attempt in range(8):  # each generation picks its chain at random among equivalent servers
+                ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(attempt))
+                output = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None)
+                assert torch.equal(output, local.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None))
+                if cheat.peer_id in checker.convicted:
+                    break
+            assert cheat.peer_id in checker.convicted, checker.steps
+            assert checker.convicted_after[cheat.peer_id] <= 8 / RATE  # geometric: mean 1/rate steps
+            assert model.swarm.bans.is_banned(cheat.peer_id)
+            assert model.swarm.payments.channel(cheat.peer_id, model.swarm.swarm_state().servers[cheat.peer_id]) is None
+            for honest_server in honest:
+                assert honest_server.peer_id not in checker.convicted
+
+            # the evidence is in the DHT; anyone re-checks it with the same blocks and verifiers slash
+            found = model.swarm.dht.get(f"{model.swarm.model_id}.evidence", latest=True)
+            (record,) = [v.value for v in found.value.values()]
+            evidence = Evidence.from_wire(record)
+            assert evidence.peer_id == cheat.peer_id and evidence.consistent()
+            span = BlockSpan.from_pretrained(path, 0, 4)
+            with torch.no_grad():
+                honest_output = span(torch.from_numpy(evidence.inputs().copy()))
+            last = evidence.shapes[-1][1]
+            assert evidence.recheck(honest_output[:, -last:].numpy())
+            verdict = Verdict(cheat_account.address, evidence.digest, reporter.address)
+            settlement.slash(reporter, cheat_account.address, evidence.digest, reporter.address,
+                             [sign(verdict, v.key, settlement.domain) for v in verifiers])
+            assert settlement.stake(cheat_account.address) == 0
+            model.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_honest_servers_are_never_flagged_over_1000_checked_steps(checkpoints, dtype):
+    path = checkpoints("llama")
+    with LocalSwarm(path, [(0, 4), (0, 4), (0, 2), (2, 4)], dtype=dtype) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=dtype == "float32", spot_check_rate=1.0)
+        checker = model.swarm.spot_checker
+        seed = 0
+        while checker.checked < 1000:
+            ids = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(seed))
+            model.generate(ids, max_new_tokens=60, do_sample=False, eos_token_id=None)
+            seed += 1
+        assert checker.convicted == {}
+        model.shutdown()
