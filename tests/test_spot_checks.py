@@ -1,6 +1,8 @@
 """Spot-checks with real processes: a server that perturbs its outputs is caught within the steps the
 sampling rate predicts, banned, unpaid, replaced without changing the output, and its published evidence
 re-checks and gets it slashed; honest servers are never flagged over 1000 checked steps."""
+import time
+
 import pytest
 import torch
 from hivemind.utils import get_dht_time  # noqa: F401  (the DHT API the evidence is read with)
@@ -50,6 +52,10 @@ def test_cheating_server_is_caught_banned_unpaid_and_slashed(checkpoints, tmp_pa
                 path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client, contract=settlement.address,
                 chain_id=node.w3.eth.chain_id, spot_check_rate=RATE, spot_check_seed=0)
             checker = model.swarm.spot_checker
+            # the cheat looks like the nearest server, so that chains go through it
+            now = time.monotonic()
+            model.swarm.rtt = {server.peer_id: (1e-4 if server is cheat else 0.5, now) for server in [cheat, *honest]}
+            model.swarm.swarm_state(refresh=True)
             local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             for attempt in range(8):  # each generation picks its chain at random among equivalent servers
                 ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(attempt))
