@@ -1,20 +1,32 @@
 """`cocoon demo`: a whole swarm on this machine, no configuration, no internet.
 
-A small random Llama checkpoint is written to a temporary directory, a DHT and a few servers split its
-blocks on 127.0.0.1, and a client streams a generation through them. The weights are random, so the
-text is noise: what the demo shows is the path a real 70B model takes.
+A small random Llama checkpoint is written to a temporary directory, a local Ethereum node (anvil, from
+the npm package @foundry-rs/anvil that `make install` puts in .tools/) gets the settlement contract, a
+DHT and a few priced servers split the blocks on 127.0.0.1, and a paying client streams a generation
+through them. When the servers leave they redeem the client's vouchers, and the demo prints what each
+one earned on chain. The weights are random, so the text is noise: what the demo shows is the path a
+real 70B model takes, and the money that moves.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+ETH = 10**18
+PRICE = 10**9  # wei (1 gwei) per token x block
 
 
 def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "The swarm") -> int:
     from transformers import AutoTokenizer, TextStreamer
 
+    from incentives.contract import Settlement
+    from incentives.devnode import DevNode, anvil_path
+    from incentives.wallet import create_wallet
     from shards.testing import save_random_checkpoint
     from swarm.client.model import AutoDistributedModelForCausalLM
     from swarm.dht_records import fetch_swarm_state
@@ -22,22 +34,48 @@ def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "The 
     from swarm.status import format_status
 
     num_blocks = 2 * num_servers
-    with tempfile.TemporaryDirectory(prefix="cocoon-demo-") as tmp:
-        print(f"1/4 writing a random Llama checkpoint ({num_blocks} blocks, hidden 256) to {tmp}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cocoon-demo-") as tmp, contextlib.ExitStack() as stack:
+        print(f"1/5 writing a random Llama checkpoint ({num_blocks} blocks, hidden 256) to {tmp}", flush=True)
         save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=num_blocks, num_attention_heads=8,
                                num_key_value_heads=4)
+        try:
+            anvil_path()
+            node = stack.enter_context(DevNode())
+        except FileNotFoundError as e:
+            node = None
+            print(f"2/5 no local chain ({e}); the servers work for free", flush=True)
+        server_args, payouts = [[] for _ in range(num_servers)], [None] * num_servers
+        if node is not None:
+            owner, client = node.new_account(), node.new_account()
+            settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH // 10)
+            settlement.deposit(client, ETH)
+            os.environ["COCOON_PASSPHRASE"] = "demo"
+            for i in range(num_servers):
+                account = create_wallet(Path(tmp) / f"server{i}.json", "demo")
+                node.fund(account.address, ETH)
+                settlement.register(account, ETH // 10)
+                payouts[i] = account.address
+                server_args[i] = ["--price", str(PRICE), "--payout", str(Path(tmp) / f"server{i}.json"),
+                                  "--chain-rpc", node.url, "--contract", settlement.address]
+            print(f"2/5 anvil at {node.url}: settlement contract {settlement.address}; the client deposited 1 ETH, "
+                  f"each server staked 0.1 ETH and charges {PRICE} wei per token x block", flush=True)
+
         spans = [(2 * i, 2 * i + 2) for i in range(num_servers)]
-        print(f"2/4 starting a DHT and {num_servers} servers on 127.0.0.1 with spans {spans}", flush=True)
+        print(f"3/5 starting a DHT and {num_servers} servers on 127.0.0.1 with spans {spans}", flush=True)
         started = time.perf_counter()
-        with LocalSwarm(tmp, spans) as swarm:
+        swarm = LocalSwarm(tmp)
+        with swarm:
+            servers = [swarm.add_server(span, *args, wait=False) for span, args in zip(spans, server_args)]
+            for server in servers:
+                server.wait_for("Server ready", 180)
             print(f"    swarm up in {time.perf_counter() - started:.1f}s", flush=True)
-            model = AutoDistributedModelForCausalLM.from_pretrained(tmp, initial_peers=swarm.initial_peers)
-            print("3/4 the swarm as a client sees it:\n")
+            payment = dict(wallet=client, contract=settlement.address, chain_id=node.w3.eth.chain_id) if node else {}
+            model = AutoDistributedModelForCausalLM.from_pretrained(tmp, initial_peers=swarm.initial_peers, **payment)
             state = fetch_swarm_state(model.swarm.dht, model.swarm.model_id, num_blocks)
-            print(format_status(state, model.swarm.model_id) + "\n", flush=True)
+            print("4/5 the swarm as a client sees it:\n\n" + format_status(state, model.swarm.model_id) + "\n", flush=True)
             tokenizer = AutoTokenizer.from_pretrained(tmp)
             inputs = tokenizer(prompt, return_tensors="pt")
-            print(f"4/4 generating {max_new_tokens} tokens (random weights: the text is noise)\n", flush=True)
+            print(f"5/5 generating up to {max_new_tokens} tokens (random weights: the text is noise)\n", flush=True)
             print(prompt, end="", flush=True)
             started = time.perf_counter()
             with torch.no_grad():
@@ -47,7 +85,16 @@ def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "The 
             new_tokens = output.shape[1] - inputs.input_ids.shape[1]
             print(f"\n{new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} tokens/s through "
                   f"{num_servers} servers", flush=True)
+            channel = model.swarm.payments.channel_id if node else None
             model.shutdown()
-            print("shutting the swarm down ...", flush=True)
+            print("shutting the swarm down (servers redeem their vouchers as they leave) ...", flush=True)
+        if node is not None:
+            tokens = output.shape[1] - 1
+            print("\nearnings settled on chain:\n")
+            print(f"{'server':<9} {'blocks':<7} {'units (tokens x blocks)':>24} {'paid on chain (wei)':>20}")
+            for i, (span, payout) in enumerate(zip(spans, payouts)):
+                paid = settlement.paid(client.address, payout, channel)
+                print(f"{'server' + str(i):<9} {f'{span[0]}:{span[1]}':<7} {tokens * (span[1] - span[0]):>24} {paid:>20}")
+            print(f"\nclient escrow left: {settlement.escrow(client.address)} of {ETH} wei")
     print("done", flush=True)
     return 0
