@@ -60,4 +60,5 @@ async def _store_many(dht: DHT, node: DHTNode, keys, subkey, value, expiration_t
 
 
 async def _get_many(dht: DHT, node: DHTNode, keys):
-    return await node.get_many(keys)
+    # latest: ask every replica, since a fresh subkey may not be on all of them yet
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))

@@ -1,0 +1,75 @@
+"""The `cocoon` command as a user types it: generate through a swarm, and the settlement commands on anvil."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from incentives.devnode import DevNode
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+
+def cocoon(*args, env=None, timeout=180):
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_generate_streams_the_same_text_as_transformers(checkpoints):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = checkpoints("llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = tokenizer("Hello swarm", return_tensors="pt").input_ids
+    expected = tokenizer.decode(local.generate(ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
+    with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
+        out = cocoon("generate", str(path), "Hello swarm", "--max-new-tokens", "12", "--initial-peers",
+                     *swarm.initial_peers)
+    # 16-bit activations on the wire by default: the first tokens of random weights agree
+    assert out.strip()[:14] == expected.strip()[:14]
+
+
+def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
+    env = {"COCOON_PASSPHRASE": "secret"}
+    with DevNode() as node:
+        for name in ("owner", "client", "server"):
+            out = cocoon("wallet", "create", str(tmp_path / f"{name}.json"), env=env)
+            address = out.split()[1]
+            node.fund(address, 10**19)
+        assert "balance 10000000000000000000 wei" in cocoon("wallet", "show", str(tmp_path / "server.json"),
+                                                            "--chain-rpc", node.url, env=env)
+        out = cocoon("chain", "deploy", "--chain-rpc", node.url, "--wallet", str(tmp_path / "owner.json"),
+                     "--min-stake", "1000", env=env)
+        contract = out.split()[2]
+        common = ["--chain-rpc", node.url, "--contract", contract]
+        assert "escrow" in cocoon("deposit", "5000000", *common, "--wallet", str(tmp_path / "client.json"), env=env)
+        assert "stake" in cocoon("stake", "1000", *common, "--wallet", str(tmp_path / "server.json"), env=env)
+
+        # a ledger as a server writes it, with a voucher from the client
+        from eth_account import Account
+        from incentives.contract import Settlement
+        from incentives.credit import ServerLedger
+        from incentives.ledger_file import write_ledger
+        from incentives.metering import Prices
+        from incentives.vouchers import Voucher, sign
+        from incentives.wallet import load_wallet
+        client, server = (load_wallet(tmp_path / f"{n}.json", "secret") for n in ("client", "server"))
+        settlement = Settlement(node.w3, contract)
+        ledger = ServerLedger(server.address, Prices(100, 100), settlement.domain, 10**6, server)
+        ledger.record(client.address, 3, tokens=30, blocks=4)
+        voucher = Voucher(client.address, server.address, 3, 120, 12000)
+        ledger.accept_voucher(voucher, sign(voucher, client.key, settlement.domain))
+        ledger_file = write_ledger(ledger) if os.environ.get("COCOON_CACHE_DIR") else None
+        assert ledger_file is not None
+        before = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env)
+        assert "120" in before and "12000" in before
+        assert "12000 wei paid in all" in cocoon("redeem", str(ledger_file), *common, "--wallet",
+                                                 str(tmp_path / "server.json"), env=env)
+        row = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env).splitlines()[-1].split()
+        assert row[-3:] == ["12000", "12000", "0"]  # owed, paid, pending
+        assert Account  # (imported for readers: the wallets are plain Ethereum accounts)
