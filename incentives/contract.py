@@ -71,13 +71,18 @@ class Settlement:
 
     # ---------------------------------------------------------------- views
     def escrow(self, client: str) -> int:
-        return self.contract.functions.escrow(client).call()
+        return self.contract.functions.escrow(_address(client)).call()
 
     def stake(self, server: str) -> int:
-        return self.contract.functions.stake(server).call()
+        return self.contract.functions.stake(_address(server)).call()
 
     def paid(self, client: str, server: str, channel: int) -> int:
-        return self.contract.functions.paid(self.contract.functions.channel_key(client, server, channel).call()).call()
+        key = self.contract.functions.channel_key(_address(client), _address(server), channel).call()
+        return self.contract.functions.paid(key).call()
+
+
+def _address(address: str) -> str:
+    return Web3.to_checksum_address(address)
 
 
 def send(w3: Web3, account: LocalAccount, call, value: int = 0):

@@ -1,5 +1,4 @@
 """The `cocoon` command as a user types it: generate through a swarm, and the settlement commands on anvil."""
-import json
 import os
 import subprocess
 import sys
@@ -51,7 +50,6 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
         assert "stake" in cocoon("stake", "1000", *common, "--wallet", str(tmp_path / "server.json"), env=env)
 
         # a ledger as a server writes it, with a voucher from the client
-        from eth_account import Account
         from incentives.contract import Settlement
         from incentives.credit import ServerLedger
         from incentives.ledger_file import write_ledger
@@ -64,12 +62,10 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
         ledger.record(client.address, 3, tokens=30, blocks=4)
         voucher = Voucher(client.address, server.address, 3, 120, 12000)
         ledger.accept_voucher(voucher, sign(voucher, client.key, settlement.domain))
-        ledger_file = write_ledger(ledger) if os.environ.get("COCOON_CACHE_DIR") else None
-        assert ledger_file is not None
+        ledger_file = write_ledger(ledger)  # under COCOON_CACHE_DIR, a temporary directory in tests
         before = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env)
         assert "120" in before and "12000" in before
         assert "12000 wei paid in all" in cocoon("redeem", str(ledger_file), *common, "--wallet",
                                                  str(tmp_path / "server.json"), env=env)
         row = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env).splitlines()[-1].split()
         assert row[-3:] == ["12000", "12000", "0"]  # owed, paid, pending
-        assert Account  # (imported for readers: the wallets are plain Ethereum accounts)
