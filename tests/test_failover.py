@@ -1,7 +1,6 @@
 """Failover mid-generation with real processes: the output equals the no-failure output."""
 import signal
 import subprocess
-import threading
 
 import pytest
 import torch

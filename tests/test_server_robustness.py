@@ -3,7 +3,6 @@ keeps their sessions, and its memory returns to its level."""
 import asyncio
 import time
 
-import msgpack
 import psutil
 import pytest
 import torch

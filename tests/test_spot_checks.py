@@ -5,7 +5,6 @@ import time
 
 import pytest
 import torch
-from hivemind.utils import get_dht_time  # noqa: F401  (the DHT API the evidence is read with)
 from transformers import AutoModelForCausalLM
 
 from incentives.contract import Settlement

@@ -116,9 +116,6 @@ class SpanHandler:
             state["session"] = session
         else:
             session = self.sessions.get(session.session_id)
-            if "trim" in meta:
-                session.length = _int(meta, "trim", 0, session.length)
-                await self._compute(self._trim, session)
             inputs = self._inputs(request, meta, past=session.length, max_length=session.max_length)
             if inputs.hidden.shape[0] != session.batch_size:
                 raise RequestError(f"batch of {inputs.hidden.shape[0]} in a session opened with {session.batch_size}")
@@ -136,12 +133,6 @@ class SpanHandler:
                                                         session.end)
         return _with_meta(response, {"length": session.length, **attestation,
                                      **self._charge_after(payer, inputs.hidden, session.start, session.end)})
-
-    def _trim(self, session: Session) -> None:
-        for i in range(len(self.span.layers)):
-            layer_length = session.cache.get_seq_length(i)
-            if layer_length > session.length:
-                session.cache.layers[i].crop(session.length - layer_length)
 
     # ------------------------------------------------------------------ forward / backward / info
     async def _forward(self, request: ExpertRequest, state) -> ExpertResponse:
