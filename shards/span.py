@@ -73,12 +73,14 @@ class BlockSpan(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, hidden_states: torch.Tensor, *, cache: DynamicCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
-                blocks: tuple[int, int] | None = None) -> torch.Tensor:
+                blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [batch, new_tokens, hidden] -> the same shape after every block of the span.
 
         ``attention_mask`` is 2D [batch, past + new] (1 = attend, 0 = padding), ``position_ids`` is
         [batch, new]; both default to "no padding". With ``cache``, keys and values are appended to it.
         ``blocks`` = (first, last) runs only blocks [first, last) of the span (absolute indices).
+        ``prompts`` [last - first, batch, prefix, hidden] are added to the first ``prefix`` positions
+        before each block (deep prompt tuning).
         """
         first, last = blocks or (self.start, self.end)
         if not self.start <= first < last <= self.end:
@@ -97,7 +99,10 @@ class BlockSpan(nn.Module):
                                         attention_mask=attention_mask, cache=cache, position_ids=position_ids,
                                         layer_idx=first_of_kind)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for i in local:
+        for n, i in enumerate(local):
+            if prompts is not None:  # out of place, so gradients reach the prompts
+                prefix = prompts.shape[2]
+                hidden_states = torch.cat([hidden_states[:, :prefix] + prompts[n], hidden_states[:, prefix:]], dim=1)
             hidden_states = self.layers[i](hidden_states, attention_mask=masks[self.layer_types[i]],
                                            position_ids=position_ids, position_embeddings=position_embeddings,
                                            cache=cache, use_cache=cache is not None)

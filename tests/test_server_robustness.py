@@ -135,6 +135,13 @@ def test_forward_and_backward_validate_too(swarm):
         call("backward", {"hidden": x, "grad_output": torch.randn(1, 3, HIDDEN)}, {"start": 0, "end": 4})
     with pytest.raises(RemoteError, match="must be \\['hidden', 'grad_output'\\]"):
         call("backward", {"hidden": x}, {"start": 0, "end": 4})
+    with pytest.raises(RemoteError, match="prompts must have shape \\[blocks 4, batch 1, prefix <= 4, 64\\]"):
+        call("forward", {"hidden": x, "prompts": torch.randn(3, 1, 2, HIDDEN)}, {"start": 0, "end": 4})
+    with pytest.raises(RemoteError, match="prompts must be finite"):
+        call("forward", {"hidden": x, "prompts": torch.full((4, 1, 2, HIDDEN), float("nan"))}, {"start": 0, "end": 4})
+    with pytest.raises(RemoteError, match="not inference"):
+        RawSession(client, peer).send(span_request({"hidden": x, "prompts": torch.randn(4, 1, 2, HIDDEN)},
+                                                   {"start": 0, "end": 4, "max_length": 8}, exact=True))
     output, _ = read_output(call("forward", {"hidden": x}, {"start": 1, "end": 3}), x)
     assert torch.allclose(output, span(x, blocks=(1, 3)), atol=1e-5)
 

@@ -19,10 +19,19 @@ def span_request(tensors: dict[str, torch.Tensor | None], meta: dict, *, exact: 
 
 def read_output(response: ExpertResponse, like: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The response's one tensor, checked against the shape it must have, on ``like``'s device and dtype."""
-    (output,) = unpack_tensors(response.tensors, MAX_RESPONSE_NUMEL)
-    if output.shape != like.shape:
-        raise ValueError(f"server returned shape {list(output.shape)}, expected {list(like.shape)}")
-    return output.to(device=like.device, dtype=like.dtype), unpack_metadata(response.metadata)
+    (output,), meta = read_outputs(response, [like])
+    return output, meta
+
+
+def read_outputs(response: ExpertResponse, likes: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+    """The response's tensors, one per entry of ``likes``, each checked against its shape."""
+    outputs = unpack_tensors(response.tensors, MAX_RESPONSE_NUMEL)
+    if len(outputs) != len(likes):
+        raise ValueError(f"server returned {len(outputs)} tensors, expected {len(likes)}")
+    for output, like in zip(outputs, likes):
+        if output.shape != like.shape:
+            raise ValueError(f"server returned shape {list(output.shape)}, expected {list(like.shape)}")
+    return [o.to(device=l.device, dtype=l.dtype) for o, l in zip(outputs, likes)], unpack_metadata(response.metadata)
 
 
 def wire_round(tensor: torch.Tensor, exact: bool) -> torch.Tensor:

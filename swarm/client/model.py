@@ -26,12 +26,24 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
 
     def __init__(self, config: PretrainedConfig, client_modules: ClientModules, swarm: SwarmClient, *,
-                 exact_wire: bool = False):
+                 exact_wire: bool = False, tuning_mode: str | None = None, pre_seq_len: int = 0):
         super().__init__(config)
         self.model = client_modules
         self.swarm = swarm
         self.exact_wire = exact_wire
         self._session: InferenceSession | None = None
+        if tuning_mode not in (None, "ptune", "deep_ptune"):
+            raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', not {tuning_mode!r}")
+        if tuning_mode and pre_seq_len < 1:
+            raise ValueError("prompt tuning needs pre_seq_len >= 1 trainable prefix tokens")
+        self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
+        if tuning_mode:  # trainable prefix before the input embeddings (shallow), and one per block (deep)
+            hidden = config.hidden_size
+            self.prompt_embeddings = torch.nn.Embedding(pre_seq_len, hidden)
+            torch.nn.init.normal_(self.prompt_embeddings.weight, std=client_modules.embed_tokens.weight.std().item())
+            if tuning_mode == "deep_ptune":
+                self.intermediate_prompt_embeddings = torch.nn.Embedding(pre_seq_len, config.num_hidden_layers * hidden)
+                torch.nn.init.zeros_(self.intermediate_prompt_embeddings.weight)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -62,7 +74,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             max_length = (prompt.shape[1] if prompt is not None else 1) + max_new_tokens
         else:
             max_length = kwargs.get("max_length", config.max_length)
-        with self.inference_session(max_length=max_length):
+        with self.inference_session(max_length=max_length + self.pre_seq_len):
             return super().generate(inputs, *args, **kwargs)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -71,11 +83,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.model.embed(input_ids)
-        if self._session is not None and use_cache is not False:
+        in_session = self._session is not None and use_cache is not False
+        inputs_embeds, attention_mask, position_ids, prefix = self._add_prompts(
+            inputs_embeds, attention_mask, position_ids, first=not in_session or self._session.position == 0)
+        if in_session:
+            if self.tuning_mode == "deep_ptune":
+                raise NotImplementedError("deep prompts are applied in forward/backward (training); generate with "
+                                          "tuning_mode='ptune' or without prompts")
             hidden = self._session.step(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
         else:
             hidden = remote_forward(self.swarm, inputs_embeds, attention_mask=attention_mask,
-                                    position_ids=position_ids, exact=self.exact_wire)
+                                    position_ids=position_ids, exact=self.exact_wire, prompts=self._deep_prompts(
+                                        inputs_embeds.shape[0]))
+        hidden = hidden[:, prefix:]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.model.logits(hidden)
@@ -83,6 +103,31 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _add_prompts(self, embeds, attention_mask, position_ids, first: bool):
+        """Prepend the trainable prefix (on the first call of a sequence) and shift masks and positions."""
+        if not self.tuning_mode:
+            return embeds, attention_mask, position_ids, 0
+        batch, prefix = embeds.shape[0], self.pre_seq_len
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + prefix
+        if not first:
+            return embeds, attention_mask, position_ids, 0
+        prompts = self.prompt_embeddings.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        if position_ids is not None:
+            position_ids = torch.cat([torch.arange(prefix, device=position_ids.device).expand(batch, -1),
+                                      position_ids], dim=1)
+        return torch.cat([prompts, embeds], dim=1), attention_mask, position_ids, prefix
+
+    def _deep_prompts(self, batch: int) -> torch.Tensor | None:
+        """[num_blocks, batch, prefix, hidden]: what each block adds to the prefix positions."""
+        if self.tuning_mode != "deep_ptune":
+            return None
+        weight = self.intermediate_prompt_embeddings.weight
+        per_block = weight.view(self.pre_seq_len, self.config.num_hidden_layers, -1).permute(1, 0, 2)
+        return per_block.unsqueeze(1).expand(-1, batch, -1, -1)
 
     def settle(self) -> None:
         """Send every priced server a voucher for all work counted so far (generate() does it by itself)."""
@@ -102,6 +147,7 @@ class AutoDistributedModelForCausalLM:
                         dtype: str | torch.dtype = "auto", device: str | None = None, exact_wire: bool = False,
                         request_timeout: float = 60.0, wallet=None, contract: str | None = None,
                         chain_id: int | None = None, spot_check_rate: float = 0.0, spot_check_seed: int | None = None,
+                        tuning_mode: str | None = None, pre_seq_len: int = 0,
                         **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
@@ -110,6 +156,8 @@ class AutoDistributedModelForCausalLM:
         vouchers redeemable from this client's escrow in that settlement contract.
         ``spot_check_rate``: the fraction of inference steps re-run on other servers holding the same blocks
         (e.g. 0.05); a server found wrong is banned, unpaid, and the evidence is published in the DHT.
+        ``tuning_mode``: "ptune" (a trainable prefix of ``pre_seq_len`` embeddings) or "deep_ptune" (plus a
+        trainable prefix added before every remote block); the blocks stay frozen on the servers.
         """
         checkpoint = Checkpoint(model, **hub_kwargs)
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
@@ -124,7 +172,8 @@ class AutoDistributedModelForCausalLM:
         if spot_check_rate > 0:
             from swarm.client.spot_check import SpotChecker
             swarm.spot_checker = SpotChecker(swarm, spot_check_rate, spot_check_seed)
-        distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire)
+        distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire,
+                                                  tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
         try:
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint._file("config.json").parent)
         except OSError:

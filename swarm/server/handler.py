@@ -22,7 +22,7 @@ from swarm.server.sessions import Session, SessionError, SessionTable
 
 logger = logging.getLogger(__name__)
 HANDLERS = ("inference", "forward", "backward", "info", "pay")
-OPTIONAL_INPUTS = ("position_ids", "attention_mask")
+OPTIONAL_INPUTS = ("position_ids", "attention_mask", "prompts")
 
 
 class RequestError(ValueError):
@@ -49,6 +49,7 @@ class Inputs:
     attention_mask: torch.Tensor | None
     compression: int
     wire_dtype: torch.dtype
+    prompts: torch.Tensor | None = None  # deep prompt tuning: [blocks, batch, prefix, hidden]
 
 
 class SpanHandler:
@@ -138,7 +139,7 @@ class SpanHandler:
     async def _forward(self, request: ExpertRequest, state) -> ExpertResponse:
         meta = unpack_metadata(request.metadata)
         blocks = self._blocks(meta)
-        inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length)
+        inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length, blocks=blocks)
         payer = self._charge_before(meta)
         output = await self._compute(self._run, inputs, None, blocks)
         response = _response(output, inputs, {})
@@ -148,10 +149,10 @@ class SpanHandler:
     async def _backward(self, request: ExpertRequest, state) -> ExpertResponse:
         meta = unpack_metadata(request.metadata)
         blocks = self._blocks(meta)
-        inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length, grad=True)
+        inputs = self._inputs(request, meta, past=0, max_length=self.limits.max_length, grad=True, blocks=blocks)
         payer = self._charge_before(meta)
-        grad_input = await self._compute(self._run_backward, inputs, blocks)
-        return _response(grad_input, inputs, self._charge_after(payer, inputs.hidden[0], *blocks, backward=True))
+        grads = await self._compute(self._run_backward, inputs, blocks)
+        return _response(grads, inputs, self._charge_after(payer, inputs.hidden[0], *blocks, backward=True))
 
     async def _info(self, request: ExpertRequest, state) -> ExpertResponse:
         return ExpertResponse(metadata=pack_metadata(self.info()))
@@ -206,16 +207,18 @@ class SpanHandler:
     @torch.inference_mode()
     def _run(self, inputs: Inputs, cache, blocks: tuple[int, int]) -> torch.Tensor:
         return self.span(inputs.hidden, cache=cache, attention_mask=inputs.attention_mask,
-                         position_ids=inputs.position_ids, blocks=blocks)
+                         position_ids=inputs.position_ids, blocks=blocks, prompts=inputs.prompts)
 
-    def _run_backward(self, inputs: Inputs, blocks: tuple[int, int]) -> torch.Tensor:
+    def _run_backward(self, inputs: Inputs, blocks: tuple[int, int]) -> list[torch.Tensor]:
+        """Gradients w.r.t. the span's input, and w.r.t. the deep prompts when the request has them."""
         hidden, grad_output = inputs.hidden
         with torch.enable_grad():
-            hidden = hidden.detach().requires_grad_(True)
-            output = self.span(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                               blocks=blocks)
-            (grad_input,) = torch.autograd.grad(output, hidden, grad_output)
-        return grad_input
+            leaves = [hidden.detach().requires_grad_(True)]
+            if inputs.prompts is not None:
+                leaves.append(inputs.prompts.detach().requires_grad_(True))
+            output = self.span(leaves[0], attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                               blocks=blocks, prompts=leaves[1] if len(leaves) > 1 else None)
+            return list(torch.autograd.grad(output, leaves, grad_output))
 
     # ------------------------------------------------------------------ validation
     def _blocks(self, meta: dict) -> tuple[int, int]:
@@ -223,7 +226,8 @@ class SpanHandler:
         end = _int(meta, "end", start + 1, self.span.end)
         return start, end
 
-    def _inputs(self, request: ExpertRequest, meta: dict, *, past: int, max_length: int, grad: bool = False) -> Inputs:
+    def _inputs(self, request: ExpertRequest, meta: dict, *, past: int, max_length: int, grad: bool = False,
+                blocks: tuple[int, int] | None = None) -> Inputs:
         names = meta.get("tensors", [])
         expected = ["hidden", "grad_output"] if grad else ["hidden"]
         if (not isinstance(names, list) or names[:len(expected)] != expected
@@ -251,7 +255,18 @@ class SpanHandler:
             if grad_output.shape != hidden.shape:
                 raise RequestError(f"grad_output shape {list(grad_output.shape)} != hidden shape {list(hidden.shape)}")
             hidden = (hidden, grad_output)
-        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype)
+        prompts = tensors.get("prompts")
+        if prompts is not None:
+            if blocks is None:
+                raise RequestError("deep prompts go with forward and backward requests, not inference")
+            shape = (blocks[1] - blocks[0], batch, prompts.shape[2] if prompts.ndim == 4 else -1, self.hidden_size)
+            if prompts.ndim != 4 or tuple(prompts.shape) != shape or not 1 <= shape[2] <= length:
+                raise RequestError(f"prompts must have shape [blocks {shape[0]}, batch {batch}, prefix <= {length}, "
+                                   f"{self.hidden_size}], got {list(prompts.shape)}")
+            if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
+                raise RequestError("prompts must be finite floating point values")
+            prompts = prompts.to(self.span.dtype_).to(self.span.device)
+        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts)
 
     def _hidden(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         if not tensor.is_floating_point():
@@ -268,10 +283,10 @@ class SpanHandler:
         return tensor.to(self.span.dtype_).to(self.span.device)
 
 
-def _response(output: torch.Tensor, inputs: Inputs, meta: dict) -> ExpertResponse:
-    output = output.to(inputs.wire_dtype).cpu()
-    compression = inputs.compression if output.dtype == torch.float32 else CompressionType.NONE
-    return ExpertResponse(tensors=pack_tensors([output], compression), metadata=pack_metadata(meta))
+def _response(outputs: torch.Tensor | list[torch.Tensor], inputs: Inputs, meta: dict) -> ExpertResponse:
+    outputs = [t.to(inputs.wire_dtype).cpu() for t in (outputs if isinstance(outputs, list) else [outputs])]
+    compression = inputs.compression if inputs.wire_dtype == torch.float32 else CompressionType.NONE
+    return ExpertResponse(tensors=pack_tensors(outputs, compression), metadata=pack_metadata(meta))
 
 
 def _with_meta(response: ExpertResponse, meta: dict) -> ExpertResponse:

@@ -1,0 +1,107 @@
+"""Prompt tuning through the swarm: gradients of shallow and deep prompts equal local transformers'
+on the same weights, and a short training run reaches the same loss."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+PREFIX = 3
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def swarm_and_local(checkpoints):
+    path = checkpoints("llama")
+    with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
+        yield swarm, path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def local_loss(local, ids, prompts, deep=None):
+    """transformers' model with the prefix prepended, and (deep) added before every decoder layer."""
+    handles = []
+    if deep is not None:
+        for i, layer in enumerate(local.model.layers):
+            def add(module, args, kwargs, i=i):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = torch.cat([hidden[:, :PREFIX] + deep[i], hidden[:, PREFIX:]], dim=1)
+                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            handles.append(layer.register_forward_pre_hook(add, with_kwargs=True))
+    embeds = torch.cat([prompts.expand(ids.shape[0], -1, -1), local.get_input_embeddings()(ids)], dim=1)
+    logits = local(inputs_embeds=embeds).logits[:, PREFIX:]
+    for handle in handles:
+        handle.remove()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def remote_loss(model, ids):
+    logits = model(ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_prompt_gradients_equal_local(swarm_and_local, mode):
+    swarm, path, local = swarm_and_local
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, exact_wire=True,
+                                                            tuning_mode=mode, pre_seq_len=PREFIX)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    prompts = model.prompt_embeddings.weight.detach().clone().requires_grad_(True)
+    deep = None
+    if mode == "deep_ptune":
+        with torch.no_grad():
+            model.intermediate_prompt_embeddings.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        deep_weight = model.intermediate_prompt_embeddings.weight.detach().clone().requires_grad_(True)
+        deep = deep_weight.view(PREFIX, 4, -1).permute(1, 0, 2)
+
+    remote = remote_loss(model, ids)
+    remote.backward()
+    reference = local_loss(local, ids, prompts, deep)
+    reference.backward()
+    assert abs(remote.item() - reference.item()) < 1e-5 * abs(reference.item())
+    assert model.prompt_embeddings.weight.grad.abs().sum() > 0
+    assert rel_err(model.prompt_embeddings.weight.grad, prompts.grad) < 1e-4
+    if deep is not None:
+        assert rel_err(model.intermediate_prompt_embeddings.weight.grad, deep_weight.grad) < 1e-4
+    model.shutdown()
+
+
+def test_training_a_soft_prompt_reaches_the_local_loss(swarm_and_local):
+    swarm, path, local = swarm_and_local
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, exact_wire=True,
+                                                            tuning_mode="ptune", pre_seq_len=PREFIX)
+    prompts = torch.nn.Parameter(model.prompt_embeddings.weight.detach().clone())  # same start, same seed
+    remote_opt = torch.optim.Adam(model.prompt_embeddings.parameters(), lr=0.05)
+    local_opt = torch.optim.Adam([prompts], lr=0.05)
+    data = torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = local_loss(local, data, prompts).item()
+    for step in range(8):
+        batch = data[step % 2 * 2:step % 2 * 2 + 2]
+        for optimizer, loss in ((remote_opt, lambda: remote_loss(model, batch)),
+                                (local_opt, lambda: local_loss(local, batch, prompts))):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+    with torch.no_grad():
+        remote_after, local_after = remote_loss(model, data).item(), local_loss(local, data, prompts).item()
+    assert local_after < before  # the run learned something
+    assert abs(remote_after - local_after) < 0.01 * local_after
+    model.shutdown()
+
+
+def test_shallow_prompt_generation_equals_local(swarm_and_local):
+    swarm, path, local = swarm_and_local
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, exact_wire=True,
+                                                            tuning_mode="ptune", pre_seq_len=PREFIX)
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+        embeds = torch.cat([model.prompt_embeddings.weight[None], local.get_input_embeddings()(ids)], dim=1)
+        expected = local.generate(inputs_embeds=embeds, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(output[0, ids.shape[1]:], expected[0, -12:])
+    model.shutdown()
