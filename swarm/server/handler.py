@@ -50,6 +50,7 @@ class Inputs:
     compression: int
     wire_dtype: torch.dtype
     prompts: torch.Tensor | None = None  # deep prompt tuning: [blocks, batch, prefix, hidden]
+    wire_hidden: torch.Tensor | None = None  # the hidden states exactly as received (what attestations hash)
 
 
 class SpanHandler:
@@ -130,7 +131,7 @@ class SpanHandler:
         output = await self._compute(self._run, inputs, session.cache, (session.start, session.end))
         session.length += inputs.hidden.shape[1]
         response = _response(output, inputs, {})
-        session.input_chain, attestation = self._attest(session.input_chain, request, response, session.start,
+        session.input_chain, attestation = self._attest(session.input_chain, inputs, response, session.start,
                                                         session.end)
         return _with_meta(response, {"length": session.length, **attestation,
                                      **self._charge_after(payer, inputs.hidden, session.start, session.end)})
@@ -143,7 +144,7 @@ class SpanHandler:
         payer = self._charge_before(meta)
         output = await self._compute(self._run, inputs, None, blocks)
         response = _response(output, inputs, {})
-        _, attestation = self._attest(b"", request, response, *blocks)
+        _, attestation = self._attest(b"", inputs, response, *blocks)
         return _with_meta(response, {**attestation, **self._charge_after(payer, inputs.hidden, *blocks)})
 
     async def _backward(self, request: ExpertRequest, state) -> ExpertResponse:
@@ -185,14 +186,13 @@ class SpanHandler:
                 raise RequestError(str(e)) from None
         return payer["client"], payer["channel"]
 
-    def _attest(self, chain: bytes, request: ExpertRequest, response: ExpertResponse, start: int, end: int):
+    def _attest(self, chain: bytes, inputs: Inputs, response: ExpertResponse, start: int, end: int):
         """Sign the hashes of this request's input (chained onto the session's) and of our output, as the
         values crossed the wire. Servers with no payout key (free ones) sign nothing."""
         if self.ledger is None:
             return chain, {}
-        wire_input = unpack_tensors(request.tensors[:1], self.limits.max_numel(self.hidden_size))[0]
-        wire_output = unpack_tensors(response.tensors, self.limits.max_numel(self.hidden_size))[0]
-        chain = chain_hash(chain, wire_input.float().numpy())
+        wire_output = unpack_tensors(response.tensors[:1], self.limits.max_numel(self.hidden_size))[0]
+        chain = chain_hash(chain, inputs.wire_hidden.float().numpy())
         attestation = Attestation(self.ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()))
         return chain, {"attestation": attestation.signed(self.ledger.signer.key).to_wire()}
 
@@ -266,7 +266,7 @@ class SpanHandler:
             if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
                 raise RequestError("prompts must be finite floating point values")
             prompts = prompts.to(self.span.dtype_).to(self.span.device)
-        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts)
+        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts, tensors["hidden"])
 
     def _hidden(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         if not tensor.is_floating_point():
