@@ -77,13 +77,8 @@ def _local_logits(local, batch, params, args):
     embeds = torch.cat([params[0].expand(batch.shape[0], -1, -1), local.get_input_embeddings()(batch)], dim=1)
     handles = []
     if args.mode == "deep_ptune":
-        deep = params[1].view(prefix, len(local.model.layers), -1).permute(1, 0, 2)
-        for i, layer in enumerate(local.model.layers):
-            def add(module, a, kw, i=i):
-                hidden = a[0] if a else kw["hidden_states"]
-                hidden = torch.cat([hidden[:, :prefix] + deep[i], hidden[:, prefix:]], dim=1)
-                return ((hidden, *a[1:]), kw) if a else (a, {**kw, "hidden_states": hidden})
-            handles.append(layer.register_forward_pre_hook(add, with_kwargs=True))
+        from shards.testing import deep_prompt_hooks
+        handles = deep_prompt_hooks(local, params[1].view(prefix, len(local.model.layers), -1).permute(1, 0, 2), prefix)
     logits = local(inputs_embeds=embeds).logits[:, prefix:]
     for handle in handles:
         handle.remove()

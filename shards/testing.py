@@ -44,3 +44,16 @@ def ascii_tokenizer():
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<pad>")
+
+
+def deep_prompt_hooks(model, prompts, prefix: int) -> list:
+    """Make transformers' ``model`` add ``prompts[i]`` to the first ``prefix`` positions before decoder
+    layer i, as deep prompt tuning does through the swarm: the local reference. Returns hook handles."""
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def add(module, args, kwargs, i=i):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = torch.cat([hidden[:, :prefix] + prompts[i], hidden[:, prefix:]], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        handles.append(layer.register_forward_pre_hook(add, with_kwargs=True))
+    return handles

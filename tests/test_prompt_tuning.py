@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from shards.testing import deep_prompt_hooks
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
 
@@ -24,14 +25,7 @@ def swarm_and_local(checkpoints):
 
 def local_loss(local, ids, prompts, deep=None):
     """transformers' model with the prefix prepended, and (deep) added before every decoder layer."""
-    handles = []
-    if deep is not None:
-        for i, layer in enumerate(local.model.layers):
-            def add(module, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                hidden = torch.cat([hidden[:, :PREFIX] + deep[i], hidden[:, PREFIX:]], dim=1)
-                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-            handles.append(layer.register_forward_pre_hook(add, with_kwargs=True))
+    handles = deep_prompt_hooks(local, deep, PREFIX) if deep is not None else []
     embeds = torch.cat([prompts.expand(ids.shape[0], -1, -1), local.get_input_embeddings()(ids)], dim=1)
     logits = local(inputs_embeds=embeds).logits[:, PREFIX:]
     for handle in handles:
