@@ -18,19 +18,35 @@ def cocoon(*args, env=None, timeout=180):
     return result.stdout
 
 
-def test_generate_streams_the_same_text_as_transformers(checkpoints):
+def test_generate_streams_the_same_text_as_transformers(checkpoints, tmp_path):
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = checkpoints("llama")
+    client_copy = shutil.copytree(path, tmp_path / "elsewhere")  # the client's copy lies at another path
     tokenizer = AutoTokenizer.from_pretrained(path)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = tokenizer("Hello swarm", return_tensors="pt").input_ids
     expected = tokenizer.decode(local.generate(ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
     with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
-        out = cocoon("generate", str(path), "Hello swarm", "--max-new-tokens", "12", "--initial-peers",
+        out = cocoon("generate", str(client_copy), "Hello swarm", "--max-new-tokens", "12", "--initial-peers",
                      *swarm.initial_peers)
     # 16-bit activations on the wire by default: the first tokens of random weights agree
     assert out.strip()[:14] == expected.strip()[:14]
+
+
+def test_dht_identity_gives_a_stable_peer_id(tmp_path):
+    maddrs = []
+    for run in range(2):
+        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", "dht", "--host", "127.0.0.1", "--port", "0",
+                                    "--identity", str(tmp_path / "dht.key"), "--maddr-file", str(tmp_path / "m")],
+                                   stdout=subprocess.PIPE, text=True)
+        assert "DHT running" in process.stdout.readline()
+        maddrs.append((tmp_path / "m").read_text().split()[0])
+        process.terminate()
+        process.wait(30)
+    assert maddrs[0].split("/p2p/")[1] == maddrs[1].split("/p2p/")[1]
 
 
 def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
