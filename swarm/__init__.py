@@ -6,4 +6,7 @@ def __getattr__(name):  # the client pulls in transformers; keep `import swarm` 
     if name == "AutoDistributedModelForCausalLM":
         from swarm.client.model import AutoDistributedModelForCausalLM
         return AutoDistributedModelForCausalLM
+    if name == "AutoDistributedModelForSequenceClassification":
+        from swarm.client.classification import AutoDistributedModelForSequenceClassification
+        return AutoDistributedModelForSequenceClassification
     raise AttributeError(name)

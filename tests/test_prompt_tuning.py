@@ -99,3 +99,34 @@ def test_shallow_prompt_generation_equals_local(swarm_and_local):
         expected = local.generate(inputs_embeds=embeds, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert torch.equal(output[0, ids.shape[1]:], expected[0, -12:])
     model.shutdown()
+
+
+def test_sequence_classification_matches_transformers(tmp_path):
+    """A LlamaForSequenceClassification checkpoint: the blocks in the swarm, transformers' head locally."""
+    from transformers import AutoModelForSequenceClassification
+
+    from shards.testing import tiny_config
+    from swarm import AutoDistributedModelForSequenceClassification
+    torch.manual_seed(0)
+    config = tiny_config("llama", num_labels=3)
+    local = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        for param in local.parameters():
+            param.normal_(0, 0.08)
+    local.save_pretrained(tmp_path)
+    with LocalSwarm(tmp_path, [(0, 2), (2, 4)]) as swarm:
+        model = AutoDistributedModelForSequenceClassification.from_pretrained(
+            tmp_path, initial_peers=swarm.initial_peers, exact_wire=True)
+        ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+        ids[0, -3:] = 0  # right padding: pooled at the last real token
+        labels = torch.tensor([0, 2, 1])
+        grads = []
+        for m in (model, local):
+            m.score.weight.requires_grad_(True)
+            out = m(ids, labels=labels)
+            out.loss.backward()
+            grads.append((out.logits.detach(), out.loss.item(), m.score.weight.grad.clone()))
+        assert rel_err(grads[0][0], grads[1][0]) < 1e-5
+        assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-5)
+        assert rel_err(grads[0][2], grads[1][2]) < 1e-4
+        model.shutdown()
