@@ -142,6 +142,20 @@ def test_forward_and_backward_validate_too(swarm):
     with pytest.raises(RemoteError, match="not inference"):
         RawSession(client, peer).send(span_request({"hidden": x, "prompts": torch.randn(4, 1, 2, HIDDEN)},
                                                    {"start": 0, "end": 4, "max_length": 8}, exact=True))
+    lora = {"targets": ["q_proj"], "rank": 2, "alpha": 4.0}
+    per_block = 2 * (HIDDEN + HIDDEN)  # q_proj: A [2, 64] and B [64, 2]
+    with pytest.raises(RemoteError, match="unknown target modules \\['w_nothing'\\]"):
+        call("forward", {"hidden": x, "lora": torch.zeros(4, per_block)},
+             {"start": 0, "end": 4, "lora": {**lora, "targets": ["w_nothing"]}})
+    with pytest.raises(RemoteError, match="'rank' must be an integer in \\[1, 64\\]"):
+        call("forward", {"hidden": x, "lora": torch.zeros(4, per_block)}, {"start": 0, "end": 4, "lora": {**lora, "rank": 500}})
+    with pytest.raises(RemoteError, match="lora weights must have shape \\[4, 256\\]"):
+        call("forward", {"hidden": x, "lora": torch.zeros(4, 7)}, {"start": 0, "end": 4, "lora": lora})
+    with pytest.raises(RemoteError, match="metadata 'lora' must be"):
+        call("forward", {"hidden": x, "lora": torch.zeros(4, per_block)}, {"start": 0, "end": 4})
+    zero_lora, _ = read_output(call("forward", {"hidden": x, "lora": torch.zeros(4, per_block)},
+                                    {"start": 0, "end": 4, "lora": lora}), x)
+    assert torch.allclose(zero_lora, span(x), atol=1e-5)  # B = 0: the frozen blocks' output
     output, _ = read_output(call("forward", {"hidden": x}, {"start": 1, "end": 3}), x)
     assert torch.allclose(output, span(x, blocks=(1, 3)), atol=1e-5)
 

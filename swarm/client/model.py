@@ -26,14 +26,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
 
     def __init__(self, config: PretrainedConfig, client_modules: ClientModules, swarm: SwarmClient, *,
-                 exact_wire: bool = False, tuning_mode: str | None = None, pre_seq_len: int = 0):
+                 exact_wire: bool = False, tuning_mode: str | None = None, pre_seq_len: int = 0,
+                 lora_config=None):
         super().__init__(config)
         self.model = client_modules
         self.swarm = swarm
         self.exact_wire = exact_wire
         self._session: InferenceSession | None = None
-        if tuning_mode not in (None, "ptune", "deep_ptune"):
-            raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', not {tuning_mode!r}")
+        if tuning_mode not in (None, "ptune", "deep_ptune", "lora"):
+            raise ValueError(f"tuning_mode must be None, 'ptune', 'deep_ptune' or 'lora', not {tuning_mode!r}")
+        self.lora_config = None
+        if tuning_mode == "lora":
+            self._init_lora(lora_config)
+            tuning_mode = None  # no prompts
         if tuning_mode and pre_seq_len < 1:
             raise ValueError("prompt tuning needs pre_seq_len >= 1 trainable prefix tokens")
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len if tuning_mode else 0
@@ -90,11 +95,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if self.tuning_mode == "deep_ptune":
                 raise NotImplementedError("deep prompts are applied in forward/backward (training); generate with "
                                           "tuning_mode='ptune' or without prompts")
+            if self.lora_config:
+                raise NotImplementedError("LoRA weights are applied in forward/backward (training) only so far")
             hidden = self._session.step(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
         else:
+            lora = dict(lora=self.lora_weights, lora_config=self.lora_config) if self.lora_config else {}
             hidden = remote_forward(self.swarm, inputs_embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, exact=self.exact_wire, prompts=self._deep_prompts(
-                                        inputs_embeds.shape[0]))
+                                        inputs_embeds.shape[0]), **lora)
         hidden = hidden[:, prefix:]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -103,6 +111,27 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _init_lora(self, lora_config) -> None:
+        """Client-owned LoRA weights for every remote block (peft's LoraConfig: r, lora_alpha, target_modules),
+        one row per block in the layout of shards.lora: A initialised as peft does, B zeros."""
+        import math
+
+        from shards.lora import model_lora_layout
+        if lora_config is None:
+            raise ValueError("tuning_mode='lora' needs lora_config=peft.LoraConfig(r=..., target_modules=[...])")
+        targets = sorted(lora_config.target_modules)
+        layout = model_lora_layout(self.config, targets)
+        rank = lora_config.r
+        rows = []
+        for _ in range(self.config.num_hidden_layers):
+            for _, in_features, out_features in layout:
+                a = torch.empty(rank, in_features)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                rows += [a.flatten(), torch.zeros(out_features * rank)]
+        self.lora_weights = torch.nn.Parameter(torch.cat(rows).view(self.config.num_hidden_layers, -1))
+        self.lora_layout = layout
+        self.lora_config = {"targets": targets, "rank": rank, "alpha": float(lora_config.lora_alpha)}
 
     def _add_prompts(self, embeds, attention_mask, position_ids, first: bool):
         """Prepend the trainable prefix (on the first call of a sequence) and shift masks and positions."""
@@ -147,7 +176,7 @@ class AutoDistributedModelForCausalLM:
                         dtype: str | torch.dtype = "auto", device: str | None = None, exact_wire: bool = False,
                         request_timeout: float = 60.0, wallet=None, contract: str | None = None,
                         chain_id: int | None = None, spot_check_rate: float = 0.0, spot_check_seed: int | None = None,
-                        tuning_mode: str | None = None, pre_seq_len: int = 0,
+                        tuning_mode: str | None = None, pre_seq_len: int = 0, lora_config=None,
                         **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
@@ -173,7 +202,8 @@ class AutoDistributedModelForCausalLM:
             from swarm.client.spot_check import SpotChecker
             swarm.spot_checker = SpotChecker(swarm, spot_check_rate, spot_check_seed)
         distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire,
-                                                  tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
+                                                  tuning_mode=tuning_mode, pre_seq_len=pre_seq_len,
+                                                  lora_config=lora_config)
         try:
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint._file("config.json").parent)
         except OSError:

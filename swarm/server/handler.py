@@ -4,6 +4,7 @@ reaches the span, and a bad one gets an error frame while every other session go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,13 +17,14 @@ from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.verification import Attestation, array_hash, chain_hash
 from incentives.vouchers import Voucher
 from shards import BlockSpan
+from shards.lora import applied_lora, lora_layout, lora_numel
 from swarm.protocol import (ProtocolError, RemoteError, pack_metadata, pack_tensors, read_frame, unpack_metadata,
                             unpack_tensors, write_error, write_frame)
 from swarm.server.sessions import Session, SessionError, SessionTable
 
 logger = logging.getLogger(__name__)
 HANDLERS = ("inference", "forward", "backward", "info", "pay")
-OPTIONAL_INPUTS = ("position_ids", "attention_mask", "prompts")
+OPTIONAL_INPUTS = ("position_ids", "attention_mask", "prompts", "lora")
 
 
 class RequestError(ValueError):
@@ -34,6 +36,7 @@ class Limits:
     max_batch: int = 32
     max_tokens_per_request: int = 8192   # batch x new tokens
     max_length: int = 4096               # tokens of one session
+    max_lora_rank: int = 64
 
     def max_numel(self, hidden_size: int) -> int:
         return max(self.max_tokens_per_request * hidden_size, self.max_batch * self.max_length)
@@ -51,6 +54,7 @@ class Inputs:
     wire_dtype: torch.dtype
     prompts: torch.Tensor | None = None  # deep prompt tuning: [blocks, batch, prefix, hidden]
     wire_hidden: torch.Tensor | None = None  # the hidden states exactly as received (what attestations hash)
+    lora: tuple | None = None  # (targets, rank, scale, weights [blocks, per-block numel]) for this request
 
 
 class SpanHandler:
@@ -206,18 +210,27 @@ class SpanHandler:
     # ------------------------------------------------------------------ compute (in the executor)
     @torch.inference_mode()
     def _run(self, inputs: Inputs, cache, blocks: tuple[int, int]) -> torch.Tensor:
-        return self.span(inputs.hidden, cache=cache, attention_mask=inputs.attention_mask,
-                         position_ids=inputs.position_ids, blocks=blocks, prompts=inputs.prompts)
+        with self._lora(inputs, blocks, inputs.lora[3] if inputs.lora else None):
+            return self.span(inputs.hidden, cache=cache, attention_mask=inputs.attention_mask,
+                             position_ids=inputs.position_ids, blocks=blocks, prompts=inputs.prompts)
+
+    def _lora(self, inputs: Inputs, blocks: tuple[int, int], weights: torch.Tensor | None):
+        if weights is None:
+            return contextlib.nullcontext()
+        targets, rank, scale, _ = inputs.lora
+        return applied_lora(self.span, blocks, targets, rank, scale, weights.reshape(-1))
 
     def _run_backward(self, inputs: Inputs, blocks: tuple[int, int]) -> list[torch.Tensor]:
         """Gradients w.r.t. the span's input, and w.r.t. the deep prompts when the request has them."""
         hidden, grad_output = inputs.hidden
         with torch.enable_grad():
-            leaves = [hidden.detach().requires_grad_(True)]
-            if inputs.prompts is not None:
-                leaves.append(inputs.prompts.detach().requires_grad_(True))
-            output = self.span(leaves[0], attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                               blocks=blocks, prompts=leaves[1] if len(leaves) > 1 else None)
+            hidden = hidden.detach().requires_grad_(True)
+            prompts = None if inputs.prompts is None else inputs.prompts.detach().requires_grad_(True)
+            lora = None if inputs.lora is None else inputs.lora[3].detach().requires_grad_(True)
+            with self._lora(inputs, blocks, lora):
+                output = self.span(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                                   blocks=blocks, prompts=prompts)
+            leaves = [t for t in (hidden, prompts, lora) if t is not None]
             return list(torch.autograd.grad(output, leaves, grad_output))
 
     # ------------------------------------------------------------------ validation
@@ -266,7 +279,34 @@ class SpanHandler:
             if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
                 raise RequestError("prompts must be finite floating point values")
             prompts = prompts.to(self.span.dtype_).to(self.span.device)
-        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts, tensors["hidden"])
+        lora = self._lora_inputs(tensors.get("lora"), meta, blocks)
+        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts, tensors["hidden"], lora)
+
+    def _lora_inputs(self, weights: torch.Tensor | None, meta: dict, blocks: tuple[int, int] | None):
+        """LoRA weights a client trains: [blocks, per-block numel] laid out as shards.lora describes."""
+        if weights is None:
+            return None
+        if blocks is None:
+            raise RequestError("LoRA weights go with forward and backward requests, not inference")
+        config = meta.get("lora")
+        if not (isinstance(config, dict) and isinstance(config.get("targets"), list) and config["targets"]
+                and all(isinstance(t, str) for t in config["targets"])):
+            raise RequestError("metadata 'lora' must be {targets: [module names], rank, alpha}")
+        rank = _int(config, "rank", 1, self.limits.max_lora_rank)
+        alpha = config.get("alpha")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= 1e6:
+            raise RequestError("metadata 'lora' alpha must be a positive number")
+        try:
+            layout = lora_layout(self.span, blocks[0], config["targets"])
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        per_block = lora_numel(layout, rank, 1)
+        if weights.ndim != 2 or tuple(weights.shape) != (blocks[1] - blocks[0], per_block):
+            raise RequestError(f"lora weights must have shape [{blocks[1] - blocks[0]}, {per_block}] for rank {rank} "
+                               f"and targets {config['targets']}, got {list(weights.shape)}")
+        if not weights.is_floating_point() or not torch.isfinite(weights).all():
+            raise RequestError("lora weights must be finite floating point values")
+        return config["targets"], rank, alpha / rank, weights.to(self.span.dtype_).to(self.span.device)
 
     def _hidden(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         if not tensor.is_floating_point():

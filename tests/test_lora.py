@@ -1,0 +1,74 @@
+"""LoRA on the remote blocks, trained by the client: gradients equal transformers + peft on the same weights."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def peft_rows(peft_model, layout, rank, attribute):
+    """The peft model's LoRA tensors (or their .grad) in the client's [blocks, numel] layout."""
+    rows = []
+    for layer in peft_model.base_model.model.model.layers:
+        parts = []
+        for name, _, _ in layout:
+            module = layer.get_submodule(name)
+            for which in (module.lora_A["default"], module.lora_B["default"]):
+                tensor = which.weight if attribute == "weight" else which.weight.grad
+                parts.append(tensor.flatten())
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def test_lora_gradients_and_training_equal_peft(checkpoints):
+    path = checkpoints("llama")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=True, tuning_mode="lora", lora_config=config)
+        with torch.no_grad():
+            model.lora_weights.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))  # B != 0 too
+        local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+        with torch.no_grad():  # the same LoRA weights in peft's modules
+            for layer, row in zip(local.base_model.model.model.layers, model.lora_weights):
+                offset = 0
+                for name, in_features, out_features in model.lora_layout:
+                    module = layer.get_submodule(name)
+                    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                    a.copy_(row[offset:offset + a.numel()].view_as(a))
+                    offset += a.numel()
+                    b.copy_(row[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+        assert torch.equal(peft_rows(local, model.lora_layout, 4, "weight"), model.lora_weights.detach())
+
+        ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+        remote_loss = model(ids, labels=ids).loss
+        local_loss = local(input_ids=ids, labels=ids).loss
+        assert remote_loss.item() == pytest.approx(local_loss.item(), rel=1e-5)
+        remote_loss.backward()
+        local_loss.backward()
+        assert model.lora_weights.grad.abs().sum() > 0
+        assert rel_err(model.lora_weights.grad, peft_rows(local, model.lora_layout, 4, "grad")) < 1e-4
+
+        # a short training run ends at the same loss as peft's
+        local_params = [p for p in local.parameters() if p.requires_grad]
+        optimizers = [torch.optim.Adam([model.lora_weights], lr=1e-2), torch.optim.Adam(local_params, lr=1e-2)]
+        for step in range(5):
+            for optimizer, compute in zip(optimizers, (lambda: model(ids, labels=ids).loss,
+                                                      lambda: local(input_ids=ids, labels=ids).loss)):
+                optimizer.zero_grad()
+                compute().backward()
+                optimizer.step()
+        with torch.no_grad():
+            remote_after, local_after = model(ids, labels=ids).loss.item(), local(input_ids=ids, labels=ids).loss.item()
+        assert local_after < local_loss.item()
+        assert abs(remote_after - local_after) < 0.01 * local_after
+        model.shutdown()
