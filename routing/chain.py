@@ -37,13 +37,15 @@ def block_seconds(info: ServerInfo, *, training: bool = False) -> float:
 
 
 def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, banned: Collection[str] = (),
-               training: bool = False, batch_tokens: int = 1, rng: random.Random | None = None) -> list[ChainLink]:
+               training: bool = False, batch_tokens: int = 1, rng: random.Random | None = None,
+               adapter: str | None = None) -> list[ChainLink]:
     """The chain of least expected time per token (``training``: of most throughput for large batches,
-    where round trips weigh ``1 / batch_tokens`` as much). Ties are broken at random so that load spreads."""
+    where round trips weigh ``1 / batch_tokens`` as much). Ties are broken at random so that load spreads.
+    With ``adapter``, only servers that serve that LoRA adapter are used."""
     end = state.num_blocks if end is None else end
     rng = rng or random.Random()
     servers = {peer: info for peer, info in state.online().items() if peer not in banned and info.end > start
-               and info.start < end}
+               and info.start < end and (adapter is None or adapter in info.adapters)}
     hop = {peer: state.rtt.get(peer, DEFAULT_RTT) / (batch_tokens if training else 1) for peer in servers}
     # a tiny random factor per server breaks ties between equivalent servers at random
     per_block = {peer: block_seconds(info, training=training) * (1 + 1e-9 * rng.random())
@@ -61,7 +63,8 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
     for block in range(start, end):
         if not by_block[block]:
             missing = [b for b in range(block, end) if not by_block[b]]
-            raise NoChainError(f"no server holds block(s) {_ranges(missing)} of {state.num_blocks}; "
+            which = f" with adapter {adapter!r}" if adapter is not None else ""
+            raise NoChainError(f"no server holds block(s) {_ranges(missing)} of {state.num_blocks}{which}; "
                                f"start a server with --blocks covering them, or wait for one to join")
         before, _ = best[block]
         updated = {}

@@ -7,12 +7,29 @@ a target module becomes ``W x + scale * B A x``, exactly peft's LoRA with dropou
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from shards.span import BlockSpan
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+@dataclass
+class LoraWeights:
+    """LoRA weights of consecutive blocks, one row each (the layout above), with what interprets them."""
+    targets: list[str]
+    rank: int
+    scale: float              # alpha / rank, as peft
+    weights: torch.Tensor     # [blocks, per-block numel]
 
 
 def lora_layout(span: BlockSpan, first: int, targets: list[str]) -> list[tuple[str, int, int]]:
@@ -48,10 +65,11 @@ def lora_numel(layout: list[tuple[str, int, int]], rank: int, num_blocks: int) -
 
 
 @contextlib.contextmanager
-def applied_lora(span: BlockSpan, blocks: tuple[int, int], targets: list[str], rank: int, scale: float,
-                 flat: torch.Tensor) -> Iterator[None]:
-    """Within this block, the span's target modules of ``blocks`` add the LoRA update of ``flat``."""
-    layout = lora_layout(span, blocks[0], targets)
+def applied_lora(span: BlockSpan, blocks: tuple[int, int], lora: LoraWeights) -> Iterator[None]:
+    """Within this block, the span's target modules of ``blocks`` add the LoRA update of ``lora``
+    (whose rows are those blocks)."""
+    layout = lora_layout(span, blocks[0], lora.targets)
+    rank, scale, flat = lora.rank, lora.scale, lora.weights.reshape(-1)
     handles, offset = [], 0
     try:
         for index in range(*blocks):
@@ -70,3 +88,103 @@ def applied_lora(span: BlockSpan, blocks: tuple[int, int], targets: list[str], r
     finally:
         for handle in handles:
             handle.remove()
+
+
+def content_hash(tensor: torch.Tensor) -> str:
+    """What a server caches client LoRA weights under: the same on both sides of the wire."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{list(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    return alpha / rank ** 0.5 if use_rslora else alpha / rank
+
+
+# ---------------------------------------------------------------------- peft adapter directories
+def peft_state_dict(weights: torch.Tensor, layout: list[tuple[str, int, int]], rank: int,
+                    layer_prefix: str = "base_model.model.model.layers") -> dict[str, torch.Tensor]:
+    """Rows [num_blocks, per-block numel] as the tensors of a peft adapter file (adapter name left out)."""
+    state = {}
+    for block, row in enumerate(weights.detach().cpu()):
+        offset = 0
+        for name, in_features, out_features in layout:
+            a = row[offset:offset + rank * in_features].view(rank, in_features)
+            offset += rank * in_features
+            b = row[offset:offset + out_features * rank].view(out_features, rank)
+            offset += out_features * rank
+            state[f"{layer_prefix}.{block}.{name}.lora_A.weight"] = a.contiguous()
+            state[f"{layer_prefix}.{block}.{name}.lora_B.weight"] = b.contiguous()
+    return state
+
+
+def rows_from_peft(state: dict[str, torch.Tensor], layout: list[tuple[str, int, int]], rank: int,
+                   blocks: tuple[int, int]) -> torch.Tensor:
+    """The inverse of ``peft_state_dict`` for blocks [first, last); a block the adapter leaves out gets zeros."""
+    found: dict[tuple[int, str, str], torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = _PEFT_KEY.search(key)
+        if match:
+            found[int(match.group(1)), match.group(2), match.group(3)] = tensor
+    rows = []
+    for block in range(*blocks):
+        parts = []
+        for name, in_features, out_features in layout:
+            for which, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
+                tensor = found.get((block, name, which))
+                if tensor is None:
+                    tensor = torch.zeros(shape)
+                elif tuple(tensor.shape) != shape:
+                    raise ValueError(f"lora_{which} of block {block} {name} has shape {list(tensor.shape)}, "
+                                     f"expected {list(shape)} for rank {rank}")
+                parts.append(tensor.float().flatten())
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def read_adapter_config(path: Path) -> dict:
+    """peft's adapter_config.json, checked for what these hooks implement."""
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a peft adapter directory: no {ADAPTER_CONFIG}")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: only LoRA adapters are supported, not {config.get('peft_type')}")
+    if config.get("use_dora") or config.get("fan_in_fan_out") or config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: DoRA, fan_in_fan_out and LoRA biases are not supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"{path}: target_modules must be a list of module names (regular expressions are "
+                         f"not supported), got {targets!r}")
+    return config
+
+
+def resolve_adapter(name_or_path: str) -> tuple[str, Path]:
+    """(name clients ask for, local directory): a local directory is named by its last component, a hub
+    repo id by itself (its config and weights are downloaded on first use)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path.resolve().name, path
+    from huggingface_hub import snapshot_download
+    local = snapshot_download(name_or_path, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+    return name_or_path, Path(local)
+
+
+def load_adapter(path: str | Path, span: BlockSpan) -> LoraWeights:
+    """A peft LoRA adapter directory, for the blocks of ``span`` only."""
+    from safetensors import safe_open
+    path = Path(path)
+    config = read_adapter_config(path)
+    weights_file = path / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS} (save adapters with safetensors)")
+    targets, rank = sorted(config["target_modules"]), int(config["r"])
+    layout = lora_layout(span, span.start, targets)
+    wanted = {f".{block}.{name}.lora_{w}.weight" for block in range(span.start, span.end) for name, _, _ in layout
+              for w in "AB"}
+    with safe_open(weights_file, framework="pt") as f:  # only this span's tensors are read
+        state = {key: f.get_tensor(key) for key in f.keys() if any(key.endswith(w) for w in wanted)}
+    rows = rows_from_peft(state, layout, rank, (span.start, span.end))
+    scale = lora_scale(config.get("lora_alpha", rank), rank, config.get("use_rslora", False))
+    return LoraWeights(targets, rank, scale, rows.to(span.dtype_).to(span.device))

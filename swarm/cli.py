@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --num-blocks: seconds between checks whether another span needs this server more")
     serve.add_argument("--balance-threshold", type=float, default=1.1,
                        help="move only when the swarm's throughput would grow by more than this factor")
+    serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
+                       help="peft LoRA adapter directories or hub repo ids; clients pick one by name "
+                            "(a directory's last component, or the repo id) with active_adapter=")
+    serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a client may send")
+    serve.add_argument("--lora-cache-mb", type=float, default=256,
+                       help="memory for clients' LoRA weights kept between a forward and its backward")
     serve.add_argument("--price", type=int, default=0, help="wei per token x block (0: serve for free)")
     serve.add_argument("--backward-price", type=int, default=None, help="wei per token x block of backward")
     serve.add_argument("--payout", metavar="WALLET", help="keystore of the payout key (passphrase: $COCOON_PASSPHRASE)")
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--model-id", default=None)
+    generate.add_argument("--adapter", default=None, help="a LoRA adapter the servers serve (see serve --adapters)")
     generate.add_argument("--request-timeout", type=float, default=60.0,
                           help="seconds before a silent server is replaced")
 
@@ -116,7 +123,9 @@ def run_serve(args) -> int:
         max_sessions=args.max_sessions, cache_tokens=args.cache_tokens, session_timeout=args.session_timeout,
         public_name=args.public_name, model_id=args.model_id, identity_path=args.identity,
         announce_period=args.announce_period, balance_period=args.balance_period,
-        balance_threshold=args.balance_threshold, limits=Limits(max_length=args.max_length),
+        balance_threshold=args.balance_threshold,
+        limits=Limits(max_length=args.max_length, max_lora_rank=args.max_lora_rank), adapters=args.adapters,
+        lora_cache_bytes=int(args.lora_cache_mb * 2**20),
         price=args.price, backward_price=args.backward_price, wallet=args.payout,
         passphrase=os.environ.get("COCOON_PASSPHRASE", ""), chain_rpc=args.chain_rpc, contract=args.contract,
         credit_limit=args.credit_limit, redeem_period=args.redeem_period)
@@ -128,7 +137,8 @@ def run_generate(args) -> int:
     from transformers import AutoTokenizer, TextStreamer
     from swarm.client.model import AutoDistributedModelForCausalLM
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                            model_id=args.model_id, request_timeout=args.request_timeout)
+                                                            model_id=args.model_id, request_timeout=args.request_timeout,
+                                                            active_adapter=args.adapter)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \

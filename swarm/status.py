@@ -16,6 +16,11 @@ def format_status(state: SwarmState, model_id: str) -> str:
                      f"{f'{info.start}:{info.end}':<9} {info.throughput:>8.1f} {info.sessions:>8}  {bar}")
     holders = "".join(str(min(len(state.holders(b)), 9)) if state.holders(b) else "!" for b in range(state.num_blocks))
     lines.append(f"{'servers per block (! = none)':<{len(header)}}{holders}")
+    adapters = sorted({a for info in state.online().values() for a in info.adapters})
+    for adapter in adapters:
+        cover = "".join("#" if any(adapter in state.servers[p].adapters for p in state.holders(b)) else "!"
+                        for b in range(state.num_blocks))
+        lines.append(f"{'adapter ' + adapter[:40]:<{len(header)}}{cover}")
     missing = state.missing_blocks()
     if missing:
         lines.append(f"MISSING: no online server holds block(s) {', '.join(map(str, missing))}")

@@ -72,3 +72,65 @@ def test_lora_gradients_and_training_equal_peft(checkpoints):
         assert local_after < local_loss.item()
         assert abs(remote_after - local_after) < 0.01 * local_after
         model.shutdown()
+
+
+def test_adapter_trained_saved_and_served_generates_as_peft(checkpoints, tmp_path):
+    """Train a LoRA adapter through the swarm, save it as a peft adapter, serve it with --adapters: clients
+    that ask for it by name generate exactly what transformers + peft generate with it locally."""
+    from peft import PeftModel
+
+    from routing import NoChainError
+    path = checkpoints("llama")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    prompt = ids[:, :4]
+    greedy = dict(max_new_tokens=24, do_sample=False)
+    adapter_dir = tmp_path / "my-adapter"
+    with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=True, tuning_mode="lora", lora_config=config)
+        optimizer = torch.optim.Adam([model.lora_weights], lr=0.05)
+        losses = []
+        for _ in range(8):  # learn to continue the prompt as `ids` does
+            optimizer.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.8 * losses[0]
+        model.save_pretrained(adapter_dir)
+        trained_generation = model.generate(prompt, **greedy)  # client-owned weights in an inference session
+        model.shutdown()
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base_generation = base.generate(prompt, **greedy)
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapter_dir)
+    saved = dict(local.named_parameters())
+    v_out = model.lora_layout[-1][2]  # v_proj's B is the last part of a block's row
+    assert torch.equal(saved["base_model.model.model.layers.3.self_attn.v_proj.lora_B.default.weight"],
+                       model.lora_weights.detach()[3, -v_out * 4:].view(v_out, 4))
+    peft_generation = local.generate(input_ids=prompt, **greedy)
+    assert not torch.equal(peft_generation, base_generation)  # the adapter changes what is generated
+    assert torch.equal(trained_generation, peft_generation)
+    with torch.no_grad():
+        peft_logits = local(input_ids=ids).logits
+
+    # a fast server of the whole model without the adapter, and two that serve it
+    with LocalSwarm(path, [(0, 4)]) as swarm:
+        for span in ((0, 2), (2, 4)):
+            swarm.add_server(span, "--adapters", str(adapter_dir))
+        served = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                 exact_wire=True, active_adapter="my-adapter")
+        assert torch.equal(served.generate(prompt, **greedy), peft_generation)
+        with torch.no_grad():
+            assert rel_err(served(ids).logits, peft_logits) < 1e-4
+        plain = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=True)
+        assert torch.equal(plain.generate(prompt, **greedy), base_generation)
+        served.shutdown()
+        plain.shutdown()
+        missing = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                  active_adapter="not-served")
+        with pytest.raises(NoChainError, match="with adapter 'not-served'"):
+            missing.generate(prompt, max_new_tokens=2)
+        missing.shutdown()

@@ -84,6 +84,16 @@ def test_banned_servers_are_not_chosen_and_missing_blocks_are_named():
         make_chain(offline)
 
 
+def test_only_servers_with_the_requested_adapter_are_chosen():
+    # the fast whole-model server lacks the adapter: without one it wins, with one the chain avoids it
+    swarm = state(4, whole=server(0, 4, 100.0), left=server(0, 2, adapters=("mine",)),
+                  right=server(2, 4, adapters=("mine", "other")))
+    assert [l.peer_id for l in make_chain(swarm)] == ["whole"]
+    assert [l.peer_id for l in make_chain(swarm, adapter="mine")] == ["left", "right"]
+    with pytest.raises(NoChainError, match=r"block\(s\) 0-1 of 4 with adapter 'other'"):
+        make_chain(swarm, adapter="other")
+
+
 def test_ties_spread_load():
     swarm = state(4, **{f"twin{i}": server(0, 4) for i in range(4)})
     rng = random.Random(2)

@@ -23,7 +23,8 @@ HIDDEN = 64
 def swarm(checkpoints):
     path = checkpoints("llama")
     with LocalSwarm(path, [(0, 4)], server_args=["--max-sessions", "3", "--cache-tokens", "256",
-                                                 "--max-length", "128", "--session-timeout", "3"]) as swarm:
+                                                 "--max-length", "128", "--session-timeout", "3",
+                                                 "--lora-cache-mb", "0.05"]) as swarm:
         client = SwarmClient(swarm.initial_peers, Checkpoint(path).model_id, 4)
         (peer,) = client.swarm_state().online()
         yield swarm, client, peer, BlockSpan.from_pretrained(path, 0, 4)
@@ -139,9 +140,13 @@ def test_forward_and_backward_validate_too(swarm):
         call("forward", {"hidden": x, "prompts": torch.randn(3, 1, 2, HIDDEN)}, {"start": 0, "end": 4})
     with pytest.raises(RemoteError, match="prompts must be finite"):
         call("forward", {"hidden": x, "prompts": torch.full((4, 1, 2, HIDDEN), float("nan"))}, {"start": 0, "end": 4})
-    with pytest.raises(RemoteError, match="not inference"):
-        RawSession(client, peer).send(span_request({"hidden": x, "prompts": torch.randn(4, 1, 2, HIDDEN)},
-                                                   {"start": 0, "end": 4, "max_length": 8}, exact=True))
+    opened = RawSession(client, peer)  # prompts come with a session's first step, not later ones
+    opened.step(x[:, :2], {"start": 0, "end": 4, "max_length": 8})
+    with pytest.raises(RemoteError, match="or an inference session's first step"):
+        opened.send(span_request({"hidden": x[:, 2:3], "prompts": torch.randn(4, 1, 1, HIDDEN)}, {}, exact=True))
+    opened.close()
+    with pytest.raises(RemoteError, match="does not serve adapter 'someone-elses'; it serves none"):
+        call("forward", {"hidden": x}, {"start": 0, "end": 4, "adapter": "someone-elses"})
     lora = {"targets": ["q_proj"], "rank": 2, "alpha": 4.0}
     per_block = 2 * (HIDDEN + HIDDEN)  # q_proj: A [2, 64] and B [64, 2]
     with pytest.raises(RemoteError, match="unknown target modules \\['w_nothing'\\]"):
@@ -183,3 +188,36 @@ def test_server_full_then_freed_and_idle_sessions_expire(swarm):
         sessions[1].step(x)
     status = info(client, peer)
     assert status["sessions"] == 0 and status["cache_tokens_left"] == 256
+
+
+def test_lora_weights_are_cached_by_hash_within_a_bounded_budget(swarm):
+    """Training clients send their LoRA weights once per update; many of them at once cannot make the
+    server hold more than --lora-cache-mb (0.05 MB here, room for 12 sets of these weights)."""
+    from shards.lora import content_hash
+    _, client, peer, span = swarm
+    process = psutil.Process(int(swarm[0].servers[0].process.pid))
+    x = torch.randn(1, 4, HIDDEN)
+    config = {"targets": ["q_proj"], "rank": 2, "alpha": 4.0}
+
+    def forward(weights, key=None):
+        meta = {"start": 0, "end": 4, "lora": {**config, "hash": key or content_hash(weights)}}
+        tensors = {"hidden": x, "lora": None if key else weights}
+        return read_output(loop.run(client.call(peer, "forward", span_request(tensors, meta, exact=True))), x)[0]
+
+    first = torch.randn(4, 256) * 0.1
+    with_weights = forward(first)
+    assert not torch.allclose(with_weights, span(x), atol=1e-4)  # the weights matter
+    assert torch.equal(forward(first, key=content_hash(first)), with_weights)  # by hash: the same result
+    with pytest.raises(RemoteError, match="lora weights not cached: '0+' is not on this server"):
+        forward(first, key="0" * 32)
+
+    rss_before = process.memory_info().rss
+    for i in range(200):  # 200 clients' updates of 4 KB each: 800 KB sent, at most 52 KB kept
+        forward(torch.randn(4, 256) * 0.1)
+        if i % 50 == 0:
+            assert info(client, peer)["lora_cache_bytes"] <= 0.05 * 2**20
+    assert 0.04 * 2**20 < info(client, peer)["lora_cache_bytes"] <= 0.05 * 2**20
+    with pytest.raises(RemoteError, match="lora weights not cached"):  # the oldest were let go
+        forward(first, key=content_hash(first))
+    assert torch.equal(forward(first), with_weights)  # and are accepted again when resent
+    assert process.memory_info().rss - rss_before < 32 * 2**20

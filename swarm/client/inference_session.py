@@ -13,7 +13,7 @@ import torch
 
 from routing import ChainLink
 from swarm.client import loop
-from swarm.client.messages import optional_inputs, read_output, span_request
+from swarm.client.messages import block_slice, optional_inputs, read_output, span_request
 from swarm.client.swarm_client import ServerStream, SwarmClient
 from swarm.protocol import ServerFullError
 
@@ -21,16 +21,23 @@ logger = logging.getLogger(__name__)
 
 
 class _ServerSession:
-    def __init__(self, link: ChainLink, stream: ServerStream, max_length: int):
+    def __init__(self, link: ChainLink, stream: ServerStream, max_length: int, block_inputs: dict | None = None,
+                 block_meta: dict | None = None):
         self.link, self.stream, self.max_length = link, stream, max_length
+        # deep prompts / LoRA weights for this server's blocks, sent with the first step only
+        self.block_inputs, self.block_meta = block_inputs or {}, block_meta or {}
         self.opened = False
         self.history: list[tuple[torch.Tensor, dict]] = []  # (hidden, extra) of every step sent here
 
     async def step(self, hidden: torch.Tensor, extra: dict, *, exact: bool, timeout: float,
                    client: SwarmClient) -> torch.Tensor:
-        meta = {} if self.opened else {"start": self.link.start, "end": self.link.end, "max_length": self.max_length}
-        meta.update(client.payment_meta(self.link.peer_id))
-        response = await self.stream.request(span_request({"hidden": hidden, **extra}, meta, exact=exact), timeout)
+        if self.opened:
+            meta, tensors = client.payment_meta(self.link.peer_id), {"hidden": hidden, **extra}
+        else:
+            meta = {"start": self.link.start, "end": self.link.end, "max_length": self.max_length,
+                    **self.block_meta, **client.span_meta(self.link.peer_id)}
+            tensors = {"hidden": hidden, **extra, **self.block_inputs}
+        response = await self.stream.request(span_request(tensors, meta, exact=exact), timeout)
         self.opened = True
         output, response_meta = read_output(response, hidden)
         client.record_work(self.link.peer_id, response_meta, hidden.shape[0] * hidden.shape[1],
@@ -52,6 +59,8 @@ class InferenceSession:
         self.client, self.max_length, self.exact = client, max_length, exact
         self.position = 0
         self._sessions: list[_ServerSession] = []
+        self.block_inputs: dict[str, torch.Tensor | None] = {}  # name -> [num_blocks, ...], see step()
+        self.block_meta: dict = {}
         self.failovers = 0
         self.closed = False
 
@@ -60,10 +69,18 @@ class InferenceSession:
         return [s.link for s in self._sessions]
 
     def step(self, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [batch, new_tokens, hidden_size] of the new tokens -> the last block's output for them."""
+             position_ids: torch.Tensor | None = None, block_inputs: dict | None = None,
+             block_meta: dict | None = None) -> torch.Tensor:
+        """hidden [batch, new_tokens, hidden_size] of the new tokens -> the last block's output for them.
+
+        On the first step, ``block_inputs`` (deep "prompts" [num_blocks, batch, prefix, hidden] and/or "lora"
+        weights [num_blocks, per-block numel]) and ``block_meta`` go to each server for its blocks and hold
+        for the whole session (a replacement server gets them again)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
+        if block_inputs and self.position == 0:
+            self.block_inputs = {k: None if v is None else v.detach().cpu() for k, v in block_inputs.items()}
+            self.block_meta = dict(block_meta or {})
         batch, length = hidden.shape[:2]
         if self.position + length > self.max_length:
             raise ValueError(f"{self.position} + {length} tokens exceed the session's max_length {self.max_length}; "
@@ -108,7 +125,8 @@ class InferenceSession:
         while block < end:
             link = (await self.client.chain(block, end))[0]
             try:
-                session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length)
+                session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length,
+                                         block_slice(self.block_inputs, link.start, link.end), self.block_meta)
                 if replay is not None:
                     output = await session.step(*replay, exact=self.exact, timeout=self.client.request_timeout,
                                                 client=self.client)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
+from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
 
 from swarm.protocol import pack_metadata, pack_tensors, unpack_metadata, unpack_tensors, wire_compression
 
@@ -10,11 +10,13 @@ MAX_RESPONSE_NUMEL = 1 << 30
 
 
 def span_request(tensors: dict[str, torch.Tensor | None], meta: dict, *, exact: bool) -> ExpertRequest:
-    """``tensors`` in wire order (hidden first); None values are left out and not named."""
+    """``tensors`` in wire order (hidden first); None values are left out and not named. LoRA weights go
+    uncompressed: the server keys them by the hash of exactly these bytes, and training needs them exact."""
     present = {name: t for name, t in tensors.items() if t is not None}
     compression = wire_compression(present["hidden"].dtype, exact)
-    return ExpertRequest(tensors=pack_tensors(list(present.values()), compression),
-                         metadata=pack_metadata({**meta, "tensors": list(present)}))
+    packed = [pack_tensors([t], CompressionType.NONE if name == "lora" else compression)[0]
+              for name, t in present.items()]
+    return ExpertRequest(tensors=packed, metadata=pack_metadata({**meta, "tensors": list(present)}))
 
 
 def read_output(response: ExpertResponse, like: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -32,6 +34,11 @@ def read_outputs(response: ExpertResponse, likes: list[torch.Tensor]) -> tuple[l
         if output.shape != like.shape:
             raise ValueError(f"server returned shape {list(output.shape)}, expected {list(like.shape)}")
     return [o.to(device=l.device, dtype=l.dtype) for o, l in zip(outputs, likes)], unpack_metadata(response.metadata)
+
+
+def block_slice(block_tensors: dict, start: int, end: int, offset: int = 0) -> dict:
+    """The rows of blocks [start, end) of tensors whose first dimension is blocks [offset, ...)."""
+    return {name: None if t is None else t[start - offset:end - offset].contiguous() for name, t in block_tensors.items()}
 
 
 def wire_round(tensor: torch.Tensor, exact: bool) -> torch.Tensor:

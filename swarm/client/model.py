@@ -7,6 +7,7 @@ the chain) unless one is already open with ``model.inference_session(...)``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Iterator, Sequence
 
@@ -18,6 +19,8 @@ from shards import Checkpoint, ClientModules
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_forward
 from swarm.client.swarm_client import SwarmClient
+
+logger = logging.getLogger(__name__)
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -91,13 +94,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         in_session = self._session is not None and use_cache is not False
         inputs_embeds, attention_mask, position_ids, prefix = self._add_prompts(
             inputs_embeds, attention_mask, position_ids, first=not in_session or self._session.position == 0)
-        if in_session:
-            if self.tuning_mode == "deep_ptune":
-                raise NotImplementedError("deep prompts are applied in forward/backward (training); generate with "
-                                          "tuning_mode='ptune' or without prompts")
-            if self.lora_config:
-                raise NotImplementedError("LoRA weights are applied in forward/backward (training) only so far")
-            hidden = self._session.step(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        if in_session:  # deep prompts and LoRA weights go to the servers when the session opens
+            lora = {"lora": self.lora_weights} if self.lora_config else {}
+            hidden = self._session.step(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                        block_inputs={"prompts": self._deep_prompts(inputs_embeds.shape[0]), **lora},
+                                        block_meta={"lora": self.lora_config} if self.lora_config else {})
         else:
             lora = dict(lora=self.lora_weights, lora_config=self.lora_config) if self.lora_config else {}
             hidden = remote_forward(self.swarm, inputs_embeds, attention_mask=attention_mask,
@@ -120,6 +121,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         from shards.lora import model_lora_layout
         if lora_config is None:
             raise ValueError("tuning_mode='lora' needs lora_config=peft.LoraConfig(r=..., target_modules=[...])")
+        if isinstance(lora_config.target_modules, str):
+            raise ValueError("target_modules must list module names (e.g. ['q_proj', 'v_proj']), not a regex")
+        if getattr(lora_config, "use_dora", False) or lora_config.bias != "none":
+            raise ValueError("DoRA and LoRA biases are not supported through the swarm")
+        if lora_config.lora_dropout:
+            logger.warning(f"lora_dropout={lora_config.lora_dropout} is ignored: servers apply LoRA without dropout")
         targets = sorted(lora_config.target_modules)
         layout = model_lora_layout(self.config, targets)
         rank = lora_config.r
@@ -131,7 +138,29 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 rows += [a.flatten(), torch.zeros(out_features * rank)]
         self.lora_weights = torch.nn.Parameter(torch.cat(rows).view(self.config.num_hidden_layers, -1))
         self.lora_layout = layout
-        self.lora_config = {"targets": targets, "rank": rank, "alpha": float(lora_config.lora_alpha)}
+        # servers scale by alpha / rank; rsLoRA's alpha / sqrt(rank) is the same with a larger alpha
+        alpha = lora_config.lora_alpha * (math.sqrt(rank) if lora_config.use_rslora else 1.0)
+        self.lora_config = {"targets": targets, "rank": rank, "alpha": float(alpha)}
+        self.peft_config = lora_config
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """With tuning_mode="lora": write the trained adapter as a standard peft adapter directory
+        (adapter_config.json + adapter_model.safetensors), which ``PeftModel.from_pretrained`` and
+        ``cocoon serve --adapters`` load. The blocks themselves stay on the servers."""
+        if self.lora_config is None:
+            raise NotImplementedError("save_pretrained writes a LoRA adapter (tuning_mode='lora'); for prompts, "
+                                      "torch.save(model.prompt_embeddings.state_dict(), path)")
+        import copy
+
+        from safetensors.torch import save_file
+
+        from shards.lora import ADAPTER_WEIGHTS, peft_state_dict
+        os.makedirs(save_directory, exist_ok=True)
+        config = copy.deepcopy(self.peft_config)
+        config.base_model_name_or_path = self.config._name_or_path
+        config.save_pretrained(save_directory)
+        state = peft_state_dict(self.lora_weights, self.lora_layout, self.lora_config["rank"])
+        save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     def _add_prompts(self, embeds, attention_mask, position_ids, first: bool):
         """Prepend the trainable prefix (on the first call of a sequence) and shift masks and positions."""
@@ -177,7 +206,7 @@ class AutoDistributedModelForCausalLM:
                         request_timeout: float = 60.0, wallet=None, contract: str | None = None,
                         chain_id: int | None = None, spot_check_rate: float = 0.0, spot_check_seed: int | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int = 0, lora_config=None,
-                        **hub_kwargs) -> DistributedModelForCausalLM:
+                        active_adapter: str | None = None, **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
         ``exact_wire=True`` keeps float32 activations in float32 on the wire (default: 16-bit).
@@ -186,12 +215,18 @@ class AutoDistributedModelForCausalLM:
         ``spot_check_rate``: the fraction of inference steps re-run on other servers holding the same blocks
         (e.g. 0.05); a server found wrong is banned, unpaid, and the evidence is published in the DHT.
         ``tuning_mode``: "ptune" (a trainable prefix of ``pre_seq_len`` embeddings) or "deep_ptune" (plus a
-        trainable prefix added before every remote block); the blocks stay frozen on the servers.
+        trainable prefix added before every remote block) or "lora" (client-owned LoRA weights for every
+        block, from ``lora_config``, a peft LoraConfig); the blocks stay frozen on the servers.
+        ``active_adapter``: the name of a LoRA adapter the servers serve (``cocoon serve --adapters``); only
+        servers holding it are used.
         """
+        if active_adapter is not None and tuning_mode == "lora":
+            raise ValueError("use either a served adapter (active_adapter) or train your own (tuning_mode='lora')")
         checkpoint = Checkpoint(model, **hub_kwargs)
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
         swarm = SwarmClient(initial_peers, model_id or checkpoint.model_id, checkpoint.config.num_hidden_layers,
                             request_timeout=request_timeout)
+        swarm.adapter = active_adapter
         if wallet is not None:
             from incentives.vouchers import Domain
             from swarm.client.payments import Payments

@@ -9,27 +9,48 @@ from __future__ import annotations
 import torch
 
 from routing import ChainLink
+from shards.lora import content_hash
 from swarm.client import loop
+from swarm.client.messages import block_slice as _slice
 from swarm.client.messages import optional_inputs, read_outputs, span_request
 from swarm.client.swarm_client import SwarmClient
+from swarm.protocol import RemoteError
 
 BLOCK_TENSORS = ("prompts", "lora")  # wire order
 
 
 async def _call_span(client: SwarmClient, link: ChainLink, handler: str, tensors: dict, likes: list,
                      exact: bool, meta: dict) -> list[torch.Tensor]:
-    meta = {"start": link.start, "end": link.end, **meta, **client.payment_meta(link.peer_id)}
-    request = span_request(tensors, meta, exact=exact)
+    meta = {"start": link.start, "end": link.end, **meta, **client.span_meta(link.peer_id)}
+    lora = tensors.get("lora")
+    if lora is None:
+        return await _request(client, link, handler, tensors, likes, exact, meta)
+    # LoRA weights cross the network once per update: afterwards the server knows them by their hash
+    key = content_hash(lora)
+    meta["lora"] = {**meta["lora"], "hash": key}
+    sent = client.lora_sent.setdefault(link.peer_id, [])
+    if key in sent:
+        try:
+            return await _request(client, link, handler, {**tensors, "lora": None}, likes, exact, meta)
+        except RemoteError as e:
+            if "lora weights not cached" not in str(e):
+                raise
+            sent.remove(key)  # the server let them go to make room: send them again
+    outputs = await _request(client, link, handler, tensors, likes, exact, meta)
+    sent.append(key)
+    del sent[:-4]
+    return outputs
+
+
+async def _request(client: SwarmClient, link: ChainLink, handler: str, tensors: dict, likes: list, exact: bool,
+                   meta: dict) -> list[torch.Tensor]:
     hidden = tensors["hidden"]
-    outputs, response_meta = read_outputs(await client.call(link.peer_id, handler, request), likes)
+    outputs, response_meta = read_outputs(await client.call(link.peer_id, handler,
+                                                            span_request(tensors, meta, exact=exact)), likes)
     client.bans.succeeded(link.peer_id)
     client.record_work(link.peer_id, response_meta, hidden.shape[0] * hidden.shape[1], link.end - link.start,
                        backward=handler == "backward")
     return outputs
-
-
-def _slice(block_tensors: dict, start: int, end: int, offset: int) -> dict:
-    return {name: None if t is None else t[start - offset:end - offset].contiguous() for name, t in block_tensors.items()}
 
 
 async def _forward_chain(client: SwarmClient, start: int, end: int, hidden: torch.Tensor, extra: dict, exact: bool,

@@ -33,6 +33,8 @@ class SpotChecker:
         self.steps[session.link.peer_id] = self.steps.get(session.link.peer_id, 0) + 1
         if self.rate <= 0 or self.rng.random() >= self.rate:
             return
+        if any(t is not None for t in session.block_inputs.values()):
+            return  # the client's own prompts or LoRA weights: re-checking would need them too (not yet)
         hidden_steps = [h for h, _ in session.history]
         if any(extra.get("position_ids") is not None or extra.get("attention_mask") is not None
                for _, extra in session.history):
@@ -82,7 +84,7 @@ class SpotChecker:
     async def _recompute(self, hops, inputs: torch.Tensor, exact: bool) -> torch.Tensor:
         hidden = inputs
         for peer_id, start, end in hops:
-            meta = {"start": start, "end": end, **self.client.payment_meta(peer_id)}
+            meta = {"start": start, "end": end, **self.client.span_meta(peer_id)}
             response = await self.client.call(peer_id, "forward", span_request({"hidden": hidden}, meta, exact=exact))
             hidden, response_meta = read_output(response, hidden)
             self.client.record_work(peer_id, response_meta, hidden.shape[0] * hidden.shape[1], end - start)

@@ -53,6 +53,8 @@ class SwarmClient:
         self.rng = random.Random()
         self.payments = None  # swarm.client.payments.Payments when this client pays servers
         self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
+        self.adapter: str | None = None  # a LoRA adapter served by the servers: only its holders are used
+        self.lora_sent: dict[str, list[str]] = {}  # peer -> hashes of LoRA weights it has (latest last)
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
@@ -86,17 +88,18 @@ class SwarmClient:
         """Servers for blocks [start, end), avoiding banned ones (see routing.make_chain)."""
         exclude = self.bans.banned() | set(banned)
         try:
-            return make_chain(await self.state(), start, end, banned=exclude, rng=self.rng, **kwargs)
+            return make_chain(await self.state(), start, end, banned=exclude, rng=self.rng, adapter=self.adapter,
+                              **kwargs)
         except LookupError:  # maybe a server joined or came back since the last snapshot
             state = await self.state(refresh=True)
         try:
-            return make_chain(state, start, end, banned=exclude, rng=self.rng, **kwargs)
+            return make_chain(state, start, end, banned=exclude, rng=self.rng, adapter=self.adapter, **kwargs)
         except LookupError:
             if not self.bans.banned() - set(banned):
                 raise
             # a server that failed a moment ago is a better bet than no server at all
             logger.warning(f"only recently failed servers hold blocks {start}:{end}; trying them again")
-            return make_chain(state, start, end, banned=set(banned), rng=self.rng, **kwargs)
+            return make_chain(state, start, end, banned=set(banned), rng=self.rng, adapter=self.adapter, **kwargs)
 
     def report_failure(self, peer_id: str, error: BaseException) -> None:
         seconds = self.bans.ban(peer_id)
@@ -116,6 +119,11 @@ class SwarmClient:
             return await stream.request(message, self.request_timeout)
         finally:
             stream.close()
+
+    def span_meta(self, peer_id: str) -> dict:
+        """Metadata of every request that starts work on a span: the adapter, and payment."""
+        meta = {"adapter": self.adapter} if self.adapter is not None else {}
+        return {**meta, **self.payment_meta(peer_id)}
 
     # ------------------------------------------------------------------ payment
     def payment_meta(self, peer_id: str) -> dict:

@@ -17,9 +17,10 @@ from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.verification import Attestation, array_hash, chain_hash
 from incentives.vouchers import Voucher
 from shards import BlockSpan
-from shards.lora import applied_lora, lora_layout, lora_numel
+from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
 from swarm.protocol import (ProtocolError, RemoteError, pack_metadata, pack_tensors, read_frame, unpack_metadata,
                             unpack_tensors, write_error, write_frame)
+from swarm.server.lora_cache import LoraCache
 from swarm.server.sessions import Session, SessionError, SessionTable
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,18 @@ class Inputs:
     wire_dtype: torch.dtype
     prompts: torch.Tensor | None = None  # deep prompt tuning: [blocks, batch, prefix, hidden]
     wire_hidden: torch.Tensor | None = None  # the hidden states exactly as received (what attestations hash)
-    lora: tuple | None = None  # (targets, rank, scale, weights [blocks, per-block numel]) for this request
+    lora: LoraWeights | None = None  # a client's trainable weights or a served adapter, for these blocks
+    lora_trainable: bool = False     # the client's own weights: backward returns their gradient
 
 
 class SpanHandler:
     def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]],
-                 ledger: ServerLedger | None = None):
+                 ledger: ServerLedger | None = None, adapters: dict[str, LoraWeights] | None = None,
+                 lora_cache: LoraCache | None = None):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         self.ledger = ledger  # None: this server works for free
+        self.adapters = adapters or {}  # served peft adapters by name, rows for this span's blocks
+        self.lora_cache = lora_cache or LoraCache(256 << 20)
         self.hidden_size = span.config.hidden_size
         self.max_bytes = limits.max_message_bytes(self.hidden_size)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")  # torch releases the GIL
@@ -116,9 +121,11 @@ class SpanHandler:
                 raise RequestError("server is shutting down: open the session elsewhere")
             start, end = self._blocks(meta)
             max_length = _int(meta, "max_length", 1, self.limits.max_length)
-            inputs = self._inputs(request, meta, past=0, max_length=max_length)
+            # deep prompts, LoRA weights or an adapter come with the first step and hold for the session
+            inputs = self._inputs(request, meta, past=0, max_length=max_length, blocks=(start, end))
             session = self.sessions.open(start=start, end=end, batch_size=inputs.hidden.shape[0],
                                          max_length=max_length, cache=self.span.new_cache())
+            session.lora = inputs.lora
             state["session"] = session
         else:
             session = self.sessions.get(session.session_id)
@@ -132,6 +139,7 @@ class SpanHandler:
                 raise RequestError(f"reorder must list {session.batch_size} row indices")
             await self._compute(session.cache.reorder_cache, torch.tensor(order, device=self.span.device))
         payer = self._charge_before(meta)
+        inputs.lora = session.lora
         output = await self._compute(self._run, inputs, session.cache, (session.start, session.end))
         session.length += inputs.hidden.shape[1]
         response = _response(output, inputs, {})
@@ -210,27 +218,28 @@ class SpanHandler:
     # ------------------------------------------------------------------ compute (in the executor)
     @torch.inference_mode()
     def _run(self, inputs: Inputs, cache, blocks: tuple[int, int]) -> torch.Tensor:
-        with self._lora(inputs, blocks, inputs.lora[3] if inputs.lora else None):
+        with self._lora(blocks, inputs.lora):
             return self.span(inputs.hidden, cache=cache, attention_mask=inputs.attention_mask,
                              position_ids=inputs.position_ids, blocks=blocks, prompts=inputs.prompts)
 
-    def _lora(self, inputs: Inputs, blocks: tuple[int, int], weights: torch.Tensor | None):
-        if weights is None:
-            return contextlib.nullcontext()
-        targets, rank, scale, _ = inputs.lora
-        return applied_lora(self.span, blocks, targets, rank, scale, weights.reshape(-1))
+    def _lora(self, blocks: tuple[int, int], lora: LoraWeights | None):
+        return contextlib.nullcontext() if lora is None else applied_lora(self.span, blocks, lora)
 
     def _run_backward(self, inputs: Inputs, blocks: tuple[int, int]) -> list[torch.Tensor]:
-        """Gradients w.r.t. the span's input, and w.r.t. the deep prompts when the request has them."""
+        """Gradients w.r.t. the span's input, and w.r.t. the deep prompts and the client's LoRA weights
+        when the request has them (a served adapter is frozen)."""
         hidden, grad_output = inputs.hidden
         with torch.enable_grad():
             hidden = hidden.detach().requires_grad_(True)
             prompts = None if inputs.prompts is None else inputs.prompts.detach().requires_grad_(True)
-            lora = None if inputs.lora is None else inputs.lora[3].detach().requires_grad_(True)
-            with self._lora(inputs, blocks, lora):
+            lora, trained = inputs.lora, None
+            if lora is not None and inputs.lora_trainable:
+                trained = lora.weights.detach().requires_grad_(True)
+                lora = LoraWeights(lora.targets, lora.rank, lora.scale, trained)
+            with self._lora(blocks, lora):
                 output = self.span(hidden, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
                                    blocks=blocks, prompts=prompts)
-            leaves = [t for t in (hidden, prompts, lora) if t is not None]
+            leaves = [t for t in (hidden, prompts, trained) if t is not None]
             return list(torch.autograd.grad(output, leaves, grad_output))
 
     # ------------------------------------------------------------------ validation
@@ -271,7 +280,8 @@ class SpanHandler:
         prompts = tensors.get("prompts")
         if prompts is not None:
             if blocks is None:
-                raise RequestError("deep prompts go with forward and backward requests, not inference")
+                raise RequestError("deep prompts go with forward and backward requests or an inference session's "
+                                   "first step")
             shape = (blocks[1] - blocks[0], batch, prompts.shape[2] if prompts.ndim == 4 else -1, self.hidden_size)
             if prompts.ndim != 4 or tuple(prompts.shape) != shape or not 1 <= shape[2] <= length:
                 raise RequestError(f"prompts must have shape [blocks {shape[0]}, batch {batch}, prefix <= {length}, "
@@ -279,16 +289,29 @@ class SpanHandler:
             if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
                 raise RequestError("prompts must be finite floating point values")
             prompts = prompts.to(self.span.dtype_).to(self.span.device)
-        lora = self._lora_inputs(tensors.get("lora"), meta, blocks)
-        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts, tensors["hidden"], lora)
+        lora, trainable = self._lora_inputs(tensors.get("lora"), meta, blocks)
+        return Inputs(hidden, position_ids, attention_mask, compression, wire_dtype, prompts, tensors["hidden"], lora,
+                      trainable)
 
-    def _lora_inputs(self, weights: torch.Tensor | None, meta: dict, blocks: tuple[int, int] | None):
-        """LoRA weights a client trains: [blocks, per-block numel] laid out as shards.lora describes."""
-        if weights is None:
-            return None
+    def _lora_inputs(self, weights: torch.Tensor | None, meta: dict,
+                     blocks: tuple[int, int] | None) -> tuple[LoraWeights | None, bool]:
+        """A served adapter picked by name, or a client's LoRA weights [blocks, per-block numel] (laid out as
+        shards.lora describes) sent as a tensor or named by the hash of weights sent before."""
+        adapter, config = meta.get("adapter"), meta.get("lora")
+        if adapter is None and config is None and weights is None:
+            return None, False
         if blocks is None:
-            raise RequestError("LoRA weights go with forward and backward requests, not inference")
-        config = meta.get("lora")
+            raise RequestError("LoRA weights and adapters go with forward and backward requests or an inference "
+                               "session's first step")
+        if adapter is not None:
+            if weights is not None or config is not None:
+                raise RequestError("send either an adapter name or LoRA weights, not both")
+            served = self.adapters.get(adapter) if isinstance(adapter, str) else None
+            if served is None:
+                raise RequestError(f"this server does not serve adapter {adapter!r}; it serves "
+                                   f"{sorted(self.adapters) or 'none'}")
+            rows = served.weights[blocks[0] - self.span.start:blocks[1] - self.span.start]
+            return LoraWeights(served.targets, served.rank, served.scale, rows), False
         if not (isinstance(config, dict) and isinstance(config.get("targets"), list) and config["targets"]
                 and all(isinstance(t, str) for t in config["targets"])):
             raise RequestError("metadata 'lora' must be {targets: [module names], rank, alpha}")
@@ -300,13 +323,22 @@ class SpanHandler:
             layout = lora_layout(self.span, blocks[0], config["targets"])
         except ValueError as e:
             raise RequestError(str(e)) from None
-        per_block = lora_numel(layout, rank, 1)
-        if weights.ndim != 2 or tuple(weights.shape) != (blocks[1] - blocks[0], per_block):
-            raise RequestError(f"lora weights must have shape [{blocks[1] - blocks[0]}, {per_block}] for rank {rank} "
-                               f"and targets {config['targets']}, got {list(weights.shape)}")
-        if not weights.is_floating_point() or not torch.isfinite(weights).all():
-            raise RequestError("lora weights must be finite floating point values")
-        return config["targets"], rank, alpha / rank, weights.to(self.span.dtype_).to(self.span.device)
+        shape = (blocks[1] - blocks[0], lora_numel(layout, rank, 1))
+        if weights is None:
+            key = config.get("hash")
+            stored = self.lora_cache.get(key) if isinstance(key, str) else None
+            if stored is None:
+                raise RequestError(f"lora weights not cached: {key!r} is not on this server; send the weights")
+        else:
+            if not weights.is_floating_point() or not torch.isfinite(weights).all():
+                raise RequestError("lora weights must be finite floating point values")
+            stored = weights.to(self.span.dtype_).to(self.span.device)
+        if tuple(stored.shape) != shape:
+            raise RequestError(f"lora weights must have shape {list(shape)} for rank {rank} and targets "
+                               f"{config['targets']}, got {list(stored.shape)}")
+        if weights is not None:
+            self.lora_cache.put(weights, stored)
+        return LoraWeights(config["targets"], rank, alpha / rank, stored), True
 
     def _hidden(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         if not tensor.is_floating_point():

@@ -14,9 +14,11 @@ import swarm
 from routing import ServerInfo, ServerState
 from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
+from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, fetch_swarm_state
 from swarm.server.handler import Limits, SpanHandler
+from swarm.server.lora_cache import LoraCache
 from swarm.server.sessions import SessionTable
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class ServerConfig:
     balance_threshold: float = 1.1    # move only if the swarm's throughput grows by more than this factor
     shutdown_grace: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    adapters: Sequence[str] = ()      # peft LoRA adapter directories (or hub repo ids) clients may pick by name
+    lora_cache_bytes: int = 256 << 20  # clients' LoRA weights kept by hash between a forward and its backward
     # payment: free when price is 0
     price: int = 0                    # wei per token x block
     backward_price: int | None = None  # default: the same as price
@@ -83,6 +87,7 @@ class Server:
             announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
             self.span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
                                                   device=config.device, progress=True)
+            self.adapters = self._load_adapters(self.span)
             self.per_block = get_throughput(self.span, self.model_id)
             self._set_throughput()
             self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
@@ -90,7 +95,8 @@ class Server:
             self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
                                          max_length=config.limits.max_length, timeout=config.session_timeout)
             self.ledger, self.redeemer = self._payments()
-            self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger)
+            self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger,
+                                       adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes))
             self.p2p = await self.dht.replicate_p2p()
             await self.handler.add_p2p_handlers(self.p2p)
             self.info.state = ServerState.ONLINE
@@ -125,6 +131,15 @@ class Server:
         estimate = known.for_blocks(num_blocks).decode_tokens_per_s if known else (
             sum(others) / len(others) if others else 1.0)
         return choose_span(state, num_blocks, estimate)
+
+    def _load_adapters(self, span: BlockSpan) -> dict[str, LoraWeights]:
+        adapters = {}
+        for name_or_path in self.config.adapters:
+            name, path = resolve_adapter(name_or_path)
+            adapters[name] = load_adapter(path, span)
+            print(f"Loaded adapter {name!r} for blocks [{span.start}, {span.end}) from {path}", flush=True)
+        self.info.adapters = tuple(adapters)
+        return adapters
 
     def _payments(self):
         """The ledger of what clients owe and the redeemer that settles it on chain (None, None when free)."""
@@ -173,9 +188,12 @@ class Server:
         new_span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=self.config.dtype, quant=self.config.quant,
                                              device=self.config.device, progress=True)
 
+        new_adapters = self._load_adapters(new_span)
+
         def swap():  # in the compute thread, so no request runs on a half-swapped span
             self.sessions.sessions.clear()
             self.handler.span = self.span = new_span
+            self.handler.adapters = self.adapters = new_adapters
 
         await self.handler._compute(swap)
         old = (self.info.start, self.info.end)
@@ -196,7 +214,8 @@ class Server:
         self.info.sessions = len(self.sessions.sessions)
         self.info.cache_tokens_left = self.sessions.tokens_left
         return {"model_id": self.model_id, "peer_id": self.peer_id, **self.info.to_wire(),
-                "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length}
+                "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length,
+                "lora_cache_bytes": self.handler.lora_cache.bytes if hasattr(self, "handler") else 0}
 
     def _announce(self) -> None:
         self.describe()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers.cache_utils import DynamicCache
 
@@ -22,6 +23,7 @@ class Session:
     cache: DynamicCache
     length: int = 0
     input_chain: bytes = b""  # chained hash of every step's input (see incentives.verification)
+    lora: Any = None          # shards.lora.LoraWeights given when the session opened
     last_active: float = field(default_factory=time.monotonic)
 
     @property

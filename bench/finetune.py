@@ -1,10 +1,12 @@
-"""Fine-tune a soft prompt through a loopback swarm on a small synthetic task, against the same run done
-locally with transformers, and print both loss curves and training throughput (forward + backward).
+"""Fine-tune a soft prompt or a LoRA adapter through a loopback swarm on a small synthetic task, against the
+same run done locally with transformers (+ peft), and print both loss curves and training throughput
+(forward + backward).
 
-    python bench/train_prompt.py [--steps 30] [--mode ptune|deep_ptune]
+    python bench/finetune.py [--steps 30] [--mode ptune|deep_ptune|lora]
 
 The task: continue a fixed repeating pattern of tokens. The blocks stay frozen on the servers; only the
-prompt (a few embeddings, or one prefix per block with deep_ptune) is trained, with Adam, same seed.
+prompt (a few embeddings, or one prefix per block with deep_ptune) or the LoRA weights of every block
+(rank 8 on q_proj and v_proj) are trained, with Adam, from the same initial values.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import torch
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--mode", default="ptune", choices=["ptune", "deep_ptune"])
+    parser.add_argument("--mode", default="ptune", choices=["ptune", "deep_ptune", "lora"])
     parser.add_argument("--prefix", type=int, default=4)
     args = parser.parse_args()
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
     from shards.testing import save_random_checkpoint
@@ -35,13 +38,22 @@ def main():
         data = torch.roll(data, shifts=1, dims=1)
         local = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         with LocalSwarm(tmp, [(0, 2), (2, 4)]) as swarm:
+            lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
             model = AutoDistributedModelForCausalLM.from_pretrained(
                 tmp, initial_peers=swarm.initial_peers, exact_wire=True, tuning_mode=args.mode,
-                pre_seq_len=args.prefix)
+                pre_seq_len=args.prefix, lora_config=lora)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            local_params = [torch.nn.Parameter(p.detach().clone()) for p in trainable]
+            if args.mode == "lora":  # peft with the same initial weights, through the adapter file format
+                lr = 0.01
+                model.save_pretrained(f"{tmp}/initial-adapter")
+                local = PeftModel.from_pretrained(local, f"{tmp}/initial-adapter", is_trainable=True)
+                local_params = [p for p in local.parameters() if p.requires_grad]
+                args.prefix = 0
+            else:
+                lr = 0.05
+                local_params = [torch.nn.Parameter(p.detach().clone()) for p in trainable]
             curves, seconds = {"swarm": [], "local": []}, {"swarm": 0.0, "local": 0.0}
-            optimizers = {"swarm": torch.optim.Adam(trainable, lr=0.05), "local": torch.optim.Adam(local_params, lr=0.05)}
+            optimizers = {"swarm": torch.optim.Adam(trainable, lr=lr), "local": torch.optim.Adam(local_params, lr=lr)}
             for step in range(args.steps):
                 batch = data[step % 4 * 2:step % 4 * 2 + 2]
                 for name in ("swarm", "local"):
@@ -49,6 +61,8 @@ def main():
                     start = time.perf_counter()
                     if name == "swarm":
                         logits = model(batch).logits
+                    elif args.mode == "lora":
+                        logits = local(input_ids=batch).logits
                     else:
                         logits = _local_logits(local, batch, local_params, args)
                     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
@@ -58,7 +72,8 @@ def main():
                     curves[name].append(loss.item())
             model.shutdown()
 
-    print(f"\n## Soft prompt ({args.mode}, {args.prefix} tokens) trained through 2 servers vs locally\n")
+    what = "LoRA rank 8 on q_proj, v_proj" if args.mode == "lora" else f"Soft prompt ({args.mode}, {args.prefix} tokens)"
+    print(f"\n## {what} trained through 2 servers vs locally\n")
     print("| step | swarm loss | local loss |")
     print("|---|---|---|")
     for step in range(0, args.steps, max(1, args.steps // 10)):
