@@ -22,6 +22,9 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--mode", default="ptune", choices=["ptune", "deep_ptune", "lora"])
     parser.add_argument("--prefix", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--length", type=int, default=20, help="tokens per sequence (batches of 2)")
     args = parser.parse_args()
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
@@ -31,13 +34,14 @@ def main():
     from swarm.local_swarm import LocalSwarm
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                               num_key_value_heads=4)
+        save_random_checkpoint(tmp, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
+                               num_attention_heads=8, num_key_value_heads=4)
         pattern = torch.tensor([5, 17, 42, 99, 7, 64])
-        data = pattern.repeat(8, 4)[:, :20]  # 8 sequences of a repeating pattern, 20 tokens each
+        data = pattern.repeat(8, args.length // 6 + 1)[:, :args.length]  # 8 sequences of a repeating pattern
         data = torch.roll(data, shifts=1, dims=1)
         local = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        with LocalSwarm(tmp, [(0, 2), (2, 4)]) as swarm:
+        half = args.layers // 2
+        with LocalSwarm(tmp, [(0, half), (half, args.layers)]) as swarm:
             lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
             model = AutoDistributedModelForCausalLM.from_pretrained(
                 tmp, initial_peers=swarm.initial_peers, exact_wire=True, tuning_mode=args.mode,
@@ -70,20 +74,26 @@ def main():
                     seconds[name] += time.perf_counter() - start
                     optimizers[name].step()
                     curves[name].append(loss.item())
+            lora_bytes = model.lora_weights.numel() * 4 if args.mode == "lora" else 0
             model.shutdown()
 
+    size = f"hidden {args.hidden}, {args.layers} blocks, batch 2 x {args.length} tokens"
     what = "LoRA rank 8 on q_proj, v_proj" if args.mode == "lora" else f"Soft prompt ({args.mode}, {args.prefix} tokens)"
-    print(f"\n## {what} trained through 2 servers vs locally\n")
+    print(f"\n## {what} trained through 2 servers vs locally ({size})\n")
     print("| step | swarm loss | local loss |")
     print("|---|---|---|")
     for step in range(0, args.steps, max(1, args.steps // 10)):
         print(f"| {step} | {curves['swarm'][step]:.4f} | {curves['local'][step]:.4f} |")
     print(f"| {args.steps - 1} | {curves['swarm'][-1]:.4f} | {curves['local'][-1]:.4f} |")
-    tokens = 2 * (20 + args.prefix) * args.steps
+    tokens = 2 * (args.length + args.prefix) * args.steps
     print("\n| training | tokens/s (forward + backward) |")
     print("|---|---|")
     for name in ("swarm", "local"):
         print(f"| {name} | {tokens / seconds[name]:.0f} |")
+    print(f"\nswarm / local: {seconds['local'] / seconds['swarm']:.2f}x")
+    if args.mode == "lora":
+        print(f"LoRA weights: {lora_bytes / 1024:.0f} KiB per update, sent with the forward only (the backward "
+              f"names them by hash)")
     print(f"\nfinal loss gap: {100 * abs(curves['swarm'][-1] - curves['local'][-1]) / curves['local'][-1]:.3f}%")
 
 
