@@ -166,6 +166,8 @@ def resolve_adapter(name_or_path: str) -> tuple[str, Path]:
     path = Path(name_or_path)
     if path.is_dir():
         return path.resolve().name, path
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name_or_path):
+        raise FileNotFoundError(f"no adapter directory at {name_or_path!r} (and it is not a hub repo id)")
     from huggingface_hub import snapshot_download
     local = snapshot_download(name_or_path, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     return name_or_path, Path(local)

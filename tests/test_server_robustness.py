@@ -211,11 +211,16 @@ def test_lora_weights_are_cached_by_hash_within_a_bounded_budget(swarm):
     with pytest.raises(RemoteError, match="lora weights not cached: '0+' is not on this server"):
         forward(first, key="0" * 32)
 
+    async def concurrent_updates(n):  # as from n clients training at once, each with its own weights
+        requests = [span_request({"hidden": x, "lora": w}, {"start": 0, "end": 4, "lora": config}, exact=True)
+                    for w in torch.randn(n, 4, 256) * 0.1]
+        return await asyncio.gather(*(client.call(peer, "forward", r) for r in requests))
+
     rss_before = process.memory_info().rss
-    for i in range(200):  # 200 clients' updates of 4 KB each: 800 KB sent, at most 52 KB kept
-        forward(torch.randn(4, 256) * 0.1)
-        if i % 50 == 0:
-            assert info(client, peer)["lora_cache_bytes"] <= 0.05 * 2**20
+    for _ in range(25):  # 200 updates of 4 KB each, 8 at a time: 800 KB sent, at most 52 KB kept
+        responses = loop.run(concurrent_updates(8))
+        assert all(read_output(r, x)[0].shape == x.shape for r in responses)
+        assert info(client, peer)["lora_cache_bytes"] <= 0.05 * 2**20
     assert 0.04 * 2**20 < info(client, peer)["lora_cache_bytes"] <= 0.05 * 2**20
     with pytest.raises(RemoteError, match="lora weights not cached"):  # the oldest were let go
         forward(first, key=content_hash(first))
