@@ -2,7 +2,7 @@
 same run done locally with transformers (+ peft), and print both loss curves and training throughput
 (forward + backward).
 
-    python bench/finetune.py [--steps 30] [--mode ptune|deep_ptune|lora]
+    python bench/finetune.py [--steps 30] [--mode ptune deep_ptune lora]
 
 The task: continue a fixed repeating pattern of tokens. The blocks stay frozen on the servers; only the
 prompt (a few embeddings, or one prefix per block with deep_ptune) or the LoRA weights of every block
@@ -20,12 +20,18 @@ import torch
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--mode", default="ptune", choices=["ptune", "deep_ptune", "lora"])
+    parser.add_argument("--mode", nargs="+", default=["ptune", "lora"], choices=["ptune", "deep_ptune", "lora"],
+                        help="what to train; each mode is a run of its own (default: a soft prompt, then LoRA)")
     parser.add_argument("--prefix", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--length", type=int, default=20, help="tokens per sequence (batches of 2)")
     args = parser.parse_args()
+    for mode in args.mode:
+        run(argparse.Namespace(**{**vars(args), "mode": mode}))
+
+
+def run(args):
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
