@@ -1,4 +1,6 @@
 """LoRA on the remote blocks, trained by the client: gradients equal transformers + peft on the same weights."""
+import signal
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -6,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
+from tests.test_failover import Saboteur
 
 pytestmark = pytest.mark.slow
 
@@ -86,9 +89,10 @@ def test_adapter_trained_saved_and_served_generates_as_peft(checkpoints, tmp_pat
     prompt = ids[:, :4]
     greedy = dict(max_new_tokens=24, do_sample=False)
     adapter_dir = tmp_path / "my-adapter"
-    with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
+    with LocalSwarm(path, [(0, 2), (2, 4), (2, 4)]) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
-                                                                exact_wire=True, tuning_mode="lora", lora_config=config)
+                                                                exact_wire=True, tuning_mode="lora", lora_config=config,
+                                                                request_timeout=4.0)
         optimizer = torch.optim.Adam([model.lora_weights], lr=0.05)
         losses = []
         for _ in range(8):  # learn to continue the prompt as `ids` does
@@ -99,7 +103,12 @@ def test_adapter_trained_saved_and_served_generates_as_peft(checkpoints, tmp_pat
             losses.append(loss.item())
         assert losses[-1] < 0.8 * losses[0]
         model.save_pretrained(adapter_dir)
-        trained_generation = model.generate(prompt, **greedy)  # client-owned weights in an inference session
+        # client-owned weights in an inference session; a server killed mid-generation is replaced, and the
+        # replacement gets the LoRA weights with the replayed history
+        saboteur = Saboteur(model, swarm, after=10, action=lambda server: server.signal(signal.SIGKILL))
+        with model.inference_session(max_length=prompt.shape[1] + 24) as session:
+            trained_generation = model.generate(prompt, streamer=saboteur, **greedy)
+            assert session.failovers >= 1
         model.shutdown()
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
