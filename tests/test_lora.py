@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
 from tests.test_failover import Saboteur
+from tests.test_swarm_ops import status
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +129,9 @@ def test_adapter_trained_saved_and_served_generates_as_peft(checkpoints, tmp_pat
     with LocalSwarm(path, [(0, 4)]) as swarm:
         for span in ((0, 2), (2, 4)):
             swarm.add_server(span, "--adapters", str(adapter_dir))
+        code, table = status(swarm, path)
+        assert code == 0 and "adapter my-adapter" in table and table.rstrip().endswith("every block is served")
+        assert [line.split()[-1] for line in table.splitlines() if line.startswith("adapter ")] == ["####"]
         served = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
                                                                  exact_wire=True, active_adapter="my-adapter")
         assert torch.equal(served.generate(prompt, **greedy), peft_generation)
