@@ -4,10 +4,12 @@ spot-checks on top; then gas per redemption and per slash.
 
     python bench/incentives_overhead.py
 
-Same weights, same servers, same process, greedy, float32, batch 1. Each row is the median of 3 runs.
+Same weights, greedy, float32, batch 1, 48 new tokens. A free swarm and a priced one run side by side and
+the configurations take turns; each row is the median of 7 rounds.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -17,23 +19,30 @@ from pathlib import Path
 import torch
 
 ETH = 10**18
+ROUNDS = 7
 
 
-def tokens_per_s(model, ids, new_tokens=48, repeats=3) -> float:
-    model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-        rates.append(new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+def tokens_per_s(model, ids, new_tokens=48) -> float:
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def _price_args(priced: bool, index: int, tmp: str, node, settlement) -> list[str]:
+    if not priced:
+        return []
+    from incentives.wallet import create_wallet
+    keystore = Path(tmp) / f"server{index}.json"
+    account = create_wallet(keystore, "bench")
+    node.fund(account.address, ETH)
+    settlement.register(account, 1)
+    return ["--price", "1000", "--payout", str(keystore), "--chain-rpc", node.url, "--contract", settlement.address]
 
 
 def main():
     from incentives.contract import Settlement
     from incentives.devnode import DevNode
     from incentives.vouchers import Verdict, Voucher, sign
-    from incentives.wallet import create_wallet
     from shards.testing import save_random_checkpoint
     from swarm import AutoDistributedModelForCausalLM
     from swarm.local_swarm import LocalSwarm
@@ -48,35 +57,35 @@ def main():
         settlement.deposit(client, 10 * ETH)
         ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
         spans = [(0, 4), (4, 8), (0, 4), (4, 8)]  # two of each, so spot-checks have somewhere to go
-        for priced in (False, True):
-            args = []
-            for i in range(len(spans)):
-                if priced:
-                    keystore = Path(tmp) / f"s{i}-{time.monotonic_ns()}.json"
-                    account = create_wallet(keystore, "bench")
-                    node.fund(account.address, ETH)
-                    settlement.register(account, 1)
-                    args.append(["--price", "1000", "--payout", str(keystore), "--chain-rpc", node.url,
-                                 "--contract", settlement.address])
-                else:
-                    args.append([])
-            with LocalSwarm(tmp) as swarm:
-                servers = [swarm.add_server(span, *a, wait=False) for span, a in zip(spans, args)]
+        # both swarms stay up and the configurations take turns, so that drift in the machine's load
+        # falls on all of them alike
+        with contextlib.ExitStack() as stack:
+            swarms = {}
+            for priced in (False, True):
+                swarm = stack.enter_context(LocalSwarm(tmp))
+                servers = [swarm.add_server(span, *_price_args(priced, i, tmp, node, settlement), wait=False)
+                           for i, span in enumerate(spans)]
                 for server in servers:
                     server.wait_for("Server ready", 180)
-                configs = [("free swarm", {})] if not priced else [
-                    ("metering + vouchers", dict(wallet=client, contract=settlement.address,
-                                                 chain_id=node.w3.eth.chain_id)),
-                    ("metering + vouchers + 5% spot-checks", dict(wallet=client, contract=settlement.address,
-                                                                  chain_id=node.w3.eth.chain_id, spot_check_rate=0.05,
-                                                                  spot_check_seed=0))]
-                for name, kwargs in configs:
-                    model = AutoDistributedModelForCausalLM.from_pretrained(tmp, initial_peers=swarm.initial_peers,
-                                                                            **kwargs)
-                    with torch.no_grad():
-                        rows.append((name, tokens_per_s(model, ids)))
-                    model.shutdown()
-                    print(f"  {name}: {rows[-1][1]:.1f} tokens/s", flush=True)
+                swarms[priced] = swarm
+            paying = dict(wallet=client, contract=settlement.address, chain_id=node.w3.eth.chain_id)
+            configs = [("free swarm", False, {}), ("metering + vouchers", True, paying),
+                       ("metering + vouchers + 5% spot-checks", True,
+                        dict(paying, spot_check_rate=0.05, spot_check_seed=0))]
+            models = {name: AutoDistributedModelForCausalLM.from_pretrained(
+                tmp, initial_peers=swarms[priced].initial_peers, **kwargs) for name, priced, kwargs in configs}
+            rates = {name: [] for name in models}
+            with torch.no_grad():
+                for model in models.values():
+                    model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)  # warm-up
+                for round_ in range(ROUNDS):
+                    for name, model in models.items():
+                        rates[name].append(tokens_per_s(model, ids))
+                    print(f"  round {round_ + 1}/{ROUNDS}: " + ", ".join(
+                        f"{name} {rates[name][-1]:.1f}" for name in models), flush=True)
+            for model in models.values():
+                model.shutdown()
+            rows = [(name, statistics.median(r)) for name, r in rates.items()]
 
         # gas: one redemption of a fresh channel, one of a channel already paid once, one slash
         server, reporter = node.new_account(), node.new_account()
