@@ -130,3 +130,33 @@ def test_sequence_classification_matches_transformers(tmp_path):
         assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-5)
         assert rel_err(grads[0][2], grads[1][2]) < 1e-4
         model.shutdown()
+
+
+@torch.no_grad()
+def test_generate_with_deep_prompts_equals_local_recompute(swarm_and_local):
+    """During generate(), the deep prompts go to each server with the session's first step and apply to
+    the prefix positions held in its KV cache: the tokens equal a local greedy loop that recomputes the
+    whole sequence (prompts prepended and added before every layer) at every step."""
+    swarm, path, local = swarm_and_local
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, exact_wire=True,
+                                                            tuning_mode="deep_ptune", pre_seq_len=PREFIX)
+    model.prompt_embeddings.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    model.intermediate_prompt_embeddings.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    prompts = model.prompt_embeddings.weight
+    deep = model.intermediate_prompt_embeddings.weight.view(PREFIX, 4, -1).permute(1, 0, 2)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+
+    def local_greedy(deep_prompts):
+        sequence = ids
+        handles = deep_prompt_hooks(local, deep_prompts, PREFIX)
+        for _ in range(12):
+            embeds = torch.cat([prompts[None], local.get_input_embeddings()(sequence)], dim=1)
+            sequence = torch.cat([sequence, local(inputs_embeds=embeds).logits[:, -1:].argmax(-1)], dim=1)
+        for handle in handles:
+            handle.remove()
+        return sequence
+
+    expected = local_greedy(deep)
+    assert not torch.equal(expected, local_greedy(torch.zeros_like(deep)))  # the deep prompts matter
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None), expected)
+    model.shutdown()
