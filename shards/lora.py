@@ -64,22 +64,27 @@ def lora_numel(layout: list[tuple[str, int, int]], rank: int, num_blocks: int) -
     return num_blocks * sum(rank * (i + o) for _, i, o in layout)
 
 
+def split_row(row: torch.Tensor, layout: list[tuple[str, int, int]], rank: int) -> Iterator[tuple]:
+    """One block's row as (module name, A [rank, in], B [out, rank]) per target: views into ``row``."""
+    offset = 0
+    for name, in_features, out_features in layout:
+        a = row[offset:offset + rank * in_features].view(rank, in_features)
+        offset += rank * in_features
+        b = row[offset:offset + out_features * rank].view(out_features, rank)
+        offset += out_features * rank
+        yield name, a, b
+
+
 @contextlib.contextmanager
 def applied_lora(span: BlockSpan, blocks: tuple[int, int], lora: LoraWeights) -> Iterator[None]:
     """Within this block, the span's target modules of ``blocks`` add the LoRA update of ``lora``
     (whose rows are those blocks)."""
-    layout = lora_layout(span, blocks[0], lora.targets)
-    rank, scale, flat = lora.rank, lora.scale, lora.weights.reshape(-1)
-    handles, offset = [], 0
+    layout, scale = lora_layout(span, blocks[0], lora.targets), lora.scale
+    handles = []
     try:
-        for index in range(*blocks):
+        for index, row in zip(range(*blocks), lora.weights):
             modules = dict(span.layers[index - span.start].named_modules())
-            for name, in_features, out_features in layout:
-                a = flat[offset:offset + rank * in_features].view(rank, in_features)
-                offset += rank * in_features
-                b = flat[offset:offset + out_features * rank].view(out_features, rank)
-                offset += out_features * rank
-
+            for name, a, b in split_row(row, layout, lora.rank):
                 def hook(module, args, output, a=a, b=b):
                     return output + scale * (args[0].to(a.dtype) @ a.T @ b.T).to(output.dtype)
 
@@ -108,12 +113,7 @@ def peft_state_dict(weights: torch.Tensor, layout: list[tuple[str, int, int]], r
     """Rows [num_blocks, per-block numel] as the tensors of a peft adapter file (adapter name left out)."""
     state = {}
     for block, row in enumerate(weights.detach().cpu()):
-        offset = 0
-        for name, in_features, out_features in layout:
-            a = row[offset:offset + rank * in_features].view(rank, in_features)
-            offset += rank * in_features
-            b = row[offset:offset + out_features * rank].view(out_features, rank)
-            offset += out_features * rank
+        for name, a, b in split_row(row, layout, rank):
             state[f"{layer_prefix}.{block}.{name}.lora_A.weight"] = a.contiguous()
             state[f"{layer_prefix}.{block}.{name}.lora_B.weight"] = b.contiguous()
     return state
@@ -183,10 +183,9 @@ def load_adapter(path: str | Path, span: BlockSpan) -> LoraWeights:
         raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS} (save adapters with safetensors)")
     targets, rank = sorted(config["target_modules"]), int(config["r"])
     layout = lora_layout(span, span.start, targets)
-    wanted = {f".{block}.{name}.lora_{w}.weight" for block in range(span.start, span.end) for name, _, _ in layout
-              for w in "AB"}
     with safe_open(weights_file, framework="pt") as f:  # only this span's tensors are read
-        state = {key: f.get_tensor(key) for key in f.keys() if any(key.endswith(w) for w in wanted)}
+        state = {key: f.get_tensor(key) for key in f.keys()
+                 if (match := _PEFT_KEY.search(key)) and span.start <= int(match.group(1)) < span.end}
     rows = rows_from_peft(state, layout, rank, (span.start, span.end))
     scale = lora_scale(config.get("lora_alpha", rank), rank, config.get("use_rslora", False))
     return LoraWeights(targets, rank, scale, rows.to(span.dtype_).to(span.device))

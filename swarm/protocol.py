@@ -39,6 +39,10 @@ class CreditLimitError(RemoteError):
     """The server wants a newer voucher before it does more work."""
 
 
+class LoraNotCachedError(RemoteError):
+    """The server no longer holds the LoRA weights a request named by hash: send them again."""
+
+
 # ------------------------------------------------------------------ tensors
 def wire_compression(dtype: torch.dtype, exact: bool) -> int:
     """16-bit on the wire unless the tensor is float32 and the user asked for exactness."""
@@ -130,4 +134,6 @@ def raise_for_error(text: str) -> None:
         raise ServerFullError(text)
     if text.startswith("credit limit reached"):
         raise CreditLimitError(text)
+    if text.startswith("lora weights not cached"):
+        raise LoraNotCachedError(text)
     raise RemoteError(text)

@@ -14,7 +14,7 @@ from swarm.client import loop
 from swarm.client.messages import block_slice as _slice
 from swarm.client.messages import optional_inputs, read_outputs, span_request
 from swarm.client.swarm_client import SwarmClient
-from swarm.protocol import RemoteError
+from swarm.protocol import LoraNotCachedError
 
 BLOCK_TENSORS = ("prompts", "lora")  # wire order
 
@@ -32,9 +32,7 @@ async def _call_span(client: SwarmClient, link: ChainLink, handler: str, tensors
     if key in sent:
         try:
             return await _request(client, link, handler, {**tensors, "lora": None}, likes, exact, meta)
-        except RemoteError as e:
-            if "lora weights not cached" not in str(e):
-                raise
+        except LoraNotCachedError:
             sent.remove(key)  # the server let them go to make room: send them again
     outputs = await _request(client, link, handler, tensors, likes, exact, meta)
     sent.append(key)

@@ -87,19 +87,19 @@ class SwarmClient:
     async def chain(self, start: int = 0, end: int | None = None, banned: Sequence[str] = (), **kwargs) -> list[ChainLink]:
         """Servers for blocks [start, end), avoiding banned ones (see routing.make_chain)."""
         exclude = self.bans.banned() | set(banned)
+        kwargs = {"rng": self.rng, "adapter": self.adapter, **kwargs}
         try:
-            return make_chain(await self.state(), start, end, banned=exclude, rng=self.rng, adapter=self.adapter,
-                              **kwargs)
+            return make_chain(await self.state(), start, end, banned=exclude, **kwargs)
         except LookupError:  # maybe a server joined or came back since the last snapshot
             state = await self.state(refresh=True)
         try:
-            return make_chain(state, start, end, banned=exclude, rng=self.rng, adapter=self.adapter, **kwargs)
+            return make_chain(state, start, end, banned=exclude, **kwargs)
         except LookupError:
             if not self.bans.banned() - set(banned):
                 raise
             # a server that failed a moment ago is a better bet than no server at all
             logger.warning(f"only recently failed servers hold blocks {start}:{end}; trying them again")
-            return make_chain(state, start, end, banned=set(banned), rng=self.rng, adapter=self.adapter, **kwargs)
+            return make_chain(state, start, end, banned=set(banned), **kwargs)
 
     def report_failure(self, peer_id: str, error: BaseException) -> None:
         seconds = self.bans.ban(peer_id)
