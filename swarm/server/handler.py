@@ -25,6 +25,7 @@ from swarm.server.sessions import Session, SessionError, SessionTable
 
 logger = logging.getLogger(__name__)
 HANDLERS = ("inference", "forward", "backward", "info", "pay")
+LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang up
 OPTIONAL_INPUTS = ("position_ids", "attention_mask", "prompts", "lora")
 
 
@@ -105,6 +106,7 @@ class SpanHandler:
             finally:
                 if "session" in state:
                     self.sessions.close(state["session"].session_id)
+                await _caller_hung_up(reader)
                 writer.close()
 
         return handle
@@ -378,6 +380,15 @@ def _check_ints(tensor: torch.Tensor, name: str, shape: tuple[int, int], low: in
         raise RequestError(f"{name} must be int64 of shape {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
     if tensor.numel() and (tensor.min() < low or tensor.max() > high):
         raise RequestError(f"{name} values must lie in [{low}, {high}]")
+
+
+async def _caller_hung_up(reader: asyncio.StreamReader, seconds: float = LINGER_SECONDS) -> None:
+    """Wait (discarding whatever still arrives) until the caller closes its end. When the handler's end closes
+    first, p2pd may reset the stream before the last response has crossed it, and the caller sees a bare EOF."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            while await reader.read(1 << 16):
+                pass
 
 
 async def _suppress(awaitable: Awaitable) -> None:
