@@ -69,6 +69,27 @@ def test_server_dies_or_hangs_mid_generation(local_and_ids, how):
         model.shutdown()
 
 
+def test_a_dead_checker_is_not_blamed_on_the_server_it_checks(local_and_ids):
+    path, ids, expected, _ = local_and_ids
+    with LocalSwarm(path, [(0, 4), (0, 4)]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=True, spot_check_rate=1.0)
+        checker = model.swarm.spot_checker
+
+        def kill_the_checker(server_in_chain):
+            (other,) = [s for s in swarm.servers if s is not server_in_chain]
+            other.signal(signal.SIGKILL)
+            saboteur.victim = other
+
+        saboteur = Saboteur(model, swarm, after=10, action=kill_the_checker)
+        with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+            output = generate_with(model, ids, streamer=saboteur)
+            assert session.failovers == 0  # the server doing the work kept it
+        assert torch.equal(output, expected)
+        assert 10 <= checker.checked < NEW_TOKENS and model.swarm.bans.banned() == {saboteur.victim.peer_id}
+        model.shutdown()
+
+
 def _run(*command):
     subprocess.run(command, check=True, capture_output=True)
 

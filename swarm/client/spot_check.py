@@ -46,8 +46,10 @@ class SpotChecker:
         checkers = await self._checkers(link, exclude={link.peer_id})
         if not checkers:
             return  # nobody else holds these blocks: nothing to compare with
-        self.checked += 1
         first = await self._recompute(checkers[0], inputs, exact)
+        if first is None:
+            return
+        self.checked += 1
         limit = tolerance(*self._dtypes(link.peer_id, checkers[0], exact))
         if relative_error(claimed[:, -new:].numpy(), first[:, -new:].numpy()) <= limit:
             return
@@ -57,6 +59,8 @@ class SpotChecker:
             logger.warning(f"{link.peer_id} and a checker disagree on blocks {link.start}:{link.end}, no third server")
             return
         second = await self._recompute(thirds[0], inputs, exact)
+        if second is None:
+            return
         if relative_error(first[:, -new:].numpy(), second[:, -new:].numpy()) > limit:
             logger.warning(f"checkers disagree with each other on blocks {link.start}:{link.end}; no verdict")
             return
@@ -81,11 +85,17 @@ class SpotChecker:
         hops = [(l.peer_id, l.start, l.end) for l in chain]
         return [hops] if not exclude & {p for p, _, _ in hops} else []
 
-    async def _recompute(self, hops, inputs: torch.Tensor, exact: bool) -> torch.Tensor:
+    async def _recompute(self, hops, inputs: torch.Tensor, exact: bool) -> torch.Tensor | None:
+        """The checkers' output, or None when one of them failed (it is banned; the checked server is not blamed)."""
         hidden = inputs
         for peer_id, start, end in hops:
             meta = {"start": start, "end": end, **self.client.span_meta(peer_id)}
-            response = await self.client.call(peer_id, "forward", span_request({"hidden": hidden}, meta, exact=exact))
+            try:
+                response = await self.client.call(peer_id, "forward", span_request({"hidden": hidden}, meta,
+                                                                                   exact=exact))
+            except Exception as e:
+                self.client.report_failure(peer_id, e)
+                return None
             hidden, response_meta = read_output(response, hidden)
             self.client.record_work(peer_id, response_meta, hidden.shape[0] * hidden.shape[1], end - start)
         return wire_round(hidden, exact)
