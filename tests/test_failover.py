@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
@@ -66,6 +66,38 @@ def test_server_dies_or_hangs_mid_generation(local_and_ids, how):
             grads.append(inputs.grad)
         assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
         saboteur.victim.signal(signal.SIGKILL)
+        model.shutdown()
+
+
+class SabotageAfter(StoppingCriteria):
+    """Beam search takes no streamer: the saboteur is called once per generated position instead."""
+
+    def __init__(self, saboteur):
+        self.saboteur = saboteur
+        saboteur.put(None)  # stands for the prompt
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.saboteur.put(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def test_server_killed_mid_beam_search_with_every_step_spot_checked(local_and_ids):
+    """The servers' caches follow the beams; the replacement gets the history in the beams' current order,
+    and re-checks of reordered sessions agree with the honest servers that answered them."""
+    path, ids, _, local = local_and_ids
+    beams = dict(max_new_tokens=24, do_sample=False, num_beams=3, num_return_sequences=2, eos_token_id=None)
+    expected = local.generate(ids, **beams)
+    assert not torch.equal(expected[0], local.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)[0])
+    with LocalSwarm(path, [(0, 2), (2, 4), (2, 4), (2, 4)]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=True, spot_check_rate=1.0)
+        saboteur = Saboteur(model, swarm, after=10, action=lambda server: server.signal(signal.SIGKILL))
+        with model.inference_session(max_length=ids.shape[1] + 24) as session:
+            output = model.generate(ids, stopping_criteria=StoppingCriteriaList([SabotageAfter(saboteur)]), **beams)
+            assert session.failovers >= 1 and saboteur.victim is not None
+        assert torch.equal(output, expected)
+        checker = model.swarm.spot_checker
+        assert checker.checked >= 24 and not checker.convicted
         model.shutdown()
 
 

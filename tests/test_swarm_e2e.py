@@ -98,6 +98,20 @@ def test_sampling_penalties_padding_stop_tokens_and_streamer(swarm_and_models):
     assert streamed == tokenizer.decode(free_run, skip_special_tokens=True)
 
 
+def test_beam_search_on_a_padded_batch_equals_local(swarm_and_models):
+    """The servers' KV caches follow the surviving beams, as transformers reorders a local cache."""
+    _, remote, local, path = swarm_and_models
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    batch = tokenizer(["A swarm of bees", "Hi"], return_tensors="pt", padding=True)
+    beams = dict(max_new_tokens=16, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0,
+                 output_scores=True, return_dict_in_generate=True)
+    got, expected = remote.generate(**batch, **beams), local.generate(**batch, **beams)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.allclose(got.sequences_scores, expected.sequences_scores, rtol=1e-4)
+    greedy = local.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert not torch.equal(expected.sequences[::2], greedy)  # the beams mattered
+
+
 def test_inference_session_by_hand(swarm_and_models):
     _, remote, local, _ = swarm_and_models
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -28,6 +28,8 @@ class _ServerSession:
         self.block_inputs, self.block_meta = block_inputs or {}, block_meta or {}
         self.opened = False
         self.history: list[tuple[torch.Tensor, dict]] = []  # (hidden, extra) of every step sent here
+        self.pending_reorder: list[int] | None = None  # beam search: rows to reorder the cache by, next step
+        self.reordered = False  # the server's attestations name inputs in an older row order than history
 
     async def step(self, hidden: torch.Tensor, extra: dict, *, exact: bool, timeout: float,
                    client: SwarmClient) -> torch.Tensor:
@@ -37,6 +39,11 @@ class _ServerSession:
             meta = {"start": self.link.start, "end": self.link.end, "max_length": self.max_length,
                     **self.block_meta, **client.span_meta(self.link.peer_id)}
             tensors = {"hidden": hidden, **extra, **self.block_inputs}
+        if self.pending_reorder is not None:
+            # the history follows the rows first: a replacement replaying it then needs no reorder
+            self.history = [(h[self.pending_reorder], {k: None if v is None else v[self.pending_reorder]
+                                                      for k, v in e.items()}) for h, e in self.history]
+            meta["reorder"], self.pending_reorder, self.reordered = self.pending_reorder, None, True
         response = await self.stream.request(span_request(tensors, meta, exact=exact), timeout)
         self.opened = True
         output, response_meta = read_output(response, hidden)
@@ -67,6 +74,16 @@ class InferenceSession:
     @property
     def chain(self) -> list[ChainLink]:
         return [s.link for s in self._sessions]
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Row i of the batch continues what row ``order[i]`` was (beam search): every server reorders its
+        KV cache with the next step."""
+        order = [int(i) for i in order]
+        if not all(0 <= i < len(order) for i in order):
+            raise ValueError(f"reorder takes one row index per row of the batch, got {order}")
+        for session in self._sessions:
+            session.pending_reorder = order if session.pending_reorder is None else \
+                [session.pending_reorder[i] for i in order]
 
     def step(self, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, block_inputs: dict | None = None,

@@ -113,6 +113,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
+    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
+        """Beam search: the servers' KV caches follow the surviving beams (with the next step)."""
+        if self._session is not None:
+            self._session.reorder(beam_idx)
+        return cache
+
     def _init_lora(self, lora_config) -> None:
         """Client-owned LoRA weights for every remote block (peft's LoraConfig: r, lora_alpha, target_modules),
         one row per block in the layout of shards.lora: A initialised as peft does, B zeros."""

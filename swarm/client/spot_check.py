@@ -106,8 +106,10 @@ class SpotChecker:
         return dtypes + ([] if exact else ["float16"]) or ["float32"]
 
     def _evidence(self, session, inputs: torch.Tensor, claimed: torch.Tensor, meta: dict, error: float):
-        if "attestation" not in meta:
-            return None  # a free server signs nothing: banned by this client, but no public evidence
+        if "attestation" not in meta or session.reordered:
+            # a free server signs nothing; after a beam reorder the server's signed input chain names rows in
+            # the order it received them, not the reordered history: banned by this client, no public evidence
+            return None
         steps = [wire_round(h, True).float().numpy() for h, _ in session.history]
         return Evidence(self.client.model_id, session.link.peer_id, Attestation.from_wire(meta["attestation"]),
                         [s.tobytes() for s in steps], [tuple(s.shape) for s in steps],
