@@ -16,7 +16,6 @@ import numpy as np
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_keys import keys
-from eth_utils import keccak
 
 # Relative error (Frobenius norm) two honest computations of the same span may differ by, by the
 # coarsest dtype among the servers' weights and the wire. Measured differences between runs of the same
@@ -63,13 +62,9 @@ class Attestation:
                                    f"{self.input_hash.hex()}:{self.output_hash.hex()}")
 
     def signed(self, private_key) -> "Attestation":
-        """The same bytes as ``Account.sign_message(self._message(), private_key)`` (a deterministic
-        signature), in less time: a server signs one of these per response."""
-        text = self._message().body
-        digest = keccak(b"\x19Ethereum Signed Message:\n" + str(len(text)).encode() + text)
-        signature = _private_key(bytes(private_key)).sign_msg_hash(digest)
-        raw = signature.r.to_bytes(32, "big") + signature.s.to_bytes(32, "big") + bytes([signature.v + 27])
-        return Attestation(self.server, self.start, self.end, self.input_hash, self.output_hash, raw)
+        # a server signs one of these per response: the parsed key is cached (parsing derives the public key)
+        signature = bytes(Account.sign_message(self._message(), _private_key(bytes(private_key))).signature)
+        return Attestation(self.server, self.start, self.end, self.input_hash, self.output_hash, signature)
 
     def valid(self) -> bool:
         try:

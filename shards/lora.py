@@ -143,20 +143,25 @@ def rows_from_peft(state: dict[str, torch.Tensor], layout: list[tuple[str, int, 
     return torch.stack(rows)
 
 
+def check_lora_config(config: dict, source: str) -> None:
+    """Refuse what these hooks do not implement of a peft LoraConfig (as a dict or adapter_config.json)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: only LoRA adapters are supported, not {config.get('peft_type')}")
+    if config.get("use_dora") or config.get("fan_in_fan_out") or config.get("bias", "none") != "none":
+        raise ValueError(f"{source}: DoRA, fan_in_fan_out and LoRA biases are not supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"{source}: target_modules must be a list of module names (regular expressions are "
+                         f"not supported), got {targets!r}")
+
+
 def read_adapter_config(path: Path) -> dict:
     """peft's adapter_config.json, checked for what these hooks implement."""
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a peft adapter directory: no {ADAPTER_CONFIG}")
     config = json.loads(config_file.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: only LoRA adapters are supported, not {config.get('peft_type')}")
-    if config.get("use_dora") or config.get("fan_in_fan_out") or config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: DoRA, fan_in_fan_out and LoRA biases are not supported")
-    targets = config.get("target_modules")
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"{path}: target_modules must be a list of module names (regular expressions are "
-                         f"not supported), got {targets!r}")
+    check_lora_config(config, str(path))
     return config
 
 

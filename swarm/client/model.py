@@ -124,13 +124,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         one row per block in the layout of shards.lora: A initialised as peft does, B zeros."""
         import math
 
-        from shards.lora import model_lora_layout
+        from shards.lora import check_lora_config, lora_scale, model_lora_layout
         if lora_config is None:
             raise ValueError("tuning_mode='lora' needs lora_config=peft.LoraConfig(r=..., target_modules=[...])")
-        if isinstance(lora_config.target_modules, str):
-            raise ValueError("target_modules must list module names (e.g. ['q_proj', 'v_proj']), not a regex")
-        if getattr(lora_config, "use_dora", False) or lora_config.bias != "none":
-            raise ValueError("DoRA and LoRA biases are not supported through the swarm")
+        check_lora_config(lora_config.to_dict(), "lora_config")
         if lora_config.lora_dropout:
             logger.warning(f"lora_dropout={lora_config.lora_dropout} is ignored: servers apply LoRA without dropout")
         targets = sorted(lora_config.target_modules)
@@ -144,8 +141,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 rows += [a.flatten(), torch.zeros(out_features * rank)]
         self.lora_weights = torch.nn.Parameter(torch.cat(rows).view(self.config.num_hidden_layers, -1))
         self.lora_layout = layout
-        # servers scale by alpha / rank; rsLoRA's alpha / sqrt(rank) is the same with a larger alpha
-        alpha = lora_config.lora_alpha * (math.sqrt(rank) if lora_config.use_rslora else 1.0)
+        # servers scale by alpha / rank: rsLoRA's scale is sent as the alpha that gives it
+        alpha = lora_scale(lora_config.lora_alpha, rank, lora_config.use_rslora) * rank
         self.lora_config = {"targets": targets, "rank": rank, "alpha": float(alpha)}
         self.peft_config = lora_config
 

@@ -11,8 +11,7 @@ import torch
 from routing import ChainLink
 from shards.lora import content_hash
 from swarm.client import loop
-from swarm.client.messages import block_slice as _slice
-from swarm.client.messages import optional_inputs, read_outputs, span_request
+from swarm.client.messages import block_slice, optional_inputs, read_outputs, span_request
 from swarm.client.swarm_client import SwarmClient
 from swarm.protocol import LoraNotCachedError
 
@@ -57,7 +56,7 @@ async def _forward_chain(client: SwarmClient, start: int, end: int, hidden: torc
     and (link, input) of every hop taken."""
     hops = []
     for link in await client.chain(start, end):
-        own = _slice(block_tensors, link.start, link.end, start)
+        own = block_slice(block_tensors, link.start, link.end, start)
         try:
             (output,) = await _call_span(client, link, "forward", {"hidden": hidden, **extra, **own}, [hidden],
                                          exact, meta)
@@ -88,7 +87,7 @@ async def _backward_hop(client: SwarmClient, link: ChainLink, hidden: torch.Tens
         _, hops = await _forward_chain(client, link.start, link.end, hidden, extra, exact, own, meta, depth + 1)
         block_grads = {name: torch.zeros_like(t) for name, t in present.items()}
         for sub_link, sub_input in reversed(hops):
-            sub_own = _slice(own, sub_link.start, sub_link.end, link.start)
+            sub_own = block_slice(own, sub_link.start, sub_link.end, link.start)
             grad, sub_grads = await _backward_hop(client, sub_link, sub_input, grad, extra, exact, sub_own, meta,
                                                   depth + 1)
             for name, g in sub_grads.items():
@@ -115,7 +114,7 @@ class RemoteChainFunction(torch.autograd.Function):
             grad = grad_output.detach().cpu().contiguous()
             block_grads = {n: None if t is None else torch.zeros_like(t) for n, t in ctx.block_tensors.items()}
             for link, hidden in reversed(ctx.hops):
-                own = _slice(ctx.block_tensors, link.start, link.end, 0)
+                own = block_slice(ctx.block_tensors, link.start, link.end, 0)
                 grad, link_grads = await _backward_hop(ctx.client, link, hidden, grad, ctx.extra, ctx.exact, own,
                                                        ctx.meta)
                 for name, g in link_grads.items():
