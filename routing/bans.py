@@ -16,7 +16,7 @@ class BanList:
         """Record a failure; returns how many seconds the peer is banned for."""
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
-        seconds = min(self.base * 2 ** (failures - 1), self.max)
+        seconds = min(self.base * 2.0 ** min(failures - 1, 60), self.max)  # a bounded exponent: no overflow
         self._until[peer_id] = max(self._until.get(peer_id, 0.0), self.clock() + seconds)  # forever stays forever
         return seconds
 

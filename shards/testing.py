@@ -20,16 +20,21 @@ def tiny_config(family: str = "llama", *, hidden_size: int = 64, num_hidden_laye
 
 
 def save_random_checkpoint(path: str | Path, family: str = "llama", *, seed: int = 0,
-                           max_shard_size: str | int = "5GB", **config_kwargs) -> Path:
-    """Write a randomly initialised model of ``family`` to ``path`` with ``save_pretrained`` (safetensors)."""
+                           max_shard_size: str | int = "5GB", dtype: torch.dtype = torch.float32,
+                           scale: dict[str, float] | None = None, **config_kwargs) -> Path:
+    """Write a randomly initialised model of ``family`` to ``path`` with ``save_pretrained`` (safetensors), its
+    weights in ``dtype`` (hub checkpoints are mostly bfloat16, with config.dtype saying so); ``scale``
+    multiplies the named tensors (e.g. to make some block's activations huge)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs), dtype=torch.float32)
     with torch.no_grad():  # larger than the default init so that blocks change hidden states visibly
         for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.08)
+        for name, factor in (scale or {}).items():
+            model.get_parameter(name).mul_(factor)
     path = Path(path)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     if model.config.vocab_size >= 128:
         ascii_tokenizer().save_pretrained(path)
     return path

@@ -111,8 +111,8 @@ def run_dht(args) -> int:
 
 
 def run_serve(args) -> int:
-    from swarm.server.handler import Limits
     from swarm.server.server import Server, ServerConfig
+    from swarm.wire import Limits
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity)

@@ -9,9 +9,9 @@ from swarm.server import handler
 _honest_run = handler.SpanHandler._run
 
 
-def _perturbed_run(self, inputs, cache, blocks):
-    output = _honest_run(self, inputs, cache, blocks)
-    return output + 1e-2 * output.std() * torch.randn_like(output)
+def _perturbed_run(self, request, cache, blocks, lora):
+    output = _honest_run(self, request, cache, blocks, lora)
+    return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
 
 
 handler.SpanHandler._run = _perturbed_run

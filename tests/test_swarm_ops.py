@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
-from swarm.client.messages import span_request
+from swarm.wire import InferenceStep
 from swarm.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,7 @@ def test_full_server_is_skipped_status_and_graceful_shutdown(checkpoints):
 
         # occupy the one session of the server that alone covers every block: the chain must go around it
         stream = loop.run(model.swarm.open_stream(big, "inference"))
-        loop.run(stream.request(span_request({"hidden": torch.randn(1, 1, 64)},
-                                             {"start": 0, "end": 4, "max_length": 8}, exact=True), 30))
+        loop.run(stream.span(InferenceStep(torch.randn(1, 1, 64), 0, 4, max_length=8), 30))
         ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
         with model.inference_session(max_length=30) as session:
             output = model.generate(ids, max_new_tokens=24, do_sample=False)

@@ -1,9 +1,9 @@
 """InferenceSession: one open stream per server of a chain, each holding a KV cache for this client.
 
-Every server session remembers the inputs it was sent. When a server fails, hangs past the timeout or
-refuses, the client bans it, asks routing for a replacement chain for exactly the blocks it covered,
-replays those inputs to the new server(s) to rebuild their KV caches, and goes on: the output is the
-same as with no failure.
+Every server session remembers the inputs it was sent (as they crossed the wire). When a server fails,
+the client fails over (swarm.client.failover): it asks routing for a replacement chain for exactly the
+blocks the server covered, replays those inputs to the new server(s) to rebuild their KV caches, and goes
+on: the output is the same as with no failure.
 """
 from __future__ import annotations
 
@@ -13,46 +13,46 @@ import torch
 
 from routing import ChainLink
 from swarm.client import loop
-from swarm.client.messages import block_slice, optional_inputs, read_output, span_request
+from swarm.client.failover import Failover
+from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import ServerStream, SwarmClient
-from swarm.protocol import ServerFullError
+from swarm.wire import InferenceStep, LoraSpec, wire_dtype
 
 logger = logging.getLogger(__name__)
 
 
 class _ServerSession:
     def __init__(self, link: ChainLink, stream: ServerStream, max_length: int, block_inputs: dict | None = None,
-                 block_meta: dict | None = None):
+                 lora_spec: LoraSpec | None = None):
         self.link, self.stream, self.max_length = link, stream, max_length
         # deep prompts / LoRA weights for this server's blocks, sent with the first step only
-        self.block_inputs, self.block_meta = block_inputs or {}, block_meta or {}
+        self.block_inputs, self.lora_spec = block_inputs or {}, lora_spec
         self.opened = False
-        self.history: list[tuple[torch.Tensor, dict]] = []  # (hidden, extra) of every step sent here
+        self.history: list[tuple[torch.Tensor, dict]] = []  # (wire hidden, extra) of every step sent here
         self.pending_reorder: list[int] | None = None  # beam search: rows to reorder the cache by, next step
         self.reordered = False  # the server's attestations name inputs in an older row order than history
 
-    async def step(self, hidden: torch.Tensor, extra: dict, *, exact: bool, timeout: float,
-                   client: SwarmClient) -> torch.Tensor:
-        if self.opened:
-            meta, tensors = client.payment_meta(self.link.peer_id), {"hidden": hidden, **extra}
-        else:
-            meta = {"start": self.link.start, "end": self.link.end, "max_length": self.max_length,
-                    **self.block_meta, **client.span_meta(self.link.peer_id)}
-            tensors = {"hidden": hidden, **extra, **self.block_inputs}
+    async def step(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient) -> torch.Tensor:
+        """``hidden`` in its wire dtype -> this server's output, in the same dtype."""
+        request = InferenceStep(hidden, **extra, payment=client.payment(self.link.peer_id))
+        if not self.opened:
+            request.start, request.end, request.max_length = self.link.start, self.link.end, self.max_length
+            request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
+            request.lora_spec, request.adapter = self.lora_spec, client.adapter
         if self.pending_reorder is not None:
             # the history follows the rows first: a replacement replaying it then needs no reorder
-            self.history = [(h[self.pending_reorder], {k: None if v is None else v[self.pending_reorder]
-                                                      for k, v in e.items()}) for h, e in self.history]
-            meta["reorder"], self.pending_reorder, self.reordered = self.pending_reorder, None, True
-        response = await self.stream.request(span_request(tensors, meta, exact=exact), timeout)
+            order = self.pending_reorder
+            self.history = [(h[order], {k: None if v is None else v[order] for k, v in e.items()})
+                            for h, e in self.history]
+            request.reorder, self.pending_reorder, self.reordered = order, None, True
+        reply = await self.stream.span(request, timeout)
         self.opened = True
-        output, response_meta = read_output(response, hidden)
-        client.record_work(self.link.peer_id, response_meta, hidden.shape[0] * hidden.shape[1],
-                           self.link.end - self.link.start)
+        output = reply.outputs[0]
+        client.record_work(self.link.peer_id, reply, hidden.shape[0] * hidden.shape[1], self.link.end - self.link.start)
         self.history.append((hidden, extra))
         if client.spot_checker is not None:
             try:
-                await client.spot_checker.maybe_check(self, output, response_meta, exact)
+                await client.spot_checker.maybe_check(self, output, reply)
             except Exception:
                 self.history.pop()  # the step is not kept: the replacement replays only good history
                 raise
@@ -67,7 +67,7 @@ class InferenceSession:
         self.position = 0
         self._sessions: list[_ServerSession] = []
         self.block_inputs: dict[str, torch.Tensor | None] = {}  # name -> [num_blocks, ...], see step()
-        self.block_meta: dict = {}
+        self.lora_spec: LoraSpec | None = None
         self.failovers = 0
         self.closed = False
 
@@ -87,69 +87,68 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, block_inputs: dict | None = None,
-             block_meta: dict | None = None) -> torch.Tensor:
-        """hidden [batch, new_tokens, hidden_size] of the new tokens -> the last block's output for them.
+             lora_spec: LoraSpec | None = None) -> torch.Tensor:
+        """hidden [batch, new_tokens, hidden_size] of the new tokens -> the last block's output for them, in
+        hidden's dtype and device.
 
         On the first step, ``block_inputs`` (deep "prompts" [num_blocks, batch, prefix, hidden] and/or "lora"
-        weights [num_blocks, per-block numel]) and ``block_meta`` go to each server for its blocks and hold
-        for the whole session (a replacement server gets them again)."""
+        weights [num_blocks, per-block numel], read by ``lora_spec``) go to each server for its blocks and
+        hold for the whole session (a replacement server gets them again)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
-        if block_inputs and self.position == 0:
-            self.block_inputs = {k: None if v is None else v.detach().cpu() for k, v in block_inputs.items()}
-            self.block_meta = dict(block_meta or {})
+        if self.position == 0 and (block_inputs or lora_spec):
+            self.block_inputs = {k: None if v is None else v.detach().cpu() for k, v in (block_inputs or {}).items()}
+            self.lora_spec = lora_spec
         batch, length = hidden.shape[:2]
         if self.position + length > self.max_length:
             raise ValueError(f"{self.position} + {length} tokens exceed the session's max_length {self.max_length}; "
                              f"open the session with a larger max_length")
         extra = optional_inputs(batch, self.position, length, attention_mask, position_ids)
-        output = loop.run(self._step(hidden.detach().cpu(), extra))
+        wire = hidden.detach().to(device="cpu", dtype=wire_dtype(hidden.dtype, self.exact))
+        output = loop.run(self._step(wire, extra))
         self.position += length
-        return output.to(hidden.device)
+        return output.to(device=hidden.device, dtype=hidden.dtype)
 
     async def _step(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
-        block, index, failures = 0, 0, 0
+        failover = Failover(self.client, f"an inference step of blocks 0:{self.client.num_blocks}")
+        block, index = 0, 0
         while block < self.client.num_blocks:
             if index == len(self._sessions):  # first step, or the chain was cut: open sessions from `block` on
-                self._sessions.extend(await self._open_chain(block, self.client.num_blocks, history=[]))
+                self._sessions.extend(await self._open_chain(block, self.client.num_blocks, [], failover))
             session = self._sessions[index]
             try:
-                output = await session.step(hidden, extra, exact=self.exact, timeout=self.client.request_timeout,
-                                            client=self.client)
+                output = await session.step(hidden, extra, timeout=self.client.request_timeout, client=self.client)
                 self.client.bans.succeeded(session.link.peer_id)
             except Exception as e:
-                failures += 1
-                if failures > self.client.max_retries:
-                    raise RuntimeError(f"gave up after {failures} failed servers for blocks {session.link.start}:"
-                                       f"{session.link.end}; last error: {e}. Check `cocoon status`.") from e
-                if not isinstance(e, ServerFullError):
-                    self.client.report_failure(session.link.peer_id, e)
-                else:
-                    self.client.bans.ban(session.link.peer_id)
+                failover.failed(session.link.peer_id, e)  # raises the caller's errors and gives up in the end
                 session.stream.close()
-                replacement = await self._open_chain(session.link.start, session.link.end, session.history)
+                replacement = await self._open_chain(session.link.start, session.link.end, session.history, failover)
                 self._sessions[index:index + 1] = replacement
                 self.failovers += 1
                 continue
             hidden, block, index = output, session.link.end, index + 1
         return hidden
 
-    async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]]) -> list[_ServerSession]:
+    async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]],
+                          failover: Failover) -> list[_ServerSession]:
         """Sessions on a chain for blocks [start, end); when ``history`` holds the inputs of earlier steps,
         they are replayed (as one prefill) so the new servers' KV caches match the lost one's."""
         sessions, block = [], start
         replay = _concat_history(history)
         while block < end:
-            link = (await self.client.chain(block, end))[0]
+            link = (await failover.chain(block, end))[0]
+            session = None
             try:
-                session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"), self.max_length,
-                                         block_slice(self.block_inputs, link.start, link.end), self.block_meta)
+                session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"),
+                                         self.max_length, block_slice(self.block_inputs, link.start, link.end),
+                                         self.lora_spec)
                 if replay is not None:
-                    output = await session.step(*replay, exact=self.exact, timeout=self.client.request_timeout,
-                                                client=self.client)
+                    output = await session.step(*replay, timeout=self.client.request_timeout, client=self.client)
                     replay = (output, replay[1])
             except Exception as e:
-                self.client.report_failure(link.peer_id, e)
+                if session is not None:
+                    session.stream.close()
+                failover.failed(link.peer_id, e)
                 continue
             sessions.append(session)
             block = link.end

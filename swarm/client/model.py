@@ -19,6 +19,7 @@ from shards import Checkpoint, ClientModules
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_forward
 from swarm.client.swarm_client import SwarmClient
+from swarm.wire import LoraSpec
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._session: InferenceSession | None = None
         if tuning_mode not in (None, "ptune", "deep_ptune", "lora"):
             raise ValueError(f"tuning_mode must be None, 'ptune', 'deep_ptune' or 'lora', not {tuning_mode!r}")
-        self.lora_config = None
+        self.lora_spec = None
         if tuning_mode == "lora":
             self._init_lora(lora_config)
             tuning_mode = None  # no prompts
@@ -94,16 +95,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         in_session = self._session is not None and use_cache is not False
         inputs_embeds, attention_mask, position_ids, prefix = self._add_prompts(
             inputs_embeds, attention_mask, position_ids, first=not in_session or self._session.position == 0)
+        lora = self.lora_weights if self.lora_spec else None
+        prompts = self._deep_prompts(inputs_embeds.shape[0])
         if in_session:  # deep prompts and LoRA weights go to the servers when the session opens
-            lora = {"lora": self.lora_weights} if self.lora_config else {}
             hidden = self._session.step(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                        block_inputs={"prompts": self._deep_prompts(inputs_embeds.shape[0]), **lora},
-                                        block_meta={"lora": self.lora_config} if self.lora_config else {})
+                                        block_inputs={"prompts": prompts, "lora": lora}, lora_spec=self.lora_spec)
         else:
-            lora = dict(lora=self.lora_weights, lora_config=self.lora_config) if self.lora_config else {}
             hidden = remote_forward(self.swarm, inputs_embeds, attention_mask=attention_mask,
-                                    position_ids=position_ids, exact=self.exact_wire, prompts=self._deep_prompts(
-                                        inputs_embeds.shape[0]), **lora)
+                                    position_ids=position_ids, exact=self.exact_wire, prompts=prompts, lora=lora,
+                                    lora_spec=self.lora_spec)
         hidden = hidden[:, prefix:]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -143,14 +143,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lora_layout = layout
         # servers scale by alpha / rank: rsLoRA's scale is sent as the alpha that gives it
         alpha = lora_scale(lora_config.lora_alpha, rank, lora_config.use_rslora) * rank
-        self.lora_config = {"targets": targets, "rank": rank, "alpha": float(alpha)}
+        self.lora_spec = LoraSpec(targets, rank, float(alpha))
         self.peft_config = lora_config
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """With tuning_mode="lora": write the trained adapter as a standard peft adapter directory
         (adapter_config.json + adapter_model.safetensors), which ``PeftModel.from_pretrained`` and
         ``cocoon serve --adapters`` load. The blocks themselves stay on the servers."""
-        if self.lora_config is None:
+        if self.lora_spec is None:
             raise NotImplementedError("save_pretrained writes a LoRA adapter (tuning_mode='lora'); for prompts, "
                                       "torch.save(model.prompt_embeddings.state_dict(), path)")
         import copy
@@ -162,7 +162,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         config = copy.deepcopy(self.peft_config)
         config.base_model_name_or_path = self.config._name_or_path
         config.save_pretrained(save_directory)
-        state = peft_state_dict(self.lora_weights, self.lora_layout, self.lora_config["rank"])
+        state = peft_state_dict(self.lora_weights, self.lora_layout, self.lora_spec.rank)
         save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     def _add_prompts(self, embeds, attention_mask, position_ids, first: bool):

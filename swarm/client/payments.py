@@ -5,13 +5,12 @@ import logging
 import random
 
 from eth_account.signers.local import LocalAccount
-from hivemind.proto.runtime_pb2 import ExpertRequest
 
 from incentives.credit import ClientChannel
 from incentives.metering import Prices, Receipt
 from incentives.vouchers import Domain
 from routing import ServerInfo
-from swarm.protocol import pack_metadata
+from swarm.wire import Payment, PayRequest, SpanReply
 
 logger = logging.getLogger(__name__)
 VOUCHER_EVERY = 16  # requests between in-band vouchers to one server (and one at every settle())
@@ -39,43 +38,40 @@ class Payments:
                                                    self.domain)
         return self.channels[peer_id]
 
-    def request_meta(self, peer_id: str, info: ServerInfo | None) -> dict:
+    def payment(self, peer_id: str, info: ServerInfo | None) -> Payment | None:
         """What a request to this server carries: who pays, and now and then a voucher for all counted so far."""
         channel = self.channel(peer_id, info) if info is not None else None
         if channel is None:
-            return {}
-        meta = {"payer": {"client": self.account.address, "channel": self.channel_id}}
+            return None
         self._requests[peer_id] = self._requests.get(peer_id, 0) + 1
-        if self._requests[peer_id] % VOUCHER_EVERY == 0:
-            meta.update(self._voucher_meta(channel))
-        return meta
+        voucher = self._voucher(channel) if self._requests[peer_id] % VOUCHER_EVERY == 0 else None
+        return Payment(self.account.address, self.channel_id, voucher)
 
-    def record(self, peer_id: str, response_meta: dict, tokens: int, blocks: int, backward: bool = False) -> None:
+    def record(self, peer_id: str, reply: SpanReply, tokens: int, blocks: int, backward: bool = False) -> None:
         channel = self.channels.get(peer_id)
         if channel is None:
             return
         channel.record(tokens, blocks, backward)
         try:
-            receipt = Receipt.from_wire(response_meta["receipt"])
+            receipt = Receipt.from_wire(reply.receipt)
             if not channel.check_receipt(receipt):
                 logger.warning(f"{peer_id} sent a receipt for more than this client counted: {receipt}")
-        except (KeyError, ValueError) as e:
+        except (TypeError, ValueError) as e:
             logger.warning(f"{peer_id} sent no valid receipt ({e})")
 
-    def settle_requests(self) -> list[tuple[str, ExpertRequest]]:
+    def settle_requests(self) -> list[tuple[str, PayRequest]]:
         """A `pay` request for every server owed more than its latest voucher covers."""
         requests = []
         for peer_id, channel in self.channels.items():
-            meta = self._voucher_meta(channel)
-            if meta:
-                meta["payer"] = {"client": self.account.address, "channel": self.channel_id}
-                requests.append((peer_id, ExpertRequest(metadata=pack_metadata(meta))))
+            voucher = self._voucher(channel)
+            if voucher is not None:
+                requests.append((peer_id, PayRequest(Payment(self.account.address, self.channel_id, voucher))))
         return requests
 
     @staticmethod
-    def _voucher_meta(channel: ClientChannel) -> dict:
+    def _voucher(channel: ClientChannel) -> dict | None:
         signed = channel.voucher()
         if signed is None:
-            return {}
+            return None
         voucher, signature = signed
-        return {"voucher": {**voucher.to_wire(), "signature": signature}}
+        return {**voucher.to_wire(), "signature": signature}

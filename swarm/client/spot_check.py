@@ -9,7 +9,8 @@ import torch
 from hivemind.utils import get_dht_time
 
 from incentives.verification import Attestation, Evidence, relative_error, tolerance
-from swarm.client.messages import read_output, span_request, wire_round
+from swarm.client.failover import Failover
+from swarm.wire import SpanReply, SpanRequest, dtype_name
 
 logger = logging.getLogger(__name__)
 EVIDENCE_TTL = 7 * 24 * 3600
@@ -28,8 +29,9 @@ class SpotChecker:
         self.convicted_after: dict[str, int] = {}  # steps a server had answered when it was convicted
         self.convicted: dict[str, Evidence | None] = {}
 
-    async def maybe_check(self, session, output: torch.Tensor, response_meta: dict, exact: bool) -> None:
-        """Called after ``session`` answered a step with ``output``; raises WrongOutputError on a conviction."""
+    async def maybe_check(self, session, output: torch.Tensor, reply: SpanReply) -> None:
+        """Called after ``session`` answered a step with ``output`` (in the wire dtype, as are the session's
+        inputs); raises WrongOutputError on a conviction."""
         self.steps[session.link.peer_id] = self.steps.get(session.link.peer_id, 0) + 1
         if self.rate <= 0 or self.rng.random() >= self.rate:
             return
@@ -40,17 +42,17 @@ class SpotChecker:
                for _, extra in session.history):
             return  # padded batches are not re-checked (the evidence format covers plain sequences)
         link = session.link
-        inputs = wire_round(torch.cat(hidden_steps, dim=1), exact)
-        claimed = wire_round(output, exact)
+        inputs = torch.cat(hidden_steps, dim=1)
+        claimed = output.float()  # the wire's values, as the server attested them
         new = output.shape[1]
         checkers = await self._checkers(link, exclude={link.peer_id})
         if not checkers:
             return  # nobody else holds these blocks: nothing to compare with
-        first = await self._recompute(checkers[0], inputs, exact)
+        first = await self._recompute(checkers[0], inputs)
         if first is None:
             return
         self.checked += 1
-        limit = tolerance(*self._dtypes(link.peer_id, checkers[0], exact))
+        limit = tolerance(*self._dtypes(link.peer_id, checkers[0], inputs.dtype))
         if relative_error(claimed[:, -new:].numpy(), first[:, -new:].numpy()) <= limit:
             return
         # disagreement: a third opinion decides who is wrong
@@ -58,14 +60,14 @@ class SpotChecker:
         if not thirds:
             logger.warning(f"{link.peer_id} and a checker disagree on blocks {link.start}:{link.end}, no third server")
             return
-        second = await self._recompute(thirds[0], inputs, exact)
+        second = await self._recompute(thirds[0], inputs)
         if second is None:
             return
         if relative_error(first[:, -new:].numpy(), second[:, -new:].numpy()) > limit:
             logger.warning(f"checkers disagree with each other on blocks {link.start}:{link.end}; no verdict")
             return
         error = relative_error(claimed[:, -new:].numpy(), second[:, -new:].numpy())
-        evidence = self._evidence(session, inputs, claimed[:, -new:], response_meta, error)
+        evidence = self._evidence(session, claimed[:, -new:], reply, error)
         self.convicted[link.peer_id] = evidence
         self.convicted_after[link.peer_id] = self.steps[link.peer_id]
         self.client.bans.ban_forever(link.peer_id)
@@ -79,39 +81,40 @@ class SpotChecker:
     async def _checkers(self, link, exclude: set[str]):
         """Chains (list of hops) over exactly [start, end) avoiding ``exclude``: the first is used."""
         try:
-            chain = await self.client.chain(link.start, link.end, banned=tuple(exclude))
+            chain = await self.client.chain(link.start, link.end, avoid=tuple(exclude))
         except LookupError:
             return []
         hops = [(l.peer_id, l.start, l.end) for l in chain]
         return [hops] if not exclude & {p for p, _, _ in hops} else []
 
-    async def _recompute(self, hops, inputs: torch.Tensor, exact: bool) -> torch.Tensor | None:
-        """The checkers' output, or None when one of them failed (it is banned; the checked server is not blamed)."""
+    async def _recompute(self, hops, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The checkers' output (float32 values of the wire dtype), or None when one of them failed: it is
+        banned or skipped by the failover policy, and the checked server is not blamed."""
         hidden = inputs
+        failover = Failover(self.client, "a spot check")
         for peer_id, start, end in hops:
-            meta = {"start": start, "end": end, **self.client.span_meta(peer_id)}
+            request = SpanRequest(hidden, start, end, payment=self.client.payment(peer_id))
             try:
-                response = await self.client.call(peer_id, "forward", span_request({"hidden": hidden}, meta,
-                                                                                   exact=exact))
+                reply = await self.client.call_span(peer_id, "forward", request)
             except Exception as e:
-                self.client.report_failure(peer_id, e)
+                failover.failed(peer_id, e)  # raises the caller's errors
                 return None
-            hidden, response_meta = read_output(response, hidden)
-            self.client.record_work(peer_id, response_meta, hidden.shape[0] * hidden.shape[1], end - start)
-        return wire_round(hidden, exact)
+            hidden = reply.outputs[0]
+            self.client.record_work(peer_id, reply, hidden.shape[0] * hidden.shape[1], end - start)
+        return hidden.float()
 
-    def _dtypes(self, peer_id: str, hops, exact: bool) -> list[str]:
+    def _dtypes(self, peer_id: str, hops, wire: torch.dtype) -> list[str]:
         servers = self.client._state.servers if self.client._state else {}
         dtypes = [servers[p].dtype for p in [peer_id, *(h[0] for h in hops)] if p in servers and servers[p].dtype]
-        return dtypes + ([] if exact else ["float16"]) or ["float32"]
+        return [*dtypes, dtype_name(wire)]
 
-    def _evidence(self, session, inputs: torch.Tensor, claimed: torch.Tensor, meta: dict, error: float):
-        if "attestation" not in meta or session.reordered:
+    def _evidence(self, session, claimed: torch.Tensor, reply: SpanReply, error: float):
+        if reply.attestation is None or session.reordered:
             # a free server signs nothing; after a beam reorder the server's signed input chain names rows in
             # the order it received them, not the reordered history: banned by this client, no public evidence
             return None
-        steps = [wire_round(h, True).float().numpy() for h, _ in session.history]
-        return Evidence(self.client.model_id, session.link.peer_id, Attestation.from_wire(meta["attestation"]),
+        steps = [h.float().numpy() for h, _ in session.history]
+        return Evidence(self.client.model_id, session.link.peer_id, Attestation.from_wire(reply.attestation),
                         [s.tobytes() for s in steps], [tuple(s.shape) for s in steps],
                         claimed.float().numpy().tobytes(), error)
 

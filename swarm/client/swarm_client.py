@@ -11,29 +11,41 @@ import hivemind
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
-from routing import BanList, ChainLink, SwarmState, make_chain
+from routing import BanList, ChainLink, NoChainError, SwarmState, make_chain
 from swarm.client import loop
+from swarm.client.failover import ServerFailure
 from swarm.dht_records import fetch_swarm_state_async
-from swarm.protocol import RemoteError, read_frame, write_frame
+from swarm.framing import read_frame, write_frame
+from swarm.wire import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
 
 logger = logging.getLogger(__name__)
-MAX_RESPONSE_BYTES = 1 << 31
+INFO_REPLY_BYTES = 1 << 20
 RTT_MAX_AGE = 60.0       # seconds before a server's round trip is measured again
 RTT_PROBES = 32          # servers probed at most per refresh
 
 
 class ServerStream:
-    """An open bidirectional stream to one server's handler: one response per request."""
+    """An open bidirectional stream to one server's handler: one reply per request, each bounded in size by
+    what the request expects before a byte of it is buffered."""
 
     def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.peer_id, self.reader, self.writer = peer_id, reader, writer
 
-    async def request(self, message: ExpertRequest, timeout: float) -> ExpertResponse:
-        await write_frame(self.writer, message)
-        response = await asyncio.wait_for(read_frame(self.reader, ExpertResponse, MAX_RESPONSE_BYTES), timeout)
+    async def exchange(self, message: ExpertRequest, timeout: float, max_bytes: int) -> ExpertResponse:
+        async with asyncio.timeout(timeout):
+            await write_frame(self.writer, message)
+            try:
+                response = await read_frame(self.reader, ExpertResponse, max_bytes)
+            except WireError as e:
+                raise InvalidReply(f"server {self.peer_id}: {e.message}") from None
         if response is None:
-            raise RemoteError(f"server {self.peer_id} closed the stream")
+            raise ServerFailure(f"server {self.peer_id} closed the stream")
         return response
+
+    async def span(self, request: SpanRequest, timeout: float, lora_shape: tuple[int, ...] | None = None) -> SpanReply:
+        expected = request.expected_reply(lora_shape)
+        response = await self.exchange(request.pack(), timeout, SpanReply.max_bytes(expected))
+        return SpanReply.parse(response, expected, self.peer_id)
 
     def close(self) -> None:
         self.writer.close()
@@ -77,29 +89,33 @@ class SwarmClient:
     async def _ping(self, peer_id: str) -> None:
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(self.call(peer_id, "info", ExpertRequest()), min(5.0, self.request_timeout))
+            await self.info(peer_id, timeout=min(5.0, self.request_timeout))
         except Exception as e:
             logger.info(f"{peer_id} did not answer a ping ({type(e).__name__}: {e}); banned for "
                         f"{self.bans.ban(peer_id):.0f}s")
             return
         self.rtt[peer_id] = (time.perf_counter() - started, time.monotonic())
 
-    async def chain(self, start: int = 0, end: int | None = None, banned: Sequence[str] = (), **kwargs) -> list[ChainLink]:
-        """Servers for blocks [start, end), avoiding banned ones (see routing.make_chain)."""
-        exclude = self.bans.banned() | set(banned)
+    async def chain(self, start: int = 0, end: int | None = None, *, avoid: Sequence[str] = (),
+                    include_banned: bool = False, **kwargs) -> list[ChainLink]:
+        """Servers for blocks [start, end) without banned ones (unless ``include_banned``) and ``avoid``
+        (see routing.make_chain). NoChainError with ``excluded`` set when only those hold some block."""
+        exclude = set(avoid) | (set() if include_banned else self.bans.banned())
         kwargs = {"rng": self.rng, "adapter": self.adapter, **kwargs}
+        state = await self.state()
+        for attempt in range(2):
+            try:
+                return make_chain(state, start, end, banned=exclude, **kwargs)
+            except NoChainError as error:
+                missing = error
+            if attempt == 0:  # maybe a server joined or came back since the last snapshot
+                state = await self.state(refresh=True)
         try:
-            return make_chain(await self.state(), start, end, banned=exclude, **kwargs)
-        except LookupError:  # maybe a server joined or came back since the last snapshot
-            state = await self.state(refresh=True)
-        try:
-            return make_chain(state, start, end, banned=exclude, **kwargs)
-        except LookupError:
-            if not self.bans.banned() - set(banned):
-                raise
-            # a server that failed a moment ago is a better bet than no server at all
-            logger.warning(f"only recently failed servers hold blocks {start}:{end}; trying them again")
-            return make_chain(state, start, end, banned=set(banned), **kwargs)
+            make_chain(state, start, end, **kwargs)
+        except NoChainError:
+            raise missing from None
+        missing.excluded = exclude
+        raise missing
 
     def report_failure(self, peer_id: str, error: BaseException) -> None:
         seconds = self.bans.ban(peer_id)
@@ -108,32 +124,45 @@ class SwarmClient:
 
     # ------------------------------------------------------------------ calls
     async def open_stream(self, peer_id: str, handler: str) -> ServerStream:
-        _, reader, writer = await asyncio.wait_for(
-            self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), f"cocoon.{handler}"),
-            self.request_timeout)
+        async with asyncio.timeout(self.request_timeout):
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
+                                                                          f"cocoon.{handler}")
         return ServerStream(peer_id, reader, writer)
 
-    async def call(self, peer_id: str, handler: str, message: ExpertRequest) -> ExpertResponse:
+    async def call_span(self, peer_id: str, handler: str, request: SpanRequest,
+                        lora_shape: tuple[int, ...] | None = None) -> SpanReply:
         stream = await self.open_stream(peer_id, handler)
         try:
-            return await stream.request(message, self.request_timeout)
+            return await stream.span(request, self.request_timeout, lora_shape)
         finally:
             stream.close()
 
-    def span_meta(self, peer_id: str) -> dict:
-        """Metadata of every request that starts work on a span: the adapter, and payment."""
-        meta = {"adapter": self.adapter} if self.adapter is not None else {}
-        return {**meta, **self.payment_meta(peer_id)}
+    async def info(self, peer_id: str, timeout: float | None = None) -> dict:
+        stream = await self.open_stream(peer_id, "info")
+        try:
+            response = await stream.exchange(ExpertRequest(), timeout or self.request_timeout, INFO_REPLY_BYTES)
+            return InfoReply.parse(response, peer_id).info
+        finally:
+            stream.close()
+
+    async def pay(self, peer_id: str, request: PayRequest) -> bool:
+        stream = await self.open_stream(peer_id, "pay")
+        try:
+            response = await stream.exchange(request.pack(), self.request_timeout, INFO_REPLY_BYTES)
+            return PayReply.parse(response, peer_id).accepted
+        finally:
+            stream.close()
 
     # ------------------------------------------------------------------ payment
-    def payment_meta(self, peer_id: str) -> dict:
+    def payment(self, peer_id: str) -> Payment | None:
+        """Who pays this request to ``peer_id`` (and now and then a voucher), or None for free servers."""
         if self.payments is None:
-            return {}
-        return self.payments.request_meta(peer_id, self._state.servers.get(peer_id) if self._state else None)
+            return None
+        return self.payments.payment(peer_id, self._state.servers.get(peer_id) if self._state else None)
 
-    def record_work(self, peer_id: str, response_meta: dict, tokens: int, blocks: int, backward: bool = False) -> None:
+    def record_work(self, peer_id: str, reply: SpanReply, tokens: int, blocks: int, backward: bool = False) -> None:
         if self.payments is not None:
-            self.payments.record(peer_id, response_meta, tokens, blocks, backward)
+            self.payments.record(peer_id, reply, tokens, blocks, backward)
 
     async def settle(self) -> None:
         """Send every priced server a voucher for all the work counted so far."""
@@ -141,7 +170,7 @@ class SwarmClient:
             return
         for peer_id, request in self.payments.settle_requests():
             try:
-                await self.call(peer_id, "pay", request)
+                await self.pay(peer_id, request)
             except Exception as e:
                 logger.warning(f"could not send a voucher to {peer_id}: {e}")
 

@@ -17,9 +17,10 @@ from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, fetch_swarm_state
-from swarm.server.handler import Limits, SpanHandler
+from swarm.server.handler import SpanHandler
 from swarm.server.lora_cache import LoraCache
 from swarm.server.sessions import SessionTable
+from swarm.wire import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Server:
         if config.price == 0:
             return None, None
         if not (config.wallet and config.chain_rpc and config.contract):
-            raise SystemExit("a priced server needs --wallet, --chain-rpc and --contract (see `cocoon chain deploy`)")
+            raise SystemExit("a priced server needs --payout, --chain-rpc and --contract (see `cocoon chain deploy`)")
         from web3 import Web3
 
         from incentives.contract import Settlement

@@ -8,9 +8,7 @@ from typing import Any
 
 from transformers.cache_utils import DynamicCache
 
-
-class SessionError(ValueError):
-    pass
+from swarm.wire import ErrorCode, WireError
 
 
 @dataclass
@@ -45,22 +43,26 @@ class SessionTable:
 
     def open(self, *, start: int, end: int, batch_size: int, max_length: int, cache: DynamicCache) -> Session:
         if max_length > self.max_length:
-            raise SessionError(f"max_length {max_length} exceeds this server's limit of {self.max_length} tokens")
+            raise WireError(ErrorCode.BAD_REQUEST,
+                            f"max_length {max_length} exceeds this server's limit of {self.max_length} tokens")
         if len(self.sessions) >= self.max_sessions:
-            raise SessionError(f"server full: {len(self.sessions)} sessions open (--max-sessions {self.max_sessions})")
+            raise WireError(ErrorCode.SERVER_FULL,
+                            f"server full: {len(self.sessions)} sessions open (--max-sessions {self.max_sessions})")
         if batch_size * max_length > self.tokens_left:
-            raise SessionError(f"server full: {batch_size} x {max_length} cache tokens asked, "
-                               f"{self.tokens_left} of {self.cache_tokens} left")
+            raise WireError(ErrorCode.SERVER_FULL, f"server full: {batch_size} x {max_length} cache tokens asked, "
+                                                   f"{self.tokens_left} of {self.cache_tokens} left")
         session = Session(uuid.uuid4().hex, start, end, batch_size, max_length, cache)
         self.sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise SessionError(f"unknown or expired session {session_id!r}: open a new one")
+    def check_open(self, session: Session) -> None:
+        if session.session_id not in self.sessions:
+            raise WireError(ErrorCode.SESSION_EXPIRED,
+                            f"session {session.session_id} expired (idle for over {self.timeout:.0f} s): open a new one")
+
+    @staticmethod
+    def touch(session: Session) -> None:
         session.last_active = time.monotonic()
-        return session
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)

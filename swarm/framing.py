@@ -1,0 +1,53 @@
+"""Frames on a byte stream: hivemind's layout (one marker byte, an 8-byte length, a protobuf), read with a
+size limit, and with a deadline once a frame has begun, so that a peer can make us neither buffer more
+than ``max_bytes`` nor hold a half-sent frame open. What the frames mean is swarm.wire's business."""
+from __future__ import annotations
+
+import asyncio
+
+from hivemind.p2p import P2P
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from swarm.wire import ErrorCode, WireError
+
+MESSAGE, ERROR = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER
+
+
+async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int, deadline: float | None = None):
+    """The next protobuf of ``message_type``, or None at the end of the stream. Waits for a frame's first byte
+    as long as it takes; the rest must arrive within ``deadline`` seconds. Raises WireError when the frame is
+    too large, late or garbage (the frame boundary is then lost: the stream cannot go on)."""
+    marker = await reader.read(1)
+    if not marker:
+        return None
+    try:
+        async with asyncio.timeout(deadline):
+            header = await reader.readexactly(P2P.HEADER_LEN)
+            length = int.from_bytes(header, P2P.BYTEORDER)
+            if length > max_bytes:
+                raise WireError(ErrorCode.TOO_LARGE, f"a message of {length} bytes exceeds the limit of {max_bytes} "
+                                                     f"bytes")
+            payload = await reader.readexactly(length)
+    except TimeoutError:
+        raise WireError(ErrorCode.DEADLINE, f"a frame did not arrive within {deadline} s of its first byte") from None
+    if marker == ERROR:
+        error = RPCError()
+        try:
+            error.ParseFromString(payload)
+        except Exception:
+            raise WireError(ErrorCode.BAD_REQUEST, "garbage on the stream: an unreadable error frame") from None
+        if not error.message:  # hivemind's END_OF_STREAM is an empty error frame
+            return None
+        raise WireError(ErrorCode.BAD_REQUEST, f"the peer sent an error frame: {error.message[:200]}")
+    if marker != MESSAGE:
+        raise WireError(ErrorCode.BAD_REQUEST, "garbage on the stream: unknown frame marker")
+    message = message_type()
+    try:
+        message.ParseFromString(payload)
+    except Exception:
+        raise WireError(ErrorCode.BAD_REQUEST, "garbage on the stream: the frame is not a valid protobuf") from None
+    return message
+
+
+async def write_frame(writer: asyncio.StreamWriter, message) -> None:
+    await P2P.send_protobuf(message, writer)

@@ -1,0 +1,205 @@
+"""The wire contract without a network: records round-trip through pack and parse; anything else gets a
+coded error, never an unhandled exception; the failover policy follows the codes; bans stay bounded."""
+import asyncio
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hivemind.proto import runtime_pb2
+from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
+
+from routing import BanList
+from swarm.client.failover import ServerFailure, Verdict, judge
+from swarm.framing import read_frame
+from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InvalidReply, Limits, LoraSpec,
+                        Payment, PayRequest, RemoteError, SpanReply, SpanRequest, WireError, wire_dtype)
+
+HIDDEN = 16
+BOUNDS = Bounds(Limits(max_batch=4, max_tokens_per_request=64, max_length=32), HIDDEN, 2, 6, 64)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ADDRESS = st.from_regex(r"0x[0-9a-f]{40}", fullmatch=True)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def tensors_equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@st.composite
+def span_requests(draw, cls=SpanRequest, opening=True):
+    dtype = draw(st.sampled_from(DTYPES))
+    batch, length = draw(st.integers(1, 4)), draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(batch, length, HIDDEN, generator=g) * 1e3).to(dtype)
+    fields = {}
+    start = draw(st.integers(2, 5))
+    end = draw(st.integers(start + 1, 6))
+    if cls is not InferenceStep or opening:
+        fields.update(start=start, end=end)
+    if cls is InferenceStep and opening:
+        fields["max_length"] = draw(st.integers(length, 32))
+    if cls is BackwardRequest:
+        fields["grad_output"] = torch.randn(batch, length, HIDDEN, generator=g).to(dtype)
+    if draw(st.booleans()):
+        fields["position_ids"] = torch.randint(0, 64, (batch, length), generator=g)
+    if draw(st.booleans()):
+        past = 0 if cls is not InferenceStep else draw(st.integers(0, 4))
+        fields["attention_mask"] = torch.randint(0, 2, (batch, past + length), generator=g)
+    if cls is not InferenceStep or opening:
+        if draw(st.booleans()):
+            fields["prompts"] = torch.randn(end - start, batch, draw(st.integers(1, length)), HIDDEN,
+                                            generator=g).to(dtype)
+        choice = draw(st.sampled_from(["none", "lora", "hash", "adapter"]))
+        spec = LoraSpec(draw(st.lists(st.sampled_from(["q_proj", "v_proj"]), min_size=1, max_size=2, unique=True)),
+                        draw(st.integers(1, 8)), draw(st.floats(0.5, 64)))
+        if choice == "lora":
+            fields.update(lora=torch.randn(end - start, 10, generator=g), lora_spec=spec)
+        elif choice == "hash":
+            spec.hash = draw(st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
+            fields["lora_spec"] = spec
+        elif choice == "adapter":
+            fields["adapter"] = draw(st.text(min_size=1, max_size=20))
+    if cls is InferenceStep and not opening and draw(st.booleans()):
+        fields["reorder"] = draw(st.lists(st.integers(0, batch - 1), min_size=batch, max_size=batch))
+    if draw(st.booleans()):
+        voucher = None
+        if draw(st.booleans()):
+            voucher = {"client": draw(ADDRESS), "server": draw(ADDRESS), "channel": draw(st.integers(0, 2**256 - 1)),
+                       "total_units": draw(st.integers(0, 2**70)), "total_amount": draw(st.integers(0, 2**255)),
+                       "signature": draw(st.binary(min_size=65, max_size=65))}
+        fields["payment"] = Payment(draw(ADDRESS), draw(st.integers(0, 2**64 - 1)), voucher)
+    return cls(hidden, **fields)
+
+
+def same_request(a: SpanRequest, b: SpanRequest) -> bool:
+    for name in ("hidden", "grad_output", "position_ids", "attention_mask", "prompts", "lora"):
+        if not tensors_equal(getattr(a, name), getattr(b, name)):
+            return False
+    scalars = ("start", "end", "lora_spec", "adapter", "payment", "max_length", "reorder")
+    return all(getattr(a, n, None) == getattr(b, n, None) for n in scalars) and type(a) is type(b)
+
+
+@SETTINGS
+@given(st.data())
+def test_requests_round_trip(data):
+    cls, opening = data.draw(st.sampled_from([(SpanRequest, True), (BackwardRequest, True), (InferenceStep, True),
+                                              (InferenceStep, False)]))
+    request = data.draw(span_requests(cls, opening))
+    parsed = cls.parse(ExpertRequest.FromString(request.pack().SerializeToString()), BOUNDS, opening=opening)
+    assert same_request(request, parsed)
+
+
+@SETTINGS
+@given(st.data())
+def test_replies_round_trip(data):
+    dtype = data.draw(st.sampled_from(DTYPES))
+    shapes = data.draw(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 8)), min_size=1,
+                                max_size=3))
+    outputs = [torch.randn(*shape).to(dtype) for shape in shapes]
+    reply = SpanReply(outputs, data.draw(st.none() | st.integers(1, 1000)),
+                      data.draw(st.none() | st.fixed_dictionaries({"server": ADDRESS})),
+                      data.draw(st.none() | st.fixed_dictionaries({"forward_units": st.integers(0, 2**40)})))
+    message = ExpertResponse.FromString(reply.pack().SerializeToString())
+    parsed = SpanReply.parse(message, [(tuple(s), dtype) for s in shapes])
+    assert all(tensors_equal(a, b) for a, b in zip(outputs, parsed.outputs))
+    assert (parsed.length, parsed.attestation, parsed.receipt) == (reply.length, reply.attestation, reply.receipt)
+    with pytest.raises(InvalidReply):  # any other shape or dtype than expected is the server's failure
+        SpanReply.parse(message, [(tuple(s), torch.float64 if i == 0 else dtype) for i, s in enumerate(shapes)])
+
+    code = data.draw(st.sampled_from(list(ErrorCode)))
+    text = data.draw(st.text(max_size=50))
+    with pytest.raises(RemoteError) as error:
+        SpanReply.parse(ErrorReply(code, text).pack(), [])
+    assert (error.value.code, error.value.message) == (code, text)
+
+    payment = Payment(data.draw(ADDRESS), data.draw(st.integers(0, 2**64 - 1)))
+    assert PayRequest.parse(PayRequest(payment).pack()) == PayRequest(payment)
+
+
+proto_tensors = st.builds(runtime_pb2.Tensor, buffer=st.binary(max_size=256),
+                          size=st.lists(st.integers(0, 2**32 - 1), max_size=6),
+                          dtype=st.sampled_from(["float32", "bfloat16", "float16", "int64", "object", "", "float64"]),
+                          compression=st.sampled_from([0, 1, 2]))
+msgpack_values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=10)
+                              | st.binary(max_size=10), lambda children: st.lists(children, max_size=4)
+                              | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+metadata = st.one_of(st.binary(max_size=200), st.dictionaries(
+    st.sampled_from(["tensors", "dtype", "start", "end", "max_length", "reorder", "payment", "lora_spec", "adapter",
+                     "compression", "other"]), msgpack_values, max_size=8).map(
+    lambda d: __import__("msgpack").packb(d, use_bin_type=True)))
+
+
+@SETTINGS
+@given(st.lists(proto_tensors, max_size=4), metadata, st.sampled_from([SpanRequest, BackwardRequest, InferenceStep]),
+       st.booleans())
+def test_garbage_requests_get_a_coded_error(tensors, meta, cls, opening):
+    try:
+        cls.parse(ExpertRequest(tensors=tensors, metadata=meta), BOUNDS, opening=opening)
+    except WireError as e:
+        assert isinstance(e.code, ErrorCode) and e.message
+
+
+@SETTINGS
+@given(st.binary(max_size=300))
+def test_garbage_bytes_get_a_coded_error(data):
+    for message_type in (ExpertRequest, ExpertResponse):
+        try:
+            message = message_type.FromString(data)
+        except Exception:
+            message = None  # not even a protobuf: the framing layer answers that (below)
+        if message is not None and message_type is ExpertRequest:
+            try:
+                SpanRequest.parse(message, BOUNDS)
+            except WireError:
+                pass
+        elif message is not None:
+            try:
+                SpanReply.parse(message, [((1, 1, HIDDEN), torch.float32)])
+            except (InvalidReply, RemoteError):
+                pass
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        try:
+            return await read_frame(reader, ExpertRequest, 1 << 16, deadline=1.0)
+        except WireError as e:
+            return e.code
+        except asyncio.IncompleteReadError:
+            return "truncated"
+    asyncio.run(read())
+
+
+def test_wire_dtypes_never_squeeze_through_float16():
+    assert wire_dtype(torch.float32) == torch.bfloat16
+    assert wire_dtype(torch.float32, exact=True) == torch.float32
+    assert wire_dtype(torch.bfloat16) == torch.bfloat16 and wire_dtype(torch.float16) == torch.float16
+    big = torch.full((1, 1, HIDDEN), 1e6, dtype=torch.bfloat16)
+    parsed = SpanRequest.parse(SpanRequest(big, 2, 3).pack(), BOUNDS)
+    assert torch.equal(parsed.hidden, big) and parsed.hidden.dtype == torch.bfloat16
+
+
+def test_failover_follows_the_error_codes():
+    for code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.PAYMENT_REQUIRED):
+        assert judge(RemoteError(code, "")) is Verdict.RAISE
+    for code in (ErrorCode.SERVER_FULL, ErrorCode.QUOTA_EXCEEDED, ErrorCode.SHUTTING_DOWN):
+        assert judge(RemoteError(code, "")) is Verdict.SKIP
+    for code in (ErrorCode.SESSION_EXPIRED, ErrorCode.LORA_NOT_CACHED):
+        assert judge(RemoteError(code, "")) is Verdict.RETRY
+    for error in (RemoteError(ErrorCode.INTERNAL, ""), RemoteError(ErrorCode.DEADLINE, ""), InvalidReply("NaN"),
+                  ServerFailure("closed"), TimeoutError(), ConnectionRefusedError()):
+        assert judge(error) is Verdict.BAN
+    assert judge(TypeError("a bug here")) is Verdict.RAISE  # never blamed on a server
+
+
+def test_bans_stay_bounded_after_any_number_of_failures():
+    clock = [0.0]
+    bans = BanList(base_seconds=5, max_seconds=600, clock=lambda: clock[0])
+    seconds = [bans.ban("peer") for _ in range(5000)]  # 2 ** 5000 would overflow a float
+    assert seconds[:3] == [5, 10, 20] and max(seconds) == 600
+    clock[0] = 601
+    assert not bans.is_banned("peer")
