@@ -1,4 +1,4 @@
-# All set-up lives here: `make demo` and `make test` work on a fresh clone with Python 3.10+ and pip.
+# All set-up lives here: `make demo` and `make test` work on a fresh clone with Python 3.11+ and pip.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

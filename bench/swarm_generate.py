@@ -1,10 +1,11 @@
-"""Tokens/s of generate() through a loopback swarm against transformers' local generate(), same weights.
+"""Tokens/s of generate() through a swarm against transformers' local generate(), same weights, same device.
 
-    python bench/swarm_generate.py [--quick]
+    python bench/swarm_generate.py [--model small|large|7b] [--servers 1 2 4] [--device cuda] [--dtype bfloat16]
 
-For a small model (overhead-bound) and a larger one (compute-bound, hidden 2048, 16 blocks), with the
-blocks split over 2 and 4 servers (real processes on 127.0.0.1), greedy, float32 weights, batch 1. The
-added time per token divided by the number of hops is the software overhead of one hop.
+Servers are real processes on 127.0.0.1 started by `cocoon serve` with its defaults (plus --device and
+--dtype); the client is from_pretrained() with its default dtype unless --client-dtype says otherwise.
+Greedy, batch 1. Each configuration runs --repeats times, interleaved with the local baseline; the table
+shows medians and the spread (max - min). 'added ms/hop' = (swarm - local) per token / number of servers.
 """
 from __future__ import annotations
 
@@ -15,28 +16,35 @@ import time
 
 import torch
 
-MODELS = {  # name: (hidden, blocks, heads, kv heads)
-    "small (hidden 512, 8 blocks)": (512, 8, 8, 4),
-    "large (hidden 2048, 16 blocks)": (2048, 16, 16, 8),
+MODELS = {  # name: (hidden, blocks, heads, kv heads, intermediate)
+    "small": (512, 8, 8, 4, 1024),
+    "large": (2048, 16, 16, 8, 4096),
+    "7b": (4096, 16, 32, 8, 14336),   # Llama-7B-shaped blocks, 16 of them
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def per_token_times(model, ids, new_tokens: int, repeats: int) -> float:
-    """Median seconds per generated token over ``repeats`` runs (after one warm-up run)."""
-    model.generate(ids, max_new_tokens=4, do_sample=False)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-        times.append((time.perf_counter() - start) / new_tokens)
-    return statistics.median(times)
+def seconds_per_token(model, ids, new_tokens: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    sync()
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return (time.perf_counter() - start) / new_tokens
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model only")
+    parser.add_argument("--model", choices=list(MODELS), nargs="+", default=["small", "large"])
+    parser.add_argument("--servers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: servers, client and the local baseline")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="servers' and local dtype")
+    parser.add_argument("--client-dtype", default="auto", help="the client's dtype (default: from_pretrained's)")
+    parser.add_argument("--exact-wire", action="store_true", help="float32 activations on the wire")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--server-arg", action="append", default=[], help="extra `cocoon serve` argument")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -44,45 +52,55 @@ def main():
     from swarm import AutoDistributedModelForCausalLM
     from swarm.local_swarm import LocalSwarm
 
+    dtype = DTYPES[args.dtype]
     rows = []
-    for name, (hidden, blocks, heads, kv_heads) in MODELS.items():
-        if args.quick and "large" in name:
-            continue
+    for name in args.model:
+        hidden, blocks, heads, kv_heads, intermediate = MODELS[name]
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"{name}: writing checkpoint ...", flush=True)
-            save_random_checkpoint(tmp, "llama", hidden_size=hidden, num_hidden_layers=blocks,
-                                   num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
-                                   max_shard_size="500MB")
-            ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
-            repeats = 3 if hidden <= 512 else 1
+            print(f"{name}: writing a random checkpoint (hidden {hidden}, {blocks} blocks) ...", flush=True)
+            save_random_checkpoint(tmp, "llama", hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=32000,
+                                   max_shard_size="2GB", dtype=dtype)
+            ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
             with torch.no_grad():
-                local = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-                local_s = per_token_times(local, ids, args.new_tokens, repeats)
+                local = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
+                local.generate(ids, max_new_tokens=4, do_sample=False)
                 expected = local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
-                del local
-            print(f"  local transformers: {1 / local_s:.1f} tokens/s", flush=True)
-            for servers in (2, 4):
+            for servers in args.servers:
                 step = blocks // servers
-                spans = [(i * step, (i + 1) * step) for i in range(servers)]
-                with LocalSwarm(tmp, spans) as swarm:
-                    for exact in (True, False):
-                        model = AutoDistributedModelForCausalLM.from_pretrained(
-                            tmp, initial_peers=swarm.initial_peers, exact_wire=exact)
-                        with torch.no_grad():
-                            swarm_s = per_token_times(model, ids, args.new_tokens, repeats)
-                            same = torch.equal(model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                                              eos_token_id=None), expected)
-                        model.shutdown()
-                        wire = "float32" if exact else "float16"
-                        rows.append((name, servers, wire, 1 / local_s, 1 / swarm_s, local_s / swarm_s,
-                                     1000 * (swarm_s - local_s), 1000 * (swarm_s - local_s) / servers, same))
-                        print(f"  {servers} servers, {wire} wire: {1 / swarm_s:.1f} tokens/s", flush=True)
+                spans = [(i * step, (i + 1) * step if i < servers - 1 else blocks) for i in range(servers)]
+                server_args = ["--device", args.device, *args.server_arg]
+                with LocalSwarm(tmp, spans, dtype=args.dtype, server_args=server_args) as swarm:
+                    client_dtype = DTYPES.get(args.client_dtype, "auto")
+                    model = AutoDistributedModelForCausalLM.from_pretrained(
+                        tmp, initial_peers=swarm.initial_peers, device=args.device, dtype=client_dtype,
+                        exact_wire=args.exact_wire)
+                    local_times, swarm_times = [], []
+                    with torch.no_grad():
+                        model.generate(ids, max_new_tokens=4, do_sample=False)
+                        for _ in range(args.repeats):
+                            local_times.append(seconds_per_token(local, ids, args.new_tokens, args.device))
+                            swarm_times.append(seconds_per_token(model, ids, args.new_tokens, args.device))
+                        same = torch.equal(model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                                          eos_token_id=None), expected)
+                    model.shutdown()
+                local_s, swarm_s = statistics.median(local_times), statistics.median(swarm_times)
+                added = [1000 * (s - l) / servers for s, l in zip(swarm_times, local_times)]
+                rows.append((name, servers, 1 / local_s, 1 / swarm_s, local_s / swarm_s, 1000 * local_s,
+                             1000 * swarm_s, statistics.median(added), max(added) - min(added), same))
+                print(f"  {servers} servers: local {1 / local_s:.1f} tokens/s, swarm {1 / swarm_s:.1f} tokens/s",
+                      flush=True)
+            del local
 
-    print("\n| model | servers | wire | local tok/s | swarm tok/s | swarm/local | added ms/token | added ms/hop | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, servers, wire, local_tps, swarm_tps, ratio, added, per_hop, same in rows:
-        print(f"| {name} | {servers} | {wire} | {local_tps:.1f} | {swarm_tps:.1f} | {ratio:.2f}x | {added:.1f} | "
-              f"{per_hop:.2f} | {'yes' if same else 'no'} |")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\n{device}; servers {args.dtype}, client {args.client_dtype}, wire {'exact' if args.exact_wire else '16-bit'}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}")
+    print("\n| model | servers | local tok/s | swarm tok/s | swarm/local | local ms/token | swarm ms/token | "
+          "added ms/hop | spread ms/hop | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, servers, local_tps, swarm_tps, ratio, local_ms, swarm_ms, per_hop, spread, same in rows:
+        print(f"| {name} | {servers} | {local_tps:.1f} | {swarm_tps:.1f} | {ratio:.2f}x | {local_ms:.1f} | "
+              f"{swarm_ms:.1f} | {per_hop:.2f} | {spread:.2f} | {'yes' if same else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from shards.errors import MissingWeightsError
+from shards.errors import CheckpointNotFoundError, MissingWeightsError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -128,7 +128,7 @@ def _resolve_local_dir(path: Path, revision: str | None) -> Path | None:
             raise MissingWeightsError(f"hub cache {path} has no snapshot for revision {ref!r}")
         return snapshot
     if path.exists():
-        raise MissingWeightsError(f"{path} exists but holds no config.json: not a Hugging Face checkpoint")
+        raise CheckpointNotFoundError(f"{path} exists but holds no config.json: not a Hugging Face checkpoint")
     if path.is_absolute() or str(path).startswith(".") or str(path).count("/") > 1:
-        raise MissingWeightsError(f"no checkpoint at {path}: give a local directory or a hub repo id (org/name)")
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: give a local directory or a hub repo id (org/name)")
     return None

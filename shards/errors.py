@@ -19,3 +19,7 @@ class MissingWeightsError(ShardsError, FileNotFoundError):
 
 class UnsupportedPrecisionError(ShardsError):
     """A dtype or quantization that this device (or this install) cannot run."""
+
+
+class CheckpointNotFoundError(MissingWeightsError):
+    """The path or repo id names no checkpoint at all."""

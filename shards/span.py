@@ -33,7 +33,6 @@ class BlockSpan(nn.Module):
         self.rotary_emb = rotary_emb
         self.layer_types = _layer_types(config)[start:end]
         self.span_config = _span_config(config, start, end)
-        self.sessions: dict[str, DynamicCache] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -108,45 +107,9 @@ class BlockSpan(nn.Module):
                                            cache=cache, use_cache=cache is not None)
         return hidden_states
 
-    # ------------------------------------------------------------------ sessions (KV caches)
+    # ------------------------------------------------------------------ KV caches
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.span_config)
-
-    def open_session(self, session_id: str) -> None:
-        if session_id in self.sessions:
-            raise KeyError(f"session {session_id!r} is already open")
-        self.sessions[session_id] = self.new_cache()
-
-    def step(self, session_id: str, hidden_states: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-             position_ids: torch.LongTensor | None = None) -> torch.Tensor:
-        """Run the new tokens of one session, extending its KV cache."""
-        return self(hidden_states, cache=self._cache(session_id), attention_mask=attention_mask,
-                    position_ids=position_ids)
-
-    def session_length(self, session_id: str) -> int:
-        cache = self._cache(session_id)
-        return max(cache.get_seq_length(i) for i in range(len(self.layers)))
-
-    def reorder_session(self, session_id: str, beam_idx: torch.LongTensor) -> None:
-        """Select/reorder the batch rows of a session's cache (beam search)."""
-        self._cache(session_id).reorder_cache(beam_idx.to(self.device))
-
-    def trim_session(self, session_id: str, length: int) -> None:
-        """Keep only the first ``length`` tokens of a session's cache."""
-        cache = self._cache(session_id)
-        current = cache.get_seq_length()
-        if not 0 <= length <= current:
-            raise ValueError(f"cannot trim a session of {current} tokens to {length}")
-        cache.crop(length - current)
-
-    def close_session(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
-
-    def _cache(self, session_id: str) -> DynamicCache:
-        try:
-            return self.sessions[session_id]
-        except KeyError:
-            raise KeyError(f"unknown session {session_id!r}: open it first") from None
 
     def cache_bytes_per_token(self) -> int:
         """KV-cache bytes one token of one sequence takes in this span (for memory budgets)."""

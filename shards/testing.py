@@ -12,9 +12,9 @@ CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
 def tiny_config(family: str = "llama", *, hidden_size: int = 64, num_hidden_layers: int = 4,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 128, **overrides):
     extra = dict(num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
-    extra.update(overrides)
+    extra = {"intermediate_size": 2 * hidden_size, **extra, **overrides}
     return CONFIGS[family](
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
 

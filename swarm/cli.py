@@ -10,13 +10,80 @@ import sys
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """The command line asks for something impossible: exit code 2, as argparse's own errors."""
+
+
+def blocks_arg(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (serve blocks A to B-1), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B, got {text!r}")
+    return start, end
+
+
+def maddr_arg(text: str) -> str:
+    from hivemind.utils.multiaddr import Multiaddr
+    try:
+        protocols = [p.name for p in Multiaddr(text).protocols()]
+    except Exception:
+        protocols = []
+    if "p2p" not in protocols:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a peer's multiaddr such as "
+                                         f"/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW... (`cocoon dht` prints them)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("hivemind", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
+    from swarm import cli_chain
+    handlers = {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status, "demo": run_demo}
+    try:
+        return handlers.get(args.command, cli_chain.run)(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        usage, text = explain(e)
+        print(f"cocoon {args.command}: error: {text}", file=sys.stderr, flush=True)
+        return 2 if usage else 1
+
+
+def explain(error: Exception) -> tuple[bool, str]:
+    """(is it a usage error, one line saying what went wrong and what to do)."""
+    from hivemind.p2p import P2PDaemonError
+
+    from shards import CheckpointNotFoundError, SpanOutOfRangeError
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (UsageError, CheckpointNotFoundError, SpanOutOfRangeError)):
+        return True, text
+    if isinstance(error, P2PDaemonError) and "bootstrap peers" in text:
+        return False, ("cannot reach any of --initial-peers: check the addresses (`cocoon dht` prints them), that "
+                       "the peer is running and that this machine can connect to it")
+    if isinstance(error, P2PDaemonError) and "multiaddr" in text:
+        return True, f"{text.split(': ', 2)[-1]}: --initial-peers takes multiaddrs such as /ip4/.../tcp/.../p2p/..."
+    from routing import NoChainError
+    from swarm.client.failover import SwarmError
+    from swarm.wire import RemoteError
+    if isinstance(error, (NoChainError, SwarmError, RemoteError)):
+        return False, text
+    return False, f"{text} ({type(error).__name__}; details with --log-level DEBUG)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocoon", description="Run large language models across a swarm.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dht = commands.add_parser("dht", help="run a bootstrap DHT peer")
-    dht.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR")
+    dht.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", type=maddr_arg)
     dht.add_argument("--host", default="0.0.0.0")
     dht.add_argument("--port", type=int, default=31337)
     dht.add_argument("--identity", metavar="PATH", help="private key file: a stable peer id (created if missing)")
@@ -24,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="serve a span of a model's blocks")
     serve.add_argument("model", help="checkpoint directory, hub cache directory or hub repo id")
-    serve.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    serve.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     where = serve.add_mutually_exclusive_group(required=True)
-    where.add_argument("--blocks", metavar="A:B", help="serve blocks [A, B)")
+    where.add_argument("--blocks", metavar="A:B", type=blocks_arg, help="serve blocks [A, B)")
     where.add_argument("--num-blocks", type=int, metavar="N", help="serve N blocks where the swarm needs them most")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=0)
@@ -62,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     generate = commands.add_parser("generate", help="generate text through the swarm, streaming it")
     generate.add_argument("model")
     generate.add_argument("prompt")
-    generate.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    generate.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-k", type=int, default=None)
@@ -74,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     status = commands.add_parser("status", help="which servers hold which blocks")
     status.add_argument("model", help="checkpoint (for its block count and id), or use --model-id + --num-blocks")
-    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     status.add_argument("--model-id", default=None)
 
     demo = commands.add_parser("demo", help="a whole swarm on this machine: DHT, servers, streamed generation")
@@ -84,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from swarm import cli_chain
     cli_chain.add_parsers(commands)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("hivemind", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
-    handlers = {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status, "demo": run_demo}
-    return handlers.get(args.command, cli_chain.run)(args)
+    return parser
 
 
 def run_dht(args) -> int:
@@ -116,9 +177,8 @@ def run_serve(args) -> int:
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity)
-    blocks = tuple(int(x) for x in args.blocks.split(":")) if args.blocks else None
     config = ServerConfig(
-        model=args.model, initial_peers=args.initial_peers, blocks=blocks, num_blocks=args.num_blocks,
+        model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
         host=args.host, port=args.port, dtype=args.dtype, quant=args.quant, device=args.device,
         max_sessions=args.max_sessions, cache_tokens=args.cache_tokens, session_timeout=args.session_timeout,
         public_name=args.public_name, model_id=args.model_id, identity_path=args.identity,
@@ -143,8 +203,11 @@ def run_generate(args) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.temperature > 0 else dict(do_sample=False)
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer), **sampling)
-    model.shutdown()
+    try:
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer), **sampling)
+    finally:
+        print(flush=True)  # the streamer's line ends here, also when generation failed
+        model.shutdown()
     return 0
 
 

@@ -280,6 +280,15 @@ class Bounds:
     def max_numel(self) -> int:
         return self.limits.max_numel(self.hidden_size)
 
+    def tensor_numel(self, name: str) -> int:
+        """The most elements tensor ``name`` of a request may have (per-block tensors: for every block)."""
+        blocks = self.end - self.start
+        if name == "prompts":
+            return blocks * self.limits.max_tokens_per_request * self.hidden_size
+        if name == "lora":  # rank x (in + out) per target, for at most 16 targets 8 x hidden_size wide
+            return blocks * self.limits.max_lora_rank * 16 * 8 * self.hidden_size
+        return self.max_numel
+
 
 # ------------------------------------------------------------------ requests
 ACTIVATIONS = ("hidden", "grad_output", "prompts")   # in the request's wire dtype
@@ -355,7 +364,8 @@ class SpanRequest:
             raise bad(f"metadata 'dtype' must be one of {list(WIRE_DTYPES)}, got {_short(meta.get('dtype'))}")
         if meta.get("compression", COMPRESSION) != COMPRESSION:
             raise bad(f"metadata 'compression' must be {COMPRESSION!r}")
-        tensors = {name: unpack_tensor(proto, name, bounds.max_numel) for name, proto in zip(names, message.tensors)}
+        tensors = {name: unpack_tensor(proto, name, bounds.tensor_numel(name))
+                   for name, proto in zip(names, message.tensors)}
         for name in ACTIVATIONS:
             if name in tensors and tensors[name].dtype != dtype:
                 raise bad(f"tensor {name!r} is {dtype_name(tensors[name].dtype)} but the request's dtype is "

@@ -36,6 +36,35 @@ def test_generate_streams_the_same_text_as_transformers(checkpoints, tmp_path):
     assert out.strip()[:14] == expected.strip()[:14]
 
 
+def cocoon_fails(*args, timeout=120):
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True,
+                            timeout=timeout)
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def test_errors_are_one_line_with_advice_and_the_right_exit_code(checkpoints):
+    path = str(checkpoints("llama"))
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDNeeLMDiDZz3ah8kN1ZJcdo3t6W1ZmSKZcJx6xDtcgdZ"
+    code, lines = cocoon_fails("generate", "/no/such/model", "hi", "--initial-peers", nobody)
+    assert code == 2 and lines == ["cocoon generate: error: no checkpoint at /no/such/model: give a local directory "
+                                   "or a hub repo id (org/name)"], lines
+    code, lines = cocoon_fails("generate", path, "hi", "--initial-peers", nobody)
+    assert code == 1 and len(lines) == 1 and "cannot reach any of --initial-peers" in lines[0], lines
+    code, lines = cocoon_fails("generate", path, "hi", "--initial-peers", "127.0.0.1:31337")
+    assert code == 2 and "is not a peer's multiaddr" in lines[-1], lines
+    for bad in ("3", "2:1", "a:b"):
+        code, lines = cocoon_fails("serve", path, "--initial-peers", nobody, "--blocks", bad)
+        assert code == 2 and "argument --blocks: expected A:B" in lines[-1], lines
+    with LocalSwarm(path, [(0, 2)]) as swarm:
+        code, lines = cocoon_fails("serve", path, "--initial-peers", *swarm.initial_peers, "--blocks", "2:9")
+        assert code == 2 and lines[-1] == ("cocoon serve: error: --blocks 2:9 is outside the model's 4 blocks: use "
+                                           "0 <= A < B <= 4"), lines
+        code, lines = cocoon_fails("generate", path, "hi", "--initial-peers", *swarm.initial_peers)
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith("cocoon generate: error: no server holds block(s) 2-3 of 4; start a server"), lines
+
+
 def test_dht_identity_gives_a_stable_peer_id(tmp_path):
     maddrs = []
     for run in range(2):

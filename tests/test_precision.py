@@ -58,9 +58,9 @@ def test_quantized_span_matches_transformers_bitsandbytes(wide_checkpoint, quant
     assert rel_err(span(x), reference(x)) < TOLERANCE_VS_FLOAT32[quant]
     # The KV cache works on quantized spans too. int8 picks outlier columns over all rows of a call, so
     # one decoded token is not bit-equal to a recomputation; the bound is the quantization tolerance.
-    span.open_session("s")
-    span.step("s", x[:, :15])
-    assert rel_err(span.step("s", x[:, 15:]), span(x)[:, 15:]) < TOLERANCE_VS_FLOAT32[quant]
+    cache = span.new_cache()
+    span(x[:, :15], cache=cache)
+    assert rel_err(span(x[:, 15:], cache=cache), span(x)[:, 15:]) < TOLERANCE_VS_FLOAT32[quant]
 
 
 def test_throughput_is_measured_once_and_cached(wide_checkpoint, monkeypatch):

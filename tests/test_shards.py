@@ -59,13 +59,12 @@ def test_embeddings_spans_and_head_reproduce_logits_and_greedy_tokens(checkpoint
     assert rel_err(client.logits(hidden), model(ids).logits) < 1e-5
 
     expected = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
-    for span in spans:
-        span.open_session("s")
+    caches = [span.new_cache() for span in spans]
     tokens, step_input = [], ids
     for _ in range(16):
         hidden = client.embed(step_input)
-        for span in spans:
-            hidden = span.step("s", hidden)
+        for span, cache in zip(spans, caches):
+            hidden = span(hidden, cache=cache)
         step_input = client.logits(hidden)[:, -1].argmax(-1, keepdim=True)
         tokens.append(step_input.item())
     assert tokens == expected.tolist()
@@ -79,40 +78,26 @@ def test_prefill_then_decode_equals_recomputing_whole_sequence(checkpoints, fami
     x = torch.randn(2, 12, span.config.hidden_size, generator=torch.Generator().manual_seed(3))
     whole = span(x, attention_mask=mask, position_ids=position_ids)
 
-    span.open_session("a")
-    parts = [span.step("a", x[:, :8], attention_mask=mask[:, :8], position_ids=position_ids[:, :8])]
+    cache = span.new_cache()
+    parts = [span(x[:, :8], cache=cache, attention_mask=mask[:, :8], position_ids=position_ids[:, :8])]
     for t in range(8, 12):
-        parts.append(span.step("a", x[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=position_ids[:, t:t + 1]))
+        parts.append(span(x[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1],
+                          position_ids=position_ids[:, t:t + 1]))
     stepped = torch.cat(parts, dim=1)
-    assert span.session_length("a") == 12
+    assert cache.get_seq_length() == 12
     assert rel_err(stepped[mask.bool()], whole[mask.bool()]) < 1e-5
-    span.close_session("a")
-    assert "a" not in span.sessions
 
 
 @torch.no_grad()
-def test_cache_reorder_and_trim(checkpoints):
+def test_cache_reorder_follows_beams(checkpoints):
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 2)
     x = torch.randn(3, 10, span.config.hidden_size, generator=torch.Generator().manual_seed(4))
     beam_idx = torch.tensor([2, 0, 0])
-
-    span.open_session("beam")
-    span.step("beam", x[:, :9])
-    span.reorder_session("beam", beam_idx)
-    reordered = span.step("beam", x[beam_idx, 9:10])
+    cache = span.new_cache()
+    span(x[:, :9], cache=cache)
+    cache.reorder_cache(beam_idx)
+    reordered = span(x[beam_idx, 9:10], cache=cache)
     assert rel_err(reordered, span(x[beam_idx])[:, 9:10]) < 1e-5
-
-    span.open_session("trim")
-    span.step("trim", x[:, :9])
-    span.trim_session("trim", 5)
-    assert span.session_length("trim") == 5
-    after_trim = span.step("trim", x[:, 7:8])  # token 7 now sits at position 5
-    reference = span(torch.cat([x[:, :5], x[:, 7:8]], dim=1))[:, 5:6]
-    assert rel_err(after_trim, reference) < 1e-5
-    with pytest.raises(ValueError):
-        span.trim_session("trim", 7)
-    with pytest.raises(KeyError, match="unknown session"):
-        span.step("never-opened", x[:, :1])
 
 
 def test_span_loads_with_other_blocks_weights_deleted_or_corrupted(checkpoints, tmp_path):

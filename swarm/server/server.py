@@ -77,6 +77,10 @@ class Server:
         checkpoint = Checkpoint(config.model)
         self.model_id = config.model_id or checkpoint.model_id
         total_blocks = checkpoint.config.num_hidden_layers
+        if config.blocks is not None and not 0 <= config.blocks[0] < config.blocks[1] <= total_blocks:
+            from shards import SpanOutOfRangeError
+            raise SpanOutOfRangeError(f"--blocks {config.blocks[0]}:{config.blocks[1]} is outside the model's "
+                                      f"{total_blocks} blocks: use 0 <= A < B <= {total_blocks}")
         dht_kwargs = {"identity_path": config.identity_path} if config.identity_path else {}
         self.dht = hivemind.DHT(initial_peers=list(config.initial_peers), start=True,
                                 host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"], **dht_kwargs)
