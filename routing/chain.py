@@ -28,8 +28,11 @@ class ChainLink:
     end: int
 
 
-def block_seconds(info: ServerInfo, *, training: bool = False) -> float:
-    """Seconds one token spends in one block of this server, counting the sessions it already serves."""
+def block_seconds(info: ServerInfo, *, training: bool = False, measured: float | None = None) -> float:
+    """Seconds one token spends in one block of this server, counting the sessions it already serves. What
+    the client measured itself (``measured``, decode steps) counts instead of what the server advertises."""
+    if measured is not None and not training:
+        return measured
     span_throughput = (info.prefill_throughput or info.throughput * 8) if training else info.throughput
     per_block = max(span_throughput, 1e-9) * (info.end - info.start)
     load = 1.0 + (info.sessions / info.max_sessions if info.max_sessions else 0.0)
@@ -48,8 +51,8 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
                and info.start < end and (adapter is None or adapter in info.adapters)}
     hop = {peer: state.rtt.get(peer, DEFAULT_RTT) / (batch_tokens if training else 1) for peer in servers}
     # a tiny random factor per server breaks ties between equivalent servers at random
-    per_block = {peer: block_seconds(info, training=training) * (1 + 1e-9 * rng.random())
-                 for peer, info in servers.items()}
+    per_block = {peer: block_seconds(info, training=training, measured=state.block_seconds.get(peer))
+                 * (1 + 1e-9 * rng.random()) for peer, info in servers.items()}
     by_block: list[list[str]] = [[] for _ in range(end)]
     for peer, info in servers.items():
         for block in range(max(info.start, start), min(info.end, end)):
@@ -92,7 +95,8 @@ def chain_seconds(state: SwarmState, chain: list[ChainLink]) -> float:
     total = 0.0
     for link in chain:
         info = state.servers[link.peer_id]
-        total += state.rtt.get(link.peer_id, DEFAULT_RTT) + (link.end - link.start) * block_seconds(info)
+        total += state.rtt.get(link.peer_id, DEFAULT_RTT) + (link.end - link.start) * block_seconds(
+            info, measured=state.block_seconds.get(link.peer_id))
     return total
 
 

@@ -41,24 +41,60 @@ class ServerInfo:
 
     @classmethod
     def from_wire(cls, record: Any) -> "ServerInfo":
-        """Parse an untrusted DHT record; raises ValueError when it is malformed."""
+        """Parse an untrusted DHT record into bounded values; raises ValueError when it is malformed."""
         if not isinstance(record, dict):
             raise ValueError("a server record must be a map")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in record.items() if k in known}
         try:
-            info = cls(**values)
-            info.state = ServerState(info.state)
-            info.adapters = tuple(str(a) for a in info.adapters)
-            info.start, info.end = int(info.start), int(info.end)
-            info.throughput = float(info.throughput)
-            info.prefill_throughput = float(info.prefill_throughput)
-            info.sessions, info.max_sessions = int(info.sessions), int(info.max_sessions)
+            info = cls(state=ServerState(record.get("state")), start=_int(record, "start", 0, MAX_BLOCKS),
+                       end=_int(record, "end", 1, MAX_BLOCKS),
+                       throughput=_number(record, "throughput", MAX_THROUGHPUT),
+                       prefill_throughput=_number(record, "prefill_throughput", MAX_THROUGHPUT),
+                       cache_tokens_left=_int(record, "cache_tokens_left", 0, 2**40),
+                       sessions=_int(record, "sessions", 0, 2**20), max_sessions=_int(record, "max_sessions", 0, 2**20),
+                       version=_text(record, "version", 32), dtype=_text(record, "dtype", 16),
+                       quant=_text(record, "quant", 16) or "none",
+                       adapters=tuple(_text({"a": a}, "a", 256) for a in _list(record, "adapters", 64)),
+                       public_name=_text(record, "public_name", 64), payout_address=_text(record, "payout_address", 42),
+                       price_per_unit=_int(record, "price_per_unit", 0, MAX_PRICE),
+                       backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE))
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
-        if not 0 <= info.start < info.end:
+        if not info.start < info.end:
             raise ValueError(f"malformed server record: span [{info.start}, {info.end})")
         return info
+
+
+MAX_BLOCKS = 2**16
+MAX_THROUGHPUT = 1e6   # tokens/s: anything above is a lie; a client trusts its own measurements anyway
+MAX_PRICE = 2**128
+
+
+def _int(record: dict, key: str, low: int, high: int) -> int:
+    value = record.get(key, low)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{key} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _number(record: dict, key: str, high: float) -> float:
+    value = record.get(key, 0.0)
+    if type(value) not in (int, float) or not 0 <= value <= high:  # NaN fails too
+        raise ValueError(f"{key} must be a number in [0, {high:g}]")
+    return float(value)
+
+
+def _text(record: dict, key: str, length: int) -> str:
+    value = record.get(key, "")
+    if not isinstance(value, str) or len(value) > length:
+        raise ValueError(f"{key} must be a string of at most {length} characters")
+    return value
+
+
+def _list(record: dict, key: str, length: int) -> list:
+    value = record.get(key, [])
+    if not isinstance(value, (list, tuple)) or len(value) > length:
+        raise ValueError(f"{key} must be a list of at most {length} entries")
+    return list(value)
 
 
 @dataclass
@@ -67,6 +103,7 @@ class SwarmState:
     num_blocks: int
     servers: dict[str, ServerInfo] = field(default_factory=dict)
     rtt: dict[str, float] = field(default_factory=dict)  # seconds, measured by this client
+    block_seconds: dict[str, float] = field(default_factory=dict)  # per token per block, measured by this client
 
     def online(self) -> dict[str, ServerInfo]:
         return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}

@@ -1,5 +1,12 @@
 """Cocoon's swarm: DHT records, servers, and the distributed model client."""
+import os
+
 __version__ = "0.1.0"
+
+# hivemind shares a few bytes per future with its DHT process through torch's shared memory; its default
+# strategy (file_system) starts a torch_shm_manager process, and a signal during that start leaves torch
+# spinning with the GIL held. File descriptors need no helper process.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 
 def __getattr__(name):  # the client pulls in transformers; keep `import swarm` light for the CLI

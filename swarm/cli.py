@@ -9,34 +9,18 @@ import signal
 import sys
 from pathlib import Path
 
+import configargparse
+
+from swarm.processes import exit_on_termination, interrupts_raise, reap_children, terminating
+from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
+
 
 class UsageError(Exception):
     """The command line asks for something impossible: exit code 2, as argparse's own errors."""
 
 
-def blocks_arg(text: str) -> tuple[int, int]:
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A:B (serve blocks A to B-1), got {text!r}") from None
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B, got {text!r}")
-    return start, end
-
-
-def maddr_arg(text: str) -> str:
-    from hivemind.utils.multiaddr import Multiaddr
-    try:
-        protocols = [p.name for p in Multiaddr(text).protocols()]
-    except Exception:
-        protocols = []
-    if "p2p" not in protocols:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a peer's multiaddr such as "
-                                         f"/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW... (`cocoon dht` prints them)")
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
+    exit_on_termination()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -48,12 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         return handlers.get(args.command, cli_chain.run)(args)
     except KeyboardInterrupt:
         return 130
+    except SystemExit as e:  # an error raised as SystemExit("what to do")
+        if isinstance(e.code, str):
+            print(f"cocoon {args.command}: error: {e.code}", file=sys.stderr, flush=True)
+        return e.code if isinstance(e.code, int) else 1
     except Exception as e:
+        if terminating.is_set():
+            return 1  # the helpers were stopped under it: the process is exiting
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         usage, text = explain(e)
         print(f"cocoon {args.command}: error: {text}", file=sys.stderr, flush=True)
         return 2 if usage else 1
+    finally:
+        reap_children()
 
 
 def explain(error: Exception) -> tuple[bool, str]:
@@ -78,7 +70,7 @@ def explain(error: Exception) -> tuple[bool, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cocoon", description="Run large language models across a swarm.")
+    parser = configargparse.ArgumentParser(prog="cocoon", description="Run large language models across a swarm.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -89,42 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--identity", metavar="PATH", help="private key file: a stable peer id (created if missing)")
     dht.add_argument("--maddr-file", metavar="PATH", help="write this peer's multiaddrs here, one per line")
 
-    serve = commands.add_parser("serve", help="serve a span of a model's blocks")
-    serve.add_argument("model", help="checkpoint directory, hub cache directory or hub repo id")
-    serve.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
-    where = serve.add_mutually_exclusive_group(required=True)
-    where.add_argument("--blocks", metavar="A:B", type=blocks_arg, help="serve blocks [A, B)")
-    where.add_argument("--num-blocks", type=int, metavar="N", help="serve N blocks where the swarm needs them most")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=0)
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--quant", default="none", choices=["none", "int8", "nf4"])
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    serve.add_argument("--max-sessions", type=int, default=64)
-    serve.add_argument("--cache-tokens", type=int, default=16384, help="KV cache budget in tokens (batch x length)")
-    serve.add_argument("--session-timeout", type=float, default=120.0, help="seconds before an idle session is freed")
-    serve.add_argument("--max-length", type=int, default=4096, help="longest session this server accepts")
-    serve.add_argument("--public-name", default="")
-    serve.add_argument("--model-id", default=None, help="override the id derived from the checkpoint")
-    serve.add_argument("--identity", metavar="PATH")
-    serve.add_argument("--announce-period", type=float, default=15.0)
-    serve.add_argument("--balance-period", type=float, default=120.0,
-                       help="with --num-blocks: seconds between checks whether another span needs this server more")
-    serve.add_argument("--balance-threshold", type=float, default=1.1,
-                       help="move only when the swarm's throughput would grow by more than this factor")
-    serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
-                       help="peft LoRA adapter directories or hub repo ids; clients pick one by name "
-                            "(a directory's last component, or the repo id) with active_adapter=")
-    serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a client may send")
-    serve.add_argument("--lora-cache-mb", type=float, default=256,
-                       help="memory for clients' LoRA weights kept between a forward and its backward")
-    serve.add_argument("--price", type=int, default=0, help="wei per token x block (0: serve for free)")
-    serve.add_argument("--backward-price", type=int, default=None, help="wei per token x block of backward")
-    serve.add_argument("--payout", metavar="WALLET", help="keystore of the payout key (passphrase: $COCOON_PASSPHRASE)")
-    serve.add_argument("--chain-rpc", help="JSON-RPC URL of the settlement chain")
-    serve.add_argument("--contract", help="settlement contract address")
-    serve.add_argument("--credit-limit", type=int, default=10**15, help="wei a client may owe beyond its voucher")
-    serve.add_argument("--redeem-period", type=float, default=60.0, help="seconds between redemptions")
+    serve = commands.add_parser("serve", help="serve a span of a model's blocks",
+                                config_file_parser_class=configargparse.YAMLConfigFileParser,
+                                auto_env_var_prefix="COCOON_",
+                                description="Options also come from a YAML file (--config) and from COCOON_* "
+                                            "environment variables (COCOON_MAX_SESSIONS=8); the command line wins.")
+    serve.add_argument("--config", is_config_file=True, metavar="FILE", help="YAML file of options")
+    add_server_arguments(serve)
 
     generate = commands.add_parser("generate", help="generate text through the swarm, streaming it")
     generate.add_argument("model")
@@ -155,41 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_dht(args) -> int:
-    import hivemind
-    kwargs = {"identity_path": args.identity} if args.identity else {}
+    from swarm.dht_records import make_dht
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity)
-    dht = hivemind.DHT(initial_peers=args.initial_peers, start=True,
-                       host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], **kwargs)
-    maddrs = [str(m) for m in dht.get_visible_maddrs()]
-    if args.maddr_file:
-        Path(args.maddr_file).write_text("".join(m + "\n" for m in maddrs))
-    print("DHT running. Connect with --initial-peers " + " ".join(maddrs), flush=True)
-    _wait_for_signal()
-    dht.shutdown()
+    dht = make_dht(args.initial_peers, identity_path=args.identity, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
+    try:
+        maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        if args.maddr_file:
+            Path(args.maddr_file).write_text("".join(m + "\n" for m in maddrs))
+        print("DHT running. Connect with --initial-peers " + " ".join(maddrs), flush=True)
+        _wait_for_signal()
+    finally:
+        dht.shutdown()
     return 0
 
 
 def run_serve(args) -> int:
-    from swarm.server.server import Server, ServerConfig
-    from swarm.wire import Limits
-    if args.identity and not Path(args.identity).exists():
+    from swarm.server.config import from_args
+    from swarm.server.server import Server
+    if args.identity_path and not Path(args.identity_path).exists():
         from hivemind.p2p import P2P
-        P2P.generate_identity(args.identity)
-    config = ServerConfig(
-        model=args.model, initial_peers=args.initial_peers, blocks=args.blocks, num_blocks=args.num_blocks,
-        host=args.host, port=args.port, dtype=args.dtype, quant=args.quant, device=args.device,
-        max_sessions=args.max_sessions, cache_tokens=args.cache_tokens, session_timeout=args.session_timeout,
-        public_name=args.public_name, model_id=args.model_id, identity_path=args.identity,
-        announce_period=args.announce_period, balance_period=args.balance_period,
-        balance_threshold=args.balance_threshold,
-        limits=Limits(max_length=args.max_length, max_lora_rank=args.max_lora_rank), adapters=args.adapters,
-        lora_cache_bytes=int(args.lora_cache_mb * 2**20),
-        price=args.price, backward_price=args.backward_price, wallet=args.payout,
-        passphrase=os.environ.get("COCOON_PASSPHRASE", ""), chain_rpc=args.chain_rpc, contract=args.contract,
-        credit_limit=args.credit_limit, redeem_period=args.redeem_period)
-    Server(config).run()
+        P2P.generate_identity(args.identity_path)
+    Server(from_args(args, passphrase=os.environ.get("COCOON_PASSPHRASE", ""))).run()
     return 0
 
 
@@ -203,6 +154,7 @@ def run_generate(args) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.temperature > 0 else dict(do_sample=False)
+    interrupts_raise()  # Ctrl-C stops generating, and the servers are still paid
     try:
         model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer), **sampling)
     finally:
@@ -212,12 +164,11 @@ def run_generate(args) -> int:
 
 
 def run_status(args) -> int:
-    import hivemind
     from shards import Checkpoint
-    from swarm.dht_records import fetch_swarm_state
+    from swarm.dht_records import fetch_swarm_state, make_dht
     from swarm.status import format_status
     checkpoint = Checkpoint(args.model)
-    dht = hivemind.DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+    dht = make_dht(args.initial_peers, client_mode=True)
     model_id = args.model_id or checkpoint.model_id
     state = fetch_swarm_state(dht, model_id, checkpoint.config.num_hidden_layers)
     print(format_status(state, model_id))
@@ -237,6 +188,7 @@ def _wait_for_signal() -> None:
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
     asyncio.run(wait())
+    exit_on_termination()  # asyncio put the default handlers back: shutting down must not be cut short
 
 
 if __name__ == "__main__":

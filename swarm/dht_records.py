@@ -1,14 +1,21 @@
-"""Server records in the hivemind DHT: key ``{model_id}.{block}``, subkey = server peer id."""
+"""Server records in the hivemind DHT: key ``{model_id}.{block}``, subkey = the server's peer id, value =
+{"info": ServerInfo fields, "public_key": the server's libp2p key}, signed by that key (swarm.dht_validator)."""
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from functools import partial
+from typing import Sequence
 
+import hivemind
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from routing import ServerInfo, SwarmState
+from swarm.dht_validator import ServerRecordValidator, load_identity, parse_peer_id, public_key_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +24,41 @@ def block_key(model_id: str, block: int) -> str:
     return f"{model_id}.{block}"
 
 
+def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identity_path: str | None = None,
+             host_maddrs: Sequence[str] | None = None, sign: bool = False, **kwargs) -> DHT:
+    """A DHT peer of the swarm: it stores and reads server records only when their server signed them. With
+    ``sign`` it signs its own (an identity file holds its key: a temporary one unless ``identity_path``)."""
+    key = None
+    if sign:
+        if identity_path is None:
+            identity_path = _temporary_identity()
+        key = load_identity(identity_path)
+    if identity_path is not None:
+        kwargs["identity_path"] = identity_path
+    if host_maddrs is not None:
+        kwargs["host_maddrs"] = list(host_maddrs)
+    dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True,
+                       record_validators=[ServerRecordValidator(key)], **kwargs)
+    dht.public_key = public_key_bytes(key) if key is not None else None
+    return dht
+
+
+def _temporary_identity() -> str:
+    """A fresh identity file for this process (removed when the process ends)."""
+    directory = tempfile.mkdtemp(prefix="cocoon-identity-")
+    path = os.path.join(directory, "identity.key")
+    P2P.generate_identity(path)
+    import atexit
+    import shutil
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return path
+
+
 def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration: float, wait: bool = True):
-    """Store ``info`` under every block of the server's span."""
+    """Store ``info`` under every block of the server's span, signed (the DHT must be ``make_dht(sign=True)``)."""
     keys = [block_key(model_id, b) for b in range(info.start, info.end)]
-    return dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, value=info.to_wire(),
+    value = {"info": info.to_wire(), "public_key": dht.public_key}
+    return dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, value=value,
                                      expiration_time=get_dht_time() + expiration), return_future=not wait)
 
 
@@ -43,14 +81,16 @@ def _parse_records(found: dict, keys: list[str], num_blocks: int) -> SwarmState:
         if entry is None or not isinstance(entry.value, dict):
             continue
         for peer_id, record in entry.value.items():
+            if parse_peer_id(peer_id) is None:
+                continue  # only records under a peer id were checked for that peer's signature
             try:
-                info = ServerInfo.from_wire(record.value)
+                info = ServerInfo.from_wire(record.value.get("info") if isinstance(record.value, dict) else None)
             except ValueError as e:
                 logger.debug(f"skipping a record of {peer_id} under {key}: {e}")
                 continue
             if not info.start <= block < info.end or info.end > num_blocks:
                 continue  # a record must lie under a block its span covers
-            state.servers[str(peer_id)] = info
+            state.servers[peer_id] = info
     return state
 
 

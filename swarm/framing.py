@@ -4,6 +4,7 @@ than ``max_bytes`` nor hold a half-sent frame open. What the frames mean is swar
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
@@ -13,10 +14,12 @@ from swarm.wire import ErrorCode, WireError
 MESSAGE, ERROR = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER
 
 
-async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int, deadline: float | None = None):
+async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int, deadline: float | None = None,
+                     admit: Callable[[int], None] | None = None):
     """The next protobuf of ``message_type``, or None at the end of the stream. Waits for a frame's first byte
-    as long as it takes; the rest must arrive within ``deadline`` seconds. Raises WireError when the frame is
-    too large, late or garbage (the frame boundary is then lost: the stream cannot go on)."""
+    as long as it takes; the rest must arrive within ``deadline`` seconds. ``admit(length)`` may refuse a
+    frame (by raising) before its payload is buffered. Raises WireError when the frame is too large, late or
+    garbage (the frame boundary is then lost: the stream cannot go on)."""
     marker = await reader.read(1)
     if not marker:
         return None
@@ -27,6 +30,8 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
             if length > max_bytes:
                 raise WireError(ErrorCode.TOO_LARGE, f"a message of {length} bytes exceeds the limit of {max_bytes} "
                                                      f"bytes")
+            if admit is not None:
+                admit(length)
             payload = await reader.readexactly(length)
     except TimeoutError:
         raise WireError(ErrorCode.DEADLINE, f"a frame did not arrive within {deadline} s of its first byte") from None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Sequence
 
@@ -255,10 +255,10 @@ _UINT256_FIELDS = ("channel", "total_units", "total_amount")
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of a server."""
-    max_batch: int = 32
-    max_tokens_per_request: int = 8192   # batch x new tokens
-    max_length: int = 4096               # tokens of one session
-    max_lora_rank: int = 64
+    max_batch: int = field(default=32, metadata={"help": "sequences in one request"})
+    max_tokens_per_request: int = field(default=8192, metadata={"help": "batch x new tokens in one request"})
+    max_length: int = field(default=4096, metadata={"help": "longest session this server accepts, in tokens"})
+    max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank a client may send"})
 
     def max_numel(self, hidden_size: int) -> int:
         return max(self.max_tokens_per_request * hidden_size, self.max_batch * self.max_length)

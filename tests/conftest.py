@@ -1,6 +1,8 @@
 import logging
 import os
+import time
 
+import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI: every checkpoint is built here
@@ -29,3 +31,33 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("COCOON_CACHE_DIR", str(tmp_path / "cocoon-cache"))
+
+
+PROJECT_PROCESSES = ("swarm.cli", "p2pd", "anvil", "tests.malicious_server")
+
+
+def project_processes() -> dict[int, str]:
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if process.pid != os.getpid() and any(name in command for name in PROJECT_PROCESSES):
+            found[process.pid] = command[:160]
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """The suite ends with no server, DHT, p2p daemon or chain node of its own alive."""
+    before = set(project_processes())
+    yield
+    deadline = time.monotonic() + 20
+    while (left := {pid: c for pid, c in project_processes().items() if pid not in before}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        for pid in left:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        pytest.fail("processes left behind by the test suite:\n" + "\n".join(left.values()))

@@ -1,20 +1,67 @@
-"""A test double: `cocoon serve` whose span outputs are perturbed slightly (relative 1e-2), as a server
-that skimps on work would. Run as `python -m tests.malicious_server serve ...`."""
+"""A test double: `cocoon serve` that misbehaves as $COCOON_MISCHIEF says. Run as
+`python -m tests.malicious_server serve ...`.
+
+  perturb (default)  outputs off by 1e-2 relative, as a server that skimps on work would
+  nan                outputs full of NaN
+  huge               answers every request with a frame that claims 512 MiB
+  no_attestation     a priced server that signs nothing
+  bad_attestation    a priced server whose attestations name another output
+
+$COCOON_ADVERTISE_THROUGHPUT makes it announce that many tokens/s, so that clients pick it first.
+"""
+import os
 import sys
 
 import torch
 
-from swarm.server import handler
+from swarm.server import handler, server
 
+MISCHIEF = os.environ.get("COCOON_MISCHIEF", "perturb")
 _honest_run = handler.SpanHandler._run
 
 
-def _perturbed_run(self, request, cache, blocks, lora):
+def _run(self, request, cache, blocks, lora):
     output = _honest_run(self, request, cache, blocks, lora)
-    return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
+    if MISCHIEF == "nan":
+        return torch.full_like(output, float("nan"))
+    if MISCHIEF == "perturb":
+        return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
+    return output
 
 
-handler.SpanHandler._run = _perturbed_run
+_honest_write = handler.write_frame
+
+
+async def _huge_frame(writer, message):
+    if not message.tensors:  # info and errors as usual: clients must pick this server for work
+        return await _honest_write(writer, message)
+    writer.write(b"\x00" + (512 << 20).to_bytes(8, "big") + b"\x00" * 1024)
+    await writer.drain()
+
+
+_honest_attest = handler.SpanHandler._attest
+
+
+def _attest(self, chain, wire_input, wire_output, start, end):
+    if MISCHIEF == "no_attestation":
+        return chain, None
+    if MISCHIEF == "bad_attestation":
+        return _honest_attest(self, chain, wire_input, wire_output + 1, start, end)
+    return _honest_attest(self, chain, wire_input, wire_output, start, end)
+
+
+handler.SpanHandler._run = _run
+handler.SpanHandler._attest = _attest
+if MISCHIEF == "huge":
+    handler.write_frame = _huge_frame
+if "COCOON_ADVERTISE_THROUGHPUT" in os.environ:
+    _honest_set_throughput = server.Server._set_throughput
+
+    def _set_throughput(self):
+        _honest_set_throughput(self)
+        self.info.throughput = float(os.environ["COCOON_ADVERTISE_THROUGHPUT"])
+
+    server.Server._set_throughput = _set_throughput
 
 if __name__ == "__main__":
     from swarm.cli import main

@@ -75,7 +75,13 @@ class Failover:
         if verdict is Verdict.RAISE:
             raise error
         self.failures.append((peer_id, error))
-        if verdict is Verdict.BAN:
+        from swarm.client.attestations import BadAttestation
+        if isinstance(error, BadAttestation):  # a priced server that will not say what it did: never again
+            self.client.bans.ban_forever(peer_id)
+            if self.client.payments is not None:
+                self.client.payments.stop(peer_id)
+            logger.warning(f"server {peer_id} is banned for good and paid no further: {error}")
+        elif verdict is Verdict.BAN:
             self.client.report_failure(peer_id, error)
         elif verdict is Verdict.SKIP:
             self.busy.add(peer_id)

@@ -8,11 +8,13 @@ on: the output is the same as with no failure.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from routing import ChainLink
 from swarm.client import loop
+from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover
 from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import ServerStream, SwarmClient
@@ -29,6 +31,7 @@ class _ServerSession:
         self.block_inputs, self.lora_spec = block_inputs or {}, lora_spec
         self.opened = False
         self.history: list[tuple[torch.Tensor, dict]] = []  # (wire hidden, extra) of every step sent here
+        self.input_chain = b""  # what a priced server's attestations chain (see swarm.client.attestations)
         self.pending_reorder: list[int] | None = None  # beam search: rows to reorder the cache by, next step
         self.reordered = False  # the server's attestations name inputs in an older row order than history
 
@@ -45,9 +48,16 @@ class _ServerSession:
             self.history = [(h[order], {k: None if v is None else v[order] for k, v in e.items()})
                             for h, e in self.history]
             request.reorder, self.pending_reorder, self.reordered = order, None, True
+        started = time.perf_counter()
         reply = await self.stream.span(request, timeout)
+        if self.opened and hidden.shape[1] == 1:
+            client.measured_step(self.link.peer_id, time.perf_counter() - started, self.link.end - self.link.start)
         self.opened = True
         output = reply.outputs[0]
+        payout = client.payout_of(self.link.peer_id)
+        if payout is not None:
+            self.input_chain = check_attestation(reply.attestation, payout, self.link.start, self.link.end,
+                                                 self.input_chain, hidden, output)
         client.record_work(self.link.peer_id, reply, hidden.shape[0] * hidden.shape[1], self.link.end - self.link.start)
         self.history.append((hidden, extra))
         if client.spot_checker is not None:

@@ -7,14 +7,14 @@ import random
 import time
 from typing import Sequence
 
-import hivemind
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, NoChainError, SwarmState, make_chain
 from swarm.client import loop
+from swarm.client.attestations import check_attestation
 from swarm.client.failover import ServerFailure
-from swarm.dht_records import fetch_swarm_state_async
+from swarm.dht_records import fetch_swarm_state_async, make_dht
 from swarm.framing import read_frame, write_frame
 from swarm.wire import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
 
@@ -56,10 +56,11 @@ class SwarmClient:
                  request_timeout: float = 60.0, state_ttl: float = 5.0, max_retries: int = 8):
         self.model_id, self.num_blocks = model_id, num_blocks
         self.request_timeout, self.state_ttl, self.max_retries = request_timeout, state_ttl, max_retries
-        self.dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        self.dht = make_dht(initial_peers, client_mode=True)
         self.p2p = loop.run(self.dht.replicate_p2p())
         self.bans = BanList()
         self.rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
+        self.block_seconds: dict[str, float] = {}  # peer -> seconds per token per block of its decode steps
         self._state: SwarmState | None = None
         self._state_time = 0.0
         self.rng = random.Random()
@@ -78,6 +79,7 @@ class SwarmClient:
             state = await fetch_swarm_state_async(self.dht, self.model_id, self.num_blocks)
             await self._measure_rtts(state)
             state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
+            state.block_seconds = self.block_seconds
             self._state, self._state_time = state, time.monotonic()
         return self._state
 
@@ -117,6 +119,14 @@ class SwarmClient:
         missing.excluded = exclude
         raise missing
 
+    def measured_step(self, peer_id: str, seconds: float, blocks: int) -> None:
+        """A decode step took ``seconds`` on ``peer_id`` for ``blocks`` blocks: routing trusts this over what the
+        server advertises (an average over recent steps)."""
+        rtt = self.rtt.get(peer_id, (0.0, 0.0))[0]
+        per_block = max(seconds - rtt, 0.0) / blocks
+        previous = self.block_seconds.get(peer_id)
+        self.block_seconds[peer_id] = per_block if previous is None else 0.8 * previous + 0.2 * per_block
+
     def report_failure(self, peer_id: str, error: BaseException) -> None:
         seconds = self.bans.ban(peer_id)
         logger.warning(f"server {peer_id} failed ({type(error).__name__}: {error}); banned for {seconds:.0f}s, "
@@ -131,11 +141,17 @@ class SwarmClient:
 
     async def call_span(self, peer_id: str, handler: str, request: SpanRequest,
                         lora_shape: tuple[int, ...] | None = None) -> SpanReply:
+        """A forward or backward; a forward's reply from a server this client pays must be attested."""
         stream = await self.open_stream(peer_id, handler)
         try:
-            return await stream.span(request, self.request_timeout, lora_shape)
+            reply = await stream.span(request, self.request_timeout, lora_shape)
         finally:
             stream.close()
+        payout = self.payout_of(peer_id)
+        if payout is not None and handler == "forward":
+            check_attestation(reply.attestation, payout, request.start, request.end, b"", request.hidden,
+                              reply.outputs[0])
+        return reply
 
     async def info(self, peer_id: str, timeout: float | None = None) -> dict:
         stream = await self.open_stream(peer_id, "info")
@@ -159,6 +175,13 @@ class SwarmClient:
         if self.payments is None:
             return None
         return self.payments.payment(peer_id, self._state.servers.get(peer_id) if self._state else None)
+
+    def payout_of(self, peer_id: str) -> str | None:
+        """The payout address of a server this client pays (whose replies must carry attestations), else None."""
+        if self.payments is None or self._state is None or peer_id not in self._state.servers:
+            return None
+        channel = self.payments.channel(peer_id, self._state.servers[peer_id])
+        return None if channel is None else channel.server
 
     def record_work(self, peer_id: str, reply: SpanReply, tokens: int, blocks: int, backward: bool = False) -> None:
         if self.payments is not None:

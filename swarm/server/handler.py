@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -20,6 +20,8 @@ from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
 from swarm.framing import read_frame, write_frame
 from swarm.server.lora_cache import LoraCache
+from swarm.server.quotas import PeerUsage, Quotas
+from swarm.server.scheduler import FairScheduler
 from swarm.server.sessions import Session, SessionTable
 from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InfoReply, Limits, Payment,
                         PayReply, PayRequest, SpanReply, SpanRequest, WireError, bad)
@@ -32,14 +34,15 @@ LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang
 class SpanHandler:
     def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]],
                  ledger: ServerLedger | None = None, adapters: dict[str, LoraWeights] | None = None,
-                 lora_cache: LoraCache | None = None, frame_deadline: float = 30.0):
+                 lora_cache: LoraCache | None = None, quotas: Quotas = Quotas()):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         self.ledger = ledger  # None: this server works for free
         self.adapters = adapters or {}  # served peft adapters by name, rows for this span's blocks
         self.lora_cache = lora_cache or LoraCache(256 << 20)
-        self.frame_deadline = frame_deadline
+        self.quotas = quotas
         self.max_bytes = limits.max_message_bytes(span.config.hidden_size)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")  # torch releases the GIL
+        self.usage = PeerUsage(quotas, self.max_bytes)
+        self.scheduler = FairScheduler(quotas.max_queued_per_peer)  # one compute thread, fair between peers
         self.accepting = True
 
     @property
@@ -56,19 +59,14 @@ class SpanHandler:
         serve = getattr(self, f"_{name}")
 
         async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            state: dict[str, Any] = {"peer": str(stream_info.peer_id)}
+            peer = str(stream_info.peer_id)
+            state: dict[str, Any] = {"peer": peer}
             try:
-                while True:
-                    try:
-                        request = await read_frame(reader, ExpertRequest, self.max_bytes, self.frame_deadline)
-                    except WireError as e:  # the frame boundary is lost: answer, then hang up
-                        await write_frame(writer, ErrorReply(e.code, e.message).pack())
-                        return
-                    if request is None:
-                        return
-                    await write_frame(writer, await self._answer(serve, request, state, name))
-                    if name != "inference":
-                        return
+                with self.usage.stream(peer):
+                    while await self._serve_frame(serve, reader, writer, state, name) and name == "inference":
+                        pass
+            except WireError as e:  # over the peer's quota of streams
+                await write_frame(writer, ErrorReply(e.code, e.message).pack())
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass  # the caller went away
             finally:
@@ -79,6 +77,29 @@ class SpanHandler:
 
         return handle
 
+    async def _serve_frame(self, serve, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict,
+                           name: str) -> bool:
+        """Read one request and answer it; False when the stream is over."""
+        peer, admitted = state["peer"], 0
+
+        def admit(size: int) -> None:
+            nonlocal admitted
+            self.usage.admit(peer, size)
+            admitted = size
+
+        try:
+            try:
+                request = await read_frame(reader, ExpertRequest, self.max_bytes, self.quotas.frame_deadline, admit)
+            except WireError as e:  # the frame boundary is lost: answer, then hang up
+                await write_frame(writer, ErrorReply(e.code, e.message).pack())
+                return False
+            if request is None:
+                return False
+            await write_frame(writer, await self._answer(serve, request, state, name))
+            return True
+        finally:
+            self.usage.done(peer, admitted)
+
     async def _answer(self, serve, request: ExpertRequest, state: dict, name: str) -> ExpertResponse:
         try:
             return (await serve(request, state)).pack()
@@ -88,20 +109,21 @@ class SpanHandler:
             logger.exception(f"{name} failed")
             return ErrorReply(ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}: {e}").pack()
 
-    async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _compute(self, peer: str, cost: float, fn, *args):
+        return await self.scheduler.run(peer, cost, fn, *args)
 
     # ------------------------------------------------------------------ inference
     async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply:
         session: Session | None = state.get("session")
         step = InferenceStep.parse(message, self.bounds, opening=session is None)
         batch, length = step.hidden.shape[:2]
+        payer = self._charge_before(step.payment)  # before a session is opened: no free ride
         if session is None:
             if not self.accepting:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down: open the session elsewhere")
             lora = self._lora(step)  # deep prompts, LoRA weights or an adapter hold for the whole session
-            session = self.sessions.open(start=step.start, end=step.end, batch_size=batch, max_length=step.max_length,
-                                         cache=self.span.new_cache())
+            session = self.sessions.open(peer=state["peer"], start=step.start, end=step.end, batch_size=batch,
+                                         max_length=step.max_length, cache=self.span.new_cache())
             session.lora = lora
             state["session"] = session
         else:
@@ -111,10 +133,11 @@ class SpanHandler:
         if session.length + length > session.max_length:
             raise bad(f"{session.length} + {length} tokens exceed the session's max_length {session.max_length}")
         _check_mask_length(step, session.length)
-        payer = self._charge_before(step.payment)
         if step.reorder is not None:
-            await self._compute(session.cache.reorder_cache, torch.tensor(step.reorder, device=self.span.device))
-        output = await self._compute(self._run, step, session.cache, (session.start, session.end), session.lora)
+            await self._compute(state["peer"], 0, session.cache.reorder_cache,
+                                torch.tensor(step.reorder, device=self.span.device))
+        output = await self._span_output(state["peer"], step, session.cache, (session.start, session.end),
+                                         session.lora, past=session.length)
         session.length += length
         self.sessions.touch(session)  # only a step that succeeds keeps a session alive
         reply = SpanReply([output], length=session.length)
@@ -130,7 +153,7 @@ class SpanHandler:
         lora = self._lora(request)
         payer = self._charge_before(request.payment)
         blocks = (request.start, request.end)
-        output = await self._compute(self._run, request, None, blocks, lora)
+        output = await self._span_output(state["peer"], request, None, blocks, lora, past=0)
         _, attestation = self._attest(b"", request.hidden, output, *blocks)
         return SpanReply([output], attestation=attestation,
                          receipt=self._charge_after(payer, request.hidden, *blocks))
@@ -141,7 +164,8 @@ class SpanHandler:
         lora = self._lora(request)
         payer = self._charge_before(request.payment)
         blocks = (request.start, request.end)
-        grads = await self._compute(self._run_backward, request, blocks, lora)
+        cost = 3 * request.hidden.shape[0] * request.hidden.shape[1] * (blocks[1] - blocks[0])
+        grads = await self._compute(state["peer"], cost, self._run_backward, request, blocks, lora)
         return SpanReply(grads, receipt=self._charge_after(payer, request.hidden, *blocks, backward=True))
 
     async def _info(self, message: ExpertRequest, state) -> InfoReply:
@@ -190,20 +214,44 @@ class SpanHandler:
                                      backward=backward)
         return receipt.to_wire()
 
-    # ------------------------------------------------------------------ compute (in the executor)
+    # ------------------------------------------------------------------ compute (in the scheduler's thread)
     def _to_span(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None:
             return None
         dtype = self.span.dtype_ if tensor.is_floating_point() else tensor.dtype
         return tensor.to(device=self.span.device, dtype=dtype)
 
+    async def _span_output(self, peer: str, request: SpanRequest, cache, blocks: tuple[int, int],
+                           lora: LoraWeights | None, past: int) -> torch.Tensor:
+        """The span's output for a request, computed in the span's dtype and returned in the request's (on the
+        CPU). A long prefill runs as chunks, each a task of its own for the scheduler, so that other peers'
+        decode steps go between them; a stateless forward keeps a KV cache of its own across its chunks."""
+        batch, length = request.hidden.shape[:2]
+        chunk = max(1, self.quotas.prefill_chunk_tokens // batch)
+        prefix = request.prompts.shape[2] if request.prompts is not None else 0
+        if length <= chunk or prefix > chunk:  # the deep prompts' prefix must lie in one chunk
+            return await self._compute(peer, batch * length * (blocks[1] - blocks[0]), self._run, request, cache,
+                                       blocks, lora)
+        cache = self.span.new_cache() if cache is None else cache
+        outputs = []
+        for first in range(0, length, chunk):
+            last = min(first + chunk, length)
+            part = dataclasses.replace(
+                request, hidden=request.hidden[:, first:last],
+                position_ids=None if request.position_ids is None else request.position_ids[:, first:last],
+                attention_mask=None if request.attention_mask is None else request.attention_mask[:, :past + last],
+                prompts=request.prompts if first == 0 else None)
+            outputs.append(await self._compute(peer, batch * (last - first) * (blocks[1] - blocks[0]), self._run,
+                                               part, cache, blocks, lora))
+        return torch.cat(outputs, dim=1)
+
     @torch.inference_mode()
     def _run(self, request: SpanRequest, cache, blocks: tuple[int, int], lora: LoraWeights | None) -> torch.Tensor:
-        """The span's output for a request, computed in the span's dtype, returned in the request's (on the CPU)."""
-        with self._lora_applied(blocks, lora):
-            output = self.span(self._to_span(request.hidden), cache=cache, position_ids=self._to_span(
-                request.position_ids), attention_mask=self._to_span(request.attention_mask), blocks=blocks,
-                prompts=self._to_span(request.prompts))
+        with self._lora_applied(blocks, lora):  # positions default to continuing the cache, chunks included
+            output = self.span(self._to_span(request.hidden), cache=cache,
+                               position_ids=self._to_span(request.position_ids),
+                               attention_mask=self._to_span(request.attention_mask), blocks=blocks,
+                               prompts=self._to_span(request.prompts))
         return output.to(device="cpu", dtype=request.dtype)
 
     def _lora_applied(self, blocks: tuple[int, int], lora: LoraWeights | None):

@@ -5,10 +5,8 @@ import asyncio
 import logging
 import random
 import signal
-from dataclasses import dataclass, field
-from typing import Sequence
 
-import hivemind
+import torch
 
 import swarm
 from routing import ServerInfo, ServerState
@@ -16,116 +14,93 @@ from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
-from swarm.dht_records import announce, fetch_swarm_state
+from swarm.dht_records import announce, fetch_swarm_state, make_dht
+from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
 from swarm.server.lora_cache import LoraCache
 from swarm.server.sessions import SessionTable
-from swarm.wire import Limits
+from swarm.processes import exit_on_termination
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ServerConfig:
-    model: str
-    initial_peers: Sequence[str] = ()
-    blocks: tuple[int, int] | None = None
-    num_blocks: int | None = None
-    host: str = "127.0.0.1"
-    port: int = 0
-    dtype: str = "auto"
-    quant: str = "none"
-    device: str | None = None
-    max_sessions: int = 64
-    cache_tokens: int = 16384
-    session_timeout: float = 120.0
-    public_name: str = ""
-    model_id: str | None = None
-    identity_path: str | None = None
-    announce_period: float = 15.0
-    balance_period: float = 120.0     # how often a --num-blocks server considers moving (randomised +-50%)
-    balance_threshold: float = 1.1    # move only if the swarm's throughput grows by more than this factor
-    shutdown_grace: float = 5.0
-    limits: Limits = field(default_factory=Limits)
-    adapters: Sequence[str] = ()      # peft LoRA adapter directories (or hub repo ids) clients may pick by name
-    lora_cache_bytes: int = 256 << 20  # clients' LoRA weights kept by hash between a forward and its backward
-    # payment: free when price is 0
-    price: int = 0                    # wei per token x block
-    backward_price: int | None = None  # default: the same as price
-    wallet: str | None = None         # keystore of the payout key (signs receipts, sends redemptions)
-    passphrase: str = ""
-    chain_rpc: str | None = None
-    contract: str | None = None
-    credit_limit: int = 10**15        # wei a client may owe beyond its latest voucher
-    redeem_period: float = 60.0
 
 
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.stop = asyncio.Event()
 
     def run(self) -> None:
-        asyncio.run(self.serve())
+        """Start (SIGTERM or SIGINT abort this part at once: swarm.processes), then serve until SIGTERM or SIGINT,
+        which stop the server gracefully: announce offline, let open sessions finish, redeem, leave."""
+        self.dht = None
+        try:
+            self._start()
+            asyncio.run(self._serve())
+        finally:
+            if self.dht is not None:
+                self.dht.shutdown()
+            exit_on_termination()  # asyncio put the default handlers back
 
-    async def serve(self) -> None:
+    def _start(self) -> None:
+        """Load the span, measure it, set up payments; announce the server as joining."""
         config = self.config
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
-
-        checkpoint = Checkpoint(config.model)
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.checkpoint = checkpoint = Checkpoint(config.model)
         self.model_id = config.model_id or checkpoint.model_id
         total_blocks = checkpoint.config.num_hidden_layers
         if config.blocks is not None and not 0 <= config.blocks[0] < config.blocks[1] <= total_blocks:
             from shards import SpanOutOfRangeError
             raise SpanOutOfRangeError(f"--blocks {config.blocks[0]}:{config.blocks[1]} is outside the model's "
                                       f"{total_blocks} blocks: use 0 <= A < B <= {total_blocks}")
-        dht_kwargs = {"identity_path": config.identity_path} if config.identity_path else {}
-        self.dht = hivemind.DHT(initial_peers=list(config.initial_peers), start=True,
-                                host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"], **dht_kwargs)
+        self.dht = make_dht(config.initial_peers, identity_path=config.identity_path, sign=True,
+                            host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"])
         self.peer_id = str(self.dht.peer_id)
-        try:
-            start, end = config.blocks or self._choose_span(total_blocks)
-            self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
-                                   public_name=config.public_name, max_sessions=config.max_sessions)
-            announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
-            self.span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
-                                                  device=config.device, progress=True)
-            self.adapters = self._load_adapters(self.span)
-            self.per_block = get_throughput(self.span, self.model_id)
-            self._set_throughput()
-            self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
-            self.info.quant = config.quant
-            self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
-                                         max_length=config.limits.max_length, timeout=config.session_timeout)
-            self.ledger, self.redeemer = self._payments()
-            self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger,
-                                       adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes))
-            self.p2p = await self.dht.replicate_p2p()
-            await self.handler.add_p2p_handlers(self.p2p)
-            self.info.state = ServerState.ONLINE
-            self._announce()
-            print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
-            loop = asyncio.get_running_loop()
-            next_balance = loop.time() + self._balance_delay()
-            next_redeem = loop.time() + config.redeem_period
-            while not self.stop.is_set():
-                try:
-                    await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
-                except asyncio.TimeoutError:
-                    for session_id in self.sessions.expire():
-                        logger.info(f"session {session_id} expired")
-                    if self.redeemer and loop.time() >= next_redeem:
-                        await self._redeem()
-                        next_redeem = loop.time() + config.redeem_period
-                    if config.blocks is None and loop.time() >= next_balance:
-                        await self._maybe_move(checkpoint)
-                        next_balance = loop.time() + self._balance_delay()
-                    self._announce()
-            await self._shutdown()
-        finally:
-            self.dht.shutdown()
+        start, end = config.blocks or self._choose_span(total_blocks)
+        self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
+                               public_name=config.public_name, max_sessions=config.max_sessions)
+        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
+        self.span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
+                                              device=config.device, progress=True)
+        self.adapters = self._load_adapters(self.span)
+        self.per_block = get_throughput(self.span, self.model_id)
+        self._set_throughput()
+        self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
+        self.info.quant = config.quant
+        self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
+                                     max_length=config.limits.max_length, timeout=config.session_timeout,
+                                     max_sessions_per_peer=config.quotas.max_sessions_per_peer)
+        self.ledger, self.redeemer = self._payments()
+
+    async def _serve(self) -> None:
+        config, loop = self.config, asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger,
+                                   adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes),
+                                   quotas=config.quotas)
+        self.p2p = await self.dht.replicate_p2p()
+        await self.handler.add_p2p_handlers(self.p2p)
+        self.info.state = ServerState.ONLINE
+        self._announce()
+        print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id} as peer {self.peer_id}",
+              flush=True)
+        next_balance = loop.time() + self._balance_delay()
+        next_redeem = loop.time() + config.redeem_period
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
+            except asyncio.TimeoutError:
+                for session_id in self.sessions.expire():
+                    logger.info(f"session {session_id} expired")
+                if self.redeemer and loop.time() >= next_redeem:
+                    await self._redeem()
+                    next_redeem = loop.time() + config.redeem_period
+                if config.blocks is None and loop.time() >= next_balance:
+                    await self._maybe_move(self.checkpoint)
+                    next_balance = loop.time() + self._balance_delay()
+                self._announce()
+        await self._shutdown()
 
     def _choose_span(self, total_blocks: int) -> tuple[int, int]:
         num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
@@ -200,7 +175,7 @@ class Server:
             self.handler.span = self.span = new_span
             self.handler.adapters = self.adapters = new_adapters
 
-        await self.handler._compute(swap)
+        await self.handler._compute(self.peer_id, 0, swap)
         old = (self.info.start, self.info.end)
         self.info.start, self.info.end = start, end
         self._set_throughput()
@@ -235,7 +210,7 @@ class Server:
         deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace
         while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
-        self.handler.executor.shutdown(wait=True)
+        self.handler.scheduler.shutdown()
         if self.redeemer:
             await self._redeem()
         await self.p2p.shutdown()

@@ -14,6 +14,7 @@ from swarm.wire import ErrorCode, WireError
 @dataclass
 class Session:
     session_id: str
+    peer: str
     start: int
     end: int
     batch_size: int
@@ -32,8 +33,10 @@ class Session:
 class SessionTable:
     """Every open session; a new one is admitted only if its whole KV cache fits in the budget."""
 
-    def __init__(self, *, cache_tokens: int, max_sessions: int, max_length: int, timeout: float):
+    def __init__(self, *, cache_tokens: int, max_sessions: int, max_length: int, timeout: float,
+                 max_sessions_per_peer: int | None = None):
         self.cache_tokens, self.max_sessions = cache_tokens, max_sessions
+        self.max_per_peer = max_sessions_per_peer or max_sessions
         self.max_length, self.timeout = max_length, timeout
         self.sessions: dict[str, Session] = {}
 
@@ -41,17 +44,22 @@ class SessionTable:
     def tokens_left(self) -> int:
         return self.cache_tokens - sum(s.reserved_tokens for s in self.sessions.values())
 
-    def open(self, *, start: int, end: int, batch_size: int, max_length: int, cache: DynamicCache) -> Session:
+    def open(self, *, peer: str, start: int, end: int, batch_size: int, max_length: int,
+             cache: DynamicCache) -> Session:
         if max_length > self.max_length:
             raise WireError(ErrorCode.BAD_REQUEST,
                             f"max_length {max_length} exceeds this server's limit of {self.max_length} tokens")
+        mine = sum(s.peer == peer for s in self.sessions.values())
+        if mine >= self.max_per_peer:
+            raise WireError(ErrorCode.QUOTA_EXCEEDED, f"{mine} sessions of your peer are open here (the limit per "
+                                                      f"peer): close some or use another server")
         if len(self.sessions) >= self.max_sessions:
             raise WireError(ErrorCode.SERVER_FULL,
                             f"server full: {len(self.sessions)} sessions open (--max-sessions {self.max_sessions})")
         if batch_size * max_length > self.tokens_left:
             raise WireError(ErrorCode.SERVER_FULL, f"server full: {batch_size} x {max_length} cache tokens asked, "
                                                    f"{self.tokens_left} of {self.cache_tokens} left")
-        session = Session(uuid.uuid4().hex, start, end, batch_size, max_length, cache)
+        session = Session(uuid.uuid4().hex, peer, start, end, batch_size, max_length, cache)
         self.sessions[session.session_id] = session
         return session
 

@@ -1,0 +1,31 @@
+"""A priced server signs every reply: which input it received (chained over a session's steps) and which
+output it returned. The client checks that on arrival; a priced server whose attestation is missing or
+wrong is banned by this client for good and paid no further. That is a local decision: garbage bytes prove
+nothing to anyone else, so nothing is published and nobody is slashed."""
+from __future__ import annotations
+
+import torch
+
+from incentives.verification import Attestation, array_hash, chain_hash
+from swarm.wire import InvalidReply
+
+
+class BadAttestation(InvalidReply):
+    """A priced server's reply came without a valid attestation of its input and output."""
+
+
+def check_attestation(reply_attestation: dict | None, payout: str, start: int, end: int, input_chain: bytes,
+                      wire_input: torch.Tensor, wire_output: torch.Tensor) -> bytes:
+    """The session's input chain after this step; raises BadAttestation unless the server signed exactly what
+    crossed the wire, with its payout key, for these blocks."""
+    chain = chain_hash(input_chain, wire_input.float().numpy())
+    try:
+        attestation = Attestation.from_wire(reply_attestation)
+        valid = (isinstance(attestation.server, str) and attestation.server.lower() == payout.lower()
+                 and (attestation.start, attestation.end) == (start, end) and attestation.input_hash == chain
+                 and attestation.output_hash == array_hash(wire_output.float().numpy()) and attestation.valid())
+    except (TypeError, ValueError, AttributeError):
+        valid = False
+    if not valid:
+        raise BadAttestation(f"server with payout address {payout} sent a missing or invalid attestation")
+    return chain

@@ -1,0 +1,78 @@
+"""No process left behind. A `cocoon` command starts helpers (hivemind's DHT process, which starts a p2p
+daemon); however the command ends, at any moment after it starts, it stops them.
+
+Until a command reaches a state with a graceful way out (a server that serves: announce offline, finish
+sessions, redeem), SIGTERM and SIGINT stop its helpers and exit at once. A thread does that, woken by the
+byte the interpreter's C-level signal handler writes to a wakeup fd: a Python-level handler would run only
+when the main thread returns to the interpreter, which it may not do for a long while (it can sit in
+torch's or hivemind's C code), and an exception raised from one can land in code that ignores it or holds a
+lock. Whatever is still running when a command returns is terminated too."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+
+import psutil
+
+_TERMINATING = (signal.SIGTERM, signal.SIGINT)
+_wakeup: socket.socket | None = None
+terminating = threading.Event()  # set once a signal is being acted on: what breaks meanwhile is no error
+
+
+def exit_on_termination() -> None:
+    """From now on (and until asyncio or ``interrupts_raise`` take the signals over), SIGTERM or SIGINT reap
+    this process's children and exit with 128 + the signal. Call from the main thread."""
+    global _wakeup
+    if _wakeup is None:
+        reader, _wakeup = socket.socketpair()
+        _wakeup.setblocking(False)
+        threading.Thread(target=_watch, args=(reader,), name="cocoon-signals", daemon=True).start()
+    for sig in _TERMINATING:
+        signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the main thread need not
+    signal.set_wakeup_fd(_wakeup.fileno(), warn_on_full_buffer=False)
+
+
+def interrupts_raise() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (its `finally` blocks run): for a command
+    that is past its start-up, such as a client generating text, which pays its servers when it stops."""
+    signal.set_wakeup_fd(-1)
+    for sig in _TERMINATING:
+        signal.signal(sig, signal.default_int_handler)
+
+
+def _watch(reader: socket.socket) -> None:
+    while True:
+        data = reader.recv(64)
+        if not data:
+            return
+        for signum in data:
+            if signum in _TERMINATING and signal.getsignal(signum) is not signal.default_int_handler:
+                terminating.set()
+                reap_children(grace=2.0)
+                os._exit(128 + signum)
+
+
+def reap_children(grace: float = 5.0) -> None:
+    """Terminate every descendant of this process, then kill what is left after ``grace`` seconds. All are
+    found before any is signalled: a grandchild whose parent dies first is still on the list."""
+    for _ in range(3):
+        try:
+            children = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return
+        if not children:
+            return
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(children, timeout=grace)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=grace)

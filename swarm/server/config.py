@@ -1,0 +1,158 @@
+"""Every option of a server, declared once: ``ServerConfig`` is what ``Server`` runs, and the ``cocoon serve``
+parser is built from its fields (flag, default, help), so a default is written in one place. The same
+options come from a YAML file (``--config FILE``, keys as the flags without dashes) or from ``COCOON_*``
+environment variables (``COCOON_MAX_SESSIONS=8``); the command line wins over both.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarm.server.quotas import Quotas
+from swarm.wire import Limits
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, **argparse_kwargs) -> Any:
+    """A config field with its command-line flag; ``default`` may be a factory (for lists)."""
+    meta = {"help": help, "flag": flag, **argparse_kwargs}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def blocks_arg(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (serve blocks A to B-1), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B, got {text!r}")
+    return start, end
+
+
+def maddr_arg(text: str) -> str:
+    from hivemind.utils.multiaddr import Multiaddr
+    try:
+        protocols = [p.name for p in Multiaddr(text).protocols()]
+    except Exception:
+        protocols = []
+    if "p2p" not in protocols:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a peer's multiaddr such as "
+                                         f"/ip4/203.0.113.7/tcp/31337/p2p/Qm... (`cocoon dht` prints them)")
+    return text
+
+
+@dataclass
+class ServerConfig:
+    model: str = option(None, "checkpoint directory, hub cache directory or hub repo id", flag="model")
+    initial_peers: list[str] = option(list, "multiaddrs of DHT peers to join (`cocoon dht` prints them)",
+                                      nargs="+", required=True, type=maddr_arg, metavar="MADDR")
+    blocks: tuple[int, int] | None = option(None, "serve blocks [A, B)", type=blocks_arg, metavar="A:B",
+                                            group="where")
+    num_blocks: int | None = option(None, "serve N blocks where the swarm needs them most", metavar="N",
+                                    group="where")
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(0, "port to listen on (0: any free port)")
+    dtype: str = option("auto", "the blocks' dtype (auto: bfloat16 on CUDA, float32 on a CPU)",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",
+                        choices=["none", "int8", "nf4"])
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    num_threads: int = option(0, "torch threads for compute (0: this machine's cores, shared with other servers "
+                                 "started on it; see the README)")
+    max_sessions: int = option(64, "inference sessions open at once")
+    cache_tokens: int = option(16384, "KV cache budget in tokens (batch x length), reserved when a session opens")
+    session_timeout: float = option(120.0, "seconds before an idle session is freed")
+    limits: Limits = option(Limits, "what one request may ask")
+    quotas: Quotas = option(Quotas, "what one peer may take")
+    public_name: str = option("", "a name shown in `cocoon status`")
+    model_id: str | None = option(None, "override the id derived from the checkpoint")
+    identity_path: str | None = option(None, "private key file: a stable peer id (created if missing)",
+                                       flag="--identity", metavar="PATH")
+    announce_period: float = option(15.0, "seconds between DHT announcements")
+    balance_period: float = option(120.0, "with --num-blocks: seconds between checks whether another span needs "
+                                          "this server more")
+    balance_threshold: float = option(1.1, "move only when the swarm's throughput would grow by more than this "
+                                           "factor")
+    shutdown_grace: float = option(5.0, "seconds open sessions may finish after SIGTERM")
+    adapters: list[str] = option(list, "peft LoRA adapter directories or hub repo ids; clients pick one by name "
+                                       "(a directory's last component, or the repo id) with active_adapter=",
+                                 nargs="+", metavar="PATH")
+    lora_cache_mb: float = option(256.0, "memory for clients' LoRA weights kept between a forward and its backward")
+    # payment: free when price is 0
+    price: int = option(0, "wei per token x block (0: serve for free)")
+    backward_price: int | None = option(None, "wei per token x block of backward (default: --price)")
+    wallet: str | None = option(None, "keystore of the payout key (passphrase: $COCOON_PASSPHRASE)",
+                                flag="--payout", metavar="WALLET")
+    chain_rpc: str | None = option(None, "JSON-RPC URL of the settlement chain")
+    contract: str | None = option(None, "settlement contract address")
+    credit_limit: int = option(10**15, "wei a client may owe beyond its latest voucher")
+    redeem_period: float = option(60.0, "seconds between redemptions")
+    passphrase: str = field(default="", metadata={"cli": False})  # from $COCOON_PASSPHRASE, never a flag
+
+    @property
+    def lora_cache_bytes(self) -> int:
+        return int(self.lora_cache_mb * 2**20)
+
+
+def add_arguments(parser, cls=ServerConfig, prefix: str = "") -> None:
+    """One flag per field of ``cls`` (nested dataclasses' fields are flattened: ``--max-sessions-per-peer``)."""
+    groups: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        if meta.pop("cli", True) is False:
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            add_arguments(parser, kind, prefix=f"{f.name}.")
+            continue
+        flag, group, help_text = meta.pop("flag", None), meta.pop("group", None), meta.pop("help", "")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if flag == "model":
+            parser.add_argument("model", help=help_text)
+            continue
+        flag = flag or "--" + f.name.replace("_", "-")
+        kwargs = {"help": f"{help_text} (default: {default})" if default not in (None, "", [], ()) else help_text,
+                  "dest": prefix + f.name, "metavar": f.name.upper(), **meta}
+        base = _base_type(kind)
+        if base is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kwargs.setdefault("type", base)
+            if not kwargs.get("required"):
+                kwargs["default"] = default
+        if group is not None:
+            if group not in groups:
+                groups[group] = parser.add_mutually_exclusive_group(required=True)
+            groups[group].add_argument(flag, **kwargs)
+        else:
+            parser.add_argument(flag, **kwargs)
+
+
+def from_args(args: argparse.Namespace, cls=ServerConfig, prefix: str = "", **extra) -> Any:
+    """The config ``add_arguments`` parsed into ``args``."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = from_args(args, hints[f.name], prefix=f"{f.name}.")
+        elif hasattr(args, prefix + f.name):
+            values[f.name] = getattr(args, prefix + f.name)
+    values.update(extra)
+    return cls(**values)
+
+
+def _base_type(kind) -> type:
+    """What argparse converts one value to: int for ``int | None``, str for ``list[str]``."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) in (list, tuple):
+        return typing.get_args(kind)[0]
+    return kind
+
+

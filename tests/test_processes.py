@@ -1,0 +1,61 @@
+"""No orphans: a `cocoon` command signalled at any moment after it starts leaves no DHT process and no p2p
+daemon behind."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def processes_of_session(sid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def signalled_after(args, delay: float, sig: int) -> list[str]:
+    """Start `cocoon ARGS` in a session of its own, signal it after ``delay`` s; what of it is left after it exits."""
+    process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(delay)
+    process.send_signal(sig)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        dump = subprocess.run(["py-spy", "dump", "--pid", str(process.pid)], capture_output=True, text=True)
+        raise AssertionError(f"still running {delay}s + 60s after signal {sig}:\n{dump.stdout}{dump.stderr}")
+    finally:
+        deadline = time.monotonic() + 10
+        while processes_of_session(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [" ".join(p.cmdline())[:80] for p in processes_of_session(process.pid)]
+        for leftover in processes_of_session(process.pid):
+            leftover.kill()
+    return left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cocoon_dht_signalled_at_any_moment_leaves_nothing(sig):
+    for delay in (0.05, 0.2, 0.6, 1.2, 2.5, 5.0):
+        left = signalled_after(["dht", "--host", "127.0.0.1", "--port", "0"], delay, sig)
+        assert left == [], f"signal {sig} after {delay}s left {left}"
+
+
+def test_cocoon_serve_signalled_while_starting_or_serving_leaves_nothing(checkpoints):
+    from swarm.local_swarm import LocalSwarm
+    path = str(checkpoints("llama"))
+    with LocalSwarm(path) as swarm:
+        for delay in (0.2, 2.0, 4.0, 4.8, 5.6, 9.0):
+            left = signalled_after(["serve", path, "--initial-peers", *swarm.initial_peers, "--blocks", "0:2",
+                                    "--host", "127.0.0.1", "--shutdown-grace", "0.5"], delay, signal.SIGTERM)
+            assert left == [], f"SIGTERM after {delay}s left {left}"
