@@ -26,14 +26,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import msgpack
 import torch
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
+
+from swarm.codes import BUSY, CALLER_ERRORS, ErrorCode, InvalidReply, RemoteError, WireError, bad  # noqa: F401
+from swarm.limits import Limits
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64}
@@ -45,53 +47,6 @@ MAX_STR_LEN = 1024
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _HASH = re.compile(r"[0-9a-f]{1,64}")
 UINT256 = 2**256
-
-
-class ErrorCode(str, Enum):
-    BAD_REQUEST = "bad_request"            # malformed or unacceptable: the caller's error, nobody is banned
-    TOO_LARGE = "too_large"                # a frame beyond the server's size limit: the caller's error
-    PAYMENT_REQUIRED = "payment_required"  # no payer, no valid voucher, or credit used up: the caller's error
-    SESSION_EXPIRED = "session_expired"    # the server closed the session (idle): open it again
-    LORA_NOT_CACHED = "lora_not_cached"    # weights named by hash are gone: send them again
-    SERVER_FULL = "server_full"            # no room now: try another holder, ban nobody
-    QUOTA_EXCEEDED = "quota_exceeded"      # this peer's share of the server is in use: try another holder
-    SHUTTING_DOWN = "shutting_down"        # the server is leaving: try another holder
-    DEADLINE = "deadline"                  # a frame did not arrive in time
-    INTERNAL = "internal"                  # the server failed: it is to blame
-
-
-CALLER_ERRORS = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.PAYMENT_REQUIRED})
-BUSY = frozenset({ErrorCode.SERVER_FULL, ErrorCode.QUOTA_EXCEEDED, ErrorCode.SHUTTING_DOWN})
-
-
-class WireError(ValueError):
-    """Something the peer sent breaks the contract; ``code`` says whose problem it is."""
-
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-    def __reduce__(self):
-        return type(self), (self.code, self.message)
-
-
-def bad(message: str) -> WireError:
-    return WireError(ErrorCode.BAD_REQUEST, message)
-
-
-class RemoteError(RuntimeError):
-    """A server answered a request with an ErrorReply."""
-
-    def __init__(self, code: ErrorCode, message: str, peer_id: str | None = None):
-        super().__init__(message if peer_id is None else f"{message} (server {peer_id})")
-        self.code, self.message, self.peer_id = code, message, peer_id
-
-    def __reduce__(self):
-        return type(self), (self.code, self.message, self.peer_id)
-
-
-class InvalidReply(RuntimeError):
-    """A server's reply broke the contract (size, shape, dtype, non-finite values): the server failed."""
 
 
 # ------------------------------------------------------------------ dtypes and tensors
@@ -250,21 +205,6 @@ class Payment:
 
 
 _UINT256_FIELDS = ("channel", "total_units", "total_amount")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of a server."""
-    max_batch: int = field(default=32, metadata={"help": "sequences in one request"})
-    max_tokens_per_request: int = field(default=8192, metadata={"help": "batch x new tokens in one request"})
-    max_length: int = field(default=4096, metadata={"help": "longest session this server accepts, in tokens"})
-    max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank a client may send"})
-
-    def max_numel(self, hidden_size: int) -> int:
-        return max(self.max_tokens_per_request * hidden_size, self.max_batch * self.max_length)
-
-    def max_message_bytes(self, hidden_size: int) -> int:
-        return 2 * 4 * self.max_numel(hidden_size) + (1 << 20)  # backward carries two float32 tensors
 
 
 @dataclass(frozen=True)

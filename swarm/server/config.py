@@ -12,8 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarm.server.quotas import Quotas
-from swarm.wire import Limits
+from swarm.limits import Limits, Quotas
 
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None, **argparse_kwargs) -> Any:

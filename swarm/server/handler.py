@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -20,10 +21,11 @@ from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
 from swarm.framing import read_frame, write_frame
 from swarm.server.lora_cache import LoraCache
-from swarm.server.quotas import PeerUsage, Quotas
+from swarm.limits import Limits, Quotas
+from swarm.server.quotas import PeerUsage
 from swarm.server.scheduler import FairScheduler
 from swarm.server.sessions import Session, SessionTable
-from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InfoReply, Limits, Payment,
+from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InfoReply, Payment,
                         PayReply, PayRequest, SpanReply, SpanRequest, WireError, bad)
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang
 class SpanHandler:
     def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]],
                  ledger: ServerLedger | None = None, adapters: dict[str, LoraWeights] | None = None,
-                 lora_cache: LoraCache | None = None, quotas: Quotas = Quotas()):
+                 lora_cache: LoraCache | None = None, quotas: Quotas = Quotas(), prefill_rate: float = 1e4):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         self.ledger = ledger  # None: this server works for free
         self.adapters = adapters or {}  # served peft adapters by name, rows for this span's blocks
@@ -43,6 +45,7 @@ class SpanHandler:
         self.max_bytes = limits.max_message_bytes(span.config.hidden_size)
         self.usage = PeerUsage(quotas, self.max_bytes)
         self.scheduler = FairScheduler(quotas.max_queued_per_peer)  # one compute thread, fair between peers
+        self.prefill_rate = prefill_rate  # tokens x blocks per second of prefill, learned from the chunks run
         self.accepting = True
 
     @property
@@ -227,23 +230,37 @@ class SpanHandler:
         CPU). A long prefill runs as chunks, each a task of its own for the scheduler, so that other peers'
         decode steps go between them; a stateless forward keeps a KV cache of its own across its chunks."""
         batch, length = request.hidden.shape[:2]
-        chunk = max(1, self.quotas.prefill_chunk_tokens // batch)
+        blocks_count = blocks[1] - blocks[0]
+        chunk = max(1, self._chunk_tokens(blocks_count) // batch)
         prefix = request.prompts.shape[2] if request.prompts is not None else 0
         if length <= chunk or prefix > chunk:  # the deep prompts' prefix must lie in one chunk
-            return await self._compute(peer, batch * length * (blocks[1] - blocks[0]), self._run, request, cache,
-                                       blocks, lora)
+            run = self._timed_run if batch * length >= 64 else self._run  # decode steps say nothing of prefill
+            return await self._compute(peer, batch * length * blocks_count, run, request, cache, blocks, lora)
         cache = self.span.new_cache() if cache is None else cache
-        outputs = []
-        for first in range(0, length, chunk):
+        outputs, first = [], 0
+        while first < length:
             last = min(first + chunk, length)
             part = dataclasses.replace(
                 request, hidden=request.hidden[:, first:last],
                 position_ids=None if request.position_ids is None else request.position_ids[:, first:last],
                 attention_mask=None if request.attention_mask is None else request.attention_mask[:, :past + last],
                 prompts=request.prompts if first == 0 else None)
-            outputs.append(await self._compute(peer, batch * (last - first) * (blocks[1] - blocks[0]), self._run,
+            outputs.append(await self._compute(peer, batch * (last - first) * blocks_count, self._timed_run,
                                                part, cache, blocks, lora))
+            first, chunk = last, max(1, self._chunk_tokens(blocks_count) // batch)
         return torch.cat(outputs, dim=1)
+
+    def _chunk_tokens(self, blocks: int) -> int:
+        """Tokens of a prefill chunk that takes about --prefill-chunk-ms of compute (at least 16)."""
+        return max(16, int(self.prefill_rate * self.quotas.prefill_chunk_ms / 1000 / blocks))
+
+    def _timed_run(self, request: SpanRequest, cache, blocks: tuple[int, int], lora: LoraWeights | None):
+        started = time.perf_counter()
+        output = self._run(request, cache, blocks, lora)
+        work = request.hidden.shape[0] * request.hidden.shape[1] * (blocks[1] - blocks[0])
+        rate = work / max(time.perf_counter() - started, 1e-6)
+        self.prefill_rate = 0.5 * self.prefill_rate + 0.5 * rate  # later chunks attend to more: slower
+        return output
 
     @torch.inference_mode()
     def _run(self, request: SpanRequest, cache, blocks: tuple[int, int], lora: LoraWeights | None) -> torch.Tensor:

@@ -1,26 +1,10 @@
-"""What one peer may take of a server: open streams, bytes of frames in flight, sessions, queued compute.
-One peer exhausts its own share, not the server. (Peer ids cost nothing to make: these limits stop one
-greedy or broken client, not a crowd of identities; a priced server also charges for every unit of work.)"""
+"""Counting what each peer takes of a server (see swarm.limits.Quotas): open streams and bytes in flight."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
-from swarm.wire import ErrorCode, WireError
-
-
-@dataclass(frozen=True)
-class Quotas:
-    max_streams_per_peer: int = field(default=128, metadata={"help": "open streams of one peer, all RPCs"})
-    max_inflight_mb_per_peer: float = field(default=0.0, metadata={
-        "help": "MiB of one peer's frames being received or served (0: twice the largest message)"})
-    max_sessions_per_peer: int = field(default=32, metadata={
-        "help": "inference sessions of one peer (an HTTP front serving 16 streams needs 16)"})
-    max_queued_per_peer: int = field(default=32, metadata={"help": "requests of one peer waiting for compute"})
-    frame_deadline: float = field(default=30.0, metadata={
-        "help": "seconds a frame may take to arrive once its first byte has"})
-    prefill_chunk_tokens: int = field(default=1024, metadata={
-        "help": "a long prefill or forward runs in chunks of this many tokens, so others' decode steps go between"})
+from swarm.codes import ErrorCode, WireError
+from swarm.limits import Quotas
 
 
 class PeerUsage:

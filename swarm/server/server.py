@@ -78,7 +78,7 @@ class Server:
             loop.add_signal_handler(sig, self.stop.set)
         self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger,
                                    adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes),
-                                   quotas=config.quotas)
+                                   quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s)
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
         self.info.state = ServerState.ONLINE

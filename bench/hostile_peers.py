@@ -1,0 +1,125 @@
+"""An honest client's decode-step latency on a server under attack by another peer, against its latency alone.
+
+    python bench/hostile_peers.py
+
+One server (tiny random Llama, 4 blocks, `cocoon serve` with its default quotas), an honest client and an
+attacker, each a peer of its own, on this machine. Each attack runs while the honest client takes 32
+one-token steps; the table shows the median and 90th percentile.
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def step_times(honest, steps: int = 32) -> list[float]:
+    hidden = honest.config.hidden_size
+    x = torch.randn(1, steps + 1, hidden)
+    times = []
+    with honest.inference_session(max_length=steps + 1) as session:
+        session.step(x[:, :1])
+        for i in range(1, steps + 1):
+            started = time.perf_counter()
+            session.step(x[:, i:i + 1])
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def main():
+    from hivemind.proto.runtime_pb2 import ExpertRequest
+
+    from shards import Checkpoint
+    from shards.testing import save_random_checkpoint
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.client import loop
+    from swarm.client.swarm_client import SwarmClient
+    from swarm.local_swarm import LocalSwarm
+    from swarm.wire import InferenceStep, RemoteError, SpanRequest, pack_tensor
+
+    tmp = tempfile.mkdtemp()
+    save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8)
+    with LocalSwarm(tmp, [(0, 4)]) as swarm:
+        honest = AutoDistributedModelForCausalLM.from_pretrained(tmp, initial_peers=swarm.initial_peers)
+        attacker = SwarmClient(swarm.initial_peers, Checkpoint(tmp).model_id, 4)
+        (peer,) = attacker.swarm_state().online()
+        hidden = honest.config.hidden_size
+        stop = threading.Event()
+
+        async def sessions():  # every session it may open, kept by requests that fail
+            streams = []
+            for _ in range(64):
+                try:
+                    stream = await attacker.open_stream(peer, "inference")
+                    await stream.span(InferenceStep(torch.randn(1, 1, hidden), 0, 4, max_length=8), 10)
+                    streams.append(stream)
+                except RemoteError:
+                    break
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+            for stream in streams:
+                stream.close()
+
+        async def slowloris():  # 40 streams, each a frame of 1 MiB but its last byte
+            streams = [await attacker.open_stream(peer, "inference") for _ in range(40)]
+            for stream in streams:
+                stream.writer.write(b"\x00" + (1 << 20).to_bytes(8, "big") + b"\x00" * ((1 << 20) - 1))
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+            for stream in streams:
+                stream.close()
+
+        async def forwards():  # 8 loops of 2 x 4096-token forwards
+            big = SpanRequest(torch.randn(2, 4096, hidden), 0, 4)
+
+            async def one():
+                while not stop.is_set():
+                    try:
+                        await attacker.call_span(peer, "forward", big)
+                    except RemoteError:
+                        await asyncio.sleep(0.05)
+            await asyncio.gather(*(one() for _ in range(8)))
+
+        async def bombs():  # 60 KiB of nested msgpack, again and again
+            request = ExpertRequest(tensors=[pack_tensor(torch.randn(1, 1, hidden))],
+                                    metadata=b"\x91" * 60_000 + b"\xc0")
+            while not stop.is_set():
+                stream = await attacker.open_stream(peer, "forward")
+                try:
+                    await stream.exchange(request, 10, 1 << 20)
+                finally:
+                    stream.close()
+
+        rows = [("alone", step_times(honest))]
+        for name, attack in (("one peer holds its every session", sessions),
+                             ("slowloris: 40 stalled 1 MiB frames", slowloris),
+                             ("8 loops of 8192-token forwards", forwards), ("msgpack bombs in a loop", bombs)):
+            stop.clear()
+            future = asyncio.run_coroutine_threadsafe(attack(), loop.background_loop())
+            time.sleep(1.0)
+            rows.append((name, step_times(honest)))
+            stop.set()
+            future.result(120)
+        honest.shutdown()
+        attacker.shutdown()
+
+    alone = statistics.median(rows[0][1])
+    print("\n| attack by another peer | honest step median ms | p90 ms | median / alone |")
+    print("|---|---|---|---|")
+    for name, times in rows:
+        times = sorted(times)
+        median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
+        print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
