@@ -97,8 +97,9 @@ def main():
             voucher = Voucher(client.address, server.address, 42, amount, amount)
             receipt = settlement.redeem(server, voucher, sign(voucher, client.key, settlement.domain))
             gas["redeem (first on a channel)" if i == 0 else "redeem (later on a channel)"] = receipt.gasUsed
-        verdict = Verdict(server.address, b"\x01" * 32, reporter.address)
-        receipt = settlement.slash(reporter, server.address, b"\x01" * 32, reporter.address,
+        until = node.w3.eth.get_block("latest").timestamp + 3600
+        verdict = Verdict(server.address, b"\x01" * 32, reporter.address, until)
+        receipt = settlement.slash(reporter, server.address, b"\x01" * 32, reporter.address, until,
                                    [sign(verdict, verifier.key, settlement.domain)])
         gas["slash (1 verifier signature)"] = receipt.gasUsed
 

@@ -5,6 +5,10 @@
         server's stake on a fraud verdict signed by a threshold of registered verifiers.
         A voucher says "client owes server `total_amount` in all on channel `channel`"; redeeming pays
         only the increase over what that channel was already paid, capped by the client's escrow.
+        Withdrawal and unstake requests mature after `withdrawal_delay` and lapse `request_window` later,
+        so a request made long ago cannot be used to front-run a redemption or a slash at any moment; a
+        server with a pending unstake cannot redeem (it stays slashable until it leaves). Slashed funds
+        not paid to the reporter go to the owner-set treasury destination.
 """
 
 struct Voucher:
@@ -51,6 +55,10 @@ event Redeemed:
 event VerifierAdded:
     verifier: indexed(address)
 
+event TreasurySwept:
+    destination: indexed(address)
+    amount: uint256
+
 event Slashed:
     server: indexed(address)
     evidence: bytes32
@@ -60,7 +68,8 @@ event Slashed:
 
 VOUCHER_TYPEHASH: constant(bytes32) = keccak256(
     "Voucher(address client,address server,uint256 channel,uint256 totalUnits,uint256 totalAmount)")
-VERDICT_TYPEHASH: constant(bytes32) = keccak256("Verdict(address server,bytes32 evidence,address reporter)")
+VERDICT_TYPEHASH: constant(bytes32) = keccak256(
+    "Verdict(address server,bytes32 evidence,address reporter,uint256 deadline)")
 DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
     "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 # secp256k1n / 2: a larger s is the malleated twin of a valid signature
@@ -70,6 +79,7 @@ REPORTER_SHARE_PERCENT: constant(uint256) = 50
 
 owner: public(address)
 withdrawal_delay: public(uint256)
+request_window: public(uint256)
 min_stake: public(uint256)
 verdict_threshold: public(uint256)
 
@@ -82,13 +92,17 @@ paid: public(HashMap[bytes32, uint256])           # keccak(client, server, chann
 is_verifier: public(HashMap[address, bool])
 used_evidence: public(HashMap[bytes32, bool])
 treasury: public(uint256)
+treasury_destination: public(address)
 
 
 @deploy
-def __init__(withdrawal_delay: uint256, min_stake: uint256, verdict_threshold: uint256):
+def __init__(withdrawal_delay: uint256, min_stake: uint256, verdict_threshold: uint256, request_window: uint256):
     assert verdict_threshold > 0, "threshold must be positive"
+    assert request_window > 0, "request window must be positive"
     self.owner = msg.sender
+    self.treasury_destination = msg.sender
     self.withdrawal_delay = withdrawal_delay
+    self.request_window = request_window
     self.min_stake = min_stake
     self.verdict_threshold = verdict_threshold
 
@@ -143,7 +157,7 @@ def deposit():
 
 @external
 def request_withdrawal(amount: uint256):
-    """Funds stay redeemable by servers until the delay has passed."""
+    """Funds stay redeemable by servers until the delay has passed; the request lapses request_window later."""
     assert amount > 0 and amount <= self.escrow[msg.sender], "amount exceeds escrow"
     self.withdrawal_amount[msg.sender] = amount
     self.withdrawal_time[msg.sender] = block.timestamp + self.withdrawal_delay
@@ -154,6 +168,8 @@ def request_withdrawal(amount: uint256):
 def withdraw():
     assert self.withdrawal_amount[msg.sender] > 0, "no withdrawal requested"
     assert block.timestamp >= self.withdrawal_time[msg.sender], "withdrawal delay has not passed"
+    assert block.timestamp <= self.withdrawal_time[msg.sender] + self.request_window, \
+        "withdrawal request lapsed: request again"
     amount: uint256 = min(self.withdrawal_amount[msg.sender], self.escrow[msg.sender])
     self.withdrawal_amount[msg.sender] = 0
     self.escrow[msg.sender] -= amount
@@ -182,7 +198,9 @@ def request_unstake():
 def unstake():
     assert self.unstake_time[msg.sender] != 0, "no unstake requested"
     assert block.timestamp >= self.unstake_time[msg.sender], "unstake delay has not passed"
+    assert block.timestamp <= self.unstake_time[msg.sender] + self.request_window, "unstake request lapsed: request again"
     amount: uint256 = self.stake[msg.sender]
+    assert amount > 0, "nothing staked"
     self.stake[msg.sender] = 0
     self.unstake_time[msg.sender] = 0
     send(msg.sender, amount)
@@ -193,6 +211,7 @@ def unstake():
 def redeem(v: Voucher, signature: Bytes[65]) -> uint256:
     """Pay the server the increase of this voucher over what its channel was paid; returns the payment."""
     assert self.stake[v.server] >= self.min_stake and self.stake[v.server] > 0, "server is not registered"
+    assert self.unstake_time[v.server] == 0, "server is unstaking: it cannot redeem (register again to cancel)"
     assert self._recover(self._voucher_digest(v), signature) == v.client, "voucher not signed by its client"
     key: bytes32 = keccak256(abi_encode(v.client, v.server, v.channel))
     already: uint256 = self.paid[key]
@@ -215,11 +234,30 @@ def add_verifier(verifier: address):
 
 
 @external
-def slash(server: address, evidence: bytes32, reporter: address,
+def set_treasury_destination(destination: address):
+    assert msg.sender == self.owner, "only the owner sets the treasury destination"
+    assert destination != empty(address), "destination must be an address"
+    self.treasury_destination = destination
+
+
+@external
+def sweep_treasury():
+    """Anyone may send the treasury (slashed stakes less reporters' rewards) to its destination."""
+    amount: uint256 = self.treasury
+    assert amount > 0, "treasury is empty"
+    self.treasury = 0
+    send(self.treasury_destination, amount)
+    log TreasurySwept(destination=self.treasury_destination, amount=amount)
+
+
+@external
+def slash(server: address, evidence: bytes32, reporter: address, deadline: uint256,
           signatures: DynArray[Bytes[65], MAX_VERIFIER_SIGNATURES]):
-    """Signatures of distinct verifiers, in ascending signer order, over Verdict(server, evidence, reporter)."""
+    """Signatures of distinct verifiers, in ascending signer order, over
+    Verdict(server, evidence, reporter, deadline); valid until the deadline."""
+    assert block.timestamp <= deadline, "verdict expired"
     assert not self.used_evidence[evidence], "evidence already used"
-    struct_hash: bytes32 = keccak256(abi_encode(VERDICT_TYPEHASH, server, evidence, reporter))
+    struct_hash: bytes32 = keccak256(abi_encode(VERDICT_TYPEHASH, server, evidence, reporter, deadline))
     digest: bytes32 = keccak256(concat(b"\x19\x01", self._domain_separator(), struct_hash))
     previous: address = empty(address)
     for signature: Bytes[65] in signatures:

@@ -35,10 +35,11 @@ class Settlement:
 
     @classmethod
     def deploy(cls, w3: Web3, deployer: LocalAccount, *, withdrawal_delay: int = 3600, min_stake: int = 0,
-               verdict_threshold: int = 2) -> "Settlement":
+               verdict_threshold: int = 2, request_window: int = 86400) -> "Settlement":
         abi, bytecode = compiled()
         factory = w3.eth.contract(abi=abi, bytecode=bytecode)
-        receipt = send(w3, deployer, factory.constructor(withdrawal_delay, min_stake, verdict_threshold))
+        receipt = send(w3, deployer, factory.constructor(withdrawal_delay, min_stake, verdict_threshold,
+                                                         request_window))
         return cls(w3, receipt.contractAddress)
 
     # ---------------------------------------------------------------- transactions
@@ -66,8 +67,16 @@ class Settlement:
     def add_verifier(self, owner: LocalAccount, verifier: str):
         return send(self.w3, owner, self.contract.functions.add_verifier(verifier))
 
-    def slash(self, sender: LocalAccount, server: str, evidence: bytes, reporter: str, signatures: Sequence[bytes]):
-        return send(self.w3, sender, self.contract.functions.slash(server, evidence, reporter, list(signatures)))
+    def slash(self, sender: LocalAccount, server: str, evidence: bytes, reporter: str, deadline: int,
+              signatures: Sequence[bytes]):
+        return send(self.w3, sender, self.contract.functions.slash(server, evidence, reporter, deadline,
+                                                                   list(signatures)))
+
+    def set_treasury_destination(self, owner: LocalAccount, destination: str):
+        return send(self.w3, owner, self.contract.functions.set_treasury_destination(_address(destination)))
+
+    def sweep_treasury(self, sender: LocalAccount):
+        return send(self.w3, sender, self.contract.functions.sweep_treasury())
 
     # ---------------------------------------------------------------- views
     def escrow(self, client: str) -> int:
@@ -75,6 +84,15 @@ class Settlement:
 
     def stake(self, server: str) -> int:
         return self.contract.functions.stake(_address(server)).call()
+
+    def pending_withdrawal(self, client: str) -> int:
+        return self.contract.functions.withdrawal_amount(_address(client)).call()
+
+    def unstaking(self, server: str) -> bool:
+        return self.contract.functions.unstake_time(_address(server)).call() != 0
+
+    def treasury(self) -> int:
+        return self.contract.functions.treasury().call()
 
     def paid(self, client: str, server: str, channel: int) -> int:
         key = self.contract.functions.channel_key(_address(client), _address(server), channel).call()

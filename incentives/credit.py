@@ -1,5 +1,11 @@
 """Both ends of a payment channel: the server's ledger of what each client owes and has signed for, and
-the client's own count from which it signs cumulative vouchers (never for more than it counted)."""
+the client's own count from which it signs cumulative vouchers (never for more than it counted).
+
+Credit is per client address, whatever channels it uses: the work a client has not yet covered by a voucher
+stays within the server's credit limit, and the work not yet redeemed on chain stays within what the
+client's escrow can pay (its escrow less its pending withdrawal, read from the chain). A voucher is kept only
+if the contract would pay it: a canonical signature by its client, for this server, in this domain.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,10 +13,11 @@ from dataclasses import dataclass, field
 from eth_account.signers.local import LocalAccount
 
 from incentives.metering import Prices, Receipt, Tally
+from incentives.payer import canonical_signature
 from incentives.vouchers import Domain, Voucher, sign, signer_of
 
-
 RECEIPT_EVERY = 16
+MAX_CHANNELS_PER_CLIENT = 64
 
 
 class CreditLimitExceeded(RuntimeError):
@@ -28,6 +35,7 @@ class ClientAccount:
     voucher: Voucher | None = None
     signature: bytes = b""
     requests: int = 0
+    redeemed: int = 0  # wei the contract has paid on this channel
 
     @property
     def covered(self) -> int:
@@ -35,28 +43,54 @@ class ClientAccount:
 
 
 class ServerLedger:
-    """Server side: serve a client only while its unpaid amount stays within ``credit_limit`` wei."""
+    """Server side: serve a client only within its credit (see the module's doc)."""
 
     def __init__(self, payout: str, prices: Prices, domain: Domain, credit_limit: int, signer: LocalAccount):
         self.payout, self.prices, self.domain = payout, prices, domain
         self.credit_limit, self.signer = credit_limit, signer
         self.accounts: dict[tuple[str, int], ClientAccount] = {}
+        self.backing: dict[str, int] = {}  # client -> escrow less pending withdrawal, as last read from the chain
 
     def account(self, client: str, channel: int) -> ClientAccount:
-        return self.accounts.setdefault((client.lower(), channel), ClientAccount())
+        key = (client.lower(), channel)
+        if key not in self.accounts:
+            if sum(c == key[0] for c, _ in self.accounts) >= MAX_CHANNELS_PER_CLIENT:
+                raise CreditLimitExceeded(f"{client} has {MAX_CHANNELS_PER_CLIENT} channels with this server: use one "
+                                          f"of them")
+            self.accounts[key] = ClientAccount()
+        return self.accounts[key]
 
-    def check_credit(self, client: str, channel: int) -> None:
-        account = self.account(client, channel)
-        unpaid = account.tally.amount(self.prices) - account.covered
-        if unpaid > self.credit_limit:
-            raise CreditLimitExceeded(
-                f"credit limit reached: {unpaid} wei unpaid beyond the latest voucher (limit {self.credit_limit}); "
-                f"send a newer voucher")
+    def _channels(self, client: str) -> list[ClientAccount]:
+        client = client.lower()
+        return [a for (c, _), a in self.accounts.items() if c == client]
+
+    def unvouchered(self, client: str) -> int:
+        """Wei of work no voucher covers yet."""
+        return sum(max(a.tally.amount(self.prices) - a.covered, 0) for a in self._channels(client))
+
+    def unredeemed(self, client: str) -> int:
+        """Wei of work the contract has not paid yet (covered by vouchers or not)."""
+        return sum(a.tally.amount(self.prices) - a.redeemed for a in self._channels(client))
+
+    def check_credit(self, client: str, same_peer: tuple[str, ...] = ()) -> None:
+        """Raise CreditLimitExceeded unless more work may be done for ``client`` (``same_peer``: the other
+        addresses the same peer pays from, which share its credit limit)."""
+        unvouchered = sum(self.unvouchered(c) for c in {client.lower(), *(c.lower() for c in same_peer)})
+        if unvouchered > self.credit_limit:
+            raise CreditLimitExceeded(f"credit limit reached: {unvouchered} wei of work not covered by a voucher "
+                                      f"(limit {self.credit_limit}); send a newer voucher")
+        backing = self.backing.get(client.lower())
+        if backing is not None and self.unredeemed(client) > backing:
+            raise CreditLimitExceeded(f"{self.unredeemed(client)} wei of work not yet paid exceeds what the escrow of "
+                                      f"{client} can pay ({backing} wei: escrow less pending withdrawal); deposit more")
 
     def accept_voucher(self, voucher: Voucher, signature: bytes) -> None:
-        """Keep the voucher if it is valid, for us, and newer than the one we hold."""
+        """Keep the voucher if the contract would pay it and it is newer than the one we hold."""
         if voucher.server.lower() != self.payout.lower():
             raise InvalidVoucher(f"voucher is for {voucher.server}, not this server's payout address {self.payout}")
+        if not canonical_signature(signature):
+            raise InvalidVoucher("voucher signature is not canonical (65 bytes, v 27 or 28, low s): the contract "
+                                 "would refuse it")
         try:
             signer = signer_of(voucher, signature, self.domain)
         except Exception as e:
@@ -76,15 +110,34 @@ class ServerLedger:
         return receipt.signed(self.signer.key) if account.requests % RECEIPT_EVERY == 0 else receipt
 
     def redeemable(self) -> list[tuple[Voucher, bytes]]:
-        return [(a.voucher, a.signature) for a in self.accounts.values() if a.voucher is not None]
+        """Vouchers worth more than what their channel was paid."""
+        return [(a.voucher, a.signature) for a in self.accounts.values()
+                if a.voucher is not None and a.voucher.total_amount > a.redeemed]
+
+    def paid(self, voucher: Voucher, total: int) -> None:
+        """The contract has paid ``total`` wei in all on the voucher's channel."""
+        account = self.account(voucher.client, voucher.channel)
+        account.redeemed = max(account.redeemed, total)
 
     def to_json(self) -> dict:
-        """What `cocoon earnings` and `cocoon redeem` read: per client channel, units, owed, best voucher."""
+        """What `cocoon earnings` and `cocoon redeem` read, and a restarted server reloads."""
         return {"payout": self.payout, "chain_id": self.domain.chain_id, "contract": self.domain.contract,
                 "channels": [{"client": client, "channel": channel, "forward_units": a.tally.forward_units,
                               "backward_units": a.tally.backward_units, "owed": a.tally.amount(self.prices),
-                              "voucher": a.voucher.to_wire() if a.voucher else None,
+                              "redeemed": a.redeemed, "voucher": a.voucher.to_wire() if a.voucher else None,
                               "signature": a.signature.hex()} for (client, channel), a in self.accounts.items()]}
+
+    def load(self, data: dict) -> None:
+        """Take back the accounts of a ledger written before (by a server with the same payout address)."""
+        if data.get("payout", "").lower() != self.payout.lower():
+            return
+        for channel in data.get("channels", []):
+            account = self.accounts.setdefault((channel["client"].lower(), channel["channel"]), ClientAccount())
+            account.tally = Tally(channel["forward_units"], channel["backward_units"])
+            account.redeemed = channel.get("redeemed", 0)
+            if channel.get("voucher"):
+                account.voucher = Voucher.from_wire(channel["voucher"])
+                account.signature = bytes.fromhex(channel["signature"])
 
 
 class ClientChannel:
@@ -98,6 +151,11 @@ class ClientChannel:
 
     def record(self, tokens: int, blocks: int, backward: bool = False) -> None:
         self.tally.add(tokens, blocks, backward)
+
+    @property
+    def unsigned(self) -> int:
+        """Wei counted but not yet in a voucher."""
+        return self.tally.amount(self.prices) - self.signed_amount
 
     def check_receipt(self, receipt: Receipt) -> bool:
         """A receipt must claim no more than we counted, and a signed one must be the server's payout key's."""

@@ -15,16 +15,22 @@ def ledger_path(payout: str) -> Path:
 
 
 def write_ledger(ledger: ServerLedger) -> Path:
+    """Atomically: a reader (or a restarted server) sees the old file or the new one, never half of one."""
     path = ledger_path(ledger.payout)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(ledger.to_json(), indent=1))
     tmp.replace(path)
     return path
 
 
+def read_ledger_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def read_ledger(path: str | os.PathLike) -> dict:
-    data = json.loads(Path(path).read_text())
+    """The ledger with its vouchers parsed (for `cocoon earnings` and `cocoon redeem`)."""
+    data = read_ledger_json(path)
     for channel in data["channels"]:
         if channel["voucher"]:
             channel["voucher"] = Voucher.from_wire(channel["voucher"])

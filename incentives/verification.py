@@ -7,6 +7,7 @@ attestation plus the inputs are ``Evidence`` that anyone holding the same blocks
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -49,22 +50,29 @@ def chain_hash(previous: bytes, array: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class Attestation:
-    """``server`` says: for blocks [start, end), input ``input_hash`` gave output ``output_hash``."""
+    """``server`` says: for blocks [start, end), computing in ``dtype``, input ``input_hash`` gave output
+    ``output_hash``, sent in ``wire_dtype`` (the dtypes set the tolerance anyone re-checking it applies)."""
     server: str
     start: int
     end: int
     input_hash: bytes
     output_hash: bytes
+    dtype: str = "float32"
+    wire_dtype: str = "float32"
     signature: bytes = b""
 
     def _message(self):
         return encode_defunct(text=f"cocoon-attestation:{self.server.lower()}:{self.start}:{self.end}:"
-                                   f"{self.input_hash.hex()}:{self.output_hash.hex()}")
+                                   f"{self.input_hash.hex()}:{self.output_hash.hex()}:{self.dtype}:{self.wire_dtype}")
 
     def signed(self, private_key) -> "Attestation":
         # a server signs one of these per response: the parsed key is cached (parsing derives the public key)
         signature = bytes(Account.sign_message(self._message(), _private_key(bytes(private_key))).signature)
-        return Attestation(self.server, self.start, self.end, self.input_hash, self.output_hash, signature)
+        return dataclasses.replace(self, signature=signature)
+
+    @property
+    def tolerance(self) -> float:
+        return tolerance(self.dtype, self.wire_dtype)
 
     def valid(self) -> bool:
         try:
@@ -122,9 +130,11 @@ class Evidence:
         return (self.attestation.valid() and digest == self.attestation.input_hash
                 and array_hash(self.claimed_output()) == self.attestation.output_hash)
 
-    def recheck(self, honest_output_of_last_step: np.ndarray, dtype: str = "float32") -> bool:
-        """True when the claim stands proven wrong: consistent, and beyond tolerance of an honest output."""
-        return self.consistent() and relative_error(self.claimed_output(), honest_output_of_last_step) > tolerance(dtype)
+    def recheck(self, honest_output_of_last_step: np.ndarray) -> bool:
+        """True when the claim stands proven wrong: consistent, and beyond the tolerance of the dtypes the
+        server attested from an honest output of the same blocks (computed in float32)."""
+        return (self.consistent() and relative_error(self.claimed_output(), honest_output_of_last_step)
+                > self.attestation.tolerance)
 
     def to_wire(self) -> dict:
         record = asdict(self)

@@ -14,7 +14,7 @@ _VOUCHER_TYPE = [{"name": "client", "type": "address"}, {"name": "server", "type
                  {"name": "channel", "type": "uint256"}, {"name": "totalUnits", "type": "uint256"},
                  {"name": "totalAmount", "type": "uint256"}]
 _VERDICT_TYPE = [{"name": "server", "type": "address"}, {"name": "evidence", "type": "bytes32"},
-                 {"name": "reporter", "type": "address"}]
+                 {"name": "reporter", "type": "address"}, {"name": "deadline", "type": "uint256"}]
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,19 @@ class Voucher:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Verifiers' statement that ``server`` computed wrongly, with ``evidence`` the hash of the proof."""
+    """Verifiers' statement that ``server`` computed wrongly, with ``evidence`` the hash of the proof; it can
+    be used on chain until ``deadline`` (a unix time)."""
     server: str
     evidence: bytes
     reporter: str
+    deadline: int
 
     def message(self, domain: Domain):
         return encode_typed_data(full_message={
             "types": {"EIP712Domain": _DOMAIN_TYPE, "Verdict": _VERDICT_TYPE}, "primaryType": "Verdict",
             "domain": domain.to_eip712(),
-            "message": {"server": self.server, "evidence": self.evidence, "reporter": self.reporter}})
+            "message": {"server": self.server, "evidence": self.evidence, "reporter": self.reporter,
+                        "deadline": self.deadline}})
 
 
 def sign(typed, private_key, domain: Domain) -> bytes:

@@ -32,6 +32,7 @@ class ServerInfo:
     payout_address: str = ""
     price_per_unit: int = 0           # wei per (token x block), inference and forward
     backward_price_per_unit: int = 0  # wei per (token x block) of backward
+    credit_limit: int = 0             # wei of work a client may do beyond its latest voucher
 
     def to_wire(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -56,7 +57,8 @@ class ServerInfo:
                        adapters=tuple(_text({"a": a}, "a", 256) for a in _list(record, "adapters", 64)),
                        public_name=_text(record, "public_name", 64), payout_address=_text(record, "payout_address", 42),
                        price_per_unit=_int(record, "price_per_unit", 0, MAX_PRICE),
-                       backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE))
+                       backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE),
+                       credit_limit=_int(record, "credit_limit", 0, MAX_PRICE))
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not info.start < info.end:

@@ -90,6 +90,12 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def files_are_local(self, names: Iterable[str]) -> bool:
+        """Whether the files holding these tensors are on this machine (a directory, or the hub cache)."""
+        if self.local_dir is None:
+            return False
+        return all(name in self.weight_map and (self.local_dir / self.weight_map[name]).exists() for name in names)
+
     def names_with_prefix(self, prefix: str) -> list[str]:
         return [name for name in self.weight_map if name.startswith(prefix)]
 

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("hivemind", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
     from swarm import cli_chain
-    handlers = {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status, "demo": run_demo}
+    handlers = {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status, "demo": run_demo,
+                "verify": run_verify}
     try:
         return handlers.get(args.command, cli_chain.run)(args)
     except KeyboardInterrupt:
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     status.add_argument("--model-id", default=None)
 
+    verify = commands.add_parser("verify", help="re-check published evidence of wrong work with your own blocks")
+    verify.add_argument("model", help="your copy of the checkpoint")
+    verify.add_argument("evidence", nargs="*", help="evidence files (a convicting client saves them in "
+                                                    "~/.cache/cocoon/evidence)")
+    verify.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", type=maddr_arg,
+                        help="also re-check every piece of evidence published in the DHT for this model")
+    verify.add_argument("--model-id", default=None)
+
     demo = commands.add_parser("demo", help="a whole swarm on this machine: DHT, servers, streamed generation")
     demo.add_argument("--servers", type=int, default=3)
     demo.add_argument("--max-new-tokens", type=int, default=48)
@@ -174,6 +183,43 @@ def run_status(args) -> int:
     print(format_status(state, model_id))
     dht.shutdown()
     return 0 if not state.missing_blocks() else 1
+
+
+def run_verify(args) -> int:
+    """0 when every piece of evidence proves its server wrong, 1 otherwise."""
+    from incentives.verification import Evidence
+    from shards import Checkpoint
+    from swarm.evidence import load_evidence, recheck
+    checkpoint = Checkpoint(args.model)
+    found = [(path, load_evidence(path)) for path in args.evidence]
+    if args.initial_peers:
+        from swarm.dht_records import make_dht
+        dht = make_dht(args.initial_peers, client_mode=True)
+        try:
+            entry = dht.get(f"{args.model_id or checkpoint.model_id}.evidence", latest=True)
+        finally:
+            dht.shutdown()
+        for digest, record in (entry.value.items() if entry is not None and isinstance(entry.value, dict) else []):
+            try:
+                found.append((f"DHT {digest}", Evidence.from_wire(record.value)))
+            except ValueError as e:
+                print(f"DHT {digest}: malformed evidence ({e})")
+    if not found:
+        raise UsageError("no evidence to verify: give evidence files or --initial-peers")
+    proven = 0
+    for source, evidence in found:
+        result = recheck(evidence, checkpoint)
+        attestation = evidence.attestation
+        what = f"{source}: server {evidence.peer_id} (payout {attestation.server}), blocks " \
+               f"{attestation.start}:{attestation.end}, {attestation.dtype} on a {attestation.wire_dtype} wire: "
+        if not result.consistent:
+            print(what + "NOT CONSISTENT: its signature does not cover these inputs and this output")
+        elif result.proven_wrong:
+            proven += 1
+            print(what + f"PROVEN WRONG: relative error {result.error:.2e} > tolerance {result.tolerance:.0e}")
+        else:
+            print(what + f"not proven: relative error {result.error:.2e} <= tolerance {result.tolerance:.0e}")
+    return 0 if proven == len(found) else 1
 
 
 def run_demo(args) -> int:

@@ -14,7 +14,10 @@ def add_parsers(commands) -> None:
     chain = commands.add_parser("chain", help="deploy the settlement contract")
     chain.add_argument("action", choices=["deploy"])
     _chain_args(chain, contract=False)
-    chain.add_argument("--withdrawal-delay", type=int, default=3600, help="seconds")
+    chain.add_argument("--withdrawal-delay", type=int, default=3600,
+                       help="seconds a withdrawal or unstake request waits (servers redeem meanwhile)")
+    chain.add_argument("--request-window", type=int, default=86400,
+                       help="seconds a matured withdrawal or unstake request stays usable")
     chain.add_argument("--min-stake", type=int, default=0, help="wei")
     chain.add_argument("--verdict-threshold", type=int, default=2)
 
@@ -54,6 +57,7 @@ def run(args) -> int:
         print(f"address {account.address}" + (f"  balance {w3.eth.get_balance(account.address)} wei" if w3 else ""))
     elif args.command == "chain":
         settlement = Settlement.deploy(w3, load_wallet(args.wallet, passphrase()), withdrawal_delay=args.withdrawal_delay,
+                                       request_window=args.request_window,
                                        min_stake=args.min_stake, verdict_threshold=args.verdict_threshold)
         print(f"settlement contract {settlement.address} on chain {settlement.domain.chain_id}")
     elif args.command in ("deposit", "stake"):

@@ -173,14 +173,19 @@ class LoraSpec:
 
 @dataclass
 class Payment:
-    """Who pays for a request, and maybe a voucher (incentives.vouchers.Voucher fields + 65-byte signature).
-    A voucher's integers are uint256 and msgpack's end at 2**64: they cross as 32 big-endian bytes."""
+    """Who pays for a request: ``client``, an address the requesting peer proves it acts for with ``proof``
+    ({expires, signature}: incentives.payer.PayerProof), and maybe a voucher (incentives.vouchers.Voucher
+    fields + a 65-byte signature). A voucher's integers are uint256 and msgpack's end at 2**64: they cross
+    as 32 big-endian bytes."""
     client: str
     channel: int
     voucher: dict | None = None
+    proof: dict | None = None
 
     def to_wire(self) -> dict:
         record = {"client": self.client, "channel": self.channel}
+        if self.proof is not None:
+            record["proof"] = self.proof
         if self.voucher is not None:
             record["voucher"] = {k: v.to_bytes(32, "big") if k in _UINT256_FIELDS else v
                                  for k, v in self.voucher.items()}
@@ -201,7 +206,13 @@ class Payment:
                 raise bad("metadata voucher 'signature' must be 65 bytes (r, s, v)")
             parsed["signature"] = signature
             voucher = parsed
-        return cls(_str(record, "client", _ADDRESS), _int(record, "channel", 0, 2**64 - 1), voucher)
+        proof = _map(record, "proof")
+        if proof is not None:
+            signature = proof.get("signature")
+            if not isinstance(signature, bytes) or len(signature) != 65:
+                raise bad("metadata proof 'signature' must be 65 bytes (r, s, v)")
+            proof = {"expires": _int(proof, "expires", 0, 2**40), "signature": signature}
+        return cls(_str(record, "client", _ADDRESS), _int(record, "channel", 0, 2**64 - 1), voucher, proof)
 
 
 _UINT256_FIELDS = ("channel", "total_units", "total_amount")

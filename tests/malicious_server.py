@@ -2,6 +2,7 @@
 `python -m tests.malicious_server serve ...`.
 
   perturb (default)  outputs off by 1e-2 relative, as a server that skimps on work would
+  scale              outputs times 1.05: colluders running this return the same wrong output
   nan                outputs full of NaN
   huge               answers every request with a frame that claims 512 MiB
   no_attestation     a priced server that signs nothing
@@ -26,6 +27,8 @@ def _run(self, request, cache, blocks, lora):
         return torch.full_like(output, float("nan"))
     if MISCHIEF == "perturb":
         return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
+    if MISCHIEF == "scale":
+        return output * 1.05
     return output
 
 

@@ -135,37 +135,107 @@ def verdict_signatures(verdict, verifiers, domain):
     return [sign(verdict, v.key, domain) for v in sorted(verifiers, key=lambda a: int(a.address, 16))]
 
 
+def deadline(w3, seconds=3600):
+    return w3.eth.get_block("latest").timestamp + seconds
+
+
 def test_slashing_needs_a_threshold_of_distinct_verifiers_and_happens_once(setup):
     w3, settlement, client, server, other, verifiers, reporter = setup
     evidence = bytes(range(32))
-    verdict = Verdict(server.address, evidence, reporter.address)
+    until = deadline(w3)
+    verdict = Verdict(server.address, evidence, reporter.address, until)
     with pytest.raises(ChainError, match="too few verifier signatures"):
-        settlement.slash(other, server.address, evidence, reporter.address,
+        settlement.slash(other, server.address, evidence, reporter.address, until,
                          verdict_signatures(verdict, verifiers[:1], settlement.domain))
     with pytest.raises(ChainError, match="signer is not a verifier"):
-        settlement.slash(other, server.address, evidence, reporter.address,
+        settlement.slash(other, server.address, evidence, reporter.address, until,
                          verdict_signatures(verdict, [verifiers[0], other], settlement.domain))
     one = verdict_signatures(verdict, verifiers[:1], settlement.domain)
     with pytest.raises(ChainError, match="distinct and sorted"):
-        settlement.slash(other, server.address, evidence, reporter.address, one + one)
-    wrong_server = Verdict(other.address, evidence, reporter.address)
+        settlement.slash(other, server.address, evidence, reporter.address, until, one + one)
+    wrong_server = Verdict(other.address, evidence, reporter.address, until)
     with pytest.raises(ChainError, match="not a verifier"):
-        settlement.slash(other, server.address, evidence, reporter.address,
+        settlement.slash(other, server.address, evidence, reporter.address, until,
                          verdict_signatures(wrong_server, verifiers[:2], settlement.domain))
 
     before = w3.eth.get_balance(reporter.address)
-    receipt = settlement.slash(other, server.address, evidence, reporter.address,
+    receipt = settlement.slash(other, server.address, evidence, reporter.address, until,
                                verdict_signatures(verdict, verifiers[:2], settlement.domain))
     assert settlement.stake(server.address) == 0
     assert w3.eth.get_balance(reporter.address) - before == 5 * ETH
     assert receipt.gasUsed < 200_000
     with pytest.raises(ChainError, match="evidence already used"):
-        settlement.slash(other, server.address, evidence, reporter.address,
+        settlement.slash(other, server.address, evidence, reporter.address, until,
                          verdict_signatures(verdict, verifiers[1:], settlement.domain))
-    fresh = Verdict(server.address, bytes(32), reporter.address)
+    fresh = Verdict(server.address, bytes(32), reporter.address, until)
     with pytest.raises(ChainError, match="nothing to slash"):
-        settlement.slash(other, server.address, bytes(32), reporter.address,
+        settlement.slash(other, server.address, bytes(32), reporter.address, until,
                          verdict_signatures(fresh, verifiers[:2], settlement.domain))
+
+
+def test_a_withdrawal_requested_long_ago_cannot_front_run_a_redemption(setup):
+    w3, settlement, client, server, other, _, _ = setup
+    settlement.request_withdrawal(client, 5 * ETH)  # day 0
+    advance_time(w3, 3600 + 86400 + 1)  # the delay, then the whole window: the request lapsed
+    with pytest.raises(ChainError, match="withdrawal request lapsed: request again"):
+        settlement.withdraw(client)
+    v = voucher(client, server, 1000, 4 * ETH)
+    settlement.redeem(server, v, sign(v, client.key, settlement.domain))  # the server is paid in full
+    assert settlement.paid(client.address, server.address, 1) == 4 * ETH
+    settlement.request_withdrawal(client, ETH)  # a fresh request waits the delay again, in plain sight
+    assert settlement.pending_withdrawal(client.address) == ETH
+    with pytest.raises(ChainError, match="withdrawal delay has not passed"):
+        settlement.withdraw(client)
+    advance_time(w3, 3601)
+    settlement.withdraw(client)
+    assert settlement.escrow(client.address) == 0
+
+
+def test_an_unstaking_server_cannot_redeem_and_stays_slashable_until_it_leaves(setup):
+    w3, settlement, client, server, other, verifiers, reporter = setup
+    settlement.request_unstake(server)  # day 0, then it keeps serving
+    v = voucher(client, server, 10, 10**15)
+    with pytest.raises(ChainError, match="server is unstaking: it cannot redeem"):
+        settlement.redeem(server, v, sign(v, client.key, settlement.domain))
+    advance_time(w3, 3601)  # it could leave now, but a verdict comes first
+    evidence = bytes(range(1, 33))
+    until = deadline(w3)
+    verdict = Verdict(server.address, evidence, reporter.address, until)
+    settlement.slash(other, server.address, evidence, reporter.address, until,
+                     verdict_signatures(verdict, verifiers[:2], settlement.domain))
+    with pytest.raises(ChainError, match="nothing staked"):
+        settlement.unstake(server)  # nothing left to take
+    assert settlement.stake(server.address) == 0
+
+    settlement.register(other, 2 * ETH)
+    settlement.request_unstake(other)
+    advance_time(w3, 3600 + 86400 + 1)
+    with pytest.raises(ChainError, match="unstake request lapsed"):
+        settlement.unstake(other)
+    settlement.register(other, 0)  # registering again cancels the request: it may redeem again
+    v = voucher(client, other, 10, 10**15)
+    settlement.redeem(other, v, sign(v, client.key, settlement.domain))
+
+
+def test_slashed_funds_go_to_the_owner_set_destination_and_verdicts_expire(setup, chain):
+    w3, settlement, client, server, other, verifiers, reporter = setup
+    owner = chain[1][0]
+    evidence = bytes(range(2, 34))
+    expired = Verdict(server.address, evidence, reporter.address, deadline(w3, -1))
+    with pytest.raises(ChainError, match="verdict expired"):
+        settlement.slash(other, server.address, evidence, reporter.address, expired.deadline,
+                         verdict_signatures(expired, verifiers[:2], settlement.domain))
+    until = deadline(w3)
+    verdict = Verdict(server.address, evidence, reporter.address, until)
+    settlement.slash(other, server.address, evidence, reporter.address, until,
+                     verdict_signatures(verdict, verifiers[:2], settlement.domain))
+    assert settlement.treasury() == 5 * ETH
+    with pytest.raises(ChainError, match="only the owner"):
+        settlement.set_treasury_destination(other, other.address)
+    destination = Account.create().address
+    settlement.set_treasury_destination(owner, destination)
+    settlement.sweep_treasury(other)  # anyone may send it on its way
+    assert w3.eth.get_balance(destination) == 5 * ETH and settlement.treasury() == 0
 
 
 operations = st.lists(st.tuples(st.sampled_from(["deposit", "sign", "redeem", "withdraw"]),
@@ -203,3 +273,67 @@ def test_total_paid_never_exceeds_deposits_or_what_clients_signed(chain, ops):
         assert sum(paid.values()) <= deposited  # never more than was deposited
         assert sum(paid.values()) + settlement.escrow(client.address) + withdrawn == deposited  # nothing lost
         assert w3.eth.get_balance(settlement.address) == settlement.escrow(client.address) + 1  # + the stake
+
+
+actions = st.lists(st.tuples(
+    st.sampled_from(["deposit", "sign", "redeem", "request_withdrawal", "withdraw", "request_unstake", "unstake",
+                     "register", "slash", "sweep", "wait"]),
+    st.integers(0, 1), st.integers(1, 10**6)), min_size=1, max_size=16)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions)
+def test_no_sequence_of_actions_pays_more_than_deposited_or_strands_ether(chain, ops):
+    """Deposits, vouchers, redemptions, withdrawals, unstakes and slashes in any order: the contract never
+    pays more than was deposited, a server never gets more than its best voucher, and every wei in the
+    contract has a way out (escrow: withdraw; stake: unstake; treasury: the owner-set destination)."""
+    w3, (owner, client, server, other, verifier, *_rest) = chain
+    settlement = Settlement.deploy(w3, owner, withdrawal_delay=10, min_stake=0, verdict_threshold=1,
+                                   request_window=100)
+    settlement.add_verifier(owner, verifier.address)
+    servers = [server, other]
+    deposited, staked, best = 0, 0, {0: 0, 1: 0}
+    vouchers, used = {}, 0
+    out_before = {a.address: w3.eth.get_balance(a.address) for a in (client, server, other, owner)}
+    for op, who, amount in ops:
+        target = servers[who]
+        try:
+            if op == "deposit":
+                settlement.deposit(client, amount)
+                deposited += amount
+            elif op == "register":
+                settlement.register(target, amount)
+                staked += amount
+            elif op == "sign":
+                total = best[who] + amount
+                vouchers[who] = voucher(client, target, total, total, 7)
+                best[who] = total
+            elif op == "redeem" and who in vouchers:
+                settlement.redeem(target, vouchers[who], sign(vouchers[who], client.key, settlement.domain))
+            elif op == "request_withdrawal" and settlement.escrow(client.address) > 0:
+                settlement.request_withdrawal(client, min(amount, settlement.escrow(client.address)))
+            elif op == "withdraw":
+                settlement.withdraw(client)
+            elif op == "request_unstake":
+                settlement.request_unstake(target)
+            elif op == "unstake":
+                settlement.unstake(target)
+            elif op == "slash":
+                used += 1
+                evidence, until = used.to_bytes(32, "big"), deadline(w3)
+                verdict = Verdict(target.address, evidence, owner.address, until)
+                settlement.slash(owner, target.address, evidence, owner.address, until,
+                                 [sign(verdict, verifier.key, settlement.domain)])
+            elif op == "sweep":
+                settlement.sweep_treasury(owner)
+            elif op == "wait":
+                advance_time(w3, amount % 150)
+        except ChainError:
+            pass  # refused: allowed; what matters is what was paid
+        for who_, srv in enumerate(servers):
+            assert settlement.paid(client.address, srv.address, 7) <= best[who_]
+        paid = sum(settlement.paid(client.address, srv.address, 7) for srv in servers)
+        assert paid <= deposited
+        held = settlement.escrow(client.address) + sum(settlement.stake(s.address) for s in servers) + \
+            settlement.treasury()
+        assert w3.eth.get_balance(settlement.address) == held  # all of it is escrow, stake or treasury

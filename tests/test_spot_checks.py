@@ -79,8 +79,20 @@ def test_cheating_server_is_caught_banned_unpaid_and_slashed(checkpoints, tmp_pa
                 honest_output = span(torch.from_numpy(evidence.inputs().copy()))
             last = evidence.shapes[-1][1]
             assert evidence.recheck(honest_output[:, -last:].numpy())
-            verdict = Verdict(cheat_account.address, evidence.digest, reporter.address)
-            settlement.slash(reporter, cheat_account.address, evidence.digest, reporter.address,
+            # `cocoon verify` does the same from the saved file, and from the DHT
+            import os
+            import subprocess
+            import sys
+            from swarm.evidence import evidence_dir
+            saved = evidence_dir() / f"{evidence.digest.hex()}.msgpack"
+            verify = subprocess.run([sys.executable, "-m", "swarm.cli", "verify", str(path), str(saved),
+                                     "--initial-peers", *swarm.initial_peers], capture_output=True, text=True,
+                                    timeout=120, env=os.environ)
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+            assert verify.stdout.count("PROVEN WRONG") == 2, verify.stdout
+            until = node.w3.eth.get_block("latest").timestamp + 3600
+            verdict = Verdict(cheat_account.address, evidence.digest, reporter.address, until)
+            settlement.slash(reporter, cheat_account.address, evidence.digest, reporter.address, until,
                              [sign(verdict, v.key, settlement.domain) for v in verifiers])
             assert settlement.stake(cheat_account.address) == 0
             model.shutdown()

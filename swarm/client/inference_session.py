@@ -54,10 +54,10 @@ class _ServerSession:
             client.measured_step(self.link.peer_id, time.perf_counter() - started, self.link.end - self.link.start)
         self.opened = True
         output = reply.outputs[0]
-        payout = client.payout_of(self.link.peer_id)
-        if payout is not None:
-            self.input_chain = check_attestation(reply.attestation, payout, self.link.start, self.link.end,
-                                                 self.input_chain, hidden, output)
+        paid = client.paid_server(self.link.peer_id)
+        if paid is not None:
+            self.input_chain = check_attestation(reply.attestation, paid.payout_address, self.link.start,
+                                                 self.link.end, self.input_chain, hidden, output, paid.dtype)
         client.record_work(self.link.peer_id, reply, hidden.shape[0] * hidden.shape[1], self.link.end - self.link.start)
         self.history.append((hidden, extra))
         if client.spot_checker is not None:

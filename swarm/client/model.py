@@ -207,7 +207,8 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(cls, model: str | os.PathLike, *, initial_peers: Sequence[str], model_id: str | None = None,
                         dtype: str | torch.dtype = "auto", device: str | None = None, exact_wire: bool = False,
                         request_timeout: float = 60.0, wallet=None, contract: str | None = None,
-                        chain_id: int | None = None, spot_check_rate: float = 0.0, spot_check_seed: int | None = None,
+                        chain_id: int | None = None, chain_rpc: str | None = None, spot_check_rate: float = 0.0,
+                        spot_check_seed: int | None = None, spot_check_local: bool | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int = 0, lora_config=None,
                         active_adapter: str | None = None, **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
@@ -215,8 +216,11 @@ class AutoDistributedModelForCausalLM:
         ``exact_wire=True`` keeps float32 activations in float32 on the wire (default: 16-bit).
         ``wallet`` (an eth_account LocalAccount), ``contract`` and ``chain_id``: pay priced servers with
         vouchers redeemable from this client's escrow in that settlement contract.
+        ``chain_rpc``: a node of that chain, to read servers' stakes (spot checks weight checkers by stake).
         ``spot_check_rate``: the fraction of inference steps re-run on other servers holding the same blocks
-        (e.g. 0.05); a server found wrong is banned, unpaid, and the evidence is published in the DHT.
+        (e.g. 0.05); a disagreement is settled by this client's own copy of the blocks (``spot_check_local``;
+        default: when the checkpoint's block files are on this machine) or by three independent checkers, and
+        a server proven wrong is banned, unpaid, and the evidence is published in the DHT.
         ``tuning_mode``: "ptune" (a trainable prefix of ``pre_seq_len`` embeddings) or "deep_ptune" (plus a
         trainable prefix added before every remote block) or "lora" (client-owned LoRA weights for every
         block, from ``lora_config``, a peft LoraConfig); the blocks stay frozen on the servers.
@@ -235,10 +239,19 @@ class AutoDistributedModelForCausalLM:
             from swarm.client.payments import Payments
             if contract is None or chain_id is None:
                 raise ValueError("paying servers needs the settlement contract address and its chain id")
-            swarm.payments = Payments(wallet, Domain(chain_id, contract))
+            swarm.payments = Payments(wallet, Domain(chain_id, contract), str(swarm.p2p.peer_id))
+            if chain_rpc is not None:
+                from web3 import Web3
+
+                from incentives.contract import Settlement
+                swarm.payments.settlement = Settlement(Web3(Web3.HTTPProvider(chain_rpc, request_kwargs={
+                    "timeout": 10})), contract)
         if spot_check_rate > 0:
-            from swarm.client.spot_check import SpotChecker
-            swarm.spot_checker = SpotChecker(swarm, spot_check_rate, spot_check_seed)
+            from swarm.client.spot_check import LocalBlocks, SpotChecker
+            local = LocalBlocks(checkpoint) if spot_check_local is not False else None
+            if spot_check_local and checkpoint.local_dir is None:
+                raise ValueError("spot_check_local=True needs the checkpoint's block files on this machine")
+            swarm.spot_checker = SpotChecker(swarm, spot_check_rate, spot_check_seed, local)
         distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire,
                                                   tuning_mode=tuning_mode, pre_seq_len=pre_seq_len,
                                                   lora_config=lora_config)

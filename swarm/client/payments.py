@@ -3,26 +3,47 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 from eth_account.signers.local import LocalAccount
 
 from incentives.credit import ClientChannel
 from incentives.metering import Prices, Receipt
+from incentives.payer import PayerProof
 from incentives.vouchers import Domain
 from routing import ServerInfo
 from swarm.wire import Payment, PayRequest, SpanReply
 
 logger = logging.getLogger(__name__)
 VOUCHER_EVERY = 16  # requests between in-band vouchers to one server (and one at every settle())
+PROOF_LIFETIME = 3600  # seconds a proof that this peer pays for the wallet's address holds
 
 
 class Payments:
-    def __init__(self, account: LocalAccount, domain: Domain):
-        self.account, self.domain = account, domain
+    def __init__(self, account: LocalAccount, domain: Domain, client_peer: str):
+        self.account, self.domain, self.client_peer = account, domain, client_peer
         self.channel_id = random.getrandbits(63)  # one channel per client run; vouchers are cumulative in it
         self.channels: dict[str, ClientChannel] = {}  # by peer id
+        self.credit: dict[str, int] = {}  # peer id -> the server's credit limit (its record says)
         self._requests: dict[str, int] = {}
+        self._proofs: dict[str, PayerProof] = {}
         self.stopped: set[str] = set()
+        self.settlement = None  # incentives.contract.Settlement, when this client reads the chain
+        self._stakes: dict[str, tuple[int, float]] = {}
+
+    def stake_of(self, payout: str) -> int | None:
+        """A server's stake, when this client reads the chain (``settlement`` set), cached for ten minutes."""
+        if self.settlement is None or not payout:
+            return None
+        cached = self._stakes.get(payout.lower())
+        if cached is None or time.monotonic() - cached[1] > 600:
+            try:
+                cached = (self.settlement.stake(payout), time.monotonic())
+            except Exception as e:
+                logger.info(f"could not read the stake of {payout}: {e}")
+                return None
+            self._stakes[payout.lower()] = cached
+        return cached[0]
 
     def stop(self, peer_id: str) -> None:
         """No more vouchers for this server (convicted of wrong work): what it did since the last one is unpaid."""
@@ -36,6 +57,7 @@ class Payments:
             self.channels[peer_id] = ClientChannel(self.account, info.payout_address, self.channel_id,
                                                    Prices(info.price_per_unit, info.backward_price_per_unit),
                                                    self.domain)
+        self.credit[peer_id] = info.credit_limit
         return self.channels[peer_id]
 
     def payment(self, peer_id: str, info: ServerInfo | None) -> Payment | None:
@@ -44,8 +66,18 @@ class Payments:
         if channel is None:
             return None
         self._requests[peer_id] = self._requests.get(peer_id, 0) + 1
-        voucher = self._voucher(channel) if self._requests[peer_id] % VOUCHER_EVERY == 0 else None
-        return Payment(self.account.address, self.channel_id, voucher)
+        due = self._requests[peer_id] % VOUCHER_EVERY == 0 or 2 * channel.unsigned > self.credit.get(peer_id, 0)
+        voucher = self._voucher(channel) if due else None
+        return Payment(self.account.address, self.channel_id, voucher, self._proof(peer_id))
+
+    def _proof(self, peer_id: str) -> dict:
+        """That this client's peer pays for its address, bound to this server (signed once an hour)."""
+        proof = self._proofs.get(peer_id)
+        if proof is None or proof.expires < time.time() + 60:
+            proof = PayerProof(self.account.address, peer_id, self.client_peer,
+                               int(time.time()) + PROOF_LIFETIME).signed(self.account)
+            self._proofs[peer_id] = proof
+        return {"expires": proof.expires, "signature": proof.signature}
 
     def record(self, peer_id: str, reply: SpanReply, tokens: int, blocks: int, backward: bool = False) -> None:
         channel = self.channels.get(peer_id)
@@ -65,7 +97,8 @@ class Payments:
         for peer_id, channel in self.channels.items():
             voucher = self._voucher(channel)
             if voucher is not None:
-                requests.append((peer_id, PayRequest(Payment(self.account.address, self.channel_id, voucher))))
+                requests.append((peer_id, PayRequest(Payment(self.account.address, self.channel_id, voucher,
+                                                             self._proof(peer_id)))))
         return requests
 
     @staticmethod

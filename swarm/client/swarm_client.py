@@ -147,10 +147,10 @@ class SwarmClient:
             reply = await stream.span(request, self.request_timeout, lora_shape)
         finally:
             stream.close()
-        payout = self.payout_of(peer_id)
-        if payout is not None and handler == "forward":
-            check_attestation(reply.attestation, payout, request.start, request.end, b"", request.hidden,
-                              reply.outputs[0])
+        paid = self.paid_server(peer_id)
+        if paid is not None and handler == "forward":
+            check_attestation(reply.attestation, paid.payout_address, request.start, request.end, b"", request.hidden,
+                              reply.outputs[0], paid.dtype)
         return reply
 
     async def info(self, peer_id: str, timeout: float | None = None) -> dict:
@@ -176,12 +176,16 @@ class SwarmClient:
             return None
         return self.payments.payment(peer_id, self._state.servers.get(peer_id) if self._state else None)
 
-    def payout_of(self, peer_id: str) -> str | None:
-        """The payout address of a server this client pays (whose replies must carry attestations), else None."""
+    def paid_server(self, peer_id: str):
+        """The record of a server this client pays (whose replies must carry attestations), else None."""
         if self.payments is None or self._state is None or peer_id not in self._state.servers:
             return None
-        channel = self.payments.channel(peer_id, self._state.servers[peer_id])
-        return None if channel is None else channel.server
+        info = self._state.servers[peer_id]
+        return info if self.payments.channel(peer_id, info) is not None else None
+
+    def stake_of(self, payout: str) -> int | None:
+        """A server's stake on chain when this client reads the chain (for weighting checkers), else None."""
+        return self.payments.stake_of(payout) if self.payments is not None else None
 
     def record_work(self, peer_id: str, reply: SpanReply, tokens: int, blocks: int, backward: bool = False) -> None:
         if self.payments is not None:

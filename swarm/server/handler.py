@@ -14,18 +14,17 @@ from typing import Any, Callable
 import torch
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
-from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.verification import Attestation, array_hash, chain_hash
-from incentives.vouchers import Voucher
 from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
 from swarm.framing import read_frame, write_frame
 from swarm.server.lora_cache import LoraCache
+from swarm.server.payments import ServerPayments
 from swarm.limits import Limits, Quotas
 from swarm.server.quotas import PeerUsage
 from swarm.server.scheduler import FairScheduler
 from swarm.server.sessions import Session, SessionTable
-from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InfoReply, Payment,
+from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InfoReply, Payment, dtype_name,
                         PayReply, PayRequest, SpanReply, SpanRequest, WireError, bad)
 
 logger = logging.getLogger(__name__)
@@ -35,10 +34,10 @@ LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang
 
 class SpanHandler:
     def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]],
-                 ledger: ServerLedger | None = None, adapters: dict[str, LoraWeights] | None = None,
+                 payments: ServerPayments | None = None, adapters: dict[str, LoraWeights] | None = None,
                  lora_cache: LoraCache | None = None, quotas: Quotas = Quotas(), prefill_rate: float = 1e4):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
-        self.ledger = ledger  # None: this server works for free
+        self.payments = payments  # None: this server works for free
         self.adapters = adapters or {}  # served peft adapters by name, rows for this span's blocks
         self.lora_cache = lora_cache or LoraCache(256 << 20)
         self.quotas = quotas
@@ -120,7 +119,7 @@ class SpanHandler:
         session: Session | None = state.get("session")
         step = InferenceStep.parse(message, self.bounds, opening=session is None)
         batch, length = step.hidden.shape[:2]
-        payer = self._charge_before(step.payment)  # before a session is opened: no free ride
+        payer = await self._charge_before(state["peer"], step.payment)  # before a session opens: no free ride
         if session is None:
             if not self.accepting:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down: open the session elsewhere")
@@ -154,7 +153,7 @@ class SpanHandler:
         request = SpanRequest.parse(message, self.bounds)
         _check_mask_length(request, 0)
         lora = self._lora(request)
-        payer = self._charge_before(request.payment)
+        payer = await self._charge_before(state["peer"], request.payment)
         blocks = (request.start, request.end)
         output = await self._span_output(state["peer"], request, None, blocks, lora, past=0)
         _, attestation = self._attest(b"", request.hidden, output, *blocks)
@@ -165,7 +164,7 @@ class SpanHandler:
         request = BackwardRequest.parse(message, self.bounds)
         _check_mask_length(request, 0)
         lora = self._lora(request)
-        payer = self._charge_before(request.payment)
+        payer = await self._charge_before(state["peer"], request.payment)
         blocks = (request.start, request.end)
         cost = 3 * request.hidden.shape[0] * request.hidden.shape[1] * (blocks[1] - blocks[0])
         grads = await self._compute(state["peer"], cost, self._run_backward, request, blocks, lora)
@@ -175,47 +174,31 @@ class SpanHandler:
         return InfoReply(self.info())
 
     async def _pay(self, message: ExpertRequest, state) -> PayReply:
-        self._charge_before(PayRequest.parse(message).payment, check_credit=False)
+        await self._charge_before(state["peer"], PayRequest.parse(message).payment, check_credit=False)
         return PayReply(True)
 
     # ------------------------------------------------------------------ payment
-    def _charge_before(self, payment: Payment | None, check_credit: bool = True) -> tuple[str, int] | None:
-        """Take the voucher a request carries, and refuse work beyond the client's credit."""
-        if self.ledger is None:
+    async def _charge_before(self, peer: str, payment: Payment | None, check_credit: bool = True):
+        """Who pays for this request (swarm.server.payments); None on a free server."""
+        if self.payments is None:
             return None
-        if payment is None:
-            raise WireError(ErrorCode.PAYMENT_REQUIRED,
-                            f"this server charges {self.ledger.prices.forward} wei per token x block: send "
-                            f"'payment' = {{client, channel}} and vouchers (see from_pretrained(wallet=...))")
-        if payment.voucher is not None:
-            record = dict(payment.voucher)
-            signature = record.pop("signature")
-            try:
-                self.ledger.accept_voucher(Voucher.from_wire(record), signature)
-            except (InvalidVoucher, ValueError) as e:
-                raise WireError(ErrorCode.PAYMENT_REQUIRED, f"invalid voucher: {e}") from None
-        if check_credit:
-            try:
-                self.ledger.check_credit(payment.client, payment.channel)
-            except CreditLimitExceeded as e:
-                raise WireError(ErrorCode.PAYMENT_REQUIRED, str(e)) from None
-        return payment.client, payment.channel
+        return await self.payments.admit(peer, payment, check_credit)
 
     def _attest(self, chain: bytes, wire_input: torch.Tensor, wire_output: torch.Tensor, start: int, end: int):
         """Sign the hashes of this request's input (chained onto the session's) and of our output, as the
         values crossed the wire. Servers with no payout key (free ones) sign nothing."""
-        if self.ledger is None:
+        if self.payments is None:
             return chain, None
+        ledger = self.payments.ledger
         chain = chain_hash(chain, wire_input.float().numpy())
-        attestation = Attestation(self.ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()))
-        return chain, attestation.signed(self.ledger.signer.key).to_wire()
+        attestation = Attestation(ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()),
+                                  dtype_name(self.span.dtype_), dtype_name(wire_output.dtype))
+        return chain, attestation.signed(ledger.signer.key).to_wire()
 
     def _charge_after(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> dict | None:
         if payer is None:
             return None
-        receipt = self.ledger.record(*payer, tokens=hidden.shape[0] * hidden.shape[1], blocks=end - start,
-                                     backward=backward)
-        return receipt.to_wire()
+        return self.payments.record(payer, hidden.shape[0] * hidden.shape[1], end - start, backward)
 
     # ------------------------------------------------------------------ compute (in the scheduler's thread)
     def _to_span(self, tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ from swarm.dht_records import announce, fetch_swarm_state, make_dht
 from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
 from swarm.server.lora_cache import LoraCache
+from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
 from swarm.processes import exit_on_termination
 
@@ -69,14 +70,14 @@ class Server:
         self.sessions = SessionTable(cache_tokens=config.cache_tokens, max_sessions=config.max_sessions,
                                      max_length=config.limits.max_length, timeout=config.session_timeout,
                                      max_sessions_per_peer=config.quotas.max_sessions_per_peer)
-        self.ledger, self.redeemer = self._payments()
+        self.payments = self._payments()
 
     async def _serve(self) -> None:
         config, loop = self.config, asyncio.get_running_loop()
         self.stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
-        self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, ledger=self.ledger,
+        self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, payments=self.payments,
                                    adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes),
                                    quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s)
         self.p2p = await self.dht.replicate_p2p()
@@ -86,21 +87,19 @@ class Server:
         print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id} as peer {self.peer_id}",
               flush=True)
         next_balance = loop.time() + self._balance_delay()
-        next_redeem = loop.time() + config.redeem_period
+        # redemption runs on its own: a chain that fails or hangs never holds up serving or announcing
+        redeeming = asyncio.create_task(self.payments.redeem_forever(self.stop)) if self.payments else None
         while not self.stop.is_set():
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
             except asyncio.TimeoutError:
                 for session_id in self.sessions.expire():
                     logger.info(f"session {session_id} expired")
-                if self.redeemer and loop.time() >= next_redeem:
-                    await self._redeem()
-                    next_redeem = loop.time() + config.redeem_period
                 if config.blocks is None and loop.time() >= next_balance:
                     await self._maybe_move(self.checkpoint)
                     next_balance = loop.time() + self._balance_delay()
                 self._announce()
-        await self._shutdown()
+        await self._shutdown(redeeming)
 
     def _choose_span(self, total_blocks: int) -> tuple[int, int]:
         num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
@@ -121,35 +120,30 @@ class Server:
         self.info.adapters = tuple(adapters)
         return adapters
 
-    def _payments(self):
-        """The ledger of what clients owe and the redeemer that settles it on chain (None, None when free)."""
+    def _payments(self) -> ServerPayments | None:
+        """What clients owe, on disk and on chain (None when this server works for free)."""
         config = self.config
         if config.price == 0:
-            return None, None
+            return None
         if not (config.wallet and config.chain_rpc and config.contract):
             raise SystemExit("a priced server needs --payout, --chain-rpc and --contract (see `cocoon chain deploy`)")
         from web3 import Web3
 
         from incentives.contract import Settlement
         from incentives.credit import ServerLedger
+        from incentives.ledger_file import ledger_path
         from incentives.metering import Prices
-        from incentives.redeemer import Redeemer
         from incentives.wallet import load_wallet
         account = load_wallet(config.wallet, config.passphrase)
-        settlement = Settlement(Web3(Web3.HTTPProvider(config.chain_rpc)), config.contract)
+        w3 = Web3(Web3.HTTPProvider(config.chain_rpc, request_kwargs={"timeout": 10}))
+        settlement = Settlement(w3, config.contract)
         prices = Prices(config.price, config.price if config.backward_price is None else config.backward_price)
         ledger = ServerLedger(account.address, prices, settlement.domain, config.credit_limit, account)
         self.info.payout_address = account.address
         self.info.price_per_unit, self.info.backward_price_per_unit = prices.forward, prices.backward
-        return ledger, Redeemer(settlement, account, ledger)
-
-    async def _redeem(self) -> None:
-        received = await asyncio.get_running_loop().run_in_executor(None, self.redeemer.redeem_new)
-        from incentives.ledger_file import write_ledger
-        write_ledger(self.ledger)
-        if received:
-            print(f"Redeemed {received} wei (total paid to {self.info.payout_address}: "
-                  f"{sum(self.redeemer.redeemed.values())} wei)", flush=True)
+        self.info.credit_limit = config.credit_limit
+        print(f"Ledger of what clients owe: {ledger_path(account.address)} (`cocoon earnings` reads it)", flush=True)
+        return ServerPayments(ledger, settlement, account, self.peer_id, redeem_period=config.redeem_period)
 
     def _balance_delay(self) -> float:
         return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
@@ -201,8 +195,8 @@ class Server:
         self.describe()
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * self.config.announce_period)
 
-    async def _shutdown(self) -> None:
-        """Stop announcing, refuse new sessions, let open ones finish for a grace period, then leave."""
+    async def _shutdown(self, redeeming: asyncio.Task | None) -> None:
+        """Stop announcing, refuse new sessions, let open ones finish for a grace period, redeem, then leave."""
         logger.info("shutting down")
         self.handler.accepting = False
         self.info.state = ServerState.OFFLINE
@@ -211,7 +205,12 @@ class Server:
         while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
         self.handler.scheduler.shutdown()
-        if self.redeemer:
-            await self._redeem()
+        if redeeming is not None:
+            await redeeming
+            try:  # a last redemption; if the chain is down, the ledger on disk keeps every voucher
+                await asyncio.wait_for(self.payments.redeem(), timeout=60)
+            except asyncio.TimeoutError:
+                print("The chain did not answer: vouchers left to redeem are in the ledger "
+                      "(`cocoon redeem`, or the next start of this server)", flush=True)
         await self.p2p.shutdown()
         print("Server stopped", flush=True)

@@ -1,0 +1,155 @@
+"""A priced server's side of payment: who pays (proven), how much credit they get (backed by escrow on chain),
+and redemption that never loses a voucher.
+
+- A request's payer is an address the requesting peer has proven it acts for (incentives.payer); a peer may
+  pay from a few addresses, which share its credit limit.
+- The escrow of a client (less its pending withdrawal) is read from the chain before its first request and
+  again when the reading is older than ``escrow_ttl``; what the server extends never exceeds it.
+- The ledger is written to disk before every redemption and reloaded at start. Chain calls run in a thread
+  with a timeout; a chain that errors or hangs delays redemption (retried with backoff), never serving or
+  announcing. A client whose unpaid work nears its escrow is redeemed early.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+
+from incentives.contract import ChainError
+from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
+from incentives.ledger_file import ledger_path, read_ledger_json, write_ledger
+from incentives.payer import PayerProof
+from incentives.vouchers import Voucher
+from swarm.codes import ErrorCode, WireError
+from swarm.wire import Payment
+
+logger = logging.getLogger(__name__)
+MAX_ADDRESSES_PER_PEER = 8
+MAX_PROOFS = 4096
+CHAIN_TIMEOUT = 15.0
+
+
+def payment_required(message: str) -> WireError:
+    return WireError(ErrorCode.PAYMENT_REQUIRED, message)
+
+
+class ServerPayments:
+    def __init__(self, ledger: ServerLedger, settlement, account, peer_id: str, *, redeem_period: float = 60.0,
+                 escrow_ttl: float = 10.0):
+        self.ledger, self.settlement, self.account, self.peer_id = ledger, settlement, account, peer_id
+        self.redeem_period, self.escrow_ttl = redeem_period, escrow_ttl
+        self.proven: OrderedDict[tuple[str, str], int] = OrderedDict()  # (peer, address) -> proof expiry
+        self.addresses: dict[str, list[str]] = {}  # peer -> addresses it pays from
+        self.escrow_read: dict[str, float] = {}  # address -> when its escrow was last read
+        self.redeemed_wei = 0
+        self._redeem_soon = asyncio.Event()
+        path = ledger_path(ledger.payout)
+        if path.exists():
+            ledger.load(read_ledger_json(path))
+            logger.info(f"reloaded the ledger of {ledger.payout}: {len(ledger.redeemable())} vouchers to redeem")
+
+    # ------------------------------------------------------------------ admitting a request
+    async def admit(self, peer: str, payment: Payment | None, check_credit: bool = True) -> tuple[str, int]:
+        """The (client, channel) that pays for a request of ``peer``; raises PAYMENT_REQUIRED otherwise."""
+        if payment is None:
+            raise payment_required(f"this server charges {self.ledger.prices.forward} wei per token x block: send "
+                                   f"'payment' (see from_pretrained(wallet=...))")
+        client = payment.client.lower()
+        self._check_proof(peer, client, payment)
+        if payment.voucher is not None:
+            record = dict(payment.voucher)
+            signature = record.pop("signature")
+            try:
+                self.ledger.accept_voucher(Voucher.from_wire(record), signature)
+            except (InvalidVoucher, ValueError, CreditLimitExceeded) as e:
+                raise payment_required(f"invalid voucher: {e}") from None
+        if client not in self.escrow_read:
+            await self._read_escrow(client)  # before the first request: no credit on an empty escrow
+        elif time.monotonic() - self.escrow_read[client] > self.escrow_ttl:
+            self.escrow_read[client] = time.monotonic()
+            asyncio.create_task(self._read_escrow(client))
+        if check_credit:
+            try:
+                self.ledger.account(client, payment.channel)
+                self.ledger.check_credit(client, tuple(self.addresses.get(peer, ())))
+            except CreditLimitExceeded as e:
+                raise payment_required(str(e)) from None
+            if self.ledger.unredeemed(client) * 2 > self.ledger.backing.get(client, self.ledger.credit_limit):
+                self._redeem_soon.set()
+        return client, payment.channel
+
+    def _check_proof(self, peer: str, client: str, payment: Payment) -> None:
+        now = time.time()
+        if self.proven.get((peer, client), 0) > now:
+            self.proven.move_to_end((peer, client))
+            return
+        proof = payment.proof
+        if proof is None:
+            raise payment_required(f"prove that your peer pays for {payment.client}: send 'proof' (see "
+                                   f"incentives.payer)")
+        if not PayerProof(client, self.peer_id, peer, proof["expires"], proof["signature"]).valid(now):
+            raise payment_required(f"the proof that your peer pays for {payment.client} is invalid or expired")
+        addresses = self.addresses.setdefault(peer, [])
+        if client not in addresses:
+            if len(addresses) >= MAX_ADDRESSES_PER_PEER:
+                raise payment_required(f"your peer already pays from {len(addresses)} addresses here")
+            addresses.append(client)
+        self.proven[(peer, client)] = proof["expires"]
+        while len(self.proven) > MAX_PROOFS:
+            self.proven.popitem(last=False)
+
+    def record(self, payer: tuple[str, int], tokens: int, blocks: int, backward: bool = False) -> dict:
+        return self.ledger.record(*payer, tokens=tokens, blocks=blocks, backward=backward).to_wire()
+
+    # ------------------------------------------------------------------ the chain
+    async def _chain(self, fn, *args):
+        """A chain call in a thread, bounded in time (a node that never answers costs a timeout, no more)."""
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fn, *args), CHAIN_TIMEOUT)
+
+    async def _read_escrow(self, client: str) -> None:
+        self.escrow_read[client] = time.monotonic()
+        try:
+            escrow = await self._chain(self.settlement.escrow, client)
+            pending = await self._chain(self.settlement.pending_withdrawal, client)
+        except Exception as e:  # the chain is down: known clients keep their last reading; new ones their credit
+            logger.warning(f"could not read the escrow of {client}: {type(e).__name__}: {e}")
+            return
+        self.ledger.backing[client] = max(escrow - pending, 0)
+
+    async def redeem_forever(self, stop: asyncio.Event) -> None:
+        """Redeem every `redeem_period` (or sooner when a client nears its escrow), retrying with backoff
+        while the chain fails; returns when ``stop`` is set."""
+        delay = self.redeem_period
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._redeem_soon.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            self._redeem_soon.clear()
+            delay = self.redeem_period if await self.redeem() else min(delay * 2, 600.0)
+
+    async def redeem(self) -> bool:
+        """Redeem every voucher worth more than its channel was paid; False when the chain failed (try later).
+        The ledger is on disk before each attempt, so nothing is lost if this process dies meanwhile."""
+        write_ledger(self.ledger)
+        for voucher, signature in self.ledger.redeemable():
+            try:
+                before = await self._chain(self.settlement.paid, voucher.client, voucher.server, voucher.channel)
+                if voucher.total_amount > before:
+                    await self._chain(self.settlement.redeem, self.account, voucher, signature)
+                total = await self._chain(self.settlement.paid, voucher.client, voucher.server, voucher.channel)
+            except Exception as e:
+                if isinstance(e, ChainError):  # refused (e.g. the escrow is empty): try again later
+                    logger.warning(f"could not redeem the voucher of {voucher.client}: {e}")
+                    continue
+                logger.warning(f"the chain failed while redeeming ({type(e).__name__}: {e}); retrying later")
+                write_ledger(self.ledger)
+                return False
+            self.ledger.paid(voucher, total)
+            if total > before:
+                self.redeemed_wei += total - before
+                print(f"Redeemed {total - before} wei from {voucher.client} (total paid to {self.ledger.payout}: "
+                      f"{self.redeemed_wei} wei)", flush=True)
+        write_ledger(self.ledger)
+        return True
