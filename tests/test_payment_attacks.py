@@ -190,7 +190,8 @@ def test_a_priced_server_without_valid_attestations_is_banned_and_paid_no_furthe
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
     with LocalSwarm(path) as swarm:
         _, honest_args = priced_server_args(chain, "attested")
-        honest = swarm.add_server((0, 4), *honest_args, wait=False)
+        honest = swarm.add_server((0, 4), *honest_args, wait=False, module="tests.malicious_server",
+                                  env={"COCOON_MISCHIEF": "none", "COCOON_ADVERTISE_THROUGHPUT": "1"})  # tried last
         liars = []
         for mischief in ("no_attestation", "bad_attestation"):
             _, args = priced_server_args(chain, mischief)
