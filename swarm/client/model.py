@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from shards import Checkpoint, ClientModules
@@ -74,7 +75,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        if self._session is not None:
+        if self._session is not None:  # continue it: generate() feeds only what the servers have not seen
+            kwargs.setdefault("cache", SessionCache(self._session, self.pre_seq_len))
+            ids = inputs if inputs is not None else kwargs.get("input_ids")
+            if ids is not None and kwargs.get("attention_mask") is None:  # (transformers slices only with a mask)
+                kwargs["attention_mask"] = torch.ones_like(ids)
             return super().generate(inputs, *args, **kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         config = kwargs.get("generation_config") or self.generation_config
@@ -198,6 +203,25 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def shutdown(self) -> None:
         self.settle()
         self.swarm.shutdown()
+
+
+class SessionCache(DynamicCache):
+    """What transformers' generate() sees of an inference session: its length, so that a generate() in an open
+    session (the next turn of a chat) feeds only the new tokens. The keys and values are on the servers."""
+
+    def __init__(self, session: InferenceSession, prefix: int = 0):
+        super().__init__()
+        self.session, self.prefix = session, prefix
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.session.position - self.prefix, 0)  # the trained prompt prefix is not in input_ids
+
+    @property
+    def is_linear(self) -> list[bool]:  # attention layers, not state-space ones: inputs are sliced by length
+        return [False]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.session.reorder(beam_idx)
 
 
 class AutoDistributedModelForCausalLM:

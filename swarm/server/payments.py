@@ -117,11 +117,11 @@ class ServerPayments:
             return
         self.ledger.backing[client] = max(escrow - pending, 0)
 
-    async def redeem_forever(self, stop: asyncio.Event) -> None:
+    async def redeem_forever(self) -> None:
         """Redeem every `redeem_period` (or sooner when a client nears its escrow), retrying with backoff
-        while the chain fails; returns when ``stop`` is set."""
+        while the chain fails, until cancelled."""
         delay = self.redeem_period
-        while not stop.is_set():
+        while True:
             try:
                 await asyncio.wait_for(self._redeem_soon.wait(), timeout=delay)
             except asyncio.TimeoutError:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -88,7 +89,7 @@ class Server:
               flush=True)
         next_balance = loop.time() + self._balance_delay()
         # redemption runs on its own: a chain that fails or hangs never holds up serving or announcing
-        redeeming = asyncio.create_task(self.payments.redeem_forever(self.stop)) if self.payments else None
+        redeeming = asyncio.create_task(self.payments.redeem_forever()) if self.payments else None
         while not self.stop.is_set():
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=min(config.announce_period, config.session_timeout / 4))
@@ -206,7 +207,9 @@ class Server:
             await asyncio.sleep(0.1)
         self.handler.scheduler.shutdown()
         if redeeming is not None:
-            await redeeming
+            redeeming.cancel()  # it may be waiting out its period; the last redemption is right here
+            with contextlib.suppress(asyncio.CancelledError):
+                await redeeming
             try:  # a last redemption; if the chain is down, the ledger on disk keeps every voucher
                 await asyncio.wait_for(self.payments.redeem(), timeout=60)
             except asyncio.TimeoutError:
