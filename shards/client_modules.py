@@ -16,6 +16,7 @@ class ClientModules(nn.Module):
     def __init__(self, config, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear):
         super().__init__()
         self.config = config
+        self.family = get_family(config)
         self.embed_tokens, self.norm, self.lm_head = embed_tokens, norm, lm_head
 
     @classmethod
@@ -31,10 +32,14 @@ class ClientModules(nn.Module):
         names = [family.embed_key, family.norm_key] + ([] if tied else [family.head_key])
         state = checkpoint.load(names, torch_dtype)
 
-        embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id, _weight=state[family.embed_key])
-        with torch.device("meta"):
+        with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
+            embed_tokens = family.embedding(config)
             norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
             lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        buffers = {name: b for name, b in embed_tokens.named_buffers()}  # e.g. Gemma's embed_scale
+        embed_tokens.load_state_dict({"weight": state[family.embed_key]}, assign=True, strict=False)
+        for name in buffers:
+            embed_tokens.register_buffer(name, torch.tensor(getattr(embed_tokens, f"scalar_{name}")), persistent=False)
         norm.load_state_dict({"weight": state[family.norm_key]}, assign=True)
         lm_head.weight = embed_tokens.weight if tied else nn.Parameter(state[family.head_key])
         return cls(config, embed_tokens, norm, lm_head).to(device).requires_grad_(False)
@@ -42,5 +47,9 @@ class ClientModules(nn.Module):
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def scale_inputs(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """What the family's model does to input embeddings, looked up or given, before the first block."""
+        return self.family.scale_inputs(self.config, inputs_embeds)
+
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden_states))
+        return self.family.finish_logits(self.config, self.lm_head(self.norm(hidden_states)))

@@ -33,17 +33,20 @@ class BlockSpan(nn.Module):
         self.rotary_emb = rotary_emb
         self.layer_types = _layer_types(config)[start:end]
         self.span_config = _span_config(config, start, end)
+        self.rope_per_layer_type = get_family(config).rope_per_layer_type
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | Checkpoint, start: int, end: int, *,
                         dtype: str | torch.dtype = "auto", quant: str = "none",
-                        device: str | torch.device | None = None, attn_implementation: str = "sdpa",
+                        device: str | torch.device | None = None, attn_implementation: str | None = None,
                         progress: bool = False, **hub_kwargs) -> "BlockSpan":
         """Load blocks [start, end) of ``model`` (directory, hub cache dir or repo id), reading nothing else."""
         checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model, **hub_kwargs)
         config = copy.deepcopy(checkpoint.config)
-        config._attn_implementation = attn_implementation
+        # SDPA, as transformers picks it, unless the family's attention soft-caps its logits (Gemma 2): eager
+        config._attn_implementation = attn_implementation or (
+            "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa")
         family = get_family(config)
         num_blocks = config.num_hidden_layers
         if not (0 <= start < end <= num_blocks):
@@ -67,7 +70,7 @@ class BlockSpan(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.rotary_emb.inv_freq.device
+        return next(self.rotary_emb.buffers()).device
 
     # ------------------------------------------------------------------ compute
     def forward(self, hidden_states: torch.Tensor, *, cache: DynamicCache | None = None,
@@ -97,14 +100,17 @@ class BlockSpan(nn.Module):
                 masks[kind] = make_mask(config=self.span_config, inputs_embeds=hidden_states,
                                         attention_mask=attention_mask, cache=cache, position_ids=position_ids,
                                         layer_idx=first_of_kind)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        if self.rope_per_layer_type:  # e.g. Gemma 3: local and global layers rotate with different bases
+            rope = {kind: self.rotary_emb(hidden_states, position_ids, kind) for kind in masks}
+        else:
+            rope = dict.fromkeys(masks, self.rotary_emb(hidden_states, position_ids))
         for n, i in enumerate(local):
             if prompts is not None:  # out of place, so gradients reach the prompts
                 prefix = prompts.shape[2]
                 hidden_states = torch.cat([hidden_states[:, :prefix] + prompts[n], hidden_states[:, prefix:]], dim=1)
-            hidden_states = self.layers[i](hidden_states, attention_mask=masks[self.layer_types[i]],
-                                           position_ids=position_ids, position_embeddings=position_embeddings,
-                                           cache=cache, use_cache=cache is not None)
+            kind = self.layer_types[i]
+            hidden_states = self.layers[i](hidden_states, attention_mask=masks[kind], position_ids=position_ids,
+                                           position_embeddings=rope[kind], cache=cache, use_cache=cache is not None)
         return hidden_states
 
     # ------------------------------------------------------------------ KV caches

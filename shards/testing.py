@@ -4,15 +4,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig,
+                          MistralConfig, MixtralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
 
-CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "mixtral": MixtralConfig}
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "mixtral": MixtralConfig,
+           "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig,
+           "phi3": Phi3Config, "olmo2": Olmo2Config, "granite": GraniteConfig}
+# what makes each family's particularities show on a tiny model
+FAMILY_EXTRAS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "qwen3": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=6, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(head_dim=16, sliding_window=6, final_logit_softcapping=30.0,
+                        layer_types=None),  # set from the number of layers: local and global alternating
+    "granite": dict(embedding_multiplier=6.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.1),
+}
 
 
 def tiny_config(family: str = "llama", *, hidden_size: int = 64, num_hidden_layers: int = 4,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 128, **overrides):
-    extra = dict(num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
-    extra = {"intermediate_size": 2 * hidden_size, **extra, **overrides}
+    extra = {"intermediate_size": 2 * hidden_size, **FAMILY_EXTRAS.get(family, {}), **overrides}
+    if family == "gemma3_text" and extra.get("layer_types") is None:
+        extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                for i in range(num_hidden_layers)]
     return CONFIGS[family](
         hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,

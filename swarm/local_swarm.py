@@ -120,12 +120,13 @@ class LocalSwarm:
 
     def add_server(self, span: tuple[int, int] | None = None, *extra: str, num_blocks: int | None = None,
                    wait: bool = True, host: str = "127.0.0.1", netns: str | None = None,
-                   module: str = "swarm.cli", env: dict | None = None) -> SwarmProcess:
-        """A server for blocks ``span`` (or ``num_blocks`` wherever the swarm needs them); ``netns`` runs it
-        inside that network namespace (a host of its own, for tests that cut hosts off)."""
+                   module: str = "swarm.cli", env: dict | None = None, model: str | None = None) -> SwarmProcess:
+        """A server for blocks ``span`` (or ``num_blocks`` wherever the swarm needs them) of the swarm's model (or
+        of ``model``: one DHT may hold several); ``netns`` runs it inside that network namespace (a host of its
+        own, for tests that cut hosts off)."""
         where = ["--blocks", f"{span[0]}:{span[1]}"] if span else ["--num-blocks", str(num_blocks)]
         name = f"server{len(self.servers)}"
-        server = SwarmProcess(["serve", self.model, "--initial-peers", *self.initial_peers, *where,
+        server = SwarmProcess(["serve", str(model or self.model), "--initial-peers", *self.initial_peers, *where,
                                "--host", host, "--dtype", self.dtype, "--public-name", name,
                                *self.server_args, *extra], name, env=env, echo=self.echo,
                               prefix=["ip", "netns", "exec", netns] if netns else (), module=module)

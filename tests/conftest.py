@@ -61,3 +61,11 @@ def no_process_left_behind():
             except psutil.Error:
                 pass
         pytest.fail("processes left behind by the test suite:\n" + "\n".join(left.values()))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a checkpoint (`cocoon fetch smollm2`: converted once per machine): float32, and a
+    bfloat16 copy."""
+    from swarm.models import fetch
+    return {"float32": fetch("smollm2", progress=False), "bfloat16": fetch("smollm2", "bfloat16", progress=False)}

@@ -33,7 +33,7 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
                 labels: torch.LongTensor | None = None, **kwargs) -> SequenceClassifierOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.model.embed(input_ids)
-        hidden = remote_forward(self.swarm, inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        hidden = remote_forward(self.swarm, self.model.scale_inputs(inputs_embeds), attention_mask=attention_mask, position_ids=position_ids,
                                 exact=self.exact_wire)
         logits = self.score(self.model.norm(hidden))
         batch = logits.shape[0]

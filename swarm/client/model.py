@@ -100,6 +100,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         in_session = self._session is not None and use_cache is not False
         inputs_embeds, attention_mask, position_ids, prefix = self._add_prompts(
             inputs_embeds, attention_mask, position_ids, first=not in_session or self._session.position == 0)
+        inputs_embeds = self.model.scale_inputs(inputs_embeds)  # (Granite multiplies them)
         lora = self.lora_weights if self.lora_spec else None
         prompts = self._deep_prompts(inputs_embeds.shape[0])
         if in_session:  # deep prompts and LoRA weights go to the servers when the session opens
