@@ -1,0 +1,309 @@
+"""`cocoon api`: the swarm behind an OpenAI-compatible HTTP API (FastAPI + uvicorn), so that chat front-ends,
+LangChain, IDE assistants and the `openai` client work unchanged.
+
+    GET  /health                 {"status": "ok", ...}
+    GET  /v1/models              the one model this front serves
+    POST /v1/chat/completions    messages through the tokenizer's chat template; stream: server-sent events
+    POST /v1/completions         a prompt as is
+
+Each request runs in a worker thread with an inference session of its own on one shared client, so requests
+run concurrently; a client that hangs up mid-stream stops its generation and closes its session on the
+servers. Errors are OpenAI error objects: 400 bad parameters, 401 a missing or wrong --api-key, 404 another
+model, 503 blocks that no server holds (or servers that all failed), 504 a request past --timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from swarm.sampling import sampling_processors
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class Sampling(BaseModel):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+class Cancelled(StoppingCriteria):
+    """Stops a generation whose caller hung up or whose time is up."""
+
+    def __init__(self, cancel: threading.Event):
+        self.cancel = cancel
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class StopTrimmer:
+    """Text streamed as it comes, up to (not including) the first stop string; what might be the start of one
+    is held back until it is known not to be."""
+
+    def __init__(self, stops: list[str], emit):
+        self.stops, self.emit = [s for s in stops if s], emit
+        self.pending, self.stopped = "", False
+
+    def put(self, text: str) -> None:
+        if self.stopped:
+            return
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._emit(self.pending[:cut])
+            self.pending = ""
+            return
+        keep = max((len(s) - 1 for s in self.stops), default=0)
+        ready = len(self.pending) - keep
+        if ready > 0:
+            self._emit(self.pending[:ready])
+            self.pending = self.pending[ready:]
+
+    def end(self) -> None:
+        if not self.stopped:
+            self._emit(self.pending)
+        self.pending = ""
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.emit(text)
+
+
+class Streamer:
+    """transformers' streamer protocol: decodes new tokens, hands finished text on (to a StopTrimmer)."""
+
+    def __init__(self, tokenizer, sink: StopTrimmer):
+        self.tokenizer, self.sink = tokenizer, sink
+        self.tokens: list[int] = []
+        self.printed, self.skip = 0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip:  # the first put() is the prompt
+            self.skip = False
+            return
+        self.tokens.extend(value.flatten().tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # a character cut in half: wait for the rest of it
+        self.sink.put(text[self.printed:])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        self.sink.end()
+
+
+def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None, timeout: float = 300.0,
+               max_concurrent: int = 16) -> FastAPI:
+    app = FastAPI(title="cocoon", description="An OpenAI-compatible API in front of a Cocoon swarm")
+    workers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="generate")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None).response()
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/") and \
+                request.headers.get("authorization", "") != f"Bearer {api_key}":
+            return APIError(401, "a missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
+                            "invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "cocoon"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        _check_model(body)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in body.messages]
+        if tokenizer.chat_template is None:
+            raise APIError(400, f"{model_name} has no chat template: use /v1/completions")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        return await _respond(request, body, ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request", param="prompt")
+            prompt = prompt[0]
+        return await _respond(request, body, tokenizer(prompt, return_tensors="pt").input_ids, chat=False)
+
+    def _check_model(body: Sampling) -> None:
+        if body.model not in (None, model_name):
+            raise APIError(404, f"this server serves {model_name!r}, not {body.model!r}", code="model_not_found",
+                           param="model")
+
+    async def _respond(request: Request, body: Sampling, ids: torch.Tensor, chat: bool):
+        identity = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created, cancel = int(time.time()), threading.Event()
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        emit = (lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if body.stream else None
+        future = loop.run_in_executor(workers, _generate, body, ids, emit, cancel)
+        if not body.stream:
+            try:
+                result = await asyncio.wait_for(asyncio.shield(future), timeout)
+            except asyncio.TimeoutError:
+                cancel.set()
+                raise APIError(504, f"no answer within {timeout:.0f} s", "timeout", "timeout") from None
+            except Exception as e:
+                raise _as_api_error(e) from None
+            return _completion(model_name, identity, created, chat, result)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        return StreamingResponse(_events(identity, created, chat, pieces, future, cancel),
+                                 media_type="text/event-stream")
+
+    async def _events(identity, created, chat, pieces: asyncio.Queue, future, cancel: threading.Event):
+        """Server-sent events in OpenAI's chunk format, ending with [DONE]; a caller that hangs up (the task is
+        cancelled) stops the generation, and its session closes on the servers."""
+        deadline = time.monotonic() + timeout
+        try:
+            if chat:
+                yield _event(_chunk(model_name, identity, created, chat, {"role": "assistant", "content": ""}))
+            while (piece := await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.01))) is not None:
+                yield _event(_chunk(model_name, identity, created, chat, {"content": piece} if chat else piece))
+            result = await future
+            yield _event(_chunk(model_name, identity, created, chat, {} if chat else "", result.finish_reason, result))
+        except asyncio.TimeoutError:
+            cancel.set()
+            yield _event(APIError(504, f"no answer within {timeout:.0f} s", "timeout", "timeout").response().body)
+        except Exception as e:
+            yield _event(_as_api_error(e).response().body)
+        finally:
+            cancel.set()  # (a finished generation ignores it; one still running stops at its next token)
+        yield "data: [DONE]\n\n"
+
+    def _generate(body: Sampling, ids: torch.Tensor, emit, cancel: threading.Event) -> Result:
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        texts: list[str] = []
+        trimmer = StopTrimmer(stops, lambda text: (texts.append(text), emit and emit(text)))
+        limit = body.max_completion_tokens or body.max_tokens or 256
+        prompt_length = ids.shape[1]
+        with model.inference_session(max_length=prompt_length + limit):
+            output = model.generate(ids.to(model.device), max_new_tokens=limit, do_sample=False,
+                                    logits_processor=sampling_processors(body.temperature, body.top_p, body.seed),
+                                    stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]),
+                                    stop_strings=stops or None, tokenizer=tokenizer,
+                                    streamer=Streamer(tokenizer, trimmer),
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        new = output[0, prompt_length:].tolist()
+        ended = bool(new) and new[-1] == tokenizer.eos_token_id
+        return Result("".join(texts), prompt_length, len(new), "stop" if ended or trimmer.stopped else "length")
+
+    return app
+
+
+def _as_api_error(error: Exception) -> APIError:
+    from routing import NoChainError
+    from swarm.client.failover import SwarmError
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, (NoChainError, SwarmError)):
+        return APIError(503, str(error), "service_unavailable", "swarm_unavailable")
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    logger.exception("a request failed")
+    return APIError(500, f"{type(error).__name__}: {error}", "server_error")
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _completion(model: str, identity: str, created: int, chat: bool, result: Result) -> dict:
+    choice = {"index": 0, "finish_reason": result.finish_reason}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice.update(text=result.text, logprobs=None)
+    return {"id": identity, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": _usage(result)}
+
+
+def _chunk(model: str, identity: str, created: int, chat: bool, delta, finish_reason: str | None = None,
+           result: Result | None = None) -> dict:
+    choice = {"index": 0, "finish_reason": finish_reason}
+    if chat:
+        choice["delta"] = delta
+    else:
+        choice.update(text=delta, logprobs=None)
+    chunk = {"id": identity, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+             "model": model, "choices": [choice]}
+    if result is not None:
+        chunk["usage"] = _usage(result)
+    return chunk
+
+
+def _event(data) -> str:
+    return f"data: {data.decode() if isinstance(data, bytes) else json.dumps(data)}\n\n"
