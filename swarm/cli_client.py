@@ -151,6 +151,36 @@ def add_parsers(commands) -> None:
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("--max-length", type=int, default=2048, help="tokens of the whole conversation")
     _sampling_arguments(chat, max_new_tokens=256)
+    add_api_parser(commands)
+
+
+def add_api_parser(commands) -> None:
+    api = commands.add_parser("api", help="an OpenAI-compatible HTTP API in front of the swarm (needs cocoon[api])")
+    add_client_arguments(api)
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (also $COCOON_API_KEY)")
+    api.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                                                                    "checkpoint's directory name or repo id)")
+    api.add_argument("--timeout", type=float, default=300.0, help="seconds before a request gets 504")
+    api.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once (more wait)")
+
+
+def run_api(args) -> int:
+    import os
+    from pathlib import Path
+
+    from swarm.api import create_app
+    from swarm.http import serve_app
+    model, tokenizer = load_client(args)
+    name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
+    app = create_app(model, tokenizer, name, api_key=args.api_key or os.environ.get("COCOON_API_KEY"),
+                     timeout=args.timeout, max_concurrent=args.max_concurrent)
+    try:
+        serve_app(app, args.host, args.port, lambda url: f"API ready: {url}/v1 serving {name!r} (OpenAI-compatible)")
+    finally:
+        model.shutdown()
+    return 0
 
 
 def _sampling_arguments(parser, max_new_tokens: int) -> None:

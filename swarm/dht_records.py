@@ -20,6 +20,9 @@ from swarm.dht_validator import ServerRecordValidator, load_identity, parse_peer
 logger = logging.getLogger(__name__)
 
 
+MODELS_KEY = "cocoon.models"  # the index of models: subkey = a server's peer id, value = the model it serves
+
+
 def block_key(model_id: str, block: int) -> str:
     return f"{model_id}.{block}"
 
@@ -54,12 +57,29 @@ def _temporary_identity() -> str:
     return path
 
 
-def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration: float, wait: bool = True):
-    """Store ``info`` under every block of the server's span, signed (the DHT must be ``make_dht(sign=True)``)."""
+def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration: float, wait: bool = True,
+             num_blocks: int | None = None):
+    """Store ``info`` under every block of the server's span, signed (the DHT must be ``make_dht(sign=True)``);
+    with ``num_blocks``, list the model in the index of models too."""
     keys = [block_key(model_id, b) for b in range(info.start, info.end)]
-    value = {"info": info.to_wire(), "public_key": dht.public_key}
-    return dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, value=value,
+    values = [{"info": info.to_wire(), "public_key": dht.public_key}] * len(keys)
+    if num_blocks is not None:  # and in the index of models, where monitors find them
+        keys.append(MODELS_KEY)
+        values.append({"model": {"model_id": model_id, "num_blocks": num_blocks}, "public_key": dht.public_key})
+    return dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, values=values,
                                      expiration_time=get_dht_time() + expiration), return_future=not wait)
+
+
+def fetch_models(dht: DHT) -> dict[str, int]:
+    """model id -> number of blocks, of every model some server announced (records checked like blocks')."""
+    found = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
+    models = {}
+    for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
+        model = record.value.get("model") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
+        if isinstance(model, dict) and isinstance(model.get("model_id"), str) and len(model["model_id"]) <= 128 \
+                and type(model.get("num_blocks")) is int and 0 < model["num_blocks"] <= 4096:
+            models[model["model_id"]] = model["num_blocks"]
+    return models
 
 
 def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
@@ -94,8 +114,8 @@ def _parse_records(found: dict, keys: list[str], num_blocks: int) -> SwarmState:
     return state
 
 
-async def _store_many(dht: DHT, node: DHTNode, keys, subkey, value, expiration_time):
-    return await node.store_many(keys=keys, values=[value] * len(keys), expiration_time=expiration_time,
+async def _store_many(dht: DHT, node: DHTNode, keys, subkey, values, expiration_time):
+    return await node.store_many(keys=keys, values=values, expiration_time=expiration_time,
                                  subkeys=[subkey] * len(keys))
 
 

@@ -17,6 +17,8 @@ from typing import Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from swarm.dht_records import fetch_models, fetch_swarm_state
 
@@ -73,26 +75,33 @@ class SwarmWatch:
 
 
 def prometheus_text(state: dict) -> str:
-    """The state as Prometheus text exposition."""
-    lines = ["# HELP cocoon_servers Servers of a model by state.", "# TYPE cocoon_servers gauge",
-             "# HELP cocoon_missing_blocks Blocks of a model that no online server holds.",
-             "# TYPE cocoon_missing_blocks gauge",
-             "# HELP cocoon_server_throughput Tokens per second a server announces for its span.",
-             "# TYPE cocoon_server_throughput gauge",
-             "# HELP cocoon_server_sessions Inference sessions open on a server.", "# TYPE cocoon_server_sessions gauge",
-             "# HELP cocoon_evidence Published evidence of wrong work.", "# TYPE cocoon_evidence gauge"]
+    """The state as Prometheus text exposition (prometheus_client escapes the labels: names come from strangers)."""
+    servers = GaugeMetricFamily("cocoon_servers", "Servers of a model by state.", labels=["model", "state"])
+    missing = GaugeMetricFamily("cocoon_missing_blocks", "Blocks of a model that no online server holds.",
+                                labels=["model"])
+    evidence = GaugeMetricFamily("cocoon_evidence", "Published evidence of wrong work.", labels=["model"])
+    labels = ["model", "peer", "name"]
+    throughput = GaugeMetricFamily("cocoon_server_throughput", "Tokens per second a server announces for its span.",
+                                   labels=labels)
+    sessions = GaugeMetricFamily("cocoon_server_sessions", "Inference sessions open on a server.", labels=labels)
     for model in state.get("models", []):
         mid = model["model_id"]
         for status in ("online", "joining", "offline"):
-            count = sum(s["state"] == status for s in model["servers"])
-            lines.append(f'cocoon_servers{{model="{mid}",state="{status}"}} {count}')
-        lines.append(f'cocoon_missing_blocks{{model="{mid}"}} {len(model["missing_blocks"])}')
-        lines.append(f'cocoon_evidence{{model="{mid}"}} {len(model["evidence"])}')
+            servers.add_metric([mid, status], sum(s["state"] == status for s in model["servers"]))
+        missing.add_metric([mid], len(model["missing_blocks"]))
+        evidence.add_metric([mid], len(model["evidence"]))
         for server in model["servers"]:
-            labels = f'model="{mid}",peer="{server["peer_id"]}",name="{server["public_name"]}"'
-            lines.append(f"cocoon_server_throughput{{{labels}}} {server['throughput']}")
-            lines.append(f"cocoon_server_sessions{{{labels}}} {server['sessions']}")
-    return "\n".join(lines) + "\n"
+            names = [mid, server["peer_id"], server["public_name"]]
+            throughput.add_metric(names, server["throughput"])
+            sessions.add_metric(names, server["sessions"])
+
+    class Snapshot:
+        def collect(self):
+            return [servers, missing, evidence, throughput, sessions]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry).decode()
 
 
 def create_app(watch: SwarmWatch) -> FastAPI:
@@ -120,13 +129,15 @@ body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 table { border-collapse: collapse; margin: 8px 0; }
 td, th { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; white-space: nowrap; }
-td.block { width: 10px; padding: 0; border: 1px solid #fff; }
+td.block { width: 8px; min-width: 8px; height: 14px; padding: 0; border: 1px solid #fff; }
 .online { background: #4caf50; } .joining { background: #ffc107; } .offline { background: #bbb; }
 .gap { background: #e53935; } .none { background: #f4f4f4; }
 .missing { color: #e53935; font-weight: bold; } .muted { color: #888; }
 </style></head>
 <body><h1>Cocoon swarm</h1><div id="updated" class="muted">loading ...</div><div id="models"></div>
 <script>
+// every string in the state comes from strangers' DHT records: escaped before it reaches the page
+function esc(v) { return String(v).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]); }
 function cell(cls, title) { return `<td class="block ${cls}" title="${title}"></td>`; }
 function render(state) {
   document.getElementById("updated").textContent = state.updated ?
@@ -134,26 +145,26 @@ function render(state) {
     "reading the swarm ...";
   let html = "";
   for (const m of state.models) {
-    html += `<h2>${m.model_id} <span class="muted">${m.num_blocks} blocks</span></h2>`;
+    html += `<h2>${esc(m.model_id)} <span class="muted">${m.num_blocks} blocks</span></h2>`;
     html += m.missing_blocks.length ? `<div class="missing">no server holds block(s) ${m.missing_blocks.join(", ")}</div>`
                                     : `<div>every block is served</div>`;
     html += `<table><tr><th>server</th><th>state</th><th>blocks</th><th>tok/s</th><th>sessions</th>` +
             `<th>cache left</th><th>dtype</th><th>adapters</th><th>price (wei/unit)</th><th>coverage</th></tr>`;
     for (const s of m.servers) {
       let map = "";
-      for (let b = 0; b < m.num_blocks; b++) map += cell(s.start <= b && b < s.end ? s.state : "none", "block " + b);
-      html += `<tr class="server" data-peer="${s.peer_id}"><td title="${s.peer_id}">${s.public_name || s.peer_id.slice(-10)}</td>` +
-              `<td class="state">${s.state}</td><td class="span">${s.start}:${s.end}</td>` +
-              `<td>${s.throughput.toFixed(1)}</td><td>${s.sessions}/${s.max_sessions}</td><td>${s.cache_tokens_left}</td>` +
-              `<td>${s.dtype}${s.quant !== "none" ? " " + s.quant : ""}</td><td>${s.adapters.join(", ")}</td>` +
-              `<td>${s.price_per_unit}</td><td><table><tr>${map}</tr></table></td></tr>`;
+      for (let b = 0; b < m.num_blocks; b++) map += cell(s.start <= b && b < s.end ? esc(s.state) : "none", "block " + b);
+      html += `<tr class="server" data-peer="${esc(s.peer_id)}"><td title="${esc(s.peer_id)}">${esc(s.public_name || s.peer_id.slice(-10))}</td>` +
+              `<td class="state">${esc(s.state)}</td><td class="span">${esc(s.start)}:${esc(s.end)}</td>` +
+              `<td>${s.throughput.toFixed(1)}</td><td>${esc(s.sessions)}/${esc(s.max_sessions)}</td><td>${esc(s.cache_tokens_left)}</td>` +
+              `<td>${esc(s.dtype)}${s.quant !== "none" ? " " + esc(s.quant) : ""}</td><td>${esc(s.adapters.join(", "))}</td>` +
+              `<td>${esc(s.price_per_unit)}</td><td><table><tr>${map}</tr></table></td></tr>`;
     }
     let gaps = "";
     for (let b = 0; b < m.num_blocks; b++) gaps += cell(m.missing_blocks.includes(b) ? "gap" : "online", "block " + b);
     html += `<tr><td colspan="9" class="muted">holders per block</td><td><table><tr>${gaps}</tr></table></td></tr></table>`;
     if (m.evidence.length) {
       html += `<div>recent evidence of wrong work:</div><table><tr><th>server</th><th>payout</th><th>blocks</th><th>error</th></tr>`;
-      for (const e of m.evidence) html += `<tr><td>${e.peer_id}</td><td>${e.payout}</td><td>${e.blocks[0]}:${e.blocks[1]}</td>` +
+      for (const e of m.evidence) html += `<tr><td>${esc(e.peer_id)}</td><td>${esc(e.payout)}</td><td>${esc(e.blocks[0])}:${esc(e.blocks[1])}</td>` +
                                           `<td>${e.relative_error.toExponential(2)}</td></tr>`;
       html += `</table>`;
     }

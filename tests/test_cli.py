@@ -114,3 +114,24 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
                                                  str(tmp_path / "server.json"), env=env)
         row = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env).splitlines()[-1].split()
         assert row[-3:] == ["12000", "12000", "0"]  # owed, paid, pending
+
+
+def test_serve_options_from_a_yaml_file_environment_variables_and_the_command_line(checkpoints, tmp_path):
+    """One server started with --config: YAML keys are the flags without dashes, COCOON_* variables win over
+    the file, the command line over both; the server's info RPC shows what it runs with."""
+    from shards import Checkpoint
+    from swarm.client import loop
+    from swarm.client.swarm_client import SwarmClient
+
+    path = checkpoints("llama")
+    config = tmp_path / "server.yaml"
+    config.write_text("max-sessions: 5\nmax-length: 512\ncache-tokens: 999\npublic-name: from-yaml\n")
+    with LocalSwarm(path, []) as swarm:
+        server = swarm.add_server((0, 4), "--config", str(config), env={"COCOON_CACHE_TOKENS": "2048"})
+        client = SwarmClient(swarm.initial_peers, Checkpoint(path).model_id, 30)
+        try:
+            info = loop.run(client.info(server.peer_id))
+        finally:
+            client.shutdown()
+    assert (info["max_sessions"], info["max_length"], info["cache_tokens"]) == (5, 512, 2048)
+    assert info["public_name"] == "server0"  # LocalSwarm's --public-name beats the file

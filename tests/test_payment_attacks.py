@@ -228,8 +228,9 @@ def test_two_colluders_cannot_convict_an_honest_server(chain, checkpoints, monke
         honest = swarm.add_server((0, 4), *honest_args, wait=False, module="tests.malicious_server",
                                   env={"COCOON_MISCHIEF": "none", "COCOON_ADVERTISE_THROUGHPUT": "1e5"})
         colluders = [swarm.add_server((0, 4), *priced_server_args(chain, f"colluder{i}-{own_copy}")[1], wait=False,
-                                      module="tests.malicious_server", env={"COCOON_MISCHIEF": "scale"})
-                     for i in range(2)]
+                                      module="tests.malicious_server",
+                                      env={"COCOON_MISCHIEF": "scale", "COCOON_ADVERTISE_THROUGHPUT": "1"})
+                     for i in range(2)]  # the honest server is chosen first, the colluders check it
         for server in [honest, *colluders]:
             server.wait_for("Server ready", 180)
         client = paying_client(chain, ETH)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -37,7 +38,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = client_modules
         self.swarm = swarm
         self.exact_wire = exact_wire
-        self._session: InferenceSession | None = None
+        self._sessions = threading.local()  # one open session per thread: many threads generate at once
         if tuning_mode not in (None, "ptune", "deep_ptune", "lora"):
             raise ValueError(f"tuning_mode must be None, 'ptune', 'deep_ptune' or 'lora', not {tuning_mode!r}")
         self.lora_spec = None
@@ -54,6 +55,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if tuning_mode == "deep_ptune":
                 self.intermediate_prompt_embeddings = torch.nn.Embedding(pre_seq_len, config.num_hidden_layers * hidden)
                 torch.nn.init.zeros_(self.intermediate_prompt_embeddings.weight)
+
+    @property
+    def _session(self) -> InferenceSession | None:
+        return getattr(self._sessions, "current", None)
+
+    @_session.setter
+    def _session(self, session: InferenceSession | None) -> None:
+        self._sessions.current = session
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

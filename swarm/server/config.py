@@ -69,6 +69,8 @@ class ServerConfig:
     limits: Limits = option(Limits, "what one request may ask")
     quotas: Quotas = option(Quotas, "what one peer may take")
     public_name: str = option("", "a name shown in `cocoon status`")
+    metrics_port: int | None = option(None, "serve Prometheus metrics on this port (tokens, requests, latency, "
+                                            "sessions, KV cache, vouchers, earnings)")
     model_id: str | None = option(None, "override the id derived from the checkpoint")
     identity_path: str | None = option(None, "private key file: a stable peer id (created if missing)",
                                        flag="--identity", metavar="PATH")

@@ -44,6 +44,7 @@ class SpanHandler:
         self.max_bytes = limits.max_message_bytes(span.config.hidden_size)
         self.usage = PeerUsage(quotas, self.max_bytes)
         self.scheduler = FairScheduler(quotas.max_queued_per_peer)  # one compute thread, fair between peers
+        self.metrics = None  # swarm.server.metrics.ServerMetrics, with --metrics-port
         self.prefill_rate = prefill_rate  # tokens x blocks per second of prefill, learned from the chunks run
         self.accepting = True
 
@@ -103,13 +104,26 @@ class SpanHandler:
             self.usage.done(peer, admitted)
 
     async def _answer(self, serve, request: ExpertRequest, state: dict, name: str) -> ExpertResponse:
+        started, code = time.perf_counter(), "ok"
         try:
             return (await serve(request, state)).pack()
         except WireError as e:
+            code = e.code.value
             return ErrorReply(e.code, e.message).pack()
         except Exception as e:
             logger.exception(f"{name} failed")
+            code = ErrorCode.INTERNAL.value
             return ErrorReply(ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}: {e}").pack()
+        finally:
+            if self.metrics is not None:
+                self.metrics.requests.labels(name, code).inc()
+                self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    def _count(self, rpc: str, hidden: torch.Tensor, blocks: int) -> None:
+        if self.metrics is not None:
+            tokens = hidden.shape[0] * hidden.shape[1]
+            self.metrics.tokens.labels(rpc).inc(tokens)
+            self.metrics.block_tokens.labels(rpc).inc(tokens * blocks)
 
     async def _compute(self, peer: str, cost: float, fn, *args):
         return await self.scheduler.run(peer, cost, fn, *args)
@@ -142,6 +156,7 @@ class SpanHandler:
                                          session.lora, past=session.length)
         session.length += length
         self.sessions.touch(session)  # only a step that succeeds keeps a session alive
+        self._count("inference", step.hidden, session.end - session.start)
         reply = SpanReply([output], length=session.length)
         session.input_chain, reply.attestation = self._attest(session.input_chain, step.hidden, output,
                                                               session.start, session.end)
@@ -156,6 +171,7 @@ class SpanHandler:
         payer = await self._charge_before(state["peer"], request.payment)
         blocks = (request.start, request.end)
         output = await self._span_output(state["peer"], request, None, blocks, lora, past=0)
+        self._count("forward", request.hidden, blocks[1] - blocks[0])
         _, attestation = self._attest(b"", request.hidden, output, *blocks)
         return SpanReply([output], attestation=attestation,
                          receipt=self._charge_after(payer, request.hidden, *blocks))
@@ -168,6 +184,7 @@ class SpanHandler:
         blocks = (request.start, request.end)
         cost = 3 * request.hidden.shape[0] * request.hidden.shape[1] * (blocks[1] - blocks[0])
         grads = await self._compute(state["peer"], cost, self._run_backward, request, blocks, lora)
+        self._count("backward", request.hidden, blocks[1] - blocks[0])
         return SpanReply(grads, receipt=self._charge_after(payer, request.hidden, *blocks, backward=True))
 
     async def _info(self, message: ExpertRequest, state) -> InfoReply:

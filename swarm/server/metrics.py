@@ -25,8 +25,10 @@ class ServerMetrics:
         self.evidence = Gauge("cocoon_evidence_against_server", "Published evidence of wrong work naming this server",
                               registry=r)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP in a thread; returns the port (0 takes a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
 
     def track_sessions(self, sessions) -> None:
         """Read the session table whenever metrics are scraped."""

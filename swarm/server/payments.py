@@ -43,6 +43,7 @@ class ServerPayments:
         self.addresses: dict[str, list[str]] = {}  # peer -> addresses it pays from
         self.escrow_read: dict[str, float] = {}  # address -> when its escrow was last read
         self.redeemed_wei = 0
+        self.metrics = None  # swarm.server.metrics.ServerMetrics, with --metrics-port
         self._redeem_soon = asyncio.Event()
         path = ledger_path(ledger.payout)
         if path.exists():
@@ -64,6 +65,8 @@ class ServerPayments:
                 self.ledger.accept_voucher(Voucher.from_wire(record), signature)
             except (InvalidVoucher, ValueError, CreditLimitExceeded) as e:
                 raise payment_required(f"invalid voucher: {e}") from None
+            if self.metrics is not None:
+                self.metrics.vouchers.inc()
         if client not in self.escrow_read:
             await self._read_escrow(client)  # before the first request: no credit on an empty escrow
         elif time.monotonic() - self.escrow_read[client] > self.escrow_ttl:
@@ -149,6 +152,8 @@ class ServerPayments:
             self.ledger.paid(voucher, total)
             if total > before:
                 self.redeemed_wei += total - before
+                if self.metrics is not None:
+                    self.metrics.earned.inc(total - before)
                 print(f"Redeemed {total - before} wei from {voucher.client} (total paid to {self.ledger.payout}: "
                       f"{self.redeemed_wei} wei)", flush=True)
         write_ledger(self.ledger)

@@ -81,6 +81,7 @@ class Server:
         self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, payments=self.payments,
                                    adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes),
                                    quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s)
+        self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
         self.info.state = ServerState.ONLINE
@@ -96,6 +97,8 @@ class Server:
             except asyncio.TimeoutError:
                 for session_id in self.sessions.expire():
                     logger.info(f"session {session_id} expired")
+                if self.metrics is not None:
+                    self.metrics.evidence.set(self._evidence_against_me())
                 if config.blocks is None and loop.time() >= next_balance:
                     await self._maybe_move(self.checkpoint)
                     next_balance = loop.time() + self._balance_delay()
@@ -146,6 +149,26 @@ class Server:
         print(f"Ledger of what clients owe: {ledger_path(account.address)} (`cocoon earnings` reads it)", flush=True)
         return ServerPayments(ledger, settlement, account, self.peer_id, redeem_period=config.redeem_period)
 
+    def _metrics(self):
+        if self.config.metrics_port is None:
+            return None
+        from swarm.server.metrics import ServerMetrics
+        metrics = ServerMetrics()
+        port = metrics.serve(self.config.metrics_port, self.config.host)
+        metrics.track_sessions(self.sessions)
+        self.handler.metrics = metrics
+        if self.payments is not None:
+            self.payments.metrics = metrics
+        print(f"Metrics: http://{self.config.host}:{port}/metrics", flush=True)
+        return metrics
+
+    def _evidence_against_me(self) -> int:
+        found = self.dht.get(f"{self.model_id}.evidence", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return 0
+        return sum(isinstance(item.value, dict) and item.value.get("peer_id") == self.peer_id
+                   for item in found.value.values())
+
     def _balance_delay(self) -> float:
         return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
 
@@ -194,7 +217,8 @@ class Server:
 
     def _announce(self) -> None:
         self.describe()
-        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * self.config.announce_period)
+        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * self.config.announce_period,
+                 num_blocks=self.checkpoint.config.num_hidden_layers)
 
     async def _shutdown(self, redeeming: asyncio.Task | None) -> None:
         """Stop announcing, refuse new sessions, let open ones finish for a grace period, redeem, then leave."""

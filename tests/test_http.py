@@ -1,0 +1,232 @@
+"""The swarm over HTTP: `cocoon api` used by the official `openai` client over a live swarm of SmolLM2, its
+error objects, the monitor page in a real browser (Debian's Chromium), and servers' Prometheus metrics."""
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client import loop
+from swarm.client.swarm_client import SwarmClient
+from swarm.local_swarm import LocalSwarm, SwarmProcess
+
+pytestmark = pytest.mark.slow
+NAME = "SmolLM2-135M-Instruct"
+QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Name a fruit.", "What color is the sky?",
+             "Who wrote Hamlet?", "What is water made of?", "Name a planet.", "How many legs does a cat have?"]
+
+
+def start_api(swarm, path, *extra) -> tuple[SwarmProcess, str]:
+    api = SwarmProcess(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0", "--exact-wire",
+                        *extra], "api")
+    line = api.wait_for("API ready", 180)
+    return api, line.split("API ready: ")[1].split("/v1")[0]
+
+
+@pytest.fixture(scope="module")
+def served(smollm2):
+    path = smollm2["float32"]
+    with LocalSwarm(path, [(0, 15), (15, 30)], server_args=["--metrics-port", "0"]) as swarm:
+        api, url = start_api(swarm, path, "--api-key", "sesame")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        watcher = SwarmClient(swarm.initial_peers, _model_id(path), 30)
+        yield swarm, api, url, client, watcher, path
+        watcher.shutdown()
+        api.stop()
+
+
+def _model_id(path) -> str:
+    from shards import Checkpoint
+    return Checkpoint(path).model_id
+
+
+def sessions_on_servers(watcher) -> int:
+    return sum(loop.run(watcher.info(peer))["sessions"] for peer in watcher.swarm_state(refresh=True).online())
+
+
+def ask(client, question, **kwargs):
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                          temperature=0, max_tokens=24, **kwargs)
+
+
+def test_chat_and_completions_equal_generate_in_python(served):
+    swarm, api, url, client, watcher, path = served
+    assert [m.id for m in client.models.list().data] == [NAME]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, exact_wire=True)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    output = model.generate(ids, max_new_tokens=24, do_sample=False)
+    expected = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+    reply = ask(client, QUESTIONS[0])
+    assert reply.choices[0].message.content == expected and "Paris" in expected
+    assert reply.usage.prompt_tokens == ids.shape[1] and reply.usage.completion_tokens == output.shape[1] - ids.shape[1]
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = list(ask(client, QUESTIONS[0], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    prompt = "The capital of France is"
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = tokenizer.decode(model.generate(prompt_ids, max_new_tokens=8, do_sample=False)[0, prompt_ids.shape[1]:],
+                                skip_special_tokens=True)
+    completion = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8)
+    assert completion.choices[0].text == expected and completion.usage.completion_tokens == 8
+    streamed = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    model.shutdown()
+
+    seeded = [ask(client, "Tell me a story.", seed=7).choices[0].message.content for _ in range(2)]
+    sampled = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a story."}],
+                                             temperature=0.9, top_p=0.9, seed=7, max_tokens=16)
+    again = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a story."}],
+                                           temperature=0.9, top_p=0.9, seed=7, max_tokens=16)
+    assert seeded[0] == seeded[1] and sampled.choices[0].message.content == again.choices[0].message.content
+    stopped = ask(client, "Count from 1 to 10.", stop=["5"])
+    assert "5" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+
+
+def test_eight_concurrent_streams_interleave_and_each_equals_its_solo_run(served):
+    swarm, api, url, client, watcher, path = served
+    solo = {q: ask(client, q).choices[0].message.content for q in QUESTIONS}
+    results, arrivals, peak = {}, {}, [0]
+
+    def stream(question):
+        pieces, times = [], []
+        for chunk in ask(client, question, stream=True):
+            pieces.append(chunk.choices[0].delta.content or "")
+            times.append(time.monotonic())
+        results[question], arrivals[question] = "".join(pieces), times
+
+    threads = [threading.Thread(target=stream, args=(q,)) for q in QUESTIONS]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        peak[0] = max(peak[0], sessions_on_servers(watcher))
+        time.sleep(0.05)
+    assert results == solo
+    assert peak[0] >= 2 * 4  # at least 4 streams had sessions open on both servers at once
+    first_done = min(max(times) for times in arrivals.values())
+    assert sum(min(times) < first_done for times in arrivals.values()) >= 4  # not one after another
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_sessions(served):
+    swarm, api, url, client, watcher, path = served
+    deadline = time.monotonic() + 30
+    while sessions_on_servers(watcher) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Write a long story."}],
+                                            temperature=0, max_tokens=200, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert sessions_on_servers(watcher) == 2
+    stream.close()
+    deadline = time.monotonic() + 15
+    while sessions_on_servers(watcher) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sessions_on_servers(watcher) == 0
+
+
+def test_errors_are_openai_error_objects_with_the_right_status(served, checkpoints):
+    swarm, api, url, client, watcher, path = served
+    cases = [(openai.BadRequestError, 400, dict(temperature=5)), (openai.BadRequestError, 400, dict(n=2)),
+             (openai.BadRequestError, 400, dict(max_tokens=0)), (openai.NotFoundError, 404, dict(model="gpt-4"))]
+    for error, status, kwargs in cases:
+        with pytest.raises(error) as caught:
+            client.chat.completions.create(**{"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                              **kwargs})
+        assert caught.value.status_code == status and caught.value.body["message"] and "type" in caught.value.body
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert caught.value.status_code == 401
+    assert urllib.request.urlopen(url + "/health").status == 200  # no key needed
+
+    random = checkpoints("llama")
+    with LocalSwarm(random, [(0, 2)]) as gappy:  # blocks 2 and 3 have no server
+        gap_api, gap_url = start_api(gappy, random, "--timeout", "3")
+        try:
+            gap = openai.OpenAI(base_url=gap_url + "/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as caught:
+                gap.completions.create(model=Path(random).name, prompt="hi", max_tokens=4)
+            assert caught.value.status_code == 503 and "no server holds block(s) 2-3" in caught.value.body["message"]
+            late = gappy.add_server((2, 4))
+            late.signal(signal.SIGSTOP)  # holds blocks 2-3 and answers nothing
+            try:
+                with pytest.raises(openai.APIStatusError) as caught:
+                    gap.completions.create(model=Path(random).name, prompt="hi", max_tokens=4)
+                assert caught.value.status_code == 504 and caught.value.body["type"] == "timeout"
+            finally:
+                late.signal(signal.SIGCONT)
+        finally:
+            gap_api.stop()
+
+
+def test_server_metrics_count_tokens_as_they_are_served(served):
+    swarm, api, url, client, watcher, path = served
+    port = next(int(line.rsplit(":", 1)[1].split("/")[0]) for line in swarm.servers[0].output if "Metrics:" in line)
+
+    def served_tokens():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        total = {s.labels["rpc"]: s.value for s in families["cocoon_block_tokens"].samples if s.name.endswith("_total")}
+        requests = sum(s.value for s in families["cocoon_requests"].samples if s.name.endswith("_total"))
+        return total.get("inference", 0), requests
+
+    before, requests_before = served_tokens()
+    reply = ask(client, QUESTIONS[1])
+    after, requests_after = served_tokens()
+    tokens = reply.usage.prompt_tokens + reply.usage.completion_tokens - 1  # the last token is not fed back
+    assert after - before == tokens * 15 and requests_after > requests_before
+
+
+def chromium(*args) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert binary, "Debian's chromium is missing: `make test` installs it (as root)"
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--virtual-time-budget=8000", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_monitor_page_in_a_real_browser(checkpoints, tmp_path):
+    path = checkpoints("llama")
+    with LocalSwarm(path, [(0, 2), (2, 4), (0, 4)]) as swarm:
+        monitor = SwarmProcess(["monitor", "--initial-peers", *swarm.initial_peers, "--port", "0", "--period", "1"],
+                               "monitor")
+        try:
+            url = monitor.wait_for("Monitor ready", 120).split("Monitor ready: ")[1].split()[0]
+            import json
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                state = json.loads(urllib.request.urlopen(url + "api/v1/state").read())
+                if state["models"] and len(state["models"][0]["servers"]) == 3:
+                    break
+                time.sleep(1)
+            (model,) = state["models"]
+            assert model["num_blocks"] == 4 and model["missing_blocks"] == []
+            dom = chromium("--dump-dom", url, f"--user-data-dir={tmp_path / 'profile'}").stdout
+            for server in swarm.servers:
+                row = dom.split(f'data-peer="{server.peer_id}"')[1].split("</tr>")[0]
+                span = next(l for l in server.output if "Server ready" in l).split("[")[1].split(")")[0]
+                assert f'<td class="span">{span.replace(", ", ":")}</td>' in row and '<td class="state">online</td>' in row
+                assert server.name in row
+            assert "every block is served" in dom
+            shot = tmp_path / "monitor.png"
+            chromium(f"--screenshot={shot}", "--window-size=1400,700", url, f"--user-data-dir={tmp_path / 'p2'}")
+            assert shot.exists() and shot.stat().st_size > 10_000
+            metrics = urllib.request.urlopen(url + "metrics").read().decode()
+            families = {f.name: f for f in text_string_to_metric_families(metrics)}
+            online = [s for s in families["cocoon_servers"].samples if s.labels["state"] == "online"]
+            assert online[0].value == 3
+        finally:
+            monitor.stop()
