@@ -18,8 +18,9 @@ PRECISION = ["bfloat16", "float16", "float32"]  # lowest first
 CLIENTS = [("float32", True), ("float32", False), ("bfloat16", False), ("float16", False)]
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def rel_err(a, b):  # the client may be on a GPU (its default there), local transformers on the CPU
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def lowest(*dtypes: str) -> str:
@@ -57,7 +58,7 @@ def test_every_client_dtype_against_servers_of_one_dtype(saved, local_models, ch
                 assert logits.dtype == DTYPES[client_dtype]
                 error = rel_err(logits, local(ids).logits)
             assert error < TOLERANCE[reference], (client_dtype, exact, server_dtype, reference, error)
-            output = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+            output = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None).cpu()
             assert output.shape == (1, 20)
             if reference == "float32":
                 assert torch.equal(output, local.generate(prompt, max_new_tokens=12, do_sample=False,
@@ -85,5 +86,5 @@ def test_activations_beyond_float16_range_cross_unclipped(tmp_path):
                 logits = model(ids).logits
             assert torch.isfinite(logits).all()
             assert rel_err(logits, expected.logits) < TOLERANCE["bfloat16"]
-            assert torch.equal(logits.argmax(-1), expected.logits.argmax(-1))
+            assert torch.equal(logits.argmax(-1).cpu(), expected.logits.argmax(-1))
             model.shutdown()

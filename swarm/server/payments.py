@@ -16,7 +16,6 @@ import logging
 import time
 from collections import OrderedDict
 
-from incentives.contract import ChainError
 from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.ledger_file import ledger_path, read_ledger_json, write_ledger
 from incentives.payer import PayerProof
@@ -135,6 +134,7 @@ class ServerPayments:
     async def redeem(self) -> bool:
         """Redeem every voucher worth more than its channel was paid; False when the chain failed (try later).
         The ledger is on disk before each attempt, so nothing is lost if this process dies meanwhile."""
+        from incentives.contract import ChainError  # web3 is loaded by priced servers only
         write_ledger(self.ledger)
         for voucher, signature in self.ledger.redeemable():
             try:
