@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import time
 
+import swarm  # noqa: F401  (before torch, as in the README: its OpenMP threads then do not spin)
 import torch
 
 MODELS = {  # name: (hidden, blocks, heads, kv heads, intermediate)
@@ -34,6 +35,34 @@ def seconds_per_token(model, ids, new_tokens: int, device: str) -> float:
     return (time.perf_counter() - start) / new_tokens
 
 
+def measure(args, path, blocks, servers, variant, extra, local, ids, expected, name) -> tuple:
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.local_swarm import LocalSwarm
+
+    step = blocks // servers
+    spans = [(i * step, (i + 1) * step if i < servers - 1 else blocks) for i in range(servers)]
+    server_args = ["--device", args.device, *args.server_arg, *extra]
+    with LocalSwarm(path, spans, dtype=args.dtype, server_args=server_args) as swarm:
+        client_dtype = DTYPES.get(args.client_dtype, "auto")
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, device=args.device, dtype=client_dtype, exact_wire=args.exact_wire)
+        local_times, swarm_times = [], []
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False)
+            for _ in range(args.repeats):
+                local_times.append(seconds_per_token(local, ids, args.new_tokens, args.device))
+                swarm_times.append(seconds_per_token(model, ids, args.new_tokens, args.device))
+            same = torch.equal(model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                              eos_token_id=None), expected)
+        model.shutdown()
+    local_s, swarm_s = statistics.median(local_times), statistics.median(swarm_times)
+    added = [1000 * (s - l) / servers for s, l in zip(swarm_times, local_times)]
+    print(f"  {servers} servers ({variant}): local {1 / local_s:.1f} tokens/s, swarm {1 / swarm_s:.1f} tokens/s",
+          flush=True)
+    return (name, servers, variant, 1 / local_s, 1 / swarm_s, local_s / swarm_s, 1000 * local_s, 1000 * swarm_s,
+            statistics.median(added), max(added) - min(added), same)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), nargs="+", default=["small", "large"])
@@ -45,6 +74,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `cocoon serve` argument")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="also measure servers started with these extra arguments, in the same run "
+                             "(e.g. 'hivemind=--no-direct')")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -66,40 +98,20 @@ def main():
                 local = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
                 local.generate(ids, max_new_tokens=4, do_sample=False)
                 expected = local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
+            variants = [("defaults", [])] + [(v.partition("=")[0], v.partition("=")[2].split()) for v in args.variant]
             for servers in args.servers:
-                step = blocks // servers
-                spans = [(i * step, (i + 1) * step if i < servers - 1 else blocks) for i in range(servers)]
-                server_args = ["--device", args.device, *args.server_arg]
-                with LocalSwarm(tmp, spans, dtype=args.dtype, server_args=server_args) as swarm:
-                    client_dtype = DTYPES.get(args.client_dtype, "auto")
-                    model = AutoDistributedModelForCausalLM.from_pretrained(
-                        tmp, initial_peers=swarm.initial_peers, device=args.device, dtype=client_dtype,
-                        exact_wire=args.exact_wire)
-                    local_times, swarm_times = [], []
-                    with torch.no_grad():
-                        model.generate(ids, max_new_tokens=4, do_sample=False)
-                        for _ in range(args.repeats):
-                            local_times.append(seconds_per_token(local, ids, args.new_tokens, args.device))
-                            swarm_times.append(seconds_per_token(model, ids, args.new_tokens, args.device))
-                        same = torch.equal(model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                                          eos_token_id=None), expected)
-                    model.shutdown()
-                local_s, swarm_s = statistics.median(local_times), statistics.median(swarm_times)
-                added = [1000 * (s - l) / servers for s, l in zip(swarm_times, local_times)]
-                rows.append((name, servers, 1 / local_s, 1 / swarm_s, local_s / swarm_s, 1000 * local_s,
-                             1000 * swarm_s, statistics.median(added), max(added) - min(added), same))
-                print(f"  {servers} servers: local {1 / local_s:.1f} tokens/s, swarm {1 / swarm_s:.1f} tokens/s",
-                      flush=True)
+                for variant, extra in variants:
+                    rows.append(measure(args, tmp, blocks, servers, variant, extra, local, ids, expected, name))
             del local
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\n{device}; servers {args.dtype}, client {args.client_dtype}, wire {'exact' if args.exact_wire else '16-bit'}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}")
-    print("\n| model | servers | local tok/s | swarm tok/s | swarm/local | local ms/token | swarm ms/token | "
-          "added ms/hop | spread ms/hop | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, servers, local_tps, swarm_tps, ratio, local_ms, swarm_ms, per_hop, spread, same in rows:
-        print(f"| {name} | {servers} | {local_tps:.1f} | {swarm_tps:.1f} | {ratio:.2f}x | {local_ms:.1f} | "
+    print("\n| model | servers | servers' args | local tok/s | swarm tok/s | swarm/local | local ms/token | "
+          "swarm ms/token | added ms/hop | spread ms/hop | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, servers, variant, local_tps, swarm_tps, ratio, local_ms, swarm_ms, per_hop, spread, same in rows:
+        print(f"| {name} | {servers} | {variant} | {local_tps:.1f} | {swarm_tps:.1f} | {ratio:.2f}x | {local_ms:.1f} | "
               f"{swarm_ms:.1f} | {per_hop:.2f} | {spread:.2f} | {'yes' if same else 'no'} |")
 
 

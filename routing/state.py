@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -33,11 +34,13 @@ class ServerInfo:
     price_per_unit: int = 0           # wei per (token x block), inference and forward
     backward_price_per_unit: int = 0  # wei per (token x block) of backward
     credit_limit: int = 0             # wei of work a client may do beyond its latest voucher
+    direct: tuple[str, ...] = ()      # "ip:port" where it accepts direct TLS connections (swarm.direct)
 
     def to_wire(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         record["state"] = self.state.value
         record["adapters"] = list(self.adapters)
+        record["direct"] = list(self.direct)
         return record
 
     @classmethod
@@ -58,7 +61,8 @@ class ServerInfo:
                        public_name=_text(record, "public_name", 64), payout_address=_text(record, "payout_address", 42),
                        price_per_unit=_int(record, "price_per_unit", 0, MAX_PRICE),
                        backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE),
-                       credit_limit=_int(record, "credit_limit", 0, MAX_PRICE))
+                       credit_limit=_int(record, "credit_limit", 0, MAX_PRICE),
+                       direct=tuple(_address(a) for a in _list(record, "direct", 4)))
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not info.start < info.end:
@@ -89,6 +93,17 @@ def _text(record: dict, key: str, length: int) -> str:
     value = record.get(key, "")
     if not isinstance(value, str) or len(value) > length:
         raise ValueError(f"{key} must be a string of at most {length} characters")
+    return value
+
+
+def _address(value: Any) -> str:
+    """An "ip:port" with an IP literal (never a name to resolve) and a port in 1..65535."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError("direct addresses must be strings of at most 64 characters")
+    host, _, port = value.rpartition(":")
+    ipaddress.ip_address(host.strip("[]"))  # ValueError when it is not an IP
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"direct address {value!r} has no valid port")
     return value
 
 

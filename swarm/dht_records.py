@@ -31,18 +31,16 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
              host_maddrs: Sequence[str] | None = None, sign: bool = False, **kwargs) -> DHT:
     """A DHT peer of the swarm: it stores and reads server records only when their server signed them. With
     ``sign`` it signs its own (an identity file holds its key: a temporary one unless ``identity_path``)."""
-    key = None
-    if sign:
-        if identity_path is None:
-            identity_path = _temporary_identity()
-        key = load_identity(identity_path)
-    if identity_path is not None:
-        kwargs["identity_path"] = identity_path
+    if identity_path is None:  # our own file, so that we hold the key behind our peer id (swarm.direct signs with it)
+        identity_path = _temporary_identity()
+    key = load_identity(identity_path)
+    kwargs["identity_path"] = identity_path
     if host_maddrs is not None:
         kwargs["host_maddrs"] = list(host_maddrs)
     dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True,
-                       record_validators=[ServerRecordValidator(key)], **kwargs)
-    dht.public_key = public_key_bytes(key) if key is not None else None
+                       record_validators=[ServerRecordValidator(key if sign else None)], **kwargs)
+    dht.private_key = key
+    dht.public_key = public_key_bytes(key) if sign else None
     return dht
 
 

@@ -12,6 +12,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from swarm.wire import ErrorCode, WireError
 
 MESSAGE, ERROR = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER
+SMALL_FRAME = 1 << 20
 
 
 async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int, deadline: float | None = None,
@@ -55,4 +56,10 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
 
 
 async def write_frame(writer: asyncio.StreamWriter, message) -> None:
-    await P2P.send_protobuf(message, writer)
+    payload = message.SerializeToString()
+    head = (ERROR if isinstance(message, RPCError) else MESSAGE) + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
+    # one write for a small frame: one TLS record and one send on a direct connection, not three
+    writer.write(head + payload if len(payload) <= SMALL_FRAME else head)
+    if len(payload) > SMALL_FRAME:
+        writer.write(payload)
+    await writer.drain()

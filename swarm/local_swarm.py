@@ -24,9 +24,7 @@ class SwarmProcess:
         self.name, self.echo = name, echo
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        # Many processes share this machine's cores: OpenMP threads that spin after each parallel region
-        # would steal them from the next server of the chain, so they sleep instead.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}
+        env = {**os.environ, **(env or {})}  # `cocoon` sets its own defaults (swarm/__init__.py), as for a user
         self.process = subprocess.Popen([*prefix, sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env,
                                         start_new_session=True)

@@ -9,6 +9,7 @@
   bad_attestation    a priced server whose attestations name another output
 
 $COCOON_ADVERTISE_THROUGHPUT makes it announce that many tokens/s, so that clients pick it first.
+$COCOON_DIRECT_ADDRESS makes it announce that "ip:port" as its direct address (another server's, say).
 """
 import os
 import sys
@@ -65,6 +66,16 @@ if "COCOON_ADVERTISE_THROUGHPUT" in os.environ:
         self.info.throughput = float(os.environ["COCOON_ADVERTISE_THROUGHPUT"])
 
     server.Server._set_throughput = _set_throughput
+
+if "COCOON_DIRECT_ADDRESS" in os.environ:
+    _honest_start_direct = server.Server._start_direct
+
+    async def _start_direct(self):
+        direct = await _honest_start_direct(self)
+        self.info.direct = (os.environ["COCOON_DIRECT_ADDRESS"],)
+        return direct
+
+    server.Server._start_direct = _start_direct
 
 if __name__ == "__main__":
     from swarm.cli import main

@@ -54,11 +54,11 @@ def test_every_client_dtype_against_servers_of_one_dtype(saved, local_models, ch
             reference = lowest(client_dtype, server_dtype, wire)
             local = local_models[(checkpoint, reference)]
             with torch.no_grad():
-                logits = model(ids).logits
+                logits = model(ids.to(model.device)).logits  # as transformers: inputs on the model's device
                 assert logits.dtype == DTYPES[client_dtype]
                 error = rel_err(logits, local(ids).logits)
             assert error < TOLERANCE[reference], (client_dtype, exact, server_dtype, reference, error)
-            output = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None).cpu()
+            output = model.generate(prompt.to(model.device), max_new_tokens=12, do_sample=False, eos_token_id=None).cpu()
             assert output.shape == (1, 20)
             if reference == "float32":
                 assert torch.equal(output, local.generate(prompt, max_new_tokens=12, do_sample=False,
@@ -83,7 +83,7 @@ def test_activations_beyond_float16_range_cross_unclipped(tmp_path):
             model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
                                                                     dtype=dtype)
             with torch.no_grad():
-                logits = model(ids).logits
+                logits = model(ids.to(model.device)).logits
             assert torch.isfinite(logits).all()
             assert rel_err(logits, expected.logits) < TOLERANCE["bfloat16"]
             assert torch.equal(logits.argmax(-1).cpu(), expected.logits.argmax(-1))

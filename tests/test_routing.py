@@ -170,3 +170,12 @@ def test_simulator_runs_the_real_code_and_approaches_the_bound():
     assert report.sessions > 0 and report.unserved == 0
     assert report.steady_ratio() > 0.85 and report.steady_ratio() > baseline.steady_ratio()
     assert all(r["throughput"] <= r["bound"] + 1e-9 for r in report.rows)
+
+
+def test_server_records_with_direct_addresses_are_parsed_into_ip_literals():
+    record = ServerInfo(ServerState.ONLINE, 0, 4, throughput=10.0, direct=("10.0.0.7:4242", "[::1]:80")).to_wire()
+    assert ServerInfo.from_wire(record).direct == ("10.0.0.7:4242", "[::1]:80")
+    for bad in (["evil.example.com:443"], ["10.0.0.7:0"], ["10.0.0.7:70000"], ["10.0.0.7"], [7], ["1.2.3.4:5"] * 5,
+                "10.0.0.7:4242"):
+        with pytest.raises(ValueError, match="malformed server record"):
+            ServerInfo.from_wire({**record, "direct": bad})

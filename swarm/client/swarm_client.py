@@ -11,6 +11,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, NoChainError, SwarmState, make_chain
+from swarm import direct
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import ServerFailure
@@ -22,14 +23,17 @@ logger = logging.getLogger(__name__)
 INFO_REPLY_BYTES = 1 << 20
 RTT_MAX_AGE = 60.0       # seconds before a server's round trip is measured again
 RTT_PROBES = 32          # servers probed at most per refresh
+DIRECT_RETRY_SECONDS = 60.0  # after a direct connection failed, hivemind is used for this long
 
 
 class ServerStream:
     """An open bidirectional stream to one server's handler: one reply per request, each bounded in size by
     what the request expects before a byte of it is buffered."""
 
-    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 via: str = "hivemind"):
         self.peer_id, self.reader, self.writer = peer_id, reader, writer
+        self.via = via  # "direct" (swarm.direct) or "hivemind"
 
     async def exchange(self, message: ExpertRequest, timeout: float, max_bytes: int) -> ExpertResponse:
         async with asyncio.timeout(timeout):
@@ -68,6 +72,7 @@ class SwarmClient:
         self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
         self.adapter: str | None = None  # a LoRA adapter served by the servers: only its holders are used
         self.lora_sent: dict[str, list[str]] = {}  # peer -> hashes of LoRA weights it has (latest last)
+        self.direct_failed: dict[str, float] = {}  # peer -> until when its direct addresses are not tried
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
@@ -134,10 +139,30 @@ class SwarmClient:
 
     # ------------------------------------------------------------------ calls
     async def open_stream(self, peer_id: str, handler: str) -> ServerStream:
+        """A stream to a server's handler: over a direct connection when the server offers one and this client
+        can reach it, else through hivemind."""
+        direct = await self._open_direct(peer_id, handler)
+        if direct is not None:
+            return direct
         async with asyncio.timeout(self.request_timeout):
             _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
                                                                           f"cocoon.{handler}")
         return ServerStream(peer_id, reader, writer)
+
+    async def _open_direct(self, peer_id: str, handler: str) -> ServerStream | None:
+        info = self._state.servers.get(peer_id) if self._state is not None else None
+        if info is None or not info.direct or time.monotonic() < self.direct_failed.get(peer_id, 0.0):
+            return None
+        for address in info.direct:
+            host, _, port = address.rpartition(":")
+            try:
+                reader, writer = await direct.connect(host.strip("[]"), int(port), peer_id, handler,
+                                                      self.dht.private_key)
+                return ServerStream(peer_id, reader, writer, via="direct")
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, direct.HandshakeError) as e:
+                logger.debug(f"no direct connection to {peer_id} at {address}: {e}")
+        self.direct_failed[peer_id] = time.monotonic() + DIRECT_RETRY_SECONDS  # hivemind meanwhile
+        return None
 
     async def call_span(self, peer_id: str, handler: str, request: SpanRequest,
                         lora_shape: tuple[int, ...] | None = None) -> SpanReply:

@@ -56,6 +56,9 @@ class ServerConfig:
                                     group="where")
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(0, "port to listen on (0: any free port)")
+    direct: bool = option(True, "also accept direct TLS connections for inference and forward/backward (faster than "
+                                "through the p2p daemons; clients that cannot reach it use hivemind)")
+    direct_port: int = option(0, "TCP port of direct connections (0: any free port)")
     dtype: str = option("auto", "the blocks' dtype (auto: bfloat16 on CUDA, float32 on a CPU)",
                         choices=["auto", "float32", "bfloat16", "float16"])
     quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",

@@ -53,9 +53,13 @@ class SpanHandler:
         config = self.span.config
         return Bounds(self.limits, config.hidden_size, self.span.start, self.span.end, config.max_position_embeddings)
 
+    def stream_handlers(self) -> dict[str, Callable]:
+        """name -> handle(caller, reader, writer): the same for hivemind's streams and direct connections."""
+        return {name: self._stream_handler(name) for name in HANDLERS}
+
     async def add_p2p_handlers(self, p2p) -> None:
-        for name in HANDLERS:
-            await p2p.add_binary_stream_handler(f"cocoon.{name}", self._stream_handler(name))
+        for name, handle in self.stream_handlers().items():
+            await p2p.add_binary_stream_handler(f"cocoon.{name}", handle)
 
     # ------------------------------------------------------------------ streams
     def _stream_handler(self, name: str):

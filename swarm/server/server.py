@@ -16,6 +16,7 @@ from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, fetch_swarm_state, make_dht
+from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
 from swarm.server.lora_cache import LoraCache
@@ -84,6 +85,7 @@ class Server:
         self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
+        self.direct = await self._start_direct() if config.direct else None
         self.info.state = ServerState.ONLINE
         self._announce()
         print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id} as peer {self.peer_id}",
@@ -104,6 +106,18 @@ class Server:
                     next_balance = loop.time() + self._balance_delay()
                 self._announce()
         await self._shutdown(redeeming)
+
+    async def _start_direct(self) -> DirectServer:
+        """Listen for direct connections and announce where: the address it listens on, or with 0.0.0.0 the
+        IPv4 addresses of its p2p listeners."""
+        direct = DirectServer(self.dht.private_key, self.handler.stream_handlers())
+        port = await direct.start(self.config.host, self.config.direct_port)
+        hosts = [self.config.host] if self.config.host not in ("0.0.0.0", "::") else sorted({
+            str(maddr).split("/")[2] for maddr in await self.p2p.get_visible_maddrs()
+            if str(maddr).startswith("/ip4/")})
+        self.info.direct = tuple(f"{host}:{port}" for host in hosts[:4])
+        logger.info(f"direct connections at {', '.join(self.info.direct)}")
+        return direct
 
     def _choose_span(self, total_blocks: int) -> tuple[int, int]:
         num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
@@ -229,6 +243,8 @@ class Server:
         deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace
         while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
+        if self.direct is not None:
+            self.direct.close()
         self.handler.scheduler.shutdown()
         if redeeming is not None:
             redeeming.cancel()  # it may be waiting out its period; the last redemption is right here

@@ -1,0 +1,216 @@
+"""Direct connections for the hot path: TLS over TCP between peers that can reach each other.
+
+Every inference step through hivemind crosses two p2p daemons (a Unix socket into Go, yamux, noise, TCP,
+and back out on the other side). A server also listens on a TCP port of its own (``--direct-port``) and
+announces it in its signed DHT record; a client opens inference streams there when it can reach it, and
+through hivemind when it cannot (behind NAT, a firewall, or ``--no-direct``): the frames and handlers are
+the same, only the pipe differs.
+
+Who is at the other end is proven as strongly as through libp2p: TLS encrypts the stream (a throwaway
+self-signed certificate per server process), and both peers sign, with the key behind their peer id, the
+server certificate's fingerprint and the other side's fresh nonce. A man in the middle would present its
+own certificate, so neither signature would match what the other side sees; a replayed signature names an
+old nonce. The server then knows the caller's peer id (its quotas and payments are per peer id) and the
+client knows it reached the server of the DHT record.
+
+    client -> server   hello {public_key, nonce, handler}
+    server -> client   {public_key, nonce, signature over (b"server", fingerprint, client nonce, handler)}
+    client -> server   {signature over (b"client", fingerprint, server nonce, handler)}
+    server -> client   {ok: true} or {error: "..."}; then the handler's frames (swarm.framing)
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import msgpack
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+from hivemind.proto import crypto_pb2
+
+from swarm.dht_validator import peer_id_of, public_key_bytes
+
+logger = logging.getLogger(__name__)
+PROTOCOL = b"cocoon-direct/1"
+HELLO_BYTES = 4096          # a handshake message is a key, a nonce and a signature: well under this
+HANDSHAKE_SECONDS = 10.0    # a connection that has not proven its peer id by then is closed
+MAX_HANDSHAKES = 256        # connections still proving who they are, at once (beyond: closed at once)
+CONNECT_SECONDS = 2.0       # a client gives up on a direct address after this and uses hivemind
+
+Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class HandshakeError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class DirectCaller:
+    """What a stream handler learns about its caller (the same attribute as hivemind's StreamInfo)."""
+    peer_id: str
+
+
+# ---------------------------------------------------------------------- messages
+async def _send(writer: asyncio.StreamWriter, message: dict) -> None:
+    payload = msgpack.packb(message, use_bin_type=True)
+    writer.write(len(payload).to_bytes(4, "big") + payload)
+    await writer.drain()
+
+
+async def _receive(reader: asyncio.StreamReader) -> dict:
+    length = int.from_bytes(await reader.readexactly(4), "big")
+    if length > HELLO_BYTES:
+        raise HandshakeError(f"a handshake message of {length} bytes")
+    try:
+        message = msgpack.unpackb(await reader.readexactly(length), raw=False, max_bin_len=HELLO_BYTES,
+                                  max_str_len=HELLO_BYTES, max_array_len=16, max_map_len=16)
+    except Exception:
+        raise HandshakeError("an unreadable handshake message") from None
+    if not isinstance(message, dict):
+        raise HandshakeError("a handshake message must be a map")
+    return message
+
+
+def _field(message: dict, key: str, kind: type, max_len: int = HELLO_BYTES):
+    value = message.get(key)
+    if not isinstance(value, kind) or (isinstance(value, (bytes, str)) and not 0 < len(value) <= max_len):
+        raise HandshakeError(f"handshake field {key!r} is missing or malformed")
+    return value
+
+
+def _signed(role: bytes, fingerprint: bytes, nonce: bytes, handler: str) -> bytes:
+    return b"|".join([PROTOCOL, role, fingerprint, nonce, handler.encode()])
+
+
+def _sign(key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def _verify(public_key: bytes, signature: bytes, data: bytes) -> str:
+    """The peer id of ``public_key`` (a libp2p PublicKey protobuf) when it signed ``data``."""
+    try:
+        key = serialization.load_der_public_key(crypto_pb2.PublicKey.FromString(public_key).data)
+        key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    except Exception:
+        raise HandshakeError("the peer's signature does not verify") from None
+    return peer_id_of(public_key)
+
+
+# ---------------------------------------------------------------------- TLS
+def _server_context() -> tuple[ssl.SSLContext, bytes]:
+    """A TLS context with a fresh self-signed certificate, and that certificate's SHA-256 fingerprint."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cocoon")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=365)).sign(key, hashes.SHA256()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    with tempfile.TemporaryDirectory() as directory:  # ssl loads certificates from files only
+        path = os.path.join(directory, "cert.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        context.load_cert_chain(path)
+    return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def _client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # who the server is, is proven by the signed handshake, not by a CA
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# ---------------------------------------------------------------------- server
+class DirectServer:
+    """Accepts direct connections and hands each, once its caller is proven, to the named stream handler."""
+
+    def __init__(self, key: rsa.RSAPrivateKey, handlers: dict[str, Handler]):
+        self.key, self.handlers = key, handlers
+        self.public_key = public_key_bytes(key)
+        self.context, self.fingerprint = _server_context()
+        self.server: asyncio.Server | None = None
+        self.handshaking = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._accept, host, port, ssl=self.context,
+                                                 ssl_handshake_timeout=HANDSHAKE_SECONDS, limit=2**20)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.handshaking >= MAX_HANDSHAKES:
+            writer.close()
+            return
+        self.handshaking += 1
+        try:
+            async with asyncio.timeout(HANDSHAKE_SECONDS):
+                caller, handler = await self._handshake(reader, writer)
+        except (HandshakeError, TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
+            logger.debug(f"direct connection refused: {e}")
+            writer.close()
+            return
+        finally:
+            self.handshaking -= 1
+        await handler(caller, reader, writer)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        hello = await _receive(reader)
+        name = _field(hello, "handler", str, 64)
+        client_key, client_nonce = _field(hello, "public_key", bytes), _field(hello, "nonce", bytes, 64)
+        nonce = os.urandom(32)
+        await _send(writer, {"public_key": self.public_key, "nonce": nonce,
+                             "signature": _sign(self.key, _signed(b"server", self.fingerprint, client_nonce, name))})
+        proof = await _receive(reader)
+        peer_id = _verify(client_key, _field(proof, "signature", bytes),
+                          _signed(b"client", self.fingerprint, nonce, name))
+        if name not in self.handlers:
+            await _send(writer, {"error": f"no handler {name!r} here"})
+            raise HandshakeError(f"unknown handler {name!r}")
+        await _send(writer, {"ok": True})
+        return DirectCaller(peer_id), self.handlers[name]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+# ---------------------------------------------------------------------- client
+async def connect(host: str, port: int, peer_id: str, handler: str,
+                  key: rsa.RSAPrivateKey) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to ``handler`` of the server ``peer_id`` at host:port, once it proved to be that peer."""
+    async with asyncio.timeout(CONNECT_SECONDS + HANDSHAKE_SECONDS):
+        async with asyncio.timeout(CONNECT_SECONDS):
+            reader, writer = await asyncio.open_connection(host, port, ssl=_client_context(), server_hostname="cocoon",
+                                                           limit=2**20)
+        try:
+            certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            fingerprint = hashlib.sha256(certificate).digest()
+            nonce = os.urandom(32)
+            await _send(writer, {"public_key": public_key_bytes(key), "nonce": nonce, "handler": handler})
+            reply = await _receive(reader)
+            server = _verify(_field(reply, "public_key", bytes), _field(reply, "signature", bytes),
+                             _signed(b"server", fingerprint, nonce, handler))
+            if server != peer_id:
+                raise HandshakeError(f"{host}:{port} is {server}, not {peer_id}")
+            await _send(writer, {"signature": _sign(key, _signed(b"client", fingerprint,
+                                                                 _field(reply, "nonce", bytes, 64), handler))})
+            verdict = await _receive(reader)
+            if verdict.get("ok") is not True:
+                raise HandshakeError(f"{peer_id} refused: {str(verdict.get('error'))[:200]}")
+        except BaseException:
+            writer.close()
+            raise
+    return reader, writer
