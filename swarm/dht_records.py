@@ -33,6 +33,7 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
     ``sign`` it signs its own (an identity file holds its key: a temporary one unless ``identity_path``)."""
     if identity_path is None:  # our own file, so that we hold the key behind our peer id (swarm.direct signs with it)
         identity_path = _temporary_identity()
+        kwargs.setdefault("check_if_identity_free", False)  # fresh: nobody has it (the check starts another daemon)
     key = load_identity(identity_path)
     kwargs["identity_path"] = identity_path
     if host_maddrs is not None:

@@ -69,6 +69,10 @@ class ServerConfig:
     max_sessions: int = option(64, "inference sessions open at once")
     cache_tokens: int = option(16384, "KV cache budget in tokens (batch x length), reserved when a session opens")
     session_timeout: float = option(120.0, "seconds before an idle session is freed")
+    max_batch_sessions: int = option(64, "decode steps of up to this many sessions run as one forward (1: no "
+                                         "batching)")
+    batch_window_ms: float = option(10.0, "how long a decode step may wait for other sessions' steps to batch with "
+                                         "(no wait while only one session decodes)")
     limits: Limits = option(Limits, "what one request may ask")
     quotas: Quotas = option(Quotas, "what one peer may take")
     public_name: str = option("", "a name shown in `cocoon status`")

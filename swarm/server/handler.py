@@ -18,6 +18,7 @@ from incentives.verification import Attestation, array_hash, chain_hash
 from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
 from swarm.framing import read_frame, write_frame
+from swarm.server.batching import can_batch, run_batched
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
 from swarm.limits import Limits, Quotas
@@ -35,7 +36,8 @@ LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang
 class SpanHandler:
     def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict[str, Any]],
                  payments: ServerPayments | None = None, adapters: dict[str, LoraWeights] | None = None,
-                 lora_cache: LoraCache | None = None, quotas: Quotas = Quotas(), prefill_rate: float = 1e4):
+                 lora_cache: LoraCache | None = None, quotas: Quotas = Quotas(), prefill_rate: float = 1e4,
+                 batch_window: float = 0.01, max_batch_sessions: int = 64):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         self.payments = payments  # None: this server works for free
         self.adapters = adapters or {}  # served peft adapters by name, rows for this span's blocks
@@ -43,7 +45,10 @@ class SpanHandler:
         self.quotas = quotas
         self.max_bytes = limits.max_message_bytes(span.config.hidden_size)
         self.usage = PeerUsage(quotas, self.max_bytes)
-        self.scheduler = FairScheduler(quotas.max_queued_per_peer)  # one compute thread, fair between peers
+        # one compute thread, fair between peers; decode steps of several sessions run as one batch
+        self.scheduler = FairScheduler(quotas.max_queued_per_peer, batch_window=batch_window,
+                                       max_batch=max_batch_sessions, active=sessions.decoding,
+                                       run_batch=self._run_batch if max_batch_sessions > 1 and can_batch(span) else None)
         self.metrics = None  # swarm.server.metrics.ServerMetrics, with --metrics-port
         self.prefill_rate = prefill_rate  # tokens x blocks per second of prefill, learned from the chunks run
         self.accepting = True
@@ -129,8 +134,8 @@ class SpanHandler:
             self.metrics.tokens.labels(rpc).inc(tokens)
             self.metrics.block_tokens.labels(rpc).inc(tokens * blocks)
 
-    async def _compute(self, peer: str, cost: float, fn, *args):
-        return await self.scheduler.run(peer, cost, fn, *args)
+    async def _compute(self, peer: str, cost: float, fn, *args, batch_key=None):
+        return await self.scheduler.run(peer, cost, fn, *args, batch_key=batch_key)
 
     # ------------------------------------------------------------------ inference
     async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply:
@@ -239,7 +244,10 @@ class SpanHandler:
         prefix = request.prompts.shape[2] if request.prompts is not None else 0
         if length <= chunk or prefix > chunk:  # the deep prompts' prefix must lie in one chunk
             run = self._timed_run if batch * length >= 64 else self._run  # decode steps say nothing of prefill
-            return await self._compute(peer, batch * length * blocks_count, run, request, cache, blocks, lora)
+            # a decode step of a session under way can share a forward with other sessions' (swarm.server.batching)
+            batchable = length == 1 and past > 0 and lora is None and request.prompts is None and cache is not None
+            return await self._compute(peer, batch * length * blocks_count, run, request, cache, blocks, lora,
+                                       batch_key=blocks if batchable else None)
         cache = self.span.new_cache() if cache is None else cache
         outputs, first = [], 0
         while first < length:
@@ -274,6 +282,11 @@ class SpanHandler:
                                attention_mask=self._to_span(request.attention_mask), blocks=blocks,
                                prompts=self._to_span(request.prompts))
         return output.to(device="cpu", dtype=request.dtype)
+
+    def _run_batch(self, tasks: list[tuple]) -> list[torch.Tensor]:
+        """The arguments of several ``_run`` decode steps (same blocks, no LoRA) -> their outputs."""
+        return run_batched(self.span, [(request, cache, blocks) for request, cache, blocks, _ in tasks],
+                           self._to_span)
 
     def _lora_applied(self, blocks: tuple[int, int], lora: LoraWeights | None):
         return contextlib.nullcontext() if lora is None else applied_lora(self.span, blocks, lora)

@@ -6,6 +6,12 @@ prefills or training batches gets its share and no more, and another peer's deco
 most the task already running. Long prefills are cut into chunks by the handler, each a task of its
 own, so that task is short. A peer may have ``max_queued`` tasks waiting; more are refused with
 QUOTA_EXCEEDED (the client tries another server and bans nobody).
+
+Tasks that can share a forward (decode steps of different sessions: swarm.server.batching) carry a batch
+key. When the worker picks one, it takes every queued task with the same key along, waiting up to
+``batch_window`` seconds for more while fewer are queued than sessions are active (no wait with one
+session), and runs them as one batch. Each peer is still charged the cost of its own tasks, so batching
+changes nobody's share, only how much work a second of compute does.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,11 +37,16 @@ class _Task:
     fn: Callable = field(compare=False)
     args: tuple = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    batch_key: Any = field(default=None, compare=False)
 
 
 class FairScheduler:
-    def __init__(self, max_queued_per_peer: int = 32):
+    def __init__(self, max_queued_per_peer: int = 32, *, run_batch: Callable[[list[tuple]], list] | None = None,
+                 batch_window: float = 0.0, max_batch: int = 64, active: Callable[[], int] = lambda: 1):
         self.max_queued = max_queued_per_peer
+        self.run_batch = run_batch  # args of several tasks -> their results, in order
+        self.batch_window, self.max_batch, self.active = batch_window, max_batch, active
+        self.batches: dict[int, int] = {}  # tasks per batch -> how many batches of that size ran
         self.queues: dict[str, deque[_Task]] = {}
         self.finish: dict[str, float] = {}  # each peer's latest virtual finish time
         self.virtual_time = 0.0
@@ -45,8 +57,9 @@ class FairScheduler:
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
         self._thread.start()
 
-    async def run(self, peer: str, cost: float, fn: Callable, *args) -> Any:
-        """Run ``fn(*args)`` in the compute thread when it is ``peer``'s turn; returns its result."""
+    async def run(self, peer: str, cost: float, fn: Callable, *args, batch_key: Any = None) -> Any:
+        """Run ``fn(*args)`` in the compute thread when it is ``peer``'s turn; returns its result. Tasks with
+        the same ``batch_key`` may run together, through ``run_batch``."""
         future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopped:
@@ -59,7 +72,8 @@ class FairScheduler:
                 self._forget_idle_peers()
             start = max(self.virtual_time, self.finish.get(peer, 0.0))
             self.finish[peer] = start + max(cost, 1e-9)
-            queue.append(_Task(self.finish[peer], next(self._order), start, fn, args, future))
+            key = batch_key if self.run_batch is not None else None
+            queue.append(_Task(self.finish[peer], next(self._order), start, fn, args, future, key))
             self._ready.notify()
         try:
             return await future
@@ -79,32 +93,58 @@ class FairScheduler:
     def queued(self, peer: str) -> int:
         return len(self.queues.get(peer, ()))
 
-    def _next(self) -> tuple[str, _Task] | None:
+    def _next(self) -> list[tuple[str, _Task]] | None:
         with self._ready:
             while not self._stopped and not any(self.queues.values()):
                 self._ready.wait()
             if self._stopped:
                 return None
             peer = min((p for p, q in self.queues.items() if q), key=lambda p: self.queues[p][0])
-            task = self.queues[peer].popleft()
-            if not self.queues[peer]:
-                del self.queues[peer]
+            task = self._pop(peer, self.queues[peer][0])
             self.virtual_time = task.start
-            return peer, task
+            group = [(peer, task)]
+            if task.batch_key is not None:
+                deadline = time.monotonic() + self.batch_window
+                while True:
+                    group += self._take_batchable(task.batch_key, self.max_batch - len(group))
+                    wanted = min(self.active(), self.max_batch)
+                    left = deadline - time.monotonic()
+                    if len(group) >= wanted or left <= 0 or self._stopped:
+                        break
+                    self._ready.wait(left)  # a new task notifies
+            return group
+
+    def _pop(self, peer: str, task: _Task) -> _Task:
+        queue = self.queues[peer]
+        queue.remove(task)
+        if not queue:
+            del self.queues[peer]
+        return task
+
+    def _take_batchable(self, key: Any, room: int) -> list[tuple[str, _Task]]:
+        """Queued tasks with ``key``, in their virtual finish order (fairness decides who rides first)."""
+        found = sorted(((t, p) for p, q in self.queues.items() for t in q if t.batch_key == key))[:max(room, 0)]
+        return [(peer, self._pop(peer, task)) for task, peer in found]
 
     def _work(self) -> None:
-        import time
-        while (picked := self._next()) is not None:
-            peer, task = picked
-            if task.future.cancelled():
+        while (group := self._next()) is not None:
+            group = [(peer, task) for peer, task in group if not task.future.cancelled()]
+            if not group:
                 continue
             started = time.perf_counter()
-            try:
-                result, error = task.fn(*task.args), None
-            except BaseException as e:  # handed to the request that asked, which answers its caller
-                result, error = None, e
-            self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + time.perf_counter() - started
-            task.future.get_loop().call_soon_threadsafe(_settle, task.future, result, error)
+            if len(group) == 1:
+                results = [_call(group[0][1].fn, group[0][1].args)]
+            else:
+                try:
+                    results = [(r, None) for r in self.run_batch([task.args for _, task in group])]
+                except BaseException:  # one bad request must not fail the others: each alone, with its own error
+                    logger.exception("a batch failed; running its tasks one by one")
+                    results = [_call(task.fn, task.args) for _, task in group]
+            self.batches[len(group)] = self.batches.get(len(group), 0) + 1
+            elapsed = (time.perf_counter() - started) / len(group)
+            for (peer, task), (result, error) in zip(group, results):
+                self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + elapsed
+                task.future.get_loop().call_soon_threadsafe(_settle, task.future, result, error)
 
     def shutdown(self) -> None:
         """Finish the running task, drop the queued ones (their callers get SHUTTING_DOWN)."""
@@ -117,6 +157,13 @@ class FairScheduler:
             task.future.get_loop().call_soon_threadsafe(
                 _settle, task.future, None, WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down"))
         self._thread.join()
+
+
+def _call(fn: Callable, args: tuple) -> tuple[Any, BaseException | None]:
+    try:
+        return fn(*args), None
+    except BaseException as e:  # handed to the request that asked, which answers its caller
+        return None, e
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

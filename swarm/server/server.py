@@ -81,7 +81,9 @@ class Server:
             loop.add_signal_handler(sig, self.stop.set)
         self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, payments=self.payments,
                                    adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes),
-                                   quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s)
+                                   quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s,
+                                   batch_window=config.batch_window_ms / 1000,
+                                   max_batch_sessions=config.max_batch_sessions)
         self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
@@ -225,9 +227,11 @@ class Server:
     def describe(self) -> dict:
         self.info.sessions = len(self.sessions.sessions)
         self.info.cache_tokens_left = self.sessions.tokens_left
+        batches = self.handler.scheduler.batches if hasattr(self, "handler") else {}
         return {"model_id": self.model_id, "peer_id": self.peer_id, **self.info.to_wire(),
                 "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length,
-                "lora_cache_bytes": self.handler.lora_cache.bytes if hasattr(self, "handler") else 0}
+                "lora_cache_bytes": self.handler.lora_cache.bytes if hasattr(self, "handler") else 0,
+                "batches": {str(size): n for size, n in batches.items()}}  # tasks per batch: how many ran
 
     def _announce(self) -> None:
         self.describe()

@@ -72,6 +72,11 @@ class SessionTable:
     def touch(session: Session) -> None:
         session.last_active = time.monotonic()
 
+    def decoding(self, within: float = 1.0) -> int:
+        """Sessions that took a step within the last ``within`` seconds (those worth waiting for to batch)."""
+        since = time.monotonic() - within
+        return sum(s.last_active >= since for s in list(self.sessions.values()))  # list(): one atomic copy
+
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
