@@ -4,7 +4,6 @@ questions, across turns and through a server killed mid-answer."""
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -86,8 +85,8 @@ def test_cocoon_generate_uses_the_chat_template(swarm, smollm2):
 
 
 def chat(swarm, path, turns, kill=None):
-    """`cocoon chat` fed one turn at a time on standard input; ``kill`` (a server) dies as the second turn goes
-    in. Returns the answers, one a line, and what it logged."""
+    """`cocoon chat` fed one turn at a time on standard input; ``kill`` (a server) dies once the second answer
+    has begun to stream (mid-answer). Returns the answers, one a line, and what it logged."""
     process = subprocess.Popen([sys.executable, "-m", "swarm.cli", "chat", str(path), "--initial-peers",
                                 *swarm.initial_peers, "--exact-wire", "--system", SYSTEM, "--max-new-tokens", "48"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -95,10 +94,14 @@ def chat(swarm, path, turns, kill=None):
     for i, turn in enumerate(turns):
         process.stdin.write(turn + "\n")
         process.stdin.flush()
-        if i == 1 and kill is not None:
-            time.sleep(0.3)
-            kill.signal(signal.SIGKILL)
         line = ""
+        if i == 1 and kill is not None:
+            while not line.strip():  # the answer's first characters: the rest is still to be generated
+                char = process.stdout.read(1)
+                assert char or process.poll() is None, process.stderr.read()
+                line += char
+            kill.signal(signal.SIGKILL)
+            line += process.stdout.readline()
         while not line.strip():
             line = process.stdout.readline()
             assert line or process.poll() is None, process.stderr.read()
