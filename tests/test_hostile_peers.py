@@ -261,7 +261,8 @@ def test_a_nan_server_and_a_huge_reply_are_failed_over(checkpoints):
         fast = {"COCOON_ADVERTISE_THROUGHPUT": "100000"}  # chosen first
         liars = [swarm.add_server((0, 4), wait=False, module="tests.malicious_server",
                                   env={**fast, "COCOON_MISCHIEF": mischief}) for mischief in ("nan", "huge")]
-        honest_server = swarm.add_server((0, 4), wait=False)
+        honest_server = swarm.add_server((0, 4), wait=False, module="tests.malicious_server",  # chosen last
+                                         env={"COCOON_MISCHIEF": "none", "COCOON_ADVERTISE_THROUGHPUT": "1"})
         for server in [*liars, honest_server]:
             server.wait_for("Server ready", 180)
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,

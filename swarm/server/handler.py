@@ -135,7 +135,9 @@ class SpanHandler:
             self.metrics.block_tokens.labels(rpc).inc(tokens * blocks)
 
     async def _compute(self, peer: str, cost: float, fn, *args, batch_key=None):
-        return await self.scheduler.run(peer, cost, fn, *args, batch_key=batch_key)
+        # a lone session's decode step runs on the event loop when the compute thread has nothing to do
+        inline = batch_key is not None and self.sessions.decoding() <= 1
+        return await self.scheduler.run(peer, cost, fn, *args, batch_key=batch_key, inline=inline)
 
     # ------------------------------------------------------------------ inference
     async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply:

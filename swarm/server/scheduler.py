@@ -54,13 +54,34 @@ class FairScheduler:
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._stopped = False
+        self._running = False  # a task runs (in the compute thread, or inline)
         self._thread = threading.Thread(target=self._work, name="compute", daemon=True)
         self._thread.start()
 
-    async def run(self, peer: str, cost: float, fn: Callable, *args, batch_key: Any = None) -> Any:
+    async def run(self, peer: str, cost: float, fn: Callable, *args, batch_key: Any = None,
+                  inline: bool = False) -> Any:
         """Run ``fn(*args)`` in the compute thread when it is ``peer``'s turn; returns its result. Tasks with
-        the same ``batch_key`` may run together, through ``run_batch``."""
+        the same ``batch_key`` may run together, through ``run_batch``. An ``inline`` task (a short one) runs
+        right here, in the caller's thread, when nothing else runs or waits: no hand-off to the compute thread
+        and back (two thread wake-ups on every decode step of a lone session)."""
         future = asyncio.get_running_loop().create_future()
+        with self._ready:
+            if inline and not self._stopped and not self._running and not any(self.queues.values()):
+                self._running = True  # the compute thread waits meanwhile
+                self.virtual_time = max(self.virtual_time, self.finish.get(peer, 0.0))
+                self.finish[peer] = self.virtual_time + max(cost, 1e-9)
+                inline_start = time.perf_counter()
+            else:
+                inline_start = None
+        if inline_start is not None:
+            try:
+                return fn(*args)
+            finally:
+                with self._ready:
+                    self._running = False
+                    self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + time.perf_counter() - inline_start
+                    self.batches[1] = self.batches.get(1, 0) + 1
+                    self._ready.notify()
         with self._ready:
             if self._stopped:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
@@ -95,10 +116,11 @@ class FairScheduler:
 
     def _next(self) -> list[tuple[str, _Task]] | None:
         with self._ready:
-            while not self._stopped and not any(self.queues.values()):
+            while not self._stopped and (self._running or not any(self.queues.values())):
                 self._ready.wait()
             if self._stopped:
                 return None
+            self._running = True
             peer = min((p for p, q in self.queues.items() if q), key=lambda p: self.queues[p][0])
             task = self._pop(peer, self.queues[peer][0])
             self.virtual_time = task.start
@@ -130,6 +152,9 @@ class FairScheduler:
         while (group := self._next()) is not None:
             group = [(peer, task) for peer, task in group if not task.future.cancelled()]
             if not group:
+                with self._ready:
+                    self._running = False
+                    self._ready.notify()
                 continue
             started = time.perf_counter()
             if len(group) == 1:
@@ -142,8 +167,11 @@ class FairScheduler:
                     results = [_call(task.fn, task.args) for _, task in group]
             self.batches[len(group)] = self.batches.get(len(group), 0) + 1
             elapsed = (time.perf_counter() - started) / len(group)
+            with self._ready:
+                self._running = False
+                for peer, _ in group:
+                    self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + elapsed
             for (peer, task), (result, error) in zip(group, results):
-                self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + elapsed
                 task.future.get_loop().call_soon_threadsafe(_settle, task.future, result, error)
 
     def shutdown(self) -> None:

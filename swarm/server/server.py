@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import random
 import signal
@@ -46,6 +47,7 @@ class Server:
     def _start(self) -> None:
         """Load the span, measure it, set up payments; announce the server as joining."""
         config = self.config
+        _return_freed_buffers()
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         self.checkpoint = checkpoint = Checkpoint(config.model)
@@ -261,3 +263,13 @@ class Server:
                       "(`cocoon redeem`, or the next start of this server)", flush=True)
         await self.p2p.shutdown()
         print("Server stopped", flush=True)
+
+
+def _return_freed_buffers() -> None:
+    """Frames and activations of 128 KiB and more get pages of their own, unmapped when freed. glibc raises
+    this threshold after every large free by default, after which a burst of large frames (a peer's, up to
+    its quota) stays in the heap, interleaved with tensors, long after it is gone."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
