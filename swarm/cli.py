@@ -193,23 +193,22 @@ def run_fetch(args) -> int:
 
 def run_verify(args) -> int:
     """0 when every piece of evidence proves its server wrong, 1 otherwise."""
-    from incentives.verification import Evidence
     from shards import Checkpoint
     from swarm.evidence import load_evidence, recheck
     checkpoint = Checkpoint(args.model)
     found = [(path, load_evidence(path)) for path in args.evidence]
     if args.initial_peers:
-        from swarm.dht_records import make_dht
+        from swarm.dht_records import fetch_evidence, make_dht
         dht = make_dht(args.initial_peers, client_mode=True)
         try:
-            entry = dht.get(f"{args.model_id or checkpoint.model_id}.evidence", latest=True)
+            published = fetch_evidence(dht, args.model_id or checkpoint.model_id)
         finally:
             dht.shutdown()
-        for digest, record in (entry.value.items() if entry is not None and isinstance(entry.value, dict) else []):
-            try:
-                found.append((f"DHT {digest}", Evidence.from_wire(record.value)))
-            except ValueError as e:
-                print(f"DHT {digest}: malformed evidence ({e})")
+        for digest, evidence, _ in published:
+            if isinstance(evidence, str):
+                print(f"DHT {digest}: {evidence}")
+            else:
+                found.append((f"DHT {digest}", evidence))
     if not found:
         raise UsageError("no evidence to verify: give evidence files or --initial-peers")
     proven = 0

@@ -81,6 +81,24 @@ def fetch_models(dht: DHT) -> dict[str, int]:
     return models
 
 
+def evidence_key(model_id: str) -> str:
+    return f"{model_id}.evidence"
+
+
+def fetch_evidence(dht: DHT, model_id: str) -> list[tuple[str, "Evidence | str", float]]:
+    """(digest, evidence, expiration) of every piece of evidence published against the model's servers; anyone
+    may write these, so each is parsed on its own: where it is malformed, the evidence is why (a string)."""
+    from incentives.verification import Evidence
+    found = dht.get(evidence_key(model_id), latest=True)
+    records = []
+    for digest, item in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
+        try:
+            records.append((str(digest), Evidence.from_wire(item.value), item.expiration_time))
+        except (ValueError, TypeError, AttributeError) as e:
+            records.append((str(digest), f"malformed evidence ({e})", item.expiration_time))
+    return records
+
+
 def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
     """Read every block's records; malformed or inconsistent records are skipped, not trusted."""
     keys = [block_key(model_id, b) for b in range(num_blocks)]

@@ -58,8 +58,9 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
 async def write_frame(writer: asyncio.StreamWriter, message) -> None:
     payload = message.SerializeToString()
     head = (ERROR if isinstance(message, RPCError) else MESSAGE) + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
-    # one write for a small frame: one TLS record and one send on a direct connection, not three
-    writer.write(head + payload if len(payload) <= SMALL_FRAME else head)
-    if len(payload) > SMALL_FRAME:
+    if len(payload) <= SMALL_FRAME:  # one write: one TLS record and one send on a direct connection, not three
+        writer.write(head + payload)
+    else:
+        writer.write(head)
         writer.write(payload)
     await writer.drain()

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from swarm.dht_records import fetch_models, fetch_swarm_state
+from swarm.dht_records import fetch_evidence, fetch_models, fetch_swarm_state
 
 
 class SwarmWatch:
@@ -55,19 +55,10 @@ class SwarmWatch:
                 "missing_blocks": state.missing_blocks(), "evidence": self._evidence(model_id)}
 
     def _evidence(self, model_id: str) -> list[dict]:
-        from incentives.verification import Evidence
-        found = self.dht.get(f"{model_id}.evidence", latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return []
-        records = []
-        for digest, item in found.value.items():
-            try:
-                evidence = Evidence.from_wire(item.value)
-            except (ValueError, TypeError, AttributeError):
-                continue
-            records.append({"digest": str(digest), "peer_id": evidence.peer_id, "payout": evidence.attestation.server,
-                            "blocks": [evidence.attestation.start, evidence.attestation.end],
-                            "relative_error": evidence.reference_error, "expires": item.expiration_time})
+        records = [{"digest": digest, "peer_id": evidence.peer_id, "payout": evidence.attestation.server,
+                    "blocks": [evidence.attestation.start, evidence.attestation.end],
+                    "relative_error": evidence.reference_error, "expires": expires}
+                   for digest, evidence, expires in fetch_evidence(self.dht, model_id) if not isinstance(evidence, str)]
         return sorted(records, key=lambda r: -r["expires"])[:20]
 
     def close(self) -> None:

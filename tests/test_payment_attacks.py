@@ -84,6 +84,14 @@ def priced_server_args(chain, name: str, rpc: str | None = None, *extra: str) ->
                               "--contract", settlement.address, *extra]
 
 
+def add_priced_server(swarm, chain, name: str, mischief: str, throughput: str | None = None):
+    """A priced server of blocks 0:4 that misbehaves as tests.malicious_server's ``mischief`` says (or not:
+    "none"), advertising ``throughput`` tokens/s when given; not waited for."""
+    env = {"COCOON_MISCHIEF": mischief, **({"COCOON_ADVERTISE_THROUGHPUT": throughput} if throughput else {})}
+    return swarm.add_server((0, 4), *priced_server_args(chain, name)[1], wait=False, module="tests.malicious_server",
+                            env=env)
+
+
 def paying_client(chain, escrow: int):
     node, settlement, _ = chain
     account = node.new_account()
@@ -189,14 +197,9 @@ def test_a_priced_server_without_valid_attestations_is_banned_and_paid_no_furthe
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
     with LocalSwarm(path) as swarm:
-        _, honest_args = priced_server_args(chain, "attested")
-        honest = swarm.add_server((0, 4), *honest_args, wait=False, module="tests.malicious_server",
-                                  env={"COCOON_MISCHIEF": "none", "COCOON_ADVERTISE_THROUGHPUT": "1"})  # tried last
-        liars = []
-        for mischief in ("no_attestation", "bad_attestation"):
-            _, args = priced_server_args(chain, mischief)
-            liars.append(swarm.add_server((0, 4), *args, wait=False, module="tests.malicious_server",
-                                          env={"COCOON_MISCHIEF": mischief, "COCOON_ADVERTISE_THROUGHPUT": "1e5"}))
+        honest = add_priced_server(swarm, chain, "attested", "none", throughput="1")  # tried last
+        liars = [add_priced_server(swarm, chain, mischief, mischief, throughput="1e5")
+                 for mischief in ("no_attestation", "bad_attestation")]
         for server in [honest, *liars]:
             server.wait_for("Server ready", 180)
         client = paying_client(chain, ETH)
@@ -224,12 +227,8 @@ def test_two_colluders_cannot_convict_an_honest_server(chain, checkpoints, monke
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))
     with LocalSwarm(path) as swarm:
-        _, honest_args = priced_server_args(chain, f"honest-{own_copy}")
-        honest = swarm.add_server((0, 4), *honest_args, wait=False, module="tests.malicious_server",
-                                  env={"COCOON_MISCHIEF": "none", "COCOON_ADVERTISE_THROUGHPUT": "1e5"})
-        colluders = [swarm.add_server((0, 4), *priced_server_args(chain, f"colluder{i}-{own_copy}")[1], wait=False,
-                                      module="tests.malicious_server",
-                                      env={"COCOON_MISCHIEF": "scale", "COCOON_ADVERTISE_THROUGHPUT": "1"})
+        honest = add_priced_server(swarm, chain, f"honest-{own_copy}", "none", throughput="1e5")
+        colluders = [add_priced_server(swarm, chain, f"colluder{i}-{own_copy}", "scale", throughput="1")
                      for i in range(2)]  # the honest server is chosen first, the colluders check it
         for server in [honest, *colluders]:
             server.wait_for("Server ready", 180)

@@ -23,6 +23,7 @@ from hivemind.utils import get_dht_time
 
 from incentives.verification import Attestation, Evidence, relative_error, tolerance
 from swarm.client.failover import Failover
+from swarm.dht_records import evidence_key
 from swarm.wire import SpanReply, SpanRequest, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -232,9 +233,8 @@ class SpotChecker:
         from swarm.evidence import save_evidence
         path = save_evidence(evidence)
         logger.warning(f"evidence against {evidence.peer_id} saved to {path}")
-        key = f"{self.client.model_id}.evidence"
         try:
-            await self.client.dht.store(key, evidence.to_wire(), get_dht_time() + EVIDENCE_TTL,
+            await self.client.dht.store(evidence_key(self.client.model_id), evidence.to_wire(), get_dht_time() + EVIDENCE_TTL,
                                         subkey=evidence.digest.hex(), return_future=True)
         except Exception as e:
             logger.warning(f"could not publish evidence against {evidence.peer_id}: {e}")

@@ -64,7 +64,6 @@ class FairScheduler:
         the same ``batch_key`` may run together, through ``run_batch``. An ``inline`` task (a short one) runs
         right here, in the caller's thread, when nothing else runs or waits: no hand-off to the compute thread
         and back (two thread wake-ups on every decode step of a lone session)."""
-        future = asyncio.get_running_loop().create_future()
         with self._ready:
             if inline and not self._stopped and not self._running and not any(self.queues.values()):
                 self._running = True  # the compute thread waits meanwhile
@@ -82,6 +81,7 @@ class FairScheduler:
                     self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + time.perf_counter() - inline_start
                     self.batches[1] = self.batches.get(1, 0) + 1
                     self._ready.notify()
+        future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopped:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down")

@@ -16,7 +16,7 @@ from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
-from swarm.dht_records import announce, fetch_swarm_state, make_dht
+from swarm.dht_records import announce, fetch_evidence, fetch_swarm_state, make_dht
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
@@ -181,11 +181,8 @@ class Server:
         return metrics
 
     def _evidence_against_me(self) -> int:
-        found = self.dht.get(f"{self.model_id}.evidence", latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return 0
-        return sum(isinstance(item.value, dict) and item.value.get("peer_id") == self.peer_id
-                   for item in found.value.values())
+        return sum(not isinstance(evidence, str) and evidence.peer_id == self.peer_id
+                   for _, evidence, _ in fetch_evidence(self.dht, self.model_id))
 
     def _balance_delay(self) -> float:
         return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
