@@ -19,6 +19,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the client's embeddings and head (auto: bfloat16 on CUDA, float32 on a CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument("--exact-wire", action="store_true", help="float32 activations on the wire")
+    parser.add_argument("--no-push", dest="push", action="store_false",
+                        help="servers send their outputs back to the client only, not on to the next server")
     pay = parser.add_argument_group("paying priced servers")
     pay.add_argument("--wallet", metavar="KEYSTORE", help="the client's keystore (passphrase: $COCOON_PASSPHRASE)")
     pay.add_argument("--contract", help="settlement contract address")
@@ -47,7 +49,7 @@ def load_client(args):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, model_id=args.model_id, request_timeout=args.request_timeout,
         active_adapter=args.adapter, dtype=args.dtype, device=args.device, exact_wire=args.exact_wire,
-        spot_check_rate=args.spot_check_rate, **payment)
+        spot_check_rate=args.spot_check_rate, push=args.push, **payment)
     return model, AutoTokenizer.from_pretrained(args.model)
 
 

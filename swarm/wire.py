@@ -24,6 +24,7 @@ float16: its range ends at 65504, and real models have activation outliers beyon
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ MAX_CONTAINER_LEN = 4096        # longest msgpack array or map in metadata (a be
 MAX_STR_LEN = 1024
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _HASH = re.compile(r"[0-9a-f]{1,64}")
+_ROUTE_ID = re.compile(r"[0-9a-f]{32}")
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58
+DIRECT_ADDRESS = re.compile(r"[0-9a-fA-F.:\[\]]{3,47}:[0-9]{1,5}")
+MAX_DIRECT_ADDRESSES = 4
 UINT256 = 2**256
 
 
@@ -407,24 +412,40 @@ class BackwardRequest(SpanRequest):
 class InferenceStep(SpanRequest):
     """One step of an inference stream. The first step opens the session on blocks [start, end) for at most
     ``max_length`` tokens, with the session's deep prompts, LoRA weights or adapter; later steps carry only
-    the new tokens (and, in beam search, the order of rows to ``reorder`` the KV cache by first)."""
+    the new tokens (and, in beam search, the order of rows to ``reorder`` the KV cache by first).
+
+    Server-to-server push (swarm.server.push): ``push`` tells this server to send its output from now on to
+    the next server of the client's chain ({to: peer id, id: route id, direct: [host:port]}, or {} to stop);
+    ``accept`` tells it to take this session's input from the previous server ({from: peer id, id: route
+    id}, or {} to stop). ``position`` is the session's length before the step, so that a step the server
+    already took from a push is recognised. A pushed step (kind "push", on a server's ``push`` stream) names
+    the receiving session by ``route_id``."""
     max_length: int | None = None
     reorder: list[int] | None = None
+    position: int | None = None
+    push: dict | None = None
+    accept: dict | None = None
+    route_id: str | None = None
 
     kind: ClassVar[str] = "inference"
 
     @classmethod
     def _allowed(cls, opening: bool) -> set[str]:
+        if cls.kind == "push":
+            return {"hidden", "position_ids", "attention_mask", "reorder", "position", "route_id"}
+        route = {"position", "push", "accept"}
         if opening:
-            return super()._allowed(True) | {"max_length"}
-        return {"hidden", "position_ids", "attention_mask", "reorder", "payment"}
+            return super()._allowed(True) | {"max_length"} | route
+        return {"hidden", "position_ids", "attention_mask", "reorder", "payment"} | route
 
     @classmethod
     def _required(cls, opening: bool) -> set[str]:
+        if cls.kind == "push":
+            return {"hidden", "position", "route_id"}
         return super()._required(True) | {"max_length"} if opening else {"hidden"}
 
     def _parse_own(self, meta: dict, opening: bool, bounds: Bounds) -> None:
-        if opening:
+        if opening and self.kind == "inference":
             self.max_length = _int(meta, "max_length", 1, bounds.limits.max_length)
         if "reorder" in meta:
             order, batch = meta["reorder"], self.hidden.shape[0]
@@ -432,6 +453,37 @@ class InferenceStep(SpanRequest):
                     and all(type(i) is int and 0 <= i < batch for i in order)):
                 raise bad(f"reorder must list {batch} row indices in [0, {batch})")
             self.reorder = order
+        self.position = _int(meta, "position", 0, bounds.limits.max_length, required=False)
+        self.route_id = _str(meta, "route_id", _ROUTE_ID, required=False)
+        push = _map(meta, "push")
+        if push:
+            if set(push) - {"to", "id", "direct"}:
+                raise bad("metadata 'push' takes only 'to', 'id' and 'direct'")
+            direct = push.get("direct", [])
+            if not (isinstance(direct, list) and len(direct) <= MAX_DIRECT_ADDRESSES
+                    and all(isinstance(a, str) and DIRECT_ADDRESS.fullmatch(a) for a in direct)):
+                raise bad(f"metadata 'push.direct' must list at most {MAX_DIRECT_ADDRESSES} host:port addresses")
+            push = {"to": _str(push, "to", _PEER_ID), "id": _str(push, "id", _ROUTE_ID), "direct": direct}
+        accept = _map(meta, "accept")
+        if accept:
+            if set(accept) - {"from", "id"}:
+                raise bad("metadata 'accept' takes only 'from' and 'id'")
+            accept = {"from": _str(accept, "from", _PEER_ID), "id": _str(accept, "id", _ROUTE_ID)}
+        self.push, self.accept = push, accept
+
+    def digest(self) -> str:
+        """What the step's output depends on besides the KV cache: the same bytes give the same digest, so a
+        server tells a pushed step from the client's own by comparing digests."""
+        h = hashlib.blake2b(digest_size=16)
+        for tensor in (self.hidden, self.position_ids, self.attention_mask):
+            h.update(b"-" if tensor is None else dtype_name(tensor.dtype).encode() + repr(tuple(tensor.shape)).encode()
+                     + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(repr(self.reorder).encode())
+        return h.hexdigest()
+
+
+class PushStep(InferenceStep):
+    kind: ClassVar[str] = "push"
 
 
 _SCALARS = {f.name for f in dataclasses.fields(InferenceStep)} - set(TENSORS)
@@ -497,10 +549,11 @@ class SpanReply:
     length: int | None = None         # inference: the session's length after this step
     attestation: dict | None = None   # incentives.verification.Attestation, from priced servers
     receipt: dict | None = None       # incentives.metering.Receipt, from priced servers
+    digest: str | None = None         # inference: set when computed from a pushed step (InferenceStep.digest)
 
     def pack(self) -> ExpertResponse:
         meta = {k: v for k, v in (("length", self.length), ("attestation", self.attestation),
-                                  ("receipt", self.receipt)) if v is not None}
+                                  ("receipt", self.receipt), ("digest", self.digest)) if v is not None}
         return ExpertResponse(tensors=[pack_tensor(t) for t in self.outputs], metadata=pack_metadata(meta))
 
     @classmethod
@@ -530,7 +583,8 @@ class SpanReply:
             outputs.append(tensor)
         try:
             length = _int(meta, "length", 1, 1 << 40, required=False)
-            return cls(outputs, length, _map(meta, "attestation"), _map(meta, "receipt"))
+            return cls(outputs, length, _map(meta, "attestation"), _map(meta, "receipt"),
+                       _str(meta, "digest", _HASH, required=False))
         except WireError as e:
             raise InvalidReply(f"server {peer_id}: {e.message}") from None
 

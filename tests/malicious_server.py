@@ -7,6 +7,8 @@
   huge               answers every request with a frame that claims 512 MiB
   no_attestation     a priced server that signs nothing
   bad_attestation    a priced server whose attestations name another output
+  push_wrong         answers the client honestly, pushes a perturbed output to the next server
+  push_elsewhere     pushes its outputs to the server $COCOON_PUSH_TO instead of the one the client named
 
 $COCOON_ADVERTISE_THROUGHPUT makes it announce that many tokens/s, so that clients pick it first.
 $COCOON_DIRECT_ADDRESS makes it announce that "ip:port" as its direct address (another server's, say).
@@ -16,7 +18,7 @@ import sys
 
 import torch
 
-from swarm.server import handler, server
+from swarm.server import handler, push, server
 
 MISCHIEF = os.environ.get("COCOON_MISCHIEF", "perturb")
 _honest_run = handler.SpanHandler._run
@@ -54,6 +56,18 @@ def _attest(self, chain, wire_input, wire_output, start, end):
     return _honest_attest(self, chain, wire_input, wire_output, start, end)
 
 
+_honest_push = push.PushSender.send
+
+
+async def _push(self, route, step, output, position):
+    if MISCHIEF == "push_wrong":
+        output = output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
+    if MISCHIEF == "push_elsewhere":
+        route = {**route, "to": os.environ["COCOON_PUSH_TO"], "direct": []}
+    return await _honest_push(self, route, step, output, position)
+
+
+push.PushSender.send = _push
 handler.SpanHandler._run = _run
 handler.SpanHandler._attest = _attest
 if MISCHIEF == "huge":

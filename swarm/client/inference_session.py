@@ -8,6 +8,7 @@ on: the output is the same as with no failure.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from routing import ChainLink
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
-from swarm.client.failover import Failover
+from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import ServerStream, SwarmClient
 from swarm.wire import InferenceStep, LoraSpec, wire_dtype
@@ -34,10 +35,18 @@ class _ServerSession:
         self.input_chain = b""  # what a priced server's attestations chain (see swarm.client.attestations)
         self.pending_reorder: list[int] | None = None  # beam search: rows to reorder the cache by, next step
         self.reordered = False  # the server's attestations name inputs in an older row order than history
+        self.length = 0  # tokens this server has taken
+        # server-to-server push: the id under which this session takes pushes, and the route the server knows
+        self.route_id = os.urandom(16).hex()
+        self.pushing: dict = {}   # where the server pushes its outputs
+        self.accepting: dict = {}  # whose pushes it takes
 
-    async def step(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient) -> torch.Tensor:
-        """``hidden`` in its wire dtype -> this server's output, in the same dtype."""
-        request = InferenceStep(hidden, **extra, payment=client.payment(self.link.peer_id))
+    async def step(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient,
+                   route: tuple[dict | None, dict | None] = (None, None)) -> torch.Tensor:
+        """``hidden`` in its wire dtype -> this server's output, in the same dtype. ``route``: (push, accept)
+        to tell the server, when they changed (see swarm.server.push)."""
+        request = InferenceStep(hidden, **extra, payment=client.payment(self.link.peer_id), position=self.length,
+                                push=route[0], accept=route[1])
         if not self.opened:
             request.start, request.end, request.max_length = self.link.start, self.link.end, self.max_length
             request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
@@ -52,7 +61,9 @@ class _ServerSession:
         reply = await self.stream.span(request, timeout)
         if self.opened and hidden.shape[1] == 1:
             client.measured_step(self.link.peer_id, time.perf_counter() - started, self.link.end - self.link.start)
-        self.opened = True
+        self.opened, self.length = True, reply.length
+        self.pushing = self.pushing if route[0] is None else route[0]
+        self.accepting = self.accepting if route[1] is None else route[1]
         output = reply.outputs[0]
         paid = client.paid_server(self.link.peer_id)
         if paid is not None:
@@ -127,7 +138,8 @@ class InferenceSession:
                 self._sessions.extend(await self._open_chain(block, self.client.num_blocks, [], failover))
             session = self._sessions[index]
             try:
-                output = await session.step(hidden, extra, timeout=self.client.request_timeout, client=self.client)
+                output = await session.step(hidden, extra, timeout=self.client.request_timeout, client=self.client,
+                                            route=self._route(index))
                 self.client.bans.succeeded(session.link.peer_id)
             except Exception as e:
                 failover.failed(session.link.peer_id, e)  # raises the caller's errors and gives up in the end
@@ -136,8 +148,39 @@ class InferenceSession:
                 self._sessions[index:index + 1] = replacement
                 self.failovers += 1
                 continue
+            if session.stream.push_differed and index > 0:
+                index += await self._replace_pusher(index - 1, failover)
             hidden, block, index = output, session.link.end, index + 1
         return hidden
+
+    async def _replace_pusher(self, index: int, failover: Failover) -> int:
+        """The server after session ``index`` took a pushed step other than what session ``index`` returned to
+        us: it is replaced (its replacement replays its history, this step included). Returns how many sessions
+        were added."""
+        self._sessions[index + 1].stream.push_differed = False
+        pusher = self._sessions[index]
+        failover.failed(pusher.link.peer_id, ServerFailure(
+            f"server {pusher.link.peer_id} pushed to the next server something other than what it returned"))
+        pusher.stream.close()
+        replacement = await self._open_chain(pusher.link.start, pusher.link.end, pusher.history, failover)
+        self._sessions[index:index + 1] = replacement
+        self.failovers += 1
+        return len(replacement) - 1
+
+    def _route(self, index: int) -> tuple[dict | None, dict | None]:
+        """What the server of session ``index`` must be told about pushes (None: nothing new): take the
+        previous server's pushes, and push to the next server once that one has taken the route."""
+        if not self.client.push:
+            return None, None
+        session = self._sessions[index]
+        previous = self._sessions[index - 1] if index > 0 else None
+        following = self._sessions[index + 1] if index + 1 < len(self._sessions) else None
+        accept = {"from": previous.link.peer_id, "id": session.route_id} if previous is not None else {}
+        push = {}
+        if following is not None and following.accepting == {"from": session.link.peer_id, "id": following.route_id}:
+            push = {"to": following.link.peer_id, "id": following.route_id,
+                    "direct": self.client.direct_addresses(following.link.peer_id)}
+        return push if push != session.pushing else None, accept if accept != session.accepting else None
 
     async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]],
                           failover: Failover) -> list[_ServerSession]:

@@ -244,7 +244,7 @@ class AutoDistributedModelForCausalLM:
                         chain_id: int | None = None, chain_rpc: str | None = None, spot_check_rate: float = 0.0,
                         spot_check_seed: int | None = None, spot_check_local: bool | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int = 0, lora_config=None,
-                        active_adapter: str | None = None, **hub_kwargs) -> DistributedModelForCausalLM:
+                        active_adapter: str | None = None, push: bool = True, **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
         ``exact_wire=True`` keeps float32 activations in float32 on the wire (default: 16-bit).
@@ -260,6 +260,8 @@ class AutoDistributedModelForCausalLM:
         block, from ``lora_config``, a peft LoraConfig); the blocks stay frozen on the servers.
         ``active_adapter``: the name of a LoRA adapter the servers serve (``cocoon serve --adapters``); only
         servers holding it are used.
+        ``push``: each server of an inference chain sends its output straight to the next one (a token crosses
+        the network k + 1 times over k servers instead of 2k); the client still checks every server's output.
         """
         if active_adapter is not None and tuning_mode == "lora":
             raise ValueError("use either a served adapter (active_adapter) or train your own (tuning_mode='lora')")
@@ -267,7 +269,7 @@ class AutoDistributedModelForCausalLM:
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
         swarm = SwarmClient(initial_peers, model_id or checkpoint.model_id, checkpoint.config.num_hidden_layers,
                             request_timeout=request_timeout)
-        swarm.adapter = active_adapter
+        swarm.adapter, swarm.push = active_adapter, push
         if wallet is not None:
             from incentives.vouchers import Domain
             from swarm.client.payments import Payments

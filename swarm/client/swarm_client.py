@@ -34,22 +34,40 @@ class ServerStream:
                  via: str = "hivemind"):
         self.peer_id, self.reader, self.writer = peer_id, reader, writer
         self.via = via  # "direct" (swarm.direct) or "hivemind"
+        self.push_differed = False  # it took a pushed step other than ours: the previous server lied to someone
 
     async def exchange(self, message: ExpertRequest, timeout: float, max_bytes: int) -> ExpertResponse:
         async with asyncio.timeout(timeout):
             await write_frame(self.writer, message)
-            try:
-                response = await read_frame(self.reader, ExpertResponse, max_bytes)
-            except WireError as e:
-                raise InvalidReply(f"server {self.peer_id}: {e.message}") from None
+            return await self._read(max_bytes)
+
+    async def _read(self, max_bytes: int) -> ExpertResponse:
+        try:
+            response = await read_frame(self.reader, ExpertResponse, max_bytes)
+        except WireError as e:
+            raise InvalidReply(f"server {self.peer_id}: {e.message}") from None
         if response is None:
             raise ServerFailure(f"server {self.peer_id} closed the stream")
         return response
 
     async def span(self, request: SpanRequest, timeout: float, lora_shape: tuple[int, ...] | None = None) -> SpanReply:
+        """The server's reply to ``request``. An inference step the server took from a push (swarm.server.push)
+        may have been answered before it was sent: that answer counts when it was computed from the same input
+        (its digest); else the server computes the client's step and answers again."""
         expected = request.expected_reply(lora_shape)
-        response = await self.exchange(request.pack(), timeout, SpanReply.max_bytes(expected))
-        return SpanReply.parse(response, expected, self.peer_id)
+        max_bytes = SpanReply.max_bytes(expected)
+        position = getattr(request, "position", None)
+        digest = None
+        async with asyncio.timeout(timeout):
+            await write_frame(self.writer, request.pack())
+            while True:
+                reply = SpanReply.parse(await self._read(max_bytes), expected, self.peer_id)
+                if position is not None and reply.length != position + request.hidden.shape[1]:
+                    raise InvalidReply(f"server {self.peer_id} answered for length {reply.length}, expected "
+                                       f"{position + request.hidden.shape[1]}")
+                if reply.digest is None or reply.digest == (digest := digest or request.digest()):
+                    return reply
+                self.push_differed = True  # then it computes ours and answers again
 
     def close(self) -> None:
         self.writer.close()
@@ -73,6 +91,7 @@ class SwarmClient:
         self.adapter: str | None = None  # a LoRA adapter served by the servers: only its holders are used
         self.lora_sent: dict[str, list[str]] = {}  # peer -> hashes of LoRA weights it has (latest last)
         self.direct_failed: dict[str, float] = {}  # peer -> until when its direct addresses are not tried
+        self.push = True  # servers of a chain push their outputs to the next server (swarm.server.push)
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
@@ -148,6 +167,10 @@ class SwarmClient:
             _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
                                                                           f"cocoon.{handler}")
         return ServerStream(peer_id, reader, writer)
+
+    def direct_addresses(self, peer_id: str) -> list[str]:
+        info = self._state.servers.get(peer_id) if self._state is not None else None
+        return list(info.direct) if info is not None and info.direct else []
 
     async def _open_direct(self, peer_id: str, handler: str) -> ServerStream | None:
         info = self._state.servers.get(peer_id) if self._state is not None else None

@@ -15,6 +15,14 @@ from typing import Any
 from swarm.limits import Limits, Quotas
 
 
+def direct_address_arg(text: str) -> str:
+    from swarm.wire import DIRECT_ADDRESS
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or not DIRECT_ADDRESS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP literal and port, like 203.0.113.5:31337")
+    return text
+
+
 def option(default: Any = None, help: str = "", *, flag: str | None = None, **argparse_kwargs) -> Any:
     """A config field with its command-line flag; ``default`` may be a factory (for lists)."""
     meta = {"help": help, "flag": flag, **argparse_kwargs}
@@ -59,6 +67,9 @@ class ServerConfig:
     direct: bool = option(True, "also accept direct TLS connections for inference and forward/backward (faster than "
                                 "through the p2p daemons; clients that cannot reach it use hivemind)")
     direct_port: int = option(0, "TCP port of direct connections (0: any free port)")
+    announce_direct: list[str] = option(list, "HOST:PORT addresses to announce for direct connections instead of "
+                                              "those it listens on (a port forwarded on a router, a proxy)",
+                                        nargs="+", type=direct_address_arg, metavar="HOST:PORT")
     dtype: str = option("auto", "the blocks' dtype (auto: bfloat16 on CUDA, float32 on a CPU)",
                         choices=["auto", "float32", "bfloat16", "float16"])
     quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",

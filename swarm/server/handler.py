@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -21,15 +22,16 @@ from swarm.framing import read_frame, write_frame
 from swarm.server.batching import can_batch, run_batched
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
+from swarm.server.push import PushSender
 from swarm.limits import Limits, Quotas
 from swarm.server.quotas import PeerUsage
 from swarm.server.scheduler import FairScheduler
 from swarm.server.sessions import Session, SessionTable
 from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InfoReply, Payment, dtype_name,
-                        PayReply, PayRequest, SpanReply, SpanRequest, WireError, bad)
+                        PayReply, PayRequest, PushStep, SpanReply, SpanRequest, WireError, bad)
 
 logger = logging.getLogger(__name__)
-HANDLERS = ("inference", "forward", "backward", "info", "pay")
+HANDLERS = ("inference", "push", "forward", "backward", "info", "pay")
 LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang up
 
 
@@ -52,6 +54,10 @@ class SpanHandler:
         self.metrics = None  # swarm.server.metrics.ServerMetrics, with --metrics-port
         self.prefill_rate = prefill_rate  # tokens x blocks per second of prefill, learned from the chunks run
         self.accepting = True
+        self.routes: dict[str, Session] = {}  # route id -> the session that takes pushes under it
+        self.pushes: PushSender | None = None  # set once the server has its p2p handle
+        # steps pushed on, taken from a push, answered from a push, pushed steps refused, differing from the client's
+        self.push_counts = dict.fromkeys(("sent", "taken", "answered", "refused", "differed"), 0)
 
     @property
     def bounds(self) -> Bounds:  # a property: the span changes when the server moves
@@ -72,10 +78,10 @@ class SpanHandler:
 
         async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = str(stream_info.peer_id)
-            state: dict[str, Any] = {"peer": peer}
+            state: dict[str, Any] = {"peer": peer, "writer": writer}
             try:
                 with self.usage.stream(peer):
-                    while await self._serve_frame(serve, reader, writer, state, name) and name == "inference":
+                    while await self._serve_frame(serve, reader, writer, state, name) and name in ("inference", "push"):
                         pass
             except WireError as e:  # over the peer's quota of streams
                 await write_frame(writer, ErrorReply(e.code, e.message).pack())
@@ -84,6 +90,7 @@ class SpanHandler:
             finally:
                 if "session" in state:
                     self.sessions.close(state["session"].session_id)
+                    self._set_accept(state["session"], {})
                 await _caller_hung_up(reader)
                 writer.close()
 
@@ -107,15 +114,18 @@ class SpanHandler:
                 return False
             if request is None:
                 return False
-            await write_frame(writer, await self._answer(serve, request, state, name))
+            answer = await self._answer(serve, request, state, name)
+            if answer is not None:  # None: a step already answered when it was pushed
+                await write_frame(writer, answer)
             return True
         finally:
             self.usage.done(peer, admitted)
 
-    async def _answer(self, serve, request: ExpertRequest, state: dict, name: str) -> ExpertResponse:
+    async def _answer(self, serve, request: ExpertRequest, state: dict, name: str) -> ExpertResponse | None:
         started, code = time.perf_counter(), "ok"
         try:
-            return (await serve(request, state)).pack()
+            reply = await serve(request, state)
+            return None if reply is None else reply.pack()
         except WireError as e:
             code = e.code.value
             return ErrorReply(e.code, e.message).pack()
@@ -140,7 +150,7 @@ class SpanHandler:
         return await self.scheduler.run(peer, cost, fn, *args, batch_key=batch_key, inline=inline)
 
     # ------------------------------------------------------------------ inference
-    async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply:
+    async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply | None:
         session: Session | None = state.get("session")
         step = InferenceStep.parse(message, self.bounds, opening=session is None)
         batch, length = step.hidden.shape[:2]
@@ -151,28 +161,102 @@ class SpanHandler:
             lora = self._lora(step)  # deep prompts, LoRA weights or an adapter hold for the whole session
             session = self.sessions.open(peer=state["peer"], start=step.start, end=step.end, batch_size=batch,
                                          max_length=step.max_length, cache=self.span.new_cache())
-            session.lora = lora
+            session.lora, session.writer = lora, state["writer"]
             state["session"] = session
         else:
             self.sessions.check_open(session)
             if batch != session.batch_size:
                 raise bad(f"batch of {batch} in a session opened with {session.batch_size}")
+        if step.payment is not None:
+            session.payment = dataclasses.replace(step.payment, voucher=None)
+        if step.push is not None:
+            session.push = step.push or None
+        if step.accept is not None:
+            self._set_accept(session, step.accept)
+        async with session.lock:
+            pushed = session.pushed
+            if pushed is not None and step.position == pushed[0] and session.length == pushed[0] + length:
+                if pushed[1] == step.digest():
+                    self.push_counts["answered"] += 1
+                    return None  # taken from the push and answered then
+                self.push_counts["differed"] += 1
+                # the previous server pushed something else than what it gave the client: the client's counts
+                session.length, session.input_chain = pushed[0], pushed[2]
+                session.cache.layers[:] = pushed[3]
+                logger.info(f"a pushed step of a session of {session.peer} differed from the client's: recomputed")
+            session.pushed = None
+            if step.position is not None and step.position != session.length:
+                raise bad(f"a step at position {step.position} in a session of length {session.length}")
+            return await self._step(session, step, state["peer"], payer)
+
+    async def _step(self, session: Session, step: InferenceStep, peer: str, payer, digest: str | None = None
+                    ) -> SpanReply:
+        length = step.hidden.shape[1]
         if session.length + length > session.max_length:
             raise bad(f"{session.length} + {length} tokens exceed the session's max_length {session.max_length}")
         _check_mask_length(step, session.length)
         if step.reorder is not None:
-            await self._compute(state["peer"], 0, session.cache.reorder_cache,
+            await self._compute(peer, 0, session.cache.reorder_cache,
                                 torch.tensor(step.reorder, device=self.span.device))
-        output = await self._span_output(state["peer"], step, session.cache, (session.start, session.end),
+        output = await self._span_output(peer, step, session.cache, (session.start, session.end),
                                          session.lora, past=session.length)
-        session.length += length
+        position, session.length = session.length, session.length + length
         self.sessions.touch(session)  # only a step that succeeds keeps a session alive
         self._count("inference", step.hidden, session.end - session.start)
-        reply = SpanReply([output], length=session.length)
+        if session.push is not None and self.pushes is not None:  # the next server's input first
+            if await self.pushes.send(session.push, step, output, position):
+                self.push_counts["sent"] += 1
+            else:
+                session.push = None
+        reply = SpanReply([output], length=session.length, digest=digest)
         session.input_chain, reply.attestation = self._attest(session.input_chain, step.hidden, output,
                                                               session.start, session.end)
         reply.receipt = self._charge_after(payer, step.hidden, session.start, session.end)
         return reply
+
+    # ------------------------------------------------------------------ push (swarm.server.push)
+    def _set_accept(self, session: Session, accept: dict) -> None:
+        if session.accept is not None and self.routes.get(session.accept["id"]) is session:
+            del self.routes[session.accept["id"]]
+        session.accept = accept or None
+        if accept:
+            if self.routes.get(accept["id"], session) is not session:
+                session.accept = None
+                raise bad(f"route id {accept['id']} is taken: pick another")
+            self.routes[accept["id"]] = session
+
+    async def _push(self, message: ExpertRequest, state: dict[str, Any]) -> InfoReply:
+        """A step pushed by the previous server of a client's chain: acknowledged at once, computed and
+        answered to the client in the background (pushes of many sessions share one stream)."""
+        step = PushStep.parse(message, self.bounds, opening=False)
+        session = self.routes.get(step.route_id)
+        if session is None or session.accept["from"] != state["peer"] or \
+                session.session_id not in self.sessions.sessions:
+            self.push_counts["refused"] += 1
+            return InfoReply({"route": step.route_id, "accepted": False,
+                              "reason": f"no session here takes pushes from you under route {step.route_id}"})
+        if step.hidden.shape[0] != session.batch_size:
+            raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
+        if step.position == session.length and (session.push_task is None or session.push_task.done()):
+            session.push_task = asyncio.create_task(self._pushed_step(session, step))  # one at a time
+        return InfoReply({"route": step.route_id, "accepted": True})
+
+    async def _pushed_step(self, session: Session, step: PushStep) -> None:
+        async with session.lock:
+            if step.position != session.length or session.session_id not in self.sessions.sessions:
+                return  # the client's own step came first
+            before = (step.position, step.digest(), session.input_chain, [copy.copy(l) for l in session.cache.layers])
+            try:
+                payer = await self._charge_before(session.peer, session.payment)
+                reply = await self._step(session, step, session.peer, payer, digest=before[1])
+            except Exception as e:  # the client's own copy of the step will meet the error
+                logger.info(f"a pushed step failed ({type(e).__name__}: {e}); waiting for the client's")
+                session.length, session.input_chain, session.cache.layers[:] = step.position, before[2], before[3]
+                return
+            session.pushed = before
+            self.push_counts["taken"] += 1
+            with contextlib.suppress(ConnectionError):
+                await write_frame(session.writer, reply.pack())
 
     # ------------------------------------------------------------------ forward / backward / info / pay
     async def _forward(self, message: ExpertRequest, state) -> SpanReply:

@@ -20,6 +20,7 @@ from swarm.dht_records import announce, fetch_evidence, fetch_swarm_state, make_
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
+from swarm.server.push import PushSender
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
@@ -89,6 +90,7 @@ class Server:
         self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
+        self.handler.pushes = PushSender(self.p2p, self.dht.private_key)
         self.direct = await self._start_direct() if config.direct else None
         self.info.state = ServerState.ONLINE
         self._announce()
@@ -119,7 +121,7 @@ class Server:
         hosts = [self.config.host] if self.config.host not in ("0.0.0.0", "::") else sorted({
             str(maddr).split("/")[2] for maddr in await self.p2p.get_visible_maddrs()
             if str(maddr).startswith("/ip4/")})
-        self.info.direct = tuple(f"{host}:{port}" for host in hosts[:4])
+        self.info.direct = tuple(self.config.announce_direct[:4]) or tuple(f"{host}:{port}" for host in hosts[:4])
         logger.info(f"direct connections at {', '.join(self.info.direct)}")
         return direct
 
@@ -230,7 +232,8 @@ class Server:
         return {"model_id": self.model_id, "peer_id": self.peer_id, **self.info.to_wire(),
                 "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length,
                 "lora_cache_bytes": self.handler.lora_cache.bytes if hasattr(self, "handler") else 0,
-                "batches": {str(size): n for size, n in batches.items()}}  # tasks per batch: how many ran
+                "batches": {str(size): n for size, n in batches.items()},
+                "pushes": dict(self.handler.push_counts) if hasattr(self, "handler") else {}}  # tasks per batch: how many ran
 
     def _announce(self) -> None:
         self.describe()
@@ -248,6 +251,8 @@ class Server:
             await asyncio.sleep(0.1)
         if self.direct is not None:
             self.direct.close()
+        if self.handler.pushes is not None:
+            self.handler.pushes.close()
         self.handler.scheduler.shutdown()
         if redeeming is not None:
             redeeming.cancel()  # it may be waiting out its period; the last redemption is right here

@@ -1,6 +1,7 @@
 """Inference sessions on a server: KV caches under a token budget reserved up front, with idle expiry."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,14 @@ class Session:
     input_chain: bytes = b""  # chained hash of every step's input (see incentives.verification)
     lora: Any = None          # shards.lora.LoraWeights given when the session opened
     last_active: float = field(default_factory=time.monotonic)
+    # server-to-server push (swarm.server.push)
+    writer: Any = None        # the client's stream: where a step computed from a push is answered
+    payment: Any = None       # the client's latest payment, without its voucher: who pays for pushed steps
+    push: dict | None = None    # where to push this session's outputs {to, id, direct}
+    accept: dict | None = None  # whose pushes to take {from, id}
+    pushed: tuple | None = None  # (position, digest, input_chain, cache layers) before the last pushed step
+    push_task: Any = None       # the pushed step being computed
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's
 
     @property
     def reserved_tokens(self) -> int:

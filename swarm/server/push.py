@@ -1,0 +1,120 @@
+"""Server-to-server push: a server sends its output for a session straight to the next server of the client's
+chain, so that a token crosses the network k + 1 times over k servers instead of 2k.
+
+The route comes from the client, over its own authenticated stream to each server: it tells server i
+"push to peer P under route id R" and server i + 1 "take pushes from peer Q under route id R" (R is a random
+128-bit id the client picks per server session). A pushed step is taken only from the peer the client named,
+under the id the client gave, for the session's next position; anyone else is refused. Server i + 1 answers
+a pushed step to the client at once (with the digest of the input it used), and the client still sends its
+own copy of each step: when the digests agree the server has nothing more to do, when they differ (the
+previous server pushed something other than what it gave the client) the server undoes the pushed step and
+computes the client's. So a wrong push costs time, never a wrong token, and the client keeps every
+server's input history for failover and spot checks as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+
+from hivemind.p2p import PeerID
+from hivemind.proto.runtime_pb2 import ExpertResponse
+
+from swarm import direct
+from swarm.framing import read_frame, write_frame
+from swarm.wire import InferenceStep, InfoReply, PushStep, RemoteError
+
+logger = logging.getLogger(__name__)
+PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped
+MAX_STREAMS = 64        # next servers with an open push stream (the least recently used is closed)
+ACK_BYTES = 1 << 16
+
+
+class _PushStream:
+    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refused: set[str]):
+        self.peer_id, self.reader, self.writer = peer_id, reader, writer
+        self.lock = asyncio.Lock()
+        self.acks = asyncio.create_task(self._read_acks(refused))
+
+    async def _read_acks(self, refused: set[str]) -> None:
+        """Each pushed step is acknowledged; a refusal is logged and ends pushing on that route."""
+        with contextlib.suppress(Exception):
+            while True:
+                response = await read_frame(self.reader, ExpertResponse, ACK_BYTES)
+                if response is None:
+                    break
+                try:
+                    ack = InfoReply.parse(response, self.peer_id).info
+                except RemoteError as e:
+                    logger.info(f"{self.peer_id} rejected a pushed step: {e}")
+                    continue
+                if ack.get("accepted") is False:
+                    refused.add(str(ack.get("route"))[:32])
+                    logger.info(f"{self.peer_id} refused a pushed step: {str(ack.get('reason'))[:200]}")
+        self.writer.close()
+
+    def close(self) -> None:
+        self.acks.cancel()
+        self.writer.close()
+
+
+class PushSender:
+    """The push streams of one server to the next servers of its clients' chains."""
+
+    def __init__(self, p2p, key):
+        self.p2p, self.key = p2p, key
+        self.streams: OrderedDict[str, _PushStream] = OrderedDict()
+        self.refused: set[str] = set()  # route ids the next server refused (the route is dropped)
+        self._opening: dict[str, asyncio.Lock] = {}
+
+    async def send(self, route: dict, step: InferenceStep, output, position: int) -> bool:
+        """Push ``output`` (this server's output for ``step``) along ``route``; False when the route is dead."""
+        if route["id"] in self.refused:
+            self.refused.discard(route["id"])
+            return False
+        pushed = PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
+                          reorder=step.reorder, position=position, route_id=route["id"])
+        try:
+            async with asyncio.timeout(PUSH_SECONDS):
+                stream = await self._stream(route)
+                async with stream.lock:
+                    await write_frame(stream.writer, pushed.pack())
+            return True
+        except Exception as e:  # the next server is gone or slow: the client finds out and fails over
+            logger.info(f"push to {route['to']} failed ({type(e).__name__}: {e}); not pushing on that route")
+            stream = self.streams.pop(route["to"], None)
+            if stream is not None:
+                stream.close()
+            return False
+
+    async def _stream(self, route: dict) -> _PushStream:
+        peer_id = route["to"]
+        async with self._opening.setdefault(peer_id, asyncio.Lock()):
+            stream = self.streams.get(peer_id)
+            if stream is not None and not stream.acks.done():
+                self.streams.move_to_end(peer_id)
+                return stream
+            reader, writer = await self._connect(peer_id, route.get("direct", ()))
+            self.streams[peer_id] = stream = _PushStream(peer_id, reader, writer, self.refused)
+            while len(self.streams) > MAX_STREAMS:
+                self.streams.popitem(last=False)[1].close()
+            if len(self._opening) > 4 * MAX_STREAMS:
+                self._opening = {p: lock for p, lock in self._opening.items() if lock.locked() or p in self.streams}
+            return stream
+
+    async def _connect(self, peer_id: str, addresses) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            try:
+                return await direct.connect(host.strip("[]"), int(port), peer_id, "push", self.key)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, direct.HandshakeError, ValueError) as e:
+                logger.debug(f"no direct push connection to {peer_id} at {address}: {e}")
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), "cocoon.push")
+        return reader, writer
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+        self.streams.clear()
+
