@@ -472,14 +472,18 @@ class InferenceStep(SpanRequest):
         self.push, self.accept = push, accept
 
     def digest(self) -> str:
-        """What the step's output depends on besides the KV cache: the same bytes give the same digest, so a
-        server tells a pushed step from the client's own by comparing digests."""
-        h = hashlib.blake2b(digest_size=16)
-        for tensor in (self.hidden, self.position_ids, self.attention_mask):
-            h.update(b"-" if tensor is None else dtype_name(tensor.dtype).encode() + repr(tuple(tensor.shape)).encode()
-                     + tensor.contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(repr(self.reorder).encode())
-        return h.hexdigest()
+        """What the step's output depends on besides the KV cache, so that a server tells a pushed step from the
+        client's own by comparing digests: 32 hex digits for ``hidden`` (what the previous server answers
+        for), then 32 for the rest (what the client sends every server)."""
+        parts = []
+        for tensors in ((self.hidden,), (self.position_ids, self.attention_mask)):
+            h = hashlib.blake2b(digest_size=16)
+            for tensor in tensors:
+                h.update(b"-" if tensor is None else dtype_name(tensor.dtype).encode() + repr(tuple(tensor.shape))
+                         .encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+            parts.append(h)
+        parts[1].update(repr(self.reorder).encode())
+        return "".join(h.hexdigest() for h in parts)
 
 
 class PushStep(InferenceStep):

@@ -176,6 +176,7 @@ class SpanHandler:
         async with session.lock:
             pushed = session.pushed
             if pushed is not None and step.position == pushed[0] and session.length == pushed[0] + length:
+                session.pushed = None  # let go of the cache as it was before the pushed step
                 if pushed[1] == step.digest():
                     self.push_counts["answered"] += 1
                     return None  # taken from the push and answered then
