@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 # System packages the tests need (Debian): chromium for the monitor page test. Installed when run as root (CI);
 # otherwise the missing ones are named.
-SYSTEM_PACKAGES := chromium
+SYSTEM_PACKAGES := chromium iptables
 
 $(BIN)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -35,6 +36,7 @@ class ServerInfo:
     backward_price_per_unit: int = 0  # wei per (token x block) of backward
     credit_limit: int = 0             # wei of work a client may do beyond its latest voucher
     direct: tuple[str, ...] = ()      # "ip:port" where it accepts direct TLS connections (swarm.direct)
+    relay: str = ""                   # "relay peer id@ip:port": reached only through that relay (swarm.relay)
 
     def to_wire(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -62,7 +64,8 @@ class ServerInfo:
                        price_per_unit=_int(record, "price_per_unit", 0, MAX_PRICE),
                        backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE),
                        credit_limit=_int(record, "credit_limit", 0, MAX_PRICE),
-                       direct=tuple(_address(a) for a in _list(record, "direct", 4)))
+                       direct=tuple(_address(a) for a in _list(record, "direct", 4)),
+                       relay=_relay(record.get("relay", "")))
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not info.start < info.end:
@@ -104,6 +107,19 @@ def _address(value: Any) -> str:
     ipaddress.ip_address(host.strip("[]"))  # ValueError when it is not an IP
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"direct address {value!r} has no valid port")
+    return value
+
+
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58
+
+
+def _relay(value: Any) -> str:
+    if value == "":
+        return value
+    peer, _, address = value.partition("@") if isinstance(value, str) else ("", "", "")
+    if not _PEER_ID.fullmatch(peer):
+        raise ValueError("relay must be 'peer id@ip:port'")
+    _address(address)
     return value
 
 

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--port", type=int, default=31337)
     dht.add_argument("--identity", metavar="PATH", help="private key file: a stable peer id (created if missing)")
     dht.add_argument("--maddr-file", metavar="PATH", help="write this peer's multiaddrs here, one per line")
+    dht.add_argument("--relay-port", type=int, default=0, help="TCP port where clients reach servers behind NAT "
+                                                               "through this peer (0: any free port)")
+    dht.add_argument("--no-relay", dest="relay", action="store_false", help="do not relay for servers behind NAT")
 
     serve = commands.add_parser("serve", help="serve a span of a model's blocks",
                                 config_file_parser_class=configargparse.YAMLConfigFileParser,
@@ -135,8 +138,15 @@ def run_dht(args) -> int:
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity)
-    dht = make_dht(args.initial_peers, identity_path=args.identity, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"])
+    dht = make_dht(args.initial_peers, identity_path=args.identity, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"],
+                   sign=True, use_relay=args.relay, use_auto_relay=args.relay, force_reachability="public")
     try:
+        if args.relay:
+            import asyncio
+
+            from swarm.client import loop
+            from swarm.relay import serve_standalone
+            asyncio.run_coroutine_threadsafe(serve_standalone(dht, args.host, args.relay_port), loop.background_loop())
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         if args.maddr_file:
             Path(args.maddr_file).write_text("".join(m + "\n" for m in maddrs))

@@ -81,6 +81,31 @@ def fetch_models(dht: DHT) -> dict[str, int]:
     return models
 
 
+RELAYS_KEY = "cocoon.relays"  # subkey = a relay's peer id, value = where (swarm.relay)
+
+
+def announce_relay(dht: DHT, peer_id: str, control: Sequence[str], splice: str, expiration: float) -> None:
+    """Offer to relay for servers behind NAT: ``control`` = its direct addresses, ``splice`` = its relay port."""
+    value = {"relay": {"control": list(control)[:4], "splice": splice}, "public_key": dht.public_key}
+    dht.run_coroutine(partial(_store_many, keys=[RELAYS_KEY], subkey=peer_id, values=[value],
+                              expiration_time=get_dht_time() + expiration))
+
+
+def fetch_relays(dht: DHT) -> dict[str, tuple[list[str], str]]:
+    """relay peer id -> (direct addresses, relay port address), of every relay announced (and signed)."""
+    from routing.state import _address
+    found = dht.run_coroutine(partial(_get_many, keys=[RELAYS_KEY])).get(RELAYS_KEY)
+    relays = {}
+    for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
+        relay = record.value.get("relay") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
+        try:
+            control = [_address(a) for a in relay["control"][:4]]
+            relays[peer_id] = (control, _address(relay["splice"]))
+        except (TypeError, KeyError, ValueError):
+            continue
+    return relays
+
+
 def evidence_key(model_id: str) -> str:
     return f"{model_id}.evidence"
 

@@ -166,6 +166,21 @@ class DirectServer:
             self.handshaking -= 1
         await handler(caller, reader, writer)
 
+    async def accept_socket(self, sock) -> None:
+        """Serve a connection this peer dialled out (to a relay, swarm.relay) as if it had been accepted here:
+        this side is the TLS server, and the caller proves its peer id as on any direct connection."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock, ssl=self.context,
+                                                              ssl_handshake_timeout=HANDSHAKE_SECONDS)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            logger.debug(f"relayed connection failed its TLS handshake: {e}")
+            sock.close()
+            return
+        await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         hello = await _receive(reader)
         name = _field(hello, "handler", str, 64)
@@ -195,22 +210,28 @@ async def connect(host: str, port: int, peer_id: str, handler: str,
         async with asyncio.timeout(CONNECT_SECONDS):
             reader, writer = await asyncio.open_connection(host, port, ssl=_client_context(), server_hostname="cocoon",
                                                            limit=2**20)
-        try:
-            certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            fingerprint = hashlib.sha256(certificate).digest()
-            nonce = os.urandom(32)
-            await _send(writer, {"public_key": public_key_bytes(key), "nonce": nonce, "handler": handler})
-            reply = await _receive(reader)
-            server = _verify(_field(reply, "public_key", bytes), _field(reply, "signature", bytes),
-                             _signed(b"server", fingerprint, nonce, handler))
-            if server != peer_id:
-                raise HandshakeError(f"{host}:{port} is {server}, not {peer_id}")
-            await _send(writer, {"signature": _sign(key, _signed(b"client", fingerprint,
-                                                                 _field(reply, "nonce", bytes, 64), handler))})
-            verdict = await _receive(reader)
-            if verdict.get("ok") is not True:
-                raise HandshakeError(f"{peer_id} refused: {str(verdict.get('error'))[:200]}")
-        except BaseException:
-            writer.close()
-            raise
+        await prove(reader, writer, f"{host}:{port}", peer_id, handler, key)
     return reader, writer
+
+
+async def prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str, peer_id: str, handler: str,
+                key: rsa.RSAPrivateKey) -> None:
+    """The client's side of the handshake on a TLS stream (closed when it fails)."""
+    try:
+        certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        fingerprint = hashlib.sha256(certificate).digest()
+        nonce = os.urandom(32)
+        await _send(writer, {"public_key": public_key_bytes(key), "nonce": nonce, "handler": handler})
+        reply = await _receive(reader)
+        server = _verify(_field(reply, "public_key", bytes), _field(reply, "signature", bytes),
+                         _signed(b"server", fingerprint, nonce, handler))
+        if server != peer_id:
+            raise HandshakeError(f"{where} is {server}, not {peer_id}")
+        await _send(writer, {"signature": _sign(key, _signed(b"client", fingerprint,
+                                                             _field(reply, "nonce", bytes, 64), handler))})
+        verdict = await _receive(reader)
+        if verdict.get("ok") is not True:
+            raise HandshakeError(f"{peer_id} refused: {str(verdict.get('error'))[:200]}")
+    except BaseException:
+        writer.close()
+        raise

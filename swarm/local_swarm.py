@@ -88,14 +88,14 @@ class LocalSwarm:
 
     def __init__(self, model: str | os.PathLike, spans: Sequence[tuple[int, int]] = (), *, dtype: str = "float32",
                  server_args: Sequence[str] = (), echo: bool = False, startup_timeout: float = 180.0,
-                 dht_host: str = "127.0.0.1"):
+                 dht_host: str = "127.0.0.1", dht_netns: str | None = None):
         self.model, self.dtype, self.server_args = str(model), dtype, list(server_args)
         self.echo, self.startup_timeout = echo, startup_timeout
         self.spans = list(spans)
         self.servers: list[SwarmProcess] = []
         self.dht: SwarmProcess | None = None
         self.initial_peers: list[str] = []
-        self.dht_host = dht_host
+        self.dht_host, self.dht_netns = dht_host, dht_netns
         self._tmp = tempfile.TemporaryDirectory(prefix="cocoon-swarm-")
 
     def __enter__(self) -> "LocalSwarm":
@@ -112,7 +112,8 @@ class LocalSwarm:
     def start_dht(self) -> None:
         maddr_file = Path(self._tmp.name) / "dht.maddrs"
         self.dht = SwarmProcess(["dht", "--host", self.dht_host, "--port", "0", "--maddr-file", str(maddr_file)],
-                                "dht", echo=self.echo)
+                                "dht", echo=self.echo,
+                                prefix=["ip", "netns", "exec", self.dht_netns] if self.dht_netns else ())
         self.dht.wait_for("DHT running", self.startup_timeout)
         self.initial_peers = maddr_file.read_text().split()
 

@@ -7,12 +7,13 @@ from routing import SwarmState
 def format_status(state: SwarmState, model_id: str) -> str:
     lines = [f"model {model_id}: {state.num_blocks} blocks, {len(state.online())} servers online"]
     peers = sorted(state.servers, key=lambda p: (state.servers[p].start, p))
-    header = f"{'server':<20} {'name':<12} {'state':<8} {'blocks':<9} {'tok/s':>8} {'sessions':>8}  "
+    header = f"{'server':<20} {'name':<12} {'state':<8} {'reached':<8} {'blocks':<9} {'tok/s':>8} {'sessions':>8}  "
     lines.append(header + "coverage")
     for peer in peers:
         info = state.servers[peer]
         bar = "".join("#" if info.start <= b < info.end else "." for b in range(state.num_blocks))
-        lines.append(f"{'…' + peer[-19:]:<20} {info.public_name[:12]:<12} {info.state.value:<8} "
+        reached = "relayed" if info.relay else "direct" if info.direct else "p2p"
+        lines.append(f"{'…' + peer[-19:]:<20} {info.public_name[:12]:<12} {info.state.value:<8} {reached:<8} "
                      f"{f'{info.start}:{info.end}':<9} {info.throughput:>8.1f} {info.sessions:>8}  {bar}")
     holders = "".join(str(min(len(state.holders(b)), 9)) if state.holders(b) else "!" for b in range(state.num_blocks))
     lines.append(f"{'servers per block (! = none)':<{len(header)}}{holders}")

@@ -11,7 +11,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, NoChainError, SwarmState, make_chain
-from swarm import direct
+from swarm import direct, relay
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import ServerFailure
@@ -175,8 +175,16 @@ class SwarmClient:
 
     async def _open_direct(self, peer_id: str, handler: str) -> ServerStream | None:
         info = self._state.servers.get(peer_id) if self._state is not None else None
-        if info is None or not info.direct or time.monotonic() < self.direct_failed.get(peer_id, 0.0):
+        if info is None or not (info.direct or info.relay) or time.monotonic() < self.direct_failed.get(peer_id, 0.0):
             return None
+        if info.relay:  # behind NAT: through the relay it registered with (swarm.relay)
+            try:
+                reader, writer = await relay.connect(info.relay.partition("@")[2], peer_id, handler,
+                                                     self.dht.private_key)
+                return ServerStream(peer_id, reader, writer, via="relay")
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    direct.HandshakeError) as e:
+                logger.debug(f"no relayed connection to {peer_id} through {info.relay}: {e}")
         for address in info.direct:
             host, _, port = address.rpartition(":")
             try:

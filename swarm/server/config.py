@@ -70,6 +70,14 @@ class ServerConfig:
     announce_direct: list[str] = option(list, "HOST:PORT addresses to announce for direct connections instead of "
                                               "those it listens on (a port forwarded on a router, a proxy)",
                                         nargs="+", type=direct_address_arg, metavar="HOST:PORT")
+    public_ip: str | None = option(None, "your router's public IP: announce it, with --port and --direct-port "
+                                         "(forward both on the router to this machine), instead of this machine's "
+                                         "own addresses", metavar="IP")
+    announce_maddrs: list[str] = option(list, "multiaddrs to announce for p2p connections instead of those it listens "
+                                              "on, e.g. /ip4/203.0.113.5/tcp/31337 of a forwarded port",
+                                        nargs="+", metavar="MADDR")
+    relay: bool = option(True, "when nobody can dial this server, be reached through a relay of the swarm; when "
+                               "they can, relay for servers behind NAT (--no-relay: neither)")
     dtype: str = option("auto", "the blocks' dtype (auto: bfloat16 on CUDA, float32 on a CPU)",
                         choices=["auto", "float32", "bfloat16", "float16"])
     quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",

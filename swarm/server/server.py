@@ -16,7 +16,7 @@ from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
-from swarm.dht_records import announce, fetch_evidence, fetch_swarm_state, make_dht
+from swarm.dht_records import announce, announce_relay, fetch_evidence, fetch_swarm_state, make_dht
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
@@ -58,8 +58,15 @@ class Server:
             from shards import SpanOutOfRangeError
             raise SpanOutOfRangeError(f"--blocks {config.blocks[0]}:{config.blocks[1]} is outside the model's "
                                       f"{total_blocks} blocks: use 0 <= A < B <= {total_blocks}")
+        announce_maddrs = list(config.announce_maddrs)
+        if config.public_ip and not announce_maddrs:
+            if not config.port or (config.direct and not config.direct_port):
+                raise SystemExit("--public-ip needs --port and --direct-port: the ports forwarded to this machine")
+            announce_maddrs = [f"/ip4/{config.public_ip}/tcp/{config.port}"]
         self.dht = make_dht(config.initial_peers, identity_path=config.identity_path, sign=True,
-                            host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"])
+                            host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
+                            announce_maddrs=announce_maddrs or None, use_relay=config.relay,
+                            use_auto_relay=config.relay)
         self.peer_id = str(self.dht.peer_id)
         start, end = config.blocks or self._choose_span(total_blocks)
         self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
@@ -92,6 +99,7 @@ class Server:
         await self.handler.add_p2p_handlers(self.p2p)
         self.handler.pushes = PushSender(self.p2p, self.dht.private_key)
         self.direct = await self._start_direct() if config.direct else None
+        self.relaying = await self._check_reachability() if config.direct else None
         self.info.state = ServerState.ONLINE
         self._announce()
         print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id} as peer {self.peer_id}",
@@ -121,9 +129,30 @@ class Server:
         hosts = [self.config.host] if self.config.host not in ("0.0.0.0", "::") else sorted({
             str(maddr).split("/")[2] for maddr in await self.p2p.get_visible_maddrs()
             if str(maddr).startswith("/ip4/")})
-        self.info.direct = tuple(self.config.announce_direct[:4]) or tuple(f"{host}:{port}" for host in hosts[:4])
+        public = [f"{self.config.public_ip}:{port}"] if self.config.public_ip else []
+        self.info.direct = tuple((self.config.announce_direct or public)[:4]) or tuple(f"{h}:{port}" for h in hosts[:4])
         logger.info(f"direct connections at {', '.join(self.info.direct)}")
         return direct
+
+    async def _check_reachability(self):
+        """Ask a relay to dial this server back; print what it found. Unreachable: say what to try, and leave.
+        Returns this server's relay service (when it relays for others) or registration (when relayed)."""
+        from swarm.server import reachability
+        port = int(self.info.direct[0].rpartition(":")[2]) if self.info.direct else self.config.direct_port
+        found = await reachability.check(self.dht, self.peer_id, self.direct, list(self.info.direct), port,
+                                         self.config.relay)
+        print(found.line, flush=True)
+        if found.status == "unreachable":
+            self.info.state = ServerState.OFFLINE
+            self._announce()
+            raise SystemExit(1)
+        if found.status == "relay":
+            self.info.direct, self.info.relay = (), found.relay
+            return found.registration
+        if not self.config.relay or not self.info.direct:
+            return None
+        return await reachability.offer_relay(self.dht, self.peer_id, self.direct, list(self.info.direct),
+                                              self.config.host, 3 * self.config.announce_period)
 
     def _choose_span(self, total_blocks: int) -> tuple[int, int]:
         num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
@@ -237,6 +266,9 @@ class Server:
 
     def _announce(self) -> None:
         self.describe()
+        if getattr(self, "relaying", None) is not None and hasattr(self.relaying, "splice"):  # a RelayService
+            announce_relay(self.dht, self.peer_id, self.relaying.control, self.relaying.splice,
+                           3 * self.config.announce_period)
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * self.config.announce_period,
                  num_blocks=self.checkpoint.config.num_hidden_layers)
 
@@ -251,6 +283,8 @@ class Server:
             await asyncio.sleep(0.1)
         if self.direct is not None:
             self.direct.close()
+        if self.relaying is not None:
+            self.relaying.close()
         if self.handler.pushes is not None:
             self.handler.pushes.close()
         self.handler.scheduler.shutdown()

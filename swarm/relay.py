@@ -1,0 +1,252 @@
+"""Relays for servers that nobody can dial (behind a home router's NAT), and the reachability check.
+
+A reachable peer (a `cocoon dht` node, a server that others can dial) runs a RelayService: a handler
+``relay`` on its direct connections, and a plain TCP port for relayed streams, both announced in the DHT
+(swarm.dht_records.announce_relay). A server behind NAT dials out to a relay and keeps that connection:
+
+    server -> relay   (direct connection to "relay", its peer id proven by the handshake)
+                      {check: [host:port, ...]}  -> {reachable: [...]}   the relay dials back each address
+                      {register: true}           -> {registered: true}, then {incoming: token} per client
+    client -> relay   plain TCP: "cocoon-relay/1 connect <server peer id>\\n"
+    relay -> server   {incoming: token} on the registration
+    server -> relay   plain TCP: "cocoon-relay/1 accept <token>\\n"
+    relay             splices the two TCP connections; "ok\\n" to the client
+
+The client and the server then run the direct-connection handshake (swarm.direct) through the splice: TLS
+from end to end, each proving its peer id, so the relay sees ciphertext only and cannot pose as the server.
+
+libp2p's circuit relays are on too (hivemind's use_auto_relay), for the hivemind fallback; but go-libp2p's
+autorelay reserves a slot only after a boot delay of about 3 minutes when it knows fewer than 4 relays, and
+its relayed addresses are not announced in a way hivemind's clients find, so the hot path uses this one.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from swarm import direct
+from swarm.direct import DirectCaller, DirectServer, HandshakeError, _receive, _send
+
+logger = logging.getLogger(__name__)
+PROTOCOL = "cocoon-relay/1"
+LINE_BYTES = 256
+DIAL_BACK_SECONDS = 10.0  # a server has this long to dial back for a client
+CHECK_SECONDS = 4.0       # to reach one address when checking reachability
+MAX_CHECKED = 4           # addresses checked per request
+MAX_REGISTERED = 256      # servers relayed at once
+MAX_WAITING = 256         # client connections waiting for their server to dial back
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+class RelayService:
+    """Relays streams to servers that registered with it, and dials back addresses for reachability checks."""
+
+    def __init__(self, key: rsa.RSAPrivateKey):
+        self.key = key
+        self.registered: dict[str, asyncio.StreamWriter] = {}  # server peer id -> its registration
+        self.waiting: dict[str, asyncio.Future] = {}  # token -> the server's dialled-back connection
+        self.server: asyncio.Server | None = None
+        self.control: list[str] = []  # where servers register (the direct addresses of this peer)
+        self.splice = ""               # where clients connect ("ip:port" of start()'s port)
+
+    async def start(self, host: str, port: int = 0) -> int:
+        """Listen for relayed streams; returns the port."""
+        self.server = await asyncio.start_server(self._splice, host, port, limit=2**16)
+        return self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    # -------------------------------------------------------------- registrations (a direct-connection handler)
+    async def handle(self, caller: DirectCaller, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = caller.peer_id
+        try:
+            while True:
+                message = await _receive(reader)
+                if "check" in message:
+                    addresses = message["check"]
+                    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+                        break
+                    await _send(writer, {"reachable": await self.dial_back(peer, addresses[:MAX_CHECKED])})
+                elif message.get("register") is True:
+                    if len(self.registered) >= MAX_REGISTERED and peer not in self.registered:
+                        await _send(writer, {"error": "this relay is full: try another"})
+                        break
+                    self.registered[peer] = writer
+                    await _send(writer, {"registered": True})
+                else:
+                    break
+        except (HandshakeError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            if self.registered.get(peer) is writer:
+                del self.registered[peer]
+            writer.close()
+
+    async def dial_back(self, peer_id: str, addresses: list[str]) -> list[str]:
+        """The addresses at which ``peer_id`` answers a direct connection (its handshake proves it is that peer)."""
+        async def works(address: str) -> bool:
+            try:
+                host, port = _address(address)
+                async with asyncio.timeout(CHECK_SECONDS):
+                    _, writer = await direct.connect(host, port, peer_id, "info", self.key)
+                writer.close()
+                return True
+            except (OSError, ValueError, TimeoutError, HandshakeError, asyncio.IncompleteReadError):
+                return False
+
+        results = await asyncio.gather(*(works(a) for a in addresses))
+        return [a for a, ok in zip(addresses, results) if ok]
+
+    # -------------------------------------------------------------- relayed streams (plain TCP)
+    async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(DIAL_BACK_SECONDS):
+                words = (await reader.readuntil(b"\n")).decode(errors="replace").split()
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        if len(words) == 3 and words[:2] == [PROTOCOL, "accept"]:
+            future = self.waiting.pop(words[2], None)
+            if future is not None and not future.done():
+                future.set_result((reader, writer))  # the client's side splices it
+            else:
+                writer.close()
+            return
+        if len(words) != 3 or words[:2] != [PROTOCOL, "connect"]:
+            writer.close()
+            return
+        registration = self.registered.get(words[2])
+        if registration is None or len(self.waiting) >= MAX_WAITING:
+            writer.write(b"error: that server is not registered here\n" if registration is None else b"error: busy\n")
+            writer.close()
+            return
+        token = os.urandom(16).hex()
+        self.waiting[token] = future = asyncio.get_running_loop().create_future()
+        try:
+            await _send(registration, {"incoming": token})
+            async with asyncio.timeout(DIAL_BACK_SECONDS):
+                server_reader, server_writer = await future
+        except (TimeoutError, ConnectionError):
+            writer.write(b"error: the server did not dial back\n")
+            writer.close()
+            return
+        finally:
+            self.waiting.pop(token, None)
+        writer.write(b"ok\n")
+        await asyncio.gather(_pump(reader, server_writer), _pump(server_reader, writer))
+
+
+class RelayRegistration:
+    """A server's connection to one relay: reachability checks, then (when it needs one) relaying."""
+
+    def __init__(self, relay_peer: str, control: str, splice: str, key: rsa.RSAPrivateKey):
+        self.relay_peer, self.control, self.splice, self.key = relay_peer, control, splice, key
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        host, port = _address(self.control)
+        self.reader, self.writer = await direct.connect(host, port, self.relay_peer, "relay", self.key)
+
+    async def check(self, addresses: list[str]) -> list[str]:
+        """The addresses at which the relay could reach this server directly."""
+        await _send(self.writer, {"check": list(addresses)[:MAX_CHECKED]})
+        async with asyncio.timeout(CHECK_SECONDS * 2):
+            reply = await _receive(self.reader)
+        reachable = reply.get("reachable")
+        return [a for a in reachable if isinstance(a, str)] if isinstance(reachable, list) else []
+
+    async def register(self, direct_server: DirectServer) -> None:
+        """Be reachable through this relay: each client that connects there is dialled back and served."""
+        await _send(self.writer, {"register": True})
+        reply = await _receive(self.reader)
+        if reply.get("registered") is not True:
+            raise HandshakeError(f"the relay refused: {str(reply.get('error'))[:200]}")
+        self.task = asyncio.create_task(self._serve(direct_server))
+
+    async def _serve(self, direct_server: DirectServer) -> None:
+        try:
+            while True:
+                token = (await _receive(self.reader)).get("incoming")
+                if isinstance(token, str) and len(token) == 32:
+                    asyncio.create_task(self._dial_back(token, direct_server))
+        except (HandshakeError, asyncio.IncompleteReadError, ConnectionError) as e:
+            logger.warning(f"the relay {self.relay_peer} closed its connection ({e}): clients cannot reach this "
+                           f"server through it any more")
+
+    async def _dial_back(self, token: str, direct_server: DirectServer) -> None:
+        host, port = _address(self.splice)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(DIAL_BACK_SECONDS):
+                await loop.sock_connect(sock, (host, port))
+                await loop.sock_sendall(sock, f"{PROTOCOL} accept {token}\n".encode())
+        except (OSError, TimeoutError) as e:
+            logger.debug(f"could not dial the relay back: {e}")
+            sock.close()
+            return
+        await direct_server.accept_socket(sock)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def connect(splice: str, peer_id: str, handler: str, key: rsa.RSAPrivateKey
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to ``handler`` of the server ``peer_id`` through the relay at ``splice``."""
+    host, port = _address(splice)
+    async with asyncio.timeout(direct.CONNECT_SECONDS + DIAL_BACK_SECONDS + direct.HANDSHAKE_SECONDS):
+        reader, writer = await asyncio.open_connection(host, port, limit=2**20)
+        try:
+            writer.write(f"{PROTOCOL} connect {peer_id}\n".encode())
+            line = await reader.readuntil(b"\n")
+            if line != b"ok\n":
+                raise HandshakeError(f"relay {splice}: {line.decode(errors='replace').strip()[:200]}")
+            await writer.start_tls(direct._client_context(), server_hostname="cocoon")
+        except BaseException:
+            writer.close()
+            raise
+        await direct.prove(reader, writer, f"relay {splice}", peer_id, handler, key)
+    return reader, writer
+
+
+async def serve_standalone(dht, host: str, port: int, period: float = 60.0) -> None:
+    """The relay of a `cocoon dht` peer: a direct port with the ``relay`` handler only, a relay port, announced
+    every ``period`` seconds."""
+    from swarm.dht_records import announce_relay
+    service = RelayService(dht.private_key)
+    control = DirectServer(dht.private_key, {"relay": service.handle})
+    control_port, splice_port = await control.start(host, 0), await service.start(host, port)
+    hosts = [host] if host not in ("0.0.0.0", "::") else sorted({
+        str(m).split("/")[2] for m in dht.get_visible_maddrs() if str(m).startswith("/ip4/")})
+    service.control = [f"{h}:{control_port}" for h in hosts[:4]]
+    service.splice = f"{hosts[0]}:{splice_port}"
+    print(f"Relay for servers behind NAT at {service.splice}", flush=True)
+    while True:
+        announce_relay(dht, str(dht.peer_id), service.control, service.splice, 3 * period)
+        await asyncio.sleep(period)
