@@ -457,13 +457,17 @@ class InferenceStep(SpanRequest):
         self.route_id = _str(meta, "route_id", _ROUTE_ID, required=False)
         push = _map(meta, "push")
         if push:
-            if set(push) - {"to", "id", "direct"}:
-                raise bad("metadata 'push' takes only 'to', 'id' and 'direct'")
+            if set(push) - {"to", "id", "direct", "relay"}:
+                raise bad("metadata 'push' takes only 'to', 'id', 'direct' and 'relay'")
             direct = push.get("direct", [])
             if not (isinstance(direct, list) and len(direct) <= MAX_DIRECT_ADDRESSES
                     and all(isinstance(a, str) and DIRECT_ADDRESS.fullmatch(a) for a in direct)):
                 raise bad(f"metadata 'push.direct' must list at most {MAX_DIRECT_ADDRESSES} host:port addresses")
-            push = {"to": _str(push, "to", _PEER_ID), "id": _str(push, "id", _ROUTE_ID), "direct": direct}
+            relay = _str(push, "relay", required=False) or ""
+            if relay and not DIRECT_ADDRESS.fullmatch(relay):
+                raise bad("metadata 'push.relay' must be the host:port of the next server's relay")
+            push = {"to": _str(push, "to", _PEER_ID), "id": _str(push, "id", _ROUTE_ID), "direct": direct,
+                    "relay": relay}
         accept = _map(meta, "accept")
         if accept:
             if set(accept) - {"from", "id"}:

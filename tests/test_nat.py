@@ -1,13 +1,10 @@
-"""A server behind a home router's NAT, with real processes in network namespaces:
-
-    cn-pub   10.78.0.1       the DHT peer (and relay), the client, `cocoon status`
-    cn-router 10.78.0.2 | 192.168.78.1   masquerades 192.168.78.0/24: nothing outside can dial in
-    cn-home  192.168.78.2    the server
+"""A server behind a home router's NAT, with real processes in network namespaces (swarm.netns: the DHT peer,
+its relay, the client and `cocoon status` on the public side, the server behind a masquerading router).
 
 The server finds that nobody can dial it, registers with the relay and says so; the client generates
-through the relay the tokens local transformers generates; `cocoon status` marks it relayed. With ports
+through the relay (and a public server pushes to it through the relay) the tokens local transformers generates; `cocoon status` marks it relayed. With ports
 forwarded on the router (DNAT) and --public-ip it is reachable directly; with --no-relay it is unreachable,
-says what to do, and leaves. Traffic stays inside the namespaces (none has a route elsewhere)."""
+says what to do, and leaves."""
 import json
 import shutil
 import subprocess
@@ -18,18 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm.local_swarm import LocalSwarm
+from swarm.netns import HOME, PUB, HomeNetwork
 
 pytestmark = pytest.mark.slow
-PUB, ROUTER, HOME = "cn-pub", "cn-router", "cn-home"
 NEW_TOKENS = 12
-
-
-def _run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True)
-
-
-def _in(ns: str, *command: str) -> None:
-    _run("ip", "netns", "exec", ns, *command)
 
 
 @pytest.fixture(scope="module")
@@ -37,29 +26,11 @@ def nat():
     if shutil.which("iptables") is None:
         pytest.skip("iptables is missing: `make system` (as root) installs it")
     try:
-        _run("ip", "netns", "add", PUB)
+        network = HomeNetwork().__enter__()
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         pytest.skip(f"network namespaces need root and iproute2: {e}")
-    try:
-        _run("ip", "netns", "add", ROUTER)
-        _run("ip", "netns", "add", HOME)
-        _run("ip", "link", "add", "cn-pub0", "netns", PUB, "type", "veth", "peer", "name", "cn-rpub", "netns", ROUTER)
-        _run("ip", "link", "add", "cn-home0", "netns", HOME, "type", "veth", "peer", "name", "cn-rhome",
-             "netns", ROUTER)
-        for ns, device, address in [(PUB, "cn-pub0", "10.78.0.1/24"), (ROUTER, "cn-rpub", "10.78.0.2/24"),
-                                    (ROUTER, "cn-rhome", "192.168.78.1/24"), (HOME, "cn-home0", "192.168.78.2/24")]:
-            _in(ns, "ip", "addr", "add", address, "dev", device)
-            _in(ns, "ip", "link", "set", device, "up")
-        for ns in (PUB, ROUTER, HOME):
-            _in(ns, "ip", "link", "set", "lo", "up")
-        _in(HOME, "ip", "route", "add", "default", "via", "192.168.78.1")
-        _in(ROUTER, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _in(ROUTER, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "192.168.78.0/24", "-o", "cn-rpub",
-            "-j", "MASQUERADE")
-        yield
-    finally:
-        for ns in (PUB, ROUTER, HOME):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    yield network
+    network.__exit__()
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +62,15 @@ def reachability(server) -> str:
 def test_a_server_behind_nat_is_reached_through_a_relay(nat, model_and_expected):
     path, ids, expected = model_and_expected
     with LocalSwarm(path, dht_host="10.78.0.1", dht_netns=PUB) as swarm:
-        home = swarm.add_server((0, 4), host="192.168.78.2", netns=HOME, wait=False)
+        public = swarm.add_server((0, 2), host="10.78.0.1", netns=PUB, wait=False)
+        home = swarm.add_server((2, 4), host="192.168.78.2", netns=HOME, wait=False)
+        assert "reachable directly" in reachability(public)
         assert "reachable only through relay" in reachability(home)
-        home.wait_for("Server ready", 180)
+        for server in (public, home):
+            server.wait_for("Server ready", 180)
         result = generate_in_pub(path, ids, swarm)
-        assert result["ids"] == expected[0].tolist() and result["via"] == ["relay"]
+        assert result["ids"] == expected[0].tolist() and result["via"] == ["direct", "relay"]
+        assert result["pushes"][1]["taken"] > 0  # the public server pushed to the home one through its relay
         line = next(l for l in status_in_pub(path, swarm).splitlines() if home.peer_id[-19:] in l)
         assert "relayed" in line and "online" in line
 
@@ -103,8 +78,7 @@ def test_a_server_behind_nat_is_reached_through_a_relay(nat, model_and_expected)
 def test_a_forwarded_port_makes_it_reachable_directly(nat, model_and_expected):
     path, ids, expected = model_and_expected
     for port in (40123, 40124):  # the direct port and the p2p port, forwarded by the router to the server
-        _in(ROUTER, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "cn-rpub", "-p", "tcp", "--dport", str(port),
-            "-j", "DNAT", "--to-destination", f"192.168.78.2:{port}")
+        nat.forward(port)
     with LocalSwarm(path, dht_host="10.78.0.1", dht_netns=PUB) as swarm:
         home = swarm.add_server((0, 4), "--public-ip", "10.78.0.2", "--direct-port", "40123", "--port", "40124",
                                 host="192.168.78.2", netns=HOME, wait=False)

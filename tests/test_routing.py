@@ -179,3 +179,14 @@ def test_server_records_with_direct_addresses_are_parsed_into_ip_literals():
                 "10.0.0.7:4242"):
         with pytest.raises(ValueError, match="malformed server record"):
             ServerInfo.from_wire({**record, "direct": bad})
+
+
+def test_server_records_name_their_relay_as_peer_id_at_an_ip_literal():
+    relay = "QmPxaP3UVDpvpWT4SqqStqNejtCLapi16AAkqcVtDcKbUP@10.78.0.1:43911"
+    record = ServerInfo(ServerState.ONLINE, 0, 4, throughput=10.0, relay=relay).to_wire()
+    assert ServerInfo.from_wire(record).relay == relay
+    assert ServerInfo.from_wire({**record, "relay": ""}).relay == ""
+    for bad in ["10.78.0.1:43911", "QmPxaP3UVDpvpWT4SqqStqNejtCLapi16AAkqcVtDcKbUP@relay.example:1",
+                "not a peer id@10.0.0.1:1", "QmPxaP3UVDpvpWT4SqqStqNejtCLapi16AAkqcVtDcKbUP@10.0.0.1:0", 7]:
+        with pytest.raises(ValueError):
+            ServerInfo.from_wire({**record, "relay": bad})

@@ -179,7 +179,7 @@ class InferenceSession:
         push = {}
         if following is not None and following.accepting == {"from": session.link.peer_id, "id": following.route_id}:
             push = {"to": following.link.peer_id, "id": following.route_id,
-                    "direct": self.client.direct_addresses(following.link.peer_id)}
+                    **self.client.direct_addresses(following.link.peer_id)}
         return push if push != session.pushing else None, accept if accept != session.accepting else None
 
     async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]],

@@ -169,9 +169,12 @@ class SwarmClient:
                                                                           f"cocoon.{handler}")
         return ServerStream(peer_id, reader, writer)
 
-    def direct_addresses(self, peer_id: str) -> list[str]:
+    def direct_addresses(self, peer_id: str) -> dict:
+        """Where a server takes direct connections: {"direct": [ip:port]}, or {"relay": ip:port} of its relay."""
         info = self._state.servers.get(peer_id) if self._state is not None else None
-        return list(info.direct) if info is not None and info.direct else []
+        if info is not None and info.relay:
+            return {"direct": [], "relay": info.relay.partition("@")[2]}
+        return {"direct": list(info.direct) if info is not None else []}
 
     async def _open_direct(self, peer_id: str, handler: str) -> ServerStream | None:
         info = self._state.servers.get(peer_id) if self._state is not None else None

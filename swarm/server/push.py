@@ -21,7 +21,7 @@ from collections import OrderedDict
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
-from swarm import direct
+from swarm import direct, relay
 from swarm.framing import read_frame, write_frame
 from swarm.wire import InferenceStep, InfoReply, PushStep, RemoteError
 
@@ -95,7 +95,7 @@ class PushSender:
             if stream is not None and not stream.acks.done():
                 self.streams.move_to_end(peer_id)
                 return stream
-            reader, writer = await self._connect(peer_id, route.get("direct", ()))
+            reader, writer = await self._connect(peer_id, route.get("direct", ()), route.get("relay", ""))
             self.streams[peer_id] = stream = _PushStream(peer_id, reader, writer, self.refused)
             while len(self.streams) > MAX_STREAMS:
                 self.streams.popitem(last=False)[1].close()
@@ -103,7 +103,10 @@ class PushSender:
                 self._opening = {p: lock for p, lock in self._opening.items() if lock.locked() or p in self.streams}
             return stream
 
-    async def _connect(self, peer_id: str, addresses) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, peer_id: str, addresses, relayed: str) -> tuple[asyncio.StreamReader,
+                                                                             asyncio.StreamWriter]:
+        if relayed:  # the next server is behind NAT: through its relay
+            return await relay.connect(relayed, peer_id, "push", self.key)
         for address in addresses:
             host, _, port = address.rpartition(":")
             try:
