@@ -315,7 +315,7 @@ class SpanRequest:
                       f"{_short(names)}")
         if len(names) != len(message.tensors):
             raise bad(f"metadata names {len(names)} tensors but the request carries {len(message.tensors)}")
-        dtype = WIRE_DTYPES.get(meta.get("dtype"))
+        dtype = WIRE_DTYPES.get(meta["dtype"]) if isinstance(meta.get("dtype"), str) else None
         if dtype is None:
             raise bad(f"metadata 'dtype' must be one of {list(WIRE_DTYPES)}, got {_short(meta.get('dtype'))}")
         if meta.get("compression", COMPRESSION) != COMPRESSION:
