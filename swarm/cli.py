@@ -145,12 +145,17 @@ def run_dht(args) -> int:
             import asyncio
 
             from swarm.client import loop
-            from swarm.relay import serve_standalone
-            asyncio.run_coroutine_threadsafe(serve_standalone(dht, args.host, args.relay_port), loop.background_loop())
+            from swarm.relay import announce_forever, start_standalone
+            from swarm.dht_records import announce_relay
+            relay = loop.run(start_standalone(dht, args.host, args.relay_port))
+            announce_relay(dht, str(dht.peer_id), relay.control, relay.splice, 180.0)  # before any server looks
+            asyncio.run_coroutine_threadsafe(announce_forever(dht, relay), loop.background_loop())
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         if args.maddr_file:
             Path(args.maddr_file).write_text("".join(m + "\n" for m in maddrs))
         print("DHT running. Connect with --initial-peers " + " ".join(maddrs), flush=True)
+        if args.relay:
+            print(f"Relay for servers behind NAT at {relay.splice}", flush=True)
         _wait_for_signal()
     finally:
         dht.shutdown()

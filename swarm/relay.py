@@ -235,10 +235,8 @@ async def connect(splice: str, peer_id: str, handler: str, key: rsa.RSAPrivateKe
     return reader, writer
 
 
-async def serve_standalone(dht, host: str, port: int, period: float = 60.0) -> None:
-    """The relay of a `cocoon dht` peer: a direct port with the ``relay`` handler only, a relay port, announced
-    every ``period`` seconds."""
-    from swarm.dht_records import announce_relay
+async def start_standalone(dht, host: str, port: int) -> RelayService:
+    """The relay of a `cocoon dht` peer: a direct port with the ``relay`` handler only, and a relay port."""
     service = RelayService(dht.private_key)
     control = DirectServer(dht.private_key, {"relay": service.handle})
     control_port, splice_port = await control.start(host, 0), await service.start(host, port)
@@ -246,7 +244,12 @@ async def serve_standalone(dht, host: str, port: int, period: float = 60.0) -> N
         str(m).split("/")[2] for m in dht.get_visible_maddrs() if str(m).startswith("/ip4/")})
     service.control = [f"{h}:{control_port}" for h in hosts[:4]]
     service.splice = f"{hosts[0]}:{splice_port}"
-    print(f"Relay for servers behind NAT at {service.splice}", flush=True)
+    return service
+
+
+async def announce_forever(dht, service: RelayService, period: float = 60.0) -> None:
+    """Announce the relay every ``period`` seconds (its caller announced it once already)."""
+    from swarm.dht_records import announce_relay
     while True:
-        announce_relay(dht, str(dht.peer_id), service.control, service.splice, 3 * period)
         await asyncio.sleep(period)
+        announce_relay(dht, str(dht.peer_id), service.control, service.splice, 3 * period)

@@ -82,14 +82,14 @@ if "COCOON_ADVERTISE_THROUGHPUT" in os.environ:
     server.Server._set_throughput = _set_throughput
 
 if "COCOON_DIRECT_ADDRESS" in os.environ:
-    _honest_start_direct = server.Server._start_direct
+    _honest_check_reachability = server.Server._check_reachability
 
-    async def _start_direct(self):
-        direct = await _honest_start_direct(self)
-        self.info.direct = (os.environ["COCOON_DIRECT_ADDRESS"],)
-        return direct
+    async def _check_reachability(self):  # what it announces after its own check found it reachable
+        relaying = await _honest_check_reachability(self)
+        self.info.direct, self.info.relay = (os.environ["COCOON_DIRECT_ADDRESS"],), ""
+        return relaying
 
-    server.Server._start_direct = _start_direct
+    server.Server._check_reachability = _check_reachability
 
 if __name__ == "__main__":
     from swarm.cli import main
