@@ -130,7 +130,9 @@ def advance_time(w3: Web3, seconds: int) -> None:
     """Move the chain's clock forward (in-process eth-tester or a development node such as anvil)."""
     tester = getattr(w3.provider, "ethereum_tester", None)
     if tester is not None:
-        tester.time_travel(w3.eth.get_block("latest").timestamp + seconds)
+        target = w3.eth.get_block("latest").timestamp + seconds
+        # the pending block may already be ahead of latest + seconds (e.g. seconds = 0): never travel back
+        tester.time_travel(max(target, tester.get_block_by_number("pending")["timestamp"]))
         tester.mine_blocks(1)
     else:
         w3.provider.make_request("evm_increaseTime", [seconds])
