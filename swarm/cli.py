@@ -159,6 +159,7 @@ def run_dht(args) -> int:
         _wait_for_signal()
     finally:
         dht.shutdown()
+        reap_children(grace=2.0)  # hivemind gives up on a slow shutdown and its terminate() meets our handler
     return 0
 
 

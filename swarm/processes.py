@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 import psutil
 
@@ -50,6 +51,8 @@ def _watch(reader: socket.socket) -> None:
         for signum in data:
             if signum in _TERMINATING and signal.getsignal(signum) is not signal.default_int_handler:
                 terminating.set()
+                reap_children(grace=2.0)
+                time.sleep(0.2)  # a child the main thread forked while the first pass listed (a DHT starting)
                 reap_children(grace=2.0)
                 os._exit(128 + signum)
 
