@@ -95,13 +95,8 @@ def chat(swarm, path, turns, kill=None):
         process.stdin.write(turn + "\n")
         process.stdin.flush()
         line = ""
-        if i == 1 and kill is not None:
-            while not line.strip():  # the answer's first characters: the rest is still to be generated
-                char = process.stdout.read(1)
-                assert char or process.poll() is None, process.stderr.read()
-                line += char
-            kill.signal(signal.SIGKILL)
-            line += process.stdout.readline()
+        if i == 1 and kill is not None:  # while the second answer is being computed (a short answer streams
+            kill.signal(signal.SIGKILL)  # out whole at its end, so waiting for its first characters may be late)
         while not line.strip():
             line = process.stdout.readline()
             assert line or process.poll() is None, process.stderr.read()
