@@ -17,24 +17,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import swarm  # noqa: F401  (before torch: its OpenMP threads then do not spin)
 import torch
 
+from push import Clock  # bench/push.py, beside this script
+
 HIDDEN, BLOCKS = 512, 8
 DIRECT_PORT, P2P_PORT = 40123, 40124
-
-
-class Clock:
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def client(path: str, new_tokens: int, repeats: int, peers: list[str]) -> None:

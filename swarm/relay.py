@@ -34,7 +34,6 @@ from swarm.direct import DirectCaller, DirectServer, HandshakeError, _receive, _
 
 logger = logging.getLogger(__name__)
 PROTOCOL = "cocoon-relay/1"
-LINE_BYTES = 256
 DIAL_BACK_SECONDS = 10.0  # a server has this long to dial back for a client
 CHECK_SECONDS = 4.0       # to reach one address when checking reachability
 MAX_CHECKED = 4           # addresses checked per request

@@ -3,7 +3,6 @@ reachable directly, reachable only through a relay (it then registers there), or
 try). A reachable server offers to relay for others, unless --no-relay."""
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 
@@ -11,7 +10,6 @@ from swarm.dht_records import announce_relay, fetch_relays
 from swarm.direct import DirectServer, HandshakeError
 from swarm.relay import RelayRegistration, RelayService
 
-logger = logging.getLogger(__name__)
 RELAYS_TRIED = 3
 
 
