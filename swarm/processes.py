@@ -30,9 +30,11 @@ def exit_on_termination() -> None:
         reader, _wakeup = socket.socketpair()
         _wakeup.setblocking(False)
         threading.Thread(target=_watch, args=(reader,), name="cocoon-signals", daemon=True).start()
+    # the wakeup fd first: a signal arriving between the two would meet a handler that does nothing and no fd
+    # to tell the watcher, and be lost (a command signalled ~50 ms after it started ran on)
+    signal.set_wakeup_fd(_wakeup.fileno(), warn_on_full_buffer=False)
     for sig in _TERMINATING:
         signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the main thread need not
-    signal.set_wakeup_fd(_wakeup.fileno(), warn_on_full_buffer=False)
 
 
 def interrupts_raise() -> None:

@@ -32,7 +32,8 @@ def signalled_after(args, delay: float, sig: int) -> list[str]:
     try:
         process.wait(60)
     except subprocess.TimeoutExpired:
-        dump = subprocess.run(["py-spy", "dump", "--pid", str(process.pid)], capture_output=True, text=True)
+        py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")  # the venv's: not on PATH under make
+        dump = subprocess.run([py_spy, "dump", "--pid", str(process.pid)], capture_output=True, text=True)
         raise AssertionError(f"still running {delay}s + 60s after signal {sig}:\n{dump.stdout}{dump.stderr}")
     finally:
         deadline = time.monotonic() + 10
