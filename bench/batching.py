@@ -5,8 +5,10 @@
 One server started by `cocoon serve` holds every block (its defaults, a longer batching window, and
 `--max-batch-sessions 1` for the run without batching, in the same run); the clients are threads of one process, each with its own model
 (from_pretrained with default arguments), each generating greedily from its own 16-token prompt. The
-table shows all clients' new tokens divided by the wall time until the last one finished, and each
-client's tokens are checked against what it generates alone.
+clients first warm up together, untimed (one token each: their first look at the swarm, and the server's
+first batch, which packs its weights once: swarm.server.batching); then the table shows all clients' new
+tokens divided by the wall time until the last one finished (their prompts included), and each client's
+tokens are checked against what it generates alone.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def run_clients(path, peers, prompts, new_tokens, device) -> tuple[float, list[t
 
     def client(i):
         with torch.no_grad():
+            models[i].generate(prompts[i].to(device), max_new_tokens=1, do_sample=False)  # warm-up, not timed
             barrier.wait()
             outputs[i] = models[i].generate(prompts[i].to(device), max_new_tokens=new_tokens, do_sample=False,
                                             eos_token_id=None).cpu()

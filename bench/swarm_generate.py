@@ -10,6 +10,7 @@ shows medians and the spread (max - min). 'added ms/hop' = (swarm - local) per t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -36,16 +37,33 @@ def seconds_per_token(model, ids, new_tokens: int, device: str) -> float:
 
 
 def measure(args, path, blocks, servers, variant, extra, local, ids, expected, name) -> tuple:
-    from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.client import loop
 
     step = blocks // servers
     spans = [(i * step, (i + 1) * step if i < servers - 1 else blocks) for i in range(servers)]
-    server_args = ["--device", args.device, *args.server_arg, *extra]
+    settings = [arg for arg in extra if arg.partition("=")[0].isupper()]  # KEY=VALUE: every process's environment
+    push = "--no-push" not in extra  # a client's argument, as for `cocoon generate`
+    server_args = ["--device", args.device, *args.server_arg,
+                   *(arg for arg in extra if arg not in settings and arg != "--no-push")]
+    saved = dict(os.environ)
+    os.environ.update(arg.split("=", 1) for arg in settings)
+    loop._loop = None  # the client's event loop too is made anew under this variant's environment
+    try:
+        return _measure(args, path, servers, spans, variant, server_args, push, local, ids, expected, name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _measure(args, path, servers, spans, variant, server_args, push, local, ids, expected, name) -> tuple:
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.local_swarm import LocalSwarm
+
     with LocalSwarm(path, spans, dtype=args.dtype, server_args=server_args) as swarm:
         client_dtype = DTYPES.get(args.client_dtype, "auto")
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=swarm.initial_peers, device=args.device, dtype=client_dtype, exact_wire=args.exact_wire)
+            path, initial_peers=swarm.initial_peers, device=args.device, dtype=client_dtype, exact_wire=args.exact_wire,
+            push=push)
         local_times, swarm_times = [], []
         with torch.no_grad():
             model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -76,7 +94,9 @@ def main():
     parser.add_argument("--server-arg", action="append", default=[], help="extra `cocoon serve` argument")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                         help="also measure servers started with these extra arguments, in the same run "
-                             "(e.g. 'hivemind=--no-direct')")
+                             "(e.g. 'hivemind=--no-direct'); KEY=VALUE sets an environment variable of the "
+                             "servers and the client (e.g. 'asyncio=COCOON_EVENT_LOOP=asyncio'); --no-push is "
+                             "the client's, as for `cocoon generate`")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import configargparse
 
+from swarm import event_loop
 from swarm.processes import exit_on_termination, reap_children, terminating
 from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
 
@@ -254,7 +255,7 @@ def _wait_for_signal() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
-    asyncio.run(wait())
+    event_loop.run(wait())
     exit_on_termination()  # asyncio put the default handlers back: shutting down must not be cut short
 
 

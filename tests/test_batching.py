@@ -14,16 +14,21 @@ from swarm.local_swarm import LocalSwarm
 from swarm.server.batching import run_batched
 
 
-def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints):
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints, new_tokens):
+    """Steps of as many new tokens (decode steps; prompts of clients that start together, a new session's cache
+    empty) from sessions of different lengths, one of them of two rows, run as one batch."""
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
     hidden = span.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     caches = []
-    for length, batch in ((5, 1), (9, 2), (1, 1)):
+    for length, batch in ((5, 1), (9, 2), (1, 1), (0, 1)):
         cache = span.new_cache()
-        span(torch.randn(batch, length, hidden, generator=generator), cache=cache)
-        caches.append(cache)
-    steps = [torch.randn(c.layers[0].keys.shape[0], 1, hidden, generator=generator) for c in caches]
+        if length:
+            span(torch.randn(batch, length, hidden, generator=generator), cache=cache)
+        caches.append((cache, batch))
+    steps = [torch.randn(batch, new_tokens, hidden, generator=generator) for _, batch in caches]
+    caches = [cache for cache, _ in caches]
     batched_caches = copy.deepcopy(caches)
     alone = [span(step, cache=cache) for step, cache in zip(steps, caches)]
     requests = [SimpleNamespace(hidden=step, attention_mask=None, position_ids=None, dtype=torch.float32)
@@ -31,20 +36,21 @@ def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints)
     together = run_batched(span, [(r, c, (0, 4)) for r, c in zip(requests, batched_caches)], lambda t: t)
     for a, b in zip(alone, together):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5)
-    for own, shared in zip(caches, batched_caches):  # each cache grew by its own token, as alone
+    for own, shared in zip(caches, batched_caches):  # each cache grew by its own tokens, as alone
         for a, b in zip(own.layers, shared.layers):
             assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
             assert torch.allclose(a.values, b.values, atol=1e-5)
+    assert span._packed_linears  # float32 on a CPU: through oneDNN's packed weights (a copy made once)
 
 
 @pytest.mark.slow
 def test_concurrent_clients_of_one_server_get_the_tokens_they_get_alone(checkpoints):
-    """Four greedy sessions with prompts of different lengths, one beam search and one session with its own
+    """Four greedy sessions with prompts of different lengths (two of the same), one beam search and one session with its own
     LoRA weights decode at once on one server: every output equals that client's output alone, and the
     server ran decode steps of several sessions as one batch."""
     path = checkpoints("llama")
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 128, (1, n), generator=generator) for n in (3, 6, 9, 12, 5, 7)]
+    prompts = [torch.randint(3, 128, (1, n), generator=generator) for n in (3, 6, 6, 12, 5, 7)]  # two prompts of 6: their prefills may batch
     kinds = ["greedy"] * 4 + ["beams", "lora"]
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 

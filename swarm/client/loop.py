@@ -5,6 +5,8 @@ import asyncio
 import threading
 from typing import Awaitable, TypeVar
 
+from swarm.event_loop import new_event_loop
+
 T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -14,7 +16,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
-            _loop = asyncio.new_event_loop()
+            _loop = new_event_loop()
             threading.Thread(target=_loop.run_forever, name="cocoon-client-loop", daemon=True).start()
         return _loop
 

@@ -83,15 +83,15 @@ class ServerConfig:
     quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",
                         choices=["none", "int8", "nf4"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
-    num_threads: int = option(0, "torch threads for compute (0: this machine's cores, shared with other servers "
-                                 "started on it; see the README)")
+    num_threads: int = option(0, "torch threads for compute (0: this machine's cores divided by the cocoon "
+                                 "servers running on it, counted again at each announce)")
     max_sessions: int = option(64, "inference sessions open at once")
     cache_tokens: int = option(16384, "KV cache budget in tokens (batch x length), reserved when a session opens")
     session_timeout: float = option(120.0, "seconds before an idle session is freed")
     max_batch_sessions: int = option(64, "decode steps of up to this many sessions run as one forward (1: no "
                                          "batching)")
-    batch_window_ms: float = option(10.0, "how long a decode step may wait for other sessions' steps to batch with "
-                                         "(no wait while only one session decodes)")
+    batch_window_ms: float = option(20.0, "how long a batch of steps waits for another session's step after the "
+                                         "latest one (4 windows in all at most; no wait while one session decodes)")
     limits: Limits = option(Limits, "what one request may ask")
     quotas: Quotas = option(Quotas, "what one peer may take")
     public_name: str = option("", "a name shown in `cocoon status`")

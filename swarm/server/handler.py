@@ -19,6 +19,7 @@ from incentives.verification import Attestation, array_hash, chain_hash
 from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
 from swarm.framing import read_frame, write_frame
+from swarm.server import threads
 from swarm.server.batching import can_batch, run_batched
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
@@ -33,6 +34,7 @@ from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, Inferenc
 logger = logging.getLogger(__name__)
 HANDLERS = ("inference", "push", "forward", "backward", "info", "pay")
 LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang up
+BATCH_TOKENS = 128  # tokens of one batch of steps at most (a batch of prefills runs for ~8 chunks' time)
 
 
 class SpanHandler:
@@ -50,12 +52,14 @@ class SpanHandler:
         # one compute thread, fair between peers; decode steps of several sessions run as one batch
         self.scheduler = FairScheduler(quotas.max_queued_per_peer, batch_window=batch_window,
                                        max_batch=max_batch_sessions, active=sessions.decoding,
+                                       max_batch_cost=BATCH_TOKENS * (span.end - span.start),
                                        run_batch=self._run_batch if max_batch_sessions > 1 and can_batch(span) else None)
         self.metrics = None  # swarm.server.metrics.ServerMetrics, with --metrics-port
         self.prefill_rate = prefill_rate  # tokens x blocks per second of prefill, learned from the chunks run
         self.accepting = True
         self.routes: dict[str, Session] = {}  # route id -> the session that takes pushes under it
         self.pushes: PushSender | None = None  # set once the server has its p2p handle
+        self.threads = torch.get_num_threads()  # torch threads to compute with (swarm.server.threads)
         # steps pushed on, taken from a push, answered from a push, pushed steps refused, differing from the client's
         self.push_counts = dict.fromkeys(("sent", "taken", "answered", "refused", "differed"), 0)
 
@@ -145,8 +149,9 @@ class SpanHandler:
             self.metrics.block_tokens.labels(rpc).inc(tokens * blocks)
 
     async def _compute(self, peer: str, cost: float, fn, *args, batch_key=None):
-        # a lone session's decode step runs on the event loop when the compute thread has nothing to do
-        inline = batch_key is not None and self.sessions.decoding() <= 1
+        # a lone session's decode step runs on the event loop when the compute thread has nothing to do (a
+        # longer step there would hold up every other caller of this server: pings, new sessions, their prompts)
+        inline = batch_key is not None and batch_key[1] == 1 and self.sessions.decoding() <= 1
         return await self.scheduler.run(peer, cost, fn, *args, batch_key=batch_key, inline=inline)
 
     # ------------------------------------------------------------------ inference
@@ -331,10 +336,11 @@ class SpanHandler:
         prefix = request.prompts.shape[2] if request.prompts is not None else 0
         if length <= chunk or prefix > chunk:  # the deep prompts' prefix must lie in one chunk
             run = self._timed_run if batch * length >= 64 else self._run  # decode steps say nothing of prefill
-            # a decode step of a session under way can share a forward with other sessions' (swarm.server.batching)
-            batchable = length == 1 and past > 0 and lora is None and request.prompts is None and cache is not None
+            # a step of a session can share a forward with other sessions' steps of as many tokens: decode steps,
+            # and the prompts of clients that start together (swarm.server.batching)
+            batchable = lora is None and request.prompts is None and cache is not None
             return await self._compute(peer, batch * length * blocks_count, run, request, cache, blocks, lora,
-                                       batch_key=blocks if batchable else None)
+                                       batch_key=(blocks, length) if batchable else None)
         cache = self.span.new_cache() if cache is None else cache
         outputs, first = [], 0
         while first < length:
@@ -363,6 +369,7 @@ class SpanHandler:
 
     @torch.inference_mode()
     def _run(self, request: SpanRequest, cache, blocks: tuple[int, int], lora: LoraWeights | None) -> torch.Tensor:
+        threads.use(self.threads)
         with self._lora_applied(blocks, lora):  # positions default to continuing the cache, chunks included
             output = self.span(self._to_span(request.hidden), cache=cache,
                                position_ids=self._to_span(request.position_ids),
@@ -372,6 +379,7 @@ class SpanHandler:
 
     def _run_batch(self, tasks: list[tuple]) -> list[torch.Tensor]:
         """The arguments of several ``_run`` decode steps (same blocks, no LoRA) -> their outputs."""
+        threads.use(self.threads)
         return run_batched(self.span, [(request, cache, blocks) for request, cache, blocks, _ in tasks],
                            self._to_span)
 
@@ -382,6 +390,7 @@ class SpanHandler:
                       ) -> list[torch.Tensor]:
         """Gradients w.r.t. the span's input, and w.r.t. the deep prompts and the client's LoRA weights when
         the request has them (a served adapter is frozen)."""
+        threads.use(self.threads)
         with torch.enable_grad():
             hidden = self._to_span(request.hidden).requires_grad_(True)
             prompts = self._to_span(request.prompts)

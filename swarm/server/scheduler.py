@@ -8,9 +8,11 @@ own, so that task is short. A peer may have ``max_queued`` tasks waiting; more a
 QUOTA_EXCEEDED (the client tries another server and bans nobody).
 
 Tasks that can share a forward (decode steps of different sessions: swarm.server.batching) carry a batch
-key. When the worker picks one, it takes every queued task with the same key along, waiting up to
-``batch_window`` seconds for more while fewer are queued than sessions are active (no wait with one
-session), and runs them as one batch. Each peer is still charged the cost of its own tasks, so batching
+key. When the worker picks one, it takes every queued task with the same key along, waiting for more while
+fewer are queued than sessions are active (no wait with one session): until ``batch_window`` seconds pass
+with no new one, and at most WINDOWS_AT_MOST windows in all (clients' steps trickle in: one window from the
+first alone would cut a round of sessions into several batches, each reading all the weights). It runs them
+as one batch, of at most ``max_batch`` tasks and ``max_batch_cost``. Each peer is still charged the cost of its own tasks, so batching
 changes nobody's share, only how much work a second of compute does.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Callable
 from swarm.wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
+WINDOWS_AT_MOST = 4  # a batch waits a window after its latest step, and this many windows after its first at most
 
 
 @dataclass(order=True)
@@ -38,14 +41,17 @@ class _Task:
     args: tuple = field(compare=False)
     future: asyncio.Future = field(compare=False)
     batch_key: Any = field(default=None, compare=False)
+    cost: float = field(default=0.0, compare=False)
 
 
 class FairScheduler:
     def __init__(self, max_queued_per_peer: int = 32, *, run_batch: Callable[[list[tuple]], list] | None = None,
-                 batch_window: float = 0.0, max_batch: int = 64, active: Callable[[], int] = lambda: 1):
+                 batch_window: float = 0.0, max_batch: int = 64, max_batch_cost: float = float("inf"),
+                 active: Callable[[], int] = lambda: 1):
         self.max_queued = max_queued_per_peer
         self.run_batch = run_batch  # args of several tasks -> their results, in order
         self.batch_window, self.max_batch, self.active = batch_window, max_batch, active
+        self.max_batch_cost = max_batch_cost  # a batch of long steps stays short: others' decode steps wait for it
         self.batches: dict[int, int] = {}  # tasks per batch -> how many batches of that size ran
         self.queues: dict[str, deque[_Task]] = {}
         self.finish: dict[str, float] = {}  # each peer's latest virtual finish time
@@ -80,7 +86,8 @@ class FairScheduler:
                     self._running = False
                     self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + time.perf_counter() - inline_start
                     self.batches[1] = self.batches.get(1, 0) + 1
-                    self._ready.notify()
+                    if any(self.queues.values()):  # else waking the compute thread would only send it back to sleep
+                        self._ready.notify()
         future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopped:
@@ -94,7 +101,7 @@ class FairScheduler:
             start = max(self.virtual_time, self.finish.get(peer, 0.0))
             self.finish[peer] = start + max(cost, 1e-9)
             key = batch_key if self.run_batch is not None else None
-            queue.append(_Task(self.finish[peer], next(self._order), start, fn, args, future, key))
+            queue.append(_Task(self.finish[peer], next(self._order), start, fn, args, future, key, cost))
             self._ready.notify()
         try:
             return await future
@@ -126,12 +133,18 @@ class FairScheduler:
             self.virtual_time = task.start
             group = [(peer, task)]
             if task.batch_key is not None:
-                deadline = time.monotonic() + self.batch_window
+                now = time.monotonic()
+                deadline, last_call = now + self.batch_window, now + WINDOWS_AT_MOST * self.batch_window
+                budget = self.max_batch_cost - task.cost
                 while True:
-                    group += self._take_batchable(task.batch_key, self.max_batch - len(group))
+                    taken = self._take_batchable(task.batch_key, self.max_batch - len(group), budget)
+                    group += taken
+                    budget -= sum(t.cost for _, t in taken)
+                    if taken:  # more may be on their way: a window from the latest one
+                        deadline = min(last_call, time.monotonic() + self.batch_window)
                     wanted = min(self.active(), self.max_batch)
                     left = deadline - time.monotonic()
-                    if len(group) >= wanted or left <= 0 or self._stopped:
+                    if len(group) >= wanted or left <= 0 or self._stopped or budget < task.cost:
                         break
                     self._ready.wait(left)  # a new task notifies
             return group
@@ -143,10 +156,16 @@ class FairScheduler:
             del self.queues[peer]
         return task
 
-    def _take_batchable(self, key: Any, room: int) -> list[tuple[str, _Task]]:
-        """Queued tasks with ``key``, in their virtual finish order (fairness decides who rides first)."""
-        found = sorted(((t, p) for p, q in self.queues.items() for t in q if t.batch_key == key))[:max(room, 0)]
-        return [(peer, self._pop(peer, task)) for task, peer in found]
+    def _take_batchable(self, key: Any, room: int, budget: float) -> list[tuple[str, _Task]]:
+        """Queued tasks with ``key``, in their virtual finish order (fairness decides who rides first), at most
+        ``room`` of them and ``budget`` of cost."""
+        found = []
+        for task, peer in sorted((t, p) for p, q in self.queues.items() for t in q if t.batch_key == key):
+            if len(found) >= room or task.cost > budget:
+                break
+            found.append((peer, task))
+            budget -= task.cost
+        return [(peer, self._pop(peer, task)) for peer, task in found]
 
     def _work(self) -> None:
         while (group := self._next()) is not None:

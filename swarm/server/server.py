@@ -17,6 +17,7 @@ from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, announce_relay, fetch_evidence, fetch_swarm_state, make_dht
+from swarm import event_loop
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.handler import SpanHandler
@@ -24,6 +25,7 @@ from swarm.server.push import PushSender
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
+from swarm.server import threads
 from swarm.processes import exit_on_termination
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class Server:
         self.dht = None
         try:
             self._start()
-            asyncio.run(self._serve())
+            event_loop.run(self._serve())
         finally:
             if self.dht is not None:
                 self.dht.shutdown()
@@ -49,8 +51,8 @@ class Server:
         """Load the span, measure it, set up payments; announce the server as joining."""
         config = self.config
         _return_freed_buffers()
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
+        self.threads = threads.share(config.num_threads)
+        threads.use(self.threads)
         self.checkpoint = checkpoint = Checkpoint(config.model)
         self.model_id = config.model_id or checkpoint.model_id
         total_blocks = checkpoint.config.num_hidden_layers
@@ -94,6 +96,7 @@ class Server:
                                    quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s,
                                    batch_window=config.batch_window_ms / 1000,
                                    max_batch_sessions=config.max_batch_sessions)
+        self.handler.threads = self.threads
         self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
@@ -115,6 +118,7 @@ class Server:
                     logger.info(f"session {session_id} expired")
                 if self.metrics is not None:
                     self.metrics.evidence.set(self._evidence_against_me())
+                self.handler.threads = await asyncio.to_thread(threads.share, config.num_threads)
                 if config.blocks is None and loop.time() >= next_balance:
                     await self._maybe_move(self.checkpoint)
                     next_balance = loop.time() + self._balance_delay()
