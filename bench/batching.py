@@ -2,7 +2,7 @@
 
     python bench/batching.py [--clients 1 2 4 8 16] [--hidden 2048] [--device cpu]
 
-One server started by `cocoon serve` holds every block (its defaults, a longer batching window, and
+One server started by `cocoon serve` holds every block (its defaults, a 10 ms batching window, and
 `--max-batch-sessions 1` for the run without batching, in the same run); the clients are threads of one process, each with its own model
 (from_pretrained with default arguments), each generating greedily from its own 16-token prompt. The
 clients first warm up together, untimed (one token each: their first look at the swarm, and the server's
@@ -70,7 +70,7 @@ def main():
         generator = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, args.vocab, (1, 16), generator=generator) for _ in range(max(args.clients))]
         rows, solo = [], {}
-        for name, extra in (("batching (defaults)", []), ("batching, 30 ms window", ["--batch-window-ms", "30"]),
+        for name, extra in (("batching (defaults)", []), ("batching, 10 ms window", ["--batch-window-ms", "10"]),
                             ("no batching", ["--max-batch-sessions", "1"])):
             server_args = ["--device", args.device, *extra]
             with LocalSwarm(tmp, [(0, args.blocks)], dtype=args.dtype, server_args=server_args) as swarm_:
