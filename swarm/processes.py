@@ -20,12 +20,14 @@ import psutil
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
 _wakeup: socket.socket | None = None
 terminating = threading.Event()  # set once a signal is being acted on: what breaks meanwhile is no error
+_raising = False  # interrupts_raise() is in force: the main thread's KeyboardInterrupt handles the signals
 
 
 def exit_on_termination() -> None:
     """From now on (and until asyncio or ``interrupts_raise`` take the signals over), SIGTERM or SIGINT reap
     this process's children and exit with 128 + the signal. Call from the main thread."""
-    global _wakeup
+    global _wakeup, _raising
+    _raising = False
     if _wakeup is None:
         reader, _wakeup = socket.socketpair()
         _wakeup.setblocking(False)
@@ -40,6 +42,8 @@ def exit_on_termination() -> None:
 def interrupts_raise() -> None:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (its `finally` blocks run): for a command
     that is past its start-up, such as a client generating text, which pays its servers when it stops."""
+    global _raising
+    _raising = True
     signal.set_wakeup_fd(-1)
     for sig in _TERMINATING:
         signal.signal(sig, signal.default_int_handler)
@@ -51,7 +55,9 @@ def _watch(reader: socket.socket) -> None:
         if not data:
             return
         for signum in data:
-            if signum in _TERMINATING and signal.getsignal(signum) is not signal.default_int_handler:
+            # (not "is the handler still Python's default": a signal arriving while the main thread installs the
+            # do-nothing handler is written here, then run by the main thread with the new handler: both would pass)
+            if signum in _TERMINATING and not _raising:
                 terminating.set()
                 reap_children(grace=2.0)
                 time.sleep(0.2)  # a child the main thread forked while the first pass listed (a DHT starting)
