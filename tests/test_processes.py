@@ -25,8 +25,17 @@ def processes_of_session(sid: int) -> list[psutil.Process]:
 
 def signalled_after(args, delay: float, sig: int) -> list[str]:
     """Start `cocoon ARGS` in a session of its own, signal it after ``delay`` s; what of it is left after it exits."""
-    process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    # as a user's foreground command starts: a suite launched as a background job (`make test &`) ignores SIGINT,
+    # and an ignored signal stays ignored across exec, so the command would not hear an early Ctrl-C at all
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     time.sleep(delay)
     process.send_signal(sig)
     try:
