@@ -12,8 +12,8 @@ key. When the worker picks one, it takes every queued task with the same key alo
 fewer are queued than sessions are active (no wait with one session): until ``batch_window`` seconds pass
 with no new one, and at most WINDOWS_AT_MOST windows in all (clients' steps trickle in: one window from the
 first alone would cut a round of sessions into several batches, each reading all the weights). It runs them
-as one batch, of at most ``max_batch`` tasks and ``max_batch_cost``. Each peer is still charged the cost of its own tasks, so batching
-changes nobody's share, only how much work a second of compute does.
+as one batch, of at most ``max_batch`` tasks and ``max_batch_cost``. Each peer is still charged the cost
+of its own tasks, so batching changes nobody's share, only how much work a second of compute does.
 """
 from __future__ import annotations
 
