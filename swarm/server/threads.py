@@ -26,18 +26,21 @@ def is_server(cmdline: list[str]) -> bool:
 
 
 def servers_here() -> int:
-    count = 0
-    for process in psutil.process_iter(["cmdline"]):
+    """`cocoon serve` processes on this machine. A server's own children carry its command line (hivemind's
+    DHT runs in a process forked from it): only those whose parent is not a server count."""
+    parents = {}  # server pid -> its parent's pid
+    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
         try:
-            count += is_server(process.info["cmdline"] or [])
+            if is_server(process.info["cmdline"] or []):
+                parents[process.info["pid"]] = process.info["ppid"]
         except psutil.Error:
             pass
-    return max(count, 1)
+    return sum(parent not in parents for parent in parents.values())
 
 
 def share(configured: int) -> int:
     """``--num-threads`` when given (> 0), else this server's share of the cores."""
-    return configured if configured > 0 else max(1, cores() // servers_here())
+    return configured if configured > 0 else max(1, cores() // max(1, servers_here()))
 
 
 def use(threads: int) -> None:
