@@ -1,18 +1,24 @@
 """Aggregate tokens/s of N concurrent clients of one server, with and without batching across sessions.
 
-    python bench/batching.py [--clients 1 2 4 8 16] [--hidden 2048] [--device cpu]
+    python bench/batching.py [--clients 1 2 4 8 16] [--repeats 3] [--hidden 2048] [--device cpu]
 
-One server started by `cocoon serve` holds every block (its defaults, a 10 ms batching window, and
-`--max-batch-sessions 1` for the run without batching, in the same run); the clients are threads of one process, each with its own model
-(from_pretrained with default arguments), each generating greedily from its own 16-token prompt. The
+One server started by `cocoon serve` holds every block: with its defaults, with a 10 ms batching window,
+and with `--max-batch-sessions 1` (no batching). The clients are threads of one process, each with its own
+model (from_pretrained with default arguments), each generating greedily from its own 16-token prompt. The
 clients first warm up together, untimed (one token each: their first look at the swarm, and the server's
-first batch, which packs its weights once: swarm.server.batching); then the table shows all clients' new
-tokens divided by the wall time until the last one finished (their prompts included), and each client's
-tokens are checked against what it generates alone.
+first batch, which packs its weights once: swarm.server.batching); then a run times all clients' new
+tokens divided by the wall time until the last one finished (their prompts included), and checks each
+client's tokens against what it generates alone.
+
+This machine's speed drifts by tens of percent within minutes, so every configuration and client count
+runs --repeats times, interleaved (each repeat starts each configuration's server afresh and runs every
+client count on it): the table shows the median of the repeats, their spread (min-max), and the ratio of
+medians to one client.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import threading
 import time
@@ -58,6 +64,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from shards.testing import save_random_checkpoint
     from swarm.local_swarm import LocalSwarm
@@ -69,27 +76,37 @@ def main():
                                max_shard_size="2GB")
         generator = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, args.vocab, (1, 16), generator=generator) for _ in range(max(args.clients))]
-        rows, solo = [], {}
-        for name, extra in (("batching (defaults)", []), ("batching, 10 ms window", ["--batch-window-ms", "10"]),
-                            ("no batching", ["--max-batch-sessions", "1"])):
-            server_args = ["--device", args.device, *extra]
-            with LocalSwarm(tmp, [(0, args.blocks)], dtype=args.dtype, server_args=server_args) as swarm_:
-                for i, prompt in enumerate(prompts):  # what each client generates alone
-                    if i not in solo:
-                        solo[i] = run_clients(tmp, swarm_.initial_peers, [prompt], args.new_tokens, args.device)[1][0]
-                for n in args.clients:
-                    tokens_per_s, outputs = run_clients(tmp, swarm_.initial_peers, prompts[:n], args.new_tokens,
-                                                        args.device)
-                    same = all(torch.equal(output, solo[i]) for i, output in enumerate(outputs))
-                    rows.append((name, n, tokens_per_s, same))
-                    print(f"  {name}: {n} clients, {tokens_per_s:.1f} tokens/s", flush=True)
-        base = {name: tps for name, n, tps, _ in rows if n == 1}
+        configs = (("batching (defaults)", []), ("batching, 10 ms window", ["--batch-window-ms", "10"]),
+                   ("no batching", ["--max-batch-sessions", "1"]))
+        rates: dict[tuple[str, int], list[float]] = {(name, n): [] for name, _ in configs for n in args.clients}
+        same: dict[tuple[str, int], bool] = dict.fromkeys(rates, True)
+        solo = {}
+        for repeat in range(args.repeats):
+            for name, extra in configs:
+                server_args = ["--device", args.device, *extra]
+                with LocalSwarm(tmp, [(0, args.blocks)], dtype=args.dtype, server_args=server_args) as swarm_:
+                    for i, prompt in enumerate(prompts):  # what each client generates alone (once)
+                        if i not in solo:
+                            solo[i] = run_clients(tmp, swarm_.initial_peers, [prompt], args.new_tokens,
+                                                  args.device)[1][0]
+                    for n in args.clients:
+                        tokens_per_s, outputs = run_clients(tmp, swarm_.initial_peers, prompts[:n], args.new_tokens,
+                                                            args.device)
+                        rates[name, n].append(tokens_per_s)
+                        same[name, n] &= all(torch.equal(output, solo[i]) for i, output in enumerate(outputs))
+                        print(f"  repeat {repeat + 1}/{args.repeats}, {name}: {n} clients, {tokens_per_s:.1f} tokens/s",
+                              flush=True)
         print(f"\nhidden {args.hidden}, intermediate {args.intermediate}, {args.blocks} blocks on one server, vocab "
-              f"{args.vocab}, {args.dtype} on {args.device}, 16-token prompts, {args.new_tokens} new tokens\n")
-        print("| server | clients | tokens/s (all clients) | x one client | same tokens as alone |")
-        print("|---|---|---|---|---|")
-        for name, n, tps, same in rows:
-            print(f"| {name} | {n} | {tps:.1f} | {tps / base[name]:.2f}x | {'yes' if same else 'no'} |")
+              f"{args.vocab}, {args.dtype} on {args.device}, 16-token prompts, {args.new_tokens} new tokens, median "
+              f"of {args.repeats} interleaved repeats\n")
+        print("| server | clients | tokens/s (all clients) | spread (min-max) | x one client | same tokens as alone |")
+        print("|---|---|---|---|---|---|")
+        for name, _ in configs:
+            one = statistics.median(rates[name, args.clients[0]])
+            for n in args.clients:
+                runs = rates[name, n]
+                print(f"| {name} | {n} | {statistics.median(runs):.1f} | {min(runs):.1f}-{max(runs):.1f} | "
+                      f"{statistics.median(runs) / one:.2f}x | {'yes' if same[name, n] else 'no'} |")
 
 
 if __name__ == "__main__":
