@@ -247,3 +247,51 @@ def test_two_colluders_cannot_convict_an_honest_server(chain, checkpoints, monke
         else:
             assert checker.unsettled > 0 and not checker.convicted
         model.shutdown()
+
+
+def test_batched_sessions_are_charged_and_spot_checked_as_each_alone(chain, checkpoints, monkeypatch):
+    """Three paying clients decode at once, each spot-checking every step, on two priced servers of the same
+    blocks: the servers run steps of different sessions as one batch, yet each client gets transformers'
+    tokens, nobody is convicted, and each client is charged exactly its own units: every token but the last
+    through the 4 blocks of its chain, and each checked step's whole input again on the checker."""
+    node, settlement, _ = chain
+    monkeypatch.setenv("COCOON_PASSPHRASE", "pw")
+    path = checkpoints("llama")
+    prompt, new_tokens, clients = 6, 10, 3
+    prompts = [torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(i)) for i in range(clients)]
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = [local.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None) for ids in prompts]
+    with LocalSwarm(path) as swarm:
+        servers = [swarm.add_server((0, 4), *priced_server_args(chain, f"batched-{i}")[1], "--batch-window-ms", "30",
+                                    wait=False) for i in range(2)]
+        for server in servers:
+            server.wait_for("Server ready", 180)
+        models = [AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=paying_client(chain, ETH),
+            contract=settlement.address, chain_id=node.w3.eth.chain_id, spot_check_rate=1.0) for _ in prompts]
+        outputs = [None] * clients
+        barrier = threading.Barrier(clients)
+
+        def run(i):
+            barrier.wait()
+            outputs[i] = models[i].generate(prompts[i], max_new_tokens=new_tokens, do_sample=False,
+                                            eos_token_id=None)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        batched = sum(count for server in servers
+                      for size, count in loop.run(models[0].swarm.info(server.peer_id))["batches"].items()
+                      if int(size) > 1)
+        assert batched > 0  # steps of different sessions (generation or checks) shared a forward
+        for model, output, want in zip(models, outputs, expected):
+            assert torch.equal(output, want)
+            checker = model.swarm.spot_checker
+            assert checker.checked == new_tokens and checker.convicted == {} and checker.unsettled == 0
+            charged = sum(channel.tally.total_units for channel in model.swarm.payments.channels.values())
+            generated = prompt + new_tokens - 1
+            rechecked = sum(range(prompt, prompt + new_tokens))  # the input so far, at each step
+            assert charged == 4 * (generated + rechecked)
+            model.shutdown()
