@@ -12,7 +12,7 @@ from pathlib import Path
 import configargparse
 
 from swarm import event_loop
-from swarm.processes import exit_on_termination, reap_children, terminating
+from swarm.processes import exit_on_termination, exit_with_owner, reap_children, terminating
 from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
 
 
@@ -22,6 +22,7 @@ class UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     exit_on_termination()
+    exit_with_owner()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from swarm import processes
+
 
 class SwarmProcess:
     """One child process whose output is collected line by line."""
@@ -25,6 +27,7 @@ class SwarmProcess:
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         env = {**os.environ, **(env or {})}  # `cocoon` sets its own defaults (swarm/__init__.py), as for a user
+        env[processes.OWNER_ENV] = processes.owner_token()  # it stops when this process is gone, however it ends
         self.process = subprocess.Popen([*prefix, sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env,
                                         start_new_session=True)

@@ -18,6 +18,7 @@ import time
 import psutil
 
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
+OWNER_ENV = "COCOON_OWNER"  # "pid:start time" of the process a command must not outlive (swarm.local_swarm)
 _wakeup: socket.socket | None = None
 terminating = threading.Event()  # set once a signal is being acted on: what breaks meanwhile is no error
 _raising = False  # interrupts_raise() is in force: the main thread's KeyboardInterrupt handles the signals
@@ -37,6 +38,37 @@ def exit_on_termination() -> None:
     signal.set_wakeup_fd(_wakeup.fileno(), warn_on_full_buffer=False)
     for sig in _TERMINATING:
         signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the main thread need not
+
+
+def exit_with_owner() -> None:
+    """A command that a script started (through swarm.local_swarm, which sets OWNER_ENV) stops as on SIGTERM
+    once that script is gone, even killed outright: a test or bench killed with SIGKILL leaves no server or
+    DHT serving on. The command's own children do not inherit the watch."""
+    owner = os.environ.pop(OWNER_ENV, None)
+    if not owner:
+        return
+    pid, _, started = owner.partition(":")
+
+    def watch() -> None:
+        while is_running(int(pid), started):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cocoon-owner", daemon=True).start()
+
+
+def owner_token() -> str:
+    """OWNER_ENV's value for this process."""
+    return f"{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def is_running(pid: int, started: str) -> bool:
+    """The process ``pid`` that started at ``started`` (not a later one given the same pid) has not exited."""
+    try:
+        process = psutil.Process(pid)
+        return f"{process.create_time():.2f}" == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def interrupts_raise() -> None:

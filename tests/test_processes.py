@@ -69,3 +69,33 @@ def test_cocoon_serve_signalled_while_starting_or_serving_leaves_nothing(checkpo
             left = signalled_after(["serve", path, "--initial-peers", *swarm.initial_peers, "--blocks", "0:2",
                                     "--host", "127.0.0.1", "--shutdown-grace", "0.5"], delay, signal.SIGTERM)
             assert left == [], f"SIGTERM after {delay}s left {left}"
+
+
+OWNER = """
+import sys, time
+from swarm.local_swarm import LocalSwarm
+swarm = LocalSwarm(sys.argv[1], [(0, 2)]).__enter__()
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_local_swarm_outlives_no_script_that_owns_it(checkpoints):
+    """A script holding a LocalSwarm, killed outright (no `with` exit runs): its DHT and server stop on their
+    own, with their DHT processes and p2p daemons."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(checkpoints("llama"))], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert owner.stdout.readline() == "up\n"
+        started = psutil.Process(owner.pid).children(recursive=True)
+        commands = [" ".join(p.cmdline()) for p in started]
+        assert any("swarm.cli serve" in c for c in commands) and any("swarm.cli dht" in c for c in commands)
+        assert any("p2pd" in c for c in commands)
+    finally:
+        owner.kill()
+        owner.wait()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    left = [command[:80] for process, command in zip(started, commands) if process in alive]
+    for process in alive:
+        process.kill()
+    assert left == []
