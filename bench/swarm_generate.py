@@ -10,10 +10,12 @@ shows medians and the spread (max - min). 'added ms/hop' = (swarm - local) per t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
+from typing import Iterator
 
 import swarm  # noqa: F401  (before torch, as in the README: its OpenMP threads then do not spin)
 import torch
@@ -36,23 +38,39 @@ def seconds_per_token(model, ids, new_tokens: int, device: str) -> float:
     return (time.perf_counter() - start) / new_tokens
 
 
-def measure(args, path, blocks, servers, variant, extra, local, ids, expected, name) -> tuple:
-    from swarm.client import loop
-
+def spans_of(blocks: int, servers: int) -> list[tuple[int, int]]:
     step = blocks // servers
-    spans = [(i * step, (i + 1) * step if i < servers - 1 else blocks) for i in range(servers)]
-    settings = [arg for arg in extra if arg.partition("=")[0].isupper()]  # KEY=VALUE: every process's environment
-    push = "--no-push" not in extra  # a client's argument, as for `cocoon generate`
-    server_args = ["--device", args.device, *args.server_arg,
-                   *(arg for arg in extra if arg not in settings and arg != "--no-push")]
+    return [(i * step, (i + 1) * step if i < servers - 1 else blocks) for i in range(servers)]
+
+
+def split_variant(extra: list[str]) -> tuple[dict[str, str], list[str], bool]:
+    """A variant's words -> (its KEY=VALUE environment settings, its `cocoon serve` arguments, whether the
+    client pushes: --no-push is a client's argument, as for `cocoon generate`)."""
+    settings = [arg for arg in extra if arg.partition("=")[0].isupper()]
+    server_args = [arg for arg in extra if arg not in settings and arg != "--no-push"]
+    return dict(arg.split("=", 1) for arg in settings), server_args, "--no-push" not in extra
+
+
+@contextlib.contextmanager
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """os.environ with ``settings`` added, for the processes started meanwhile."""
     saved = dict(os.environ)
-    os.environ.update(arg.split("=", 1) for arg in settings)
-    loop._loop = None  # the client's event loop too is made anew under this variant's environment
+    os.environ.update(settings)
     try:
-        return _measure(args, path, servers, spans, variant, server_args, push, local, ids, expected, name)
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def measure(args, path, blocks, servers, variant, extra, local, ids, expected, name) -> tuple:
+    from swarm.client import loop
+
+    settings, server_args, push = split_variant(extra)  # the settings hold for every process, the client's too
+    with environment(settings):
+        loop._loop = None  # the client's event loop too is made anew under this variant's environment
+        return _measure(args, path, servers, spans_of(blocks, servers), variant,
+                        ["--device", args.device, *args.server_arg, *server_args], push, local, ids, expected, name)
 
 
 def _measure(args, path, servers, spans, variant, server_args, push, local, ids, expected, name) -> tuple:

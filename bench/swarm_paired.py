@@ -21,21 +21,15 @@ import swarm  # noqa: F401  (before torch, as in the README: its OpenMP threads 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.swarm_generate import MODELS, seconds_per_token  # noqa: E402
+from bench.swarm_generate import MODELS, environment, seconds_per_token, spans_of, split_variant  # noqa: E402
 
 
 def start(path: str, spans, variant: str):
+    """A variant's swarm, its KEY=VALUE settings in its servers' environment; and whether its client pushes."""
     from swarm.local_swarm import LocalSwarm
-    extra = variant.split()
-    settings = [arg for arg in extra if arg.partition("=")[0].isupper()]
-    saved = dict(os.environ)
-    os.environ.update(arg.split("=", 1) for arg in settings)
-    try:
-        return LocalSwarm(path, spans, server_args=[a for a in extra if a not in settings and a != "--no-push"]
-                          ).__enter__(), "--no-push" not in extra
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    settings, server_args, push = split_variant(variant.split())
+    with environment(settings):
+        return LocalSwarm(path, spans, server_args=server_args).__enter__(), push
 
 
 def main():
@@ -53,8 +47,7 @@ def main():
 
     hidden, blocks, heads, kv_heads, intermediate = MODELS[args.model]
     variants = [v.split("=", 1) for v in args.variant]
-    step = blocks // args.servers
-    spans = [(i * step, (i + 1) * step if i < args.servers - 1 else blocks) for i in range(args.servers)]
+    spans = spans_of(blocks, args.servers)
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, "llama", hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads,
                                num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=32000)
