@@ -33,7 +33,7 @@ class RawStream:
         return loop.run(go())
 
     def close(self):
-        loop.background_loop().call_soon_threadsafe(self.stream.close)
+        loop.call_soon(self.stream.close)
 
 
 def raw_request(tensors: dict, meta: dict) -> ExpertRequest:

@@ -7,6 +7,7 @@ on: the output is the same as with no failure.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -188,13 +189,13 @@ class InferenceSession:
         they are replayed (as one prefill) so the new servers' KV caches match the lost one's."""
         sessions, block = [], start
         replay = _concat_history(history)
+        if replay is None:  # nothing to replay through them in turn: connect to every server of the chain at once
+            sessions, block = await self._connect_chain(start, end, failover)
         while block < end:
             link = (await failover.chain(block, end))[0]
             session = None
             try:
-                session = _ServerSession(link, await self.client.open_stream(link.peer_id, "inference"),
-                                         self.max_length, block_slice(self.block_inputs, link.start, link.end),
-                                         self.lora_spec)
+                session = self._new_session(link, await self.client.open_stream(link.peer_id, "inference"))
                 if replay is not None:
                     output = await session.step(*replay, timeout=self.client.request_timeout, client=self.client)
                     replay = (output, replay[1])
@@ -207,10 +208,39 @@ class InferenceSession:
             block = link.end
         return sessions
 
+    async def _connect_chain(self, start: int, end: int, failover: Failover) -> tuple[list[_ServerSession], int]:
+        """Sessions on the servers of a chain for [start, end), their streams opened concurrently (each opening is
+        a few round trips), up to the first server that could not be reached; and the block after them."""
+        links = await failover.chain(start, end)
+        streams = await asyncio.gather(*(self.client.open_stream(link.peer_id, "inference") for link in links),
+                                       return_exceptions=True)
+        sessions, block = [], start
+        for i, (link, stream) in enumerate(zip(links, streams)):
+            if isinstance(stream, BaseException):
+                for later in streams[i + 1:]:
+                    if isinstance(later, ServerStream):
+                        later.close()
+                try:
+                    if not isinstance(stream, Exception):
+                        raise stream
+                    failover.failed(link.peer_id, stream)  # (raises what is not the server's fault)
+                except BaseException:
+                    for session in sessions:
+                        session.stream.close()
+                    raise
+                break  # from this server's blocks on, one by one, as after any failure
+            sessions.append(self._new_session(link, stream))
+            block = link.end
+        return sessions, block
+
+    def _new_session(self, link: ChainLink, stream: ServerStream) -> _ServerSession:
+        return _ServerSession(link, stream, self.max_length, block_slice(self.block_inputs, link.start, link.end),
+                              self.lora_spec)
+
     def close(self) -> None:
         if not self.closed:
             for session in self._sessions:
-                loop.background_loop().call_soon_threadsafe(session.stream.close)
+                loop.call_soon(session.stream.close)
             self.closed = True
             loop.run(self.client.settle())
 

@@ -1,31 +1,130 @@
-"""One asyncio loop in a background thread, so synchronous torch code can await network calls."""
+"""The client's one asyncio loop, driven by the thread that waits on it, so synchronous torch code can await
+network calls.
+
+``run(coroutine)`` runs the loop in the calling thread until the coroutine is done: a decode step goes from
+the caller's torch code onto the network and back with no hand-off to a loop thread (on a small model that
+hand-off, two thread wake-ups per step, was a tenth of what a hop of the chain added). When another thread
+already drives the loop (many threads generating at once), the caller sleeps until its result is ready or the
+loop is handed to it. Work that must go on while no caller waits (a relay's announcements) asks for
+``background_loop()``: a thread of its own then drives the loop for good, and ``run`` waits on it.
+"""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from typing import Awaitable, TypeVar
+import time
+from typing import Awaitable, Callable, TypeVar
 
 from swarm.event_loop import new_event_loop
 
 T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+_driver: int | None = None  # the thread running the loop now
+# threads waiting for their result or for the loop, first come first: their wake-up and their future
+_waiting: dict[int, tuple[threading.Event, concurrent.futures.Future]] = {}
+_background: threading.Thread | None = None
 
 
-def background_loop() -> asyncio.AbstractEventLoop:
+def event_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
             _loop = new_event_loop()
-            threading.Thread(target=_loop.run_forever, name="cocoon-client-loop", daemon=True).start()
         return _loop
 
 
+def call_soon(callback: Callable[[], object]) -> None:
+    """Run ``callback`` on the loop, from any thread (with the next ``run``, if no thread drives it now)."""
+    event_loop().call_soon_threadsafe(callback)
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The loop, driven from now on by a thread of its own (for tasks that run with no caller waiting)."""
+    global _background
+    loop = event_loop()
+    with _lock:
+        if _background is None:
+            forever: concurrent.futures.Future = concurrent.futures.Future()
+            _background = threading.Thread(target=_drive_until, args=(loop, forever, None), name="cocoon-client-loop",
+                                           daemon=True)
+            _background.start()
+    return loop
+
+
 def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
-    """Run a coroutine on the background loop and wait for its result."""
-    future = asyncio.run_coroutine_threadsafe(coroutine, background_loop())
+    """Run a coroutine on the loop and wait for its result (at most ``timeout`` seconds: then TimeoutError)."""
+    loop = event_loop()
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
     try:
-        return future.result(timeout)
-    except TimeoutError:
+        if _background is not None:
+            return future.result(timeout)
+        return _drive_until(loop, future, timeout)
+    except BaseException:  # a timeout, or KeyboardInterrupt: the coroutine does not go on by itself
         future.cancel()
         raise
+
+
+def _drive_until(loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future, timeout: float | None):
+    global _driver
+    me = threading.get_ident()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    wake = threading.Event()
+    future.add_done_callback(lambda _: wake.set())
+    while not future.done():
+        with _lock:
+            drive = _driver is None
+            if drive:
+                _driver = me
+            else:
+                _waiting[me] = (wake, future)
+        if drive:
+            try:
+                _run_loop(loop, future, me, deadline)
+            finally:
+                _hand_over()
+        else:
+            woken = wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            wake.clear()  # (the loop condition looks at the future itself)
+            with _lock:
+                del _waiting[me]
+                if _driver is None and (future.done() or not woken):  # we leave: the loop goes to the next one
+                    _wake_next()
+            if not woken and not future.done():
+                raise TimeoutError
+        if deadline is not None and time.monotonic() >= deadline and not future.done():
+            raise TimeoutError
+    return future.result()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future, me: int,
+              deadline: float | None) -> None:
+    """Run the loop in this thread until ``future`` is done or the deadline passes."""
+    def stop(_) -> None:  # called in the thread that completed the future: stop only our own run
+        if threading.get_ident() == me:
+            loop.stop()
+
+    future.add_done_callback(stop)
+    timer = None if deadline is None else loop.call_later(max(0.0, deadline - time.monotonic()), loop.stop)
+    try:
+        if not future.done():
+            loop.run_forever()
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _hand_over() -> None:
+    """Give up the loop; the first thread still waiting for its result drives it next."""
+    global _driver
+    with _lock:
+        _driver = None
+        _wake_next()
+
+
+def _wake_next() -> None:
+    for wake, future in _waiting.values():
+        if not future.done():
+            wake.set()
+            return

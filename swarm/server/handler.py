@@ -151,8 +151,12 @@ class SpanHandler:
     async def _compute(self, peer: str, cost: float, fn, *args, batch_key=None):
         # a lone session's decode step runs on the event loop when the compute thread has nothing to do (a
         # longer step there would hold up every other caller of this server: pings, new sessions, their prompts)
-        inline = batch_key is not None and batch_key[1] == 1 and self.sessions.decoding() <= 1
+        inline = batch_key is not None and self._lone_decode(batch_key[1])
         return await self.scheduler.run(peer, cost, fn, *args, batch_key=batch_key, inline=inline)
+
+    def _lone_decode(self, length: int) -> bool:
+        """A decode step of the only session decoding here: it runs inline (see _compute)."""
+        return length == 1 and self.sessions.decoding() <= 1
 
     # ------------------------------------------------------------------ inference
     async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply | None:
@@ -207,13 +211,13 @@ class SpanHandler:
         output = await self._span_output(peer, step, session.cache, (session.start, session.end),
                                          session.lora, past=session.length)
         position, session.length = session.length, session.length + length
-        self.sessions.touch(session)  # only a step that succeeds keeps a session alive
-        self._count("inference", step.hidden, session.end - session.start)
         if session.push is not None and self.pushes is not None:  # the next server's input first
             if await self.pushes.send(session.push, step, output, position):
                 self.push_counts["sent"] += 1
             else:
                 session.push = None
+        self.sessions.touch(session)  # only a step that succeeds keeps a session alive
+        self._count("inference", step.hidden, session.end - session.start)
         reply = SpanReply([output], length=session.length, digest=digest)
         session.input_chain, reply.attestation = self._attest(session.input_chain, step.hidden, output,
                                                               session.start, session.end)
@@ -244,13 +248,17 @@ class SpanHandler:
         if step.hidden.shape[0] != session.batch_size:
             raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
         if step.position == session.length and (session.push_task is None or session.push_task.done()):
-            session.push_task = asyncio.create_task(self._pushed_step(session, step))  # one at a time
+            if session.pushed is None and self._lone_decode(step.hidden.shape[1]):
+                await self._pushed_step(session, step)  # it runs inline, holding the loop anyway: at once, ack after
+            else:  # one at a time, and after the client's copy of the last pushed step when that is waiting too
+                session.push_task = asyncio.create_task(self._pushed_step(session, step))
         return InfoReply({"route": step.route_id, "accepted": True})
 
     async def _pushed_step(self, session: Session, step: PushStep) -> None:
         async with session.lock:
-            if step.position != session.length or session.session_id not in self.sessions.sessions:
-                return  # the client's own step came first
+            if step.position != session.length or session.pushed is not None or \
+                    session.session_id not in self.sessions.sessions:
+                return  # the client's own step came first, or its copy of the last pushed step is still to come
             before = (step.position, step.digest(), session.input_chain, [copy.copy(l) for l in session.cache.layers])
             try:
                 payer = await self._charge_before(session.peer, session.payment)
