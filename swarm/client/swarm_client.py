@@ -24,6 +24,7 @@ INFO_REPLY_BYTES = 1 << 20
 RTT_MAX_AGE = 60.0       # seconds before a server's round trip is measured again
 RTT_PROBES = 32          # servers probed at most per refresh
 DIRECT_RETRY_SECONDS = 60.0  # after a direct connection failed, hivemind is used for this long
+STALE_SECONDS = 30.0     # a snapshot up to this much older than state_ttl serves while a fresh one is fetched
 
 
 class ServerStream:
@@ -86,6 +87,7 @@ class SwarmClient:
         self.block_seconds: dict[str, float] = {}  # peer -> seconds per token per block of its decode steps
         self._state: SwarmState | None = None
         self._state_time = 0.0
+        self._refreshing: asyncio.Task | None = None  # a fetch of the swarm state in the background
         self.rng = random.Random()
         self.payments = None  # swarm.client.payments.Payments when this client pays servers
         self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
@@ -99,14 +101,30 @@ class SwarmClient:
         return loop.run(self.state(refresh))
 
     async def state(self, refresh: bool = False) -> SwarmState:
-        """The latest snapshot of the swarm, with this client's round-trip times to its servers."""
-        if refresh or self._state is None or time.monotonic() - self._state_time > self.state_ttl:
-            state = await fetch_swarm_state_async(self.dht, self.model_id, self.num_blocks)
-            await self._measure_rtts(state)
-            state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
-            state.block_seconds = self.block_seconds
-            self._state, self._state_time = state, time.monotonic()
+        """The latest snapshot of the swarm, with this client's round-trip times to its servers. One older than
+        ``state_ttl`` (by less than STALE_SECONDS) is used while a fresh one is fetched in the background: a
+        generate() does not wait for the DHT and for pings (15 to 40 ms on loopback) every ``state_ttl``."""
+        age = time.monotonic() - self._state_time
+        if not refresh and self._state is not None and 0 < self.state_ttl < age <= self.state_ttl + STALE_SECONDS:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh_quietly())
+            return self._state
+        if refresh or self._state is None or age > self.state_ttl:
+            await self._refresh()
         return self._state
+
+    async def _refresh(self) -> None:
+        state = await fetch_swarm_state_async(self.dht, self.model_id, self.num_blocks)
+        await self._measure_rtts(state)
+        state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
+        state.block_seconds = self.block_seconds
+        self._state, self._state_time = state, time.monotonic()
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as e:  # the next state() that finds the snapshot too old fetches it itself
+            logger.info(f"refreshing the swarm state failed ({type(e).__name__}: {e})")
 
     async def _measure_rtts(self, state: SwarmState) -> None:
         now = time.monotonic()
@@ -262,5 +280,7 @@ class SwarmClient:
                 logger.warning(f"could not send a voucher to {peer_id}: {e}")
 
     def shutdown(self) -> None:
+        if self._refreshing is not None:
+            loop.call_soon(self._refreshing.cancel)
         loop.run(self.p2p.shutdown())
         self.dht.shutdown()

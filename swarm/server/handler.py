@@ -235,9 +235,10 @@ class SpanHandler:
                 raise bad(f"route id {accept['id']} is taken: pick another")
             self.routes[accept["id"]] = session
 
-    async def _push(self, message: ExpertRequest, state: dict[str, Any]) -> InfoReply:
-        """A step pushed by the previous server of a client's chain: acknowledged at once, computed and
-        answered to the client in the background (pushes of many sessions share one stream)."""
+    async def _push(self, message: ExpertRequest, state: dict[str, Any]) -> InfoReply | None:
+        """A step pushed by the previous server of a client's chain, computed and answered to the client: at once
+        for a lone session, else in the background (pushes of many sessions share one stream). Only a refusal
+        is answered on the push stream: acknowledging every step would wake the pusher once more per token."""
         step = PushStep.parse(message, self.bounds, opening=False)
         session = self.routes.get(step.route_id)
         if session is None or session.accept["from"] != state["peer"] or \
@@ -249,10 +250,10 @@ class SpanHandler:
             raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
         if step.position == session.length and (session.push_task is None or session.push_task.done()):
             if session.pushed is None and self._lone_decode(step.hidden.shape[1]):
-                await self._pushed_step(session, step)  # it runs inline, holding the loop anyway: at once, ack after
+                await self._pushed_step(session, step)  # it runs inline, holding the loop anyway
             else:  # one at a time, and after the client's copy of the last pushed step when that is waiting too
                 session.push_task = asyncio.create_task(self._pushed_step(session, step))
-        return InfoReply({"route": step.route_id, "accepted": True})
+        return None
 
     async def _pushed_step(self, session: Session, step: PushStep) -> None:
         async with session.lock:

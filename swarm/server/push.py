@@ -38,7 +38,8 @@ class _PushStream:
         self.acks = asyncio.create_task(self._read_acks(refused))
 
     async def _read_acks(self, refused: set[str]) -> None:
-        """Each pushed step is acknowledged; a refusal is logged and ends pushing on that route."""
+        """A pushed step is answered only when it is refused (or malformed): that is logged, and a refusal ends
+        pushing on that route."""
         with contextlib.suppress(Exception):
             while True:
                 response = await read_frame(self.reader, ExpertResponse, ACK_BYTES)
