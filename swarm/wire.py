@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import msgpack
+import numpy
 import torch
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
@@ -69,7 +70,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    tensor = tensor.detach().cpu().contiguous()
+    # each torch call costs tens of microseconds on a decode step's cold caches: only the ones needed
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
     return runtime_pb2.Tensor(buffer=raw.numpy().tobytes(), size=tensor.shape, dtype=dtype_name(tensor.dtype),
                               compression=CompressionType.NONE)
@@ -88,12 +95,28 @@ def unpack_tensor(proto: runtime_pb2.Tensor, name: str, max_numel: int) -> torch
     numel = math.prod(shape)
     if numel > max_numel:
         raise WireError(ErrorCode.TOO_LARGE, f"tensor {name!r} has {numel} elements; the limit is {max_numel}")
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(proto.buffer) != numel * itemsize:
         raise bad(f"tensor {name!r}: buffer of {len(proto.buffer)} bytes does not hold {proto.dtype} {shape}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(proto.buffer), dtype=dtype).reshape(shape)
+    return torch.frombuffer(bytearray(proto.buffer), dtype=dtype).view(shape)
+
+
+_EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """``torch.isfinite(tensor).all()`` through numpy, at about half the cost on a decode step's cold caches. A
+    16-bit float (which numpy lacks) is NaN or inf when its exponent bits are all ones."""
+    if tensor.requires_grad or tensor.device.type != "cpu":
+        return bool(torch.isfinite(tensor).all())
+    if tensor.dtype in _EXPONENT_BITS:
+        mask = _EXPONENT_BITS[tensor.dtype]
+        return not ((tensor.view(torch.int16).numpy() & mask) == mask).any()
+    if tensor.dtype in (torch.float32, torch.float64):
+        return bool(numpy.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 # ------------------------------------------------------------------ metadata
@@ -347,7 +370,7 @@ class SpanRequest:
         grad_output = tensors.get("grad_output")
         if grad_output is not None and grad_output.shape != hidden.shape:
             raise bad(f"grad_output shape {list(grad_output.shape)} != hidden shape {list(hidden.shape)}")
-        if grad_output is not None and not torch.isfinite(grad_output).all():
+        if grad_output is not None and not all_finite(grad_output):
             raise bad("grad_output contains NaN or inf")
         position_ids, attention_mask = tensors.get("position_ids"), tensors.get("attention_mask")
         if position_ids is not None:
@@ -365,7 +388,7 @@ class SpanRequest:
                     or not 1 <= prefix <= length:
                 raise bad(f"prompts must have shape [blocks {end - start}, batch {batch}, prefix <= {length}, "
                           f"{bounds.hidden_size}], got {list(prompts.shape)}")
-            if not torch.isfinite(prompts).all():
+            if not all_finite(prompts):
                 raise bad("prompts must be finite")
         lora, lora_spec, adapter = tensors.get("lora"), None, None
         if "lora_spec" in meta:
@@ -376,7 +399,7 @@ class SpanRequest:
             if not lora.is_floating_point() or lora.ndim != 2 or lora.shape[0] != end - start:
                 raise bad(f"lora weights must be floating point [blocks {end - start}, per-block numel], "
                           f"got {dtype_name(lora.dtype)} {list(lora.shape)}")
-            if not torch.isfinite(lora).all():
+            if not all_finite(lora):
                 raise bad("lora weights must be finite")
         elif lora_spec is not None and lora_spec.hash is None:
             raise bad("metadata 'lora_spec' without weights must name weights sent before by 'hash'")
@@ -506,7 +529,7 @@ def _check_activations(tensor: torch.Tensor, name: str, bounds: Bounds) -> None:
     if tensor.shape[0] * tensor.shape[1] > limits.max_tokens_per_request:
         raise bad(f"{tensor.shape[0] * tensor.shape[1]} tokens in one request exceed the limit of "
                   f"{limits.max_tokens_per_request}")
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise bad(f"{name} contains NaN or inf")
 
 
@@ -586,7 +609,7 @@ class SpanReply:
                 raise InvalidReply(f"server {peer_id} returned shape {list(tensor.shape)}, expected {list(shape)}")
             if tensor.dtype != dtype:
                 raise InvalidReply(f"server {peer_id} returned {dtype_name(tensor.dtype)}, expected {dtype_name(dtype)}")
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise InvalidReply(f"server {peer_id} returned NaN or inf")
             outputs.append(tensor)
         try:
