@@ -55,7 +55,24 @@ def background_loop() -> asyncio.AbstractEventLoop:
 
 def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
     """Run a coroutine on the loop and wait for its result (at most ``timeout`` seconds: then TimeoutError)."""
+    global _driver
     loop = event_loop()
+    if _background is None:
+        with _lock:
+            alone = _driver is None
+            if alone:
+                _driver = threading.get_ident()
+        if alone:  # nobody else drives the loop: run it right here (the cheapest way, ~0.1 ms less per step)
+            task = None
+            try:
+                task = loop.create_task(coroutine if timeout is None else asyncio.wait_for(coroutine, timeout))
+                return loop.run_until_complete(task)
+            except BaseException:  # a timeout, or KeyboardInterrupt: the coroutine does not go on by itself
+                if task is not None:
+                    task.cancel()
+                raise
+            finally:
+                _hand_over()
     future = asyncio.run_coroutine_threadsafe(coroutine, loop)
     try:
         if _background is not None:
