@@ -126,7 +126,8 @@ class InferenceSession:
             raise ValueError(f"{self.position} + {length} tokens exceed the session's max_length {self.max_length}; "
                              f"open the session with a larger max_length")
         extra = optional_inputs(batch, self.position, length, attention_mask, position_ids)
-        wire = hidden.detach().to(device="cpu", dtype=wire_dtype(hidden.dtype, self.exact))
+        wire = (hidden.detach() if hidden.requires_grad else hidden).to(device="cpu",
+                                                                         dtype=wire_dtype(hidden.dtype, self.exact))
         output = loop.run(self._step(wire, extra))
         self.position += length
         return output.to(device=hidden.device, dtype=hidden.dtype)
