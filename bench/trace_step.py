@@ -1,0 +1,193 @@
+"""Where the time of one decode step goes along a pushing chain of 2 servers: timestamps on both sides.
+
+    python bench/trace_step.py [--model small] [--tokens 64] [--rounds 3] [--code new=. --code old=/old/checkout]
+
+Each code tree (a checkout of this repository; default: this one) runs in turn, in a child process: a
+LocalSwarm of 2 servers started by `cocoon serve` with its defaults, and a client with default arguments
+decoding ``--tokens`` tokens after warming up. A hook (a sitecustomize module on PYTHONPATH, in every process
+of the run) writes a timestamp (CLOCK_MONOTONIC, the same clock in every process) at each frame read and
+written, at each step's compute, and where the client's step() starts and returns. The table gives the
+median over tokens of each stage of the critical path: client -> server 1 -> (push) -> server 2 -> client.
+The hook itself costs a few microseconds per timestamp.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+HOOK = '''
+import os, sys, time
+_dir = os.environ.get("COCOON_TRACE_DIR")
+if _dir:
+    _out = open(os.path.join(_dir, f"{os.getpid()}.txt"), "a", buffering=1)
+    _who = f"server{os.getpid()}" if "serve" in sys.argv else "client"
+
+    def ev(what):
+        _out.write(f"{time.perf_counter_ns()} {_who} {what}\\n")
+
+    import builtins
+    builtins._cocoon_trace = ev
+    import swarm.framing as framing
+    _read, _write = framing.read_frame, framing.write_frame
+
+    async def read_frame(reader, message_type, *args, **kwargs):
+        message = await _read(reader, message_type, *args, **kwargs)
+        ev(f"read {message_type.__name__}")
+        return message
+
+    async def write_frame(writer, message):
+        result = await _write(writer, message)
+        ev(f"wrote {type(message).__name__}")
+        return result
+
+    framing.read_frame, framing.write_frame = read_frame, write_frame
+    if _who != "client":
+        import swarm.server.handler as handler
+        cls = next(v for v in vars(handler).values() if isinstance(v, type) and hasattr(v, "_span_output"))
+        _span_output = cls._span_output
+
+        async def span_output(self, *args, **kwargs):
+            ev("compute0")
+            output = await _span_output(self, *args, **kwargs)
+            ev("compute1")
+            return output
+
+        cls._span_output = span_output
+'''
+
+CLIENT = '''
+import builtins, sys, tempfile
+import swarm
+import torch
+from shards.testing import save_random_checkpoint
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client.inference_session import InferenceSession
+from swarm.local_swarm import LocalSwarm
+config, tokens = {config!r}, {tokens}
+path = tempfile.mkdtemp()
+save_random_checkpoint(path, "llama", **config)
+ev = builtins._cocoon_trace
+step = InferenceSession.step
+
+def traced(self, *args, **kwargs):
+    ev("step0")
+    output = step(self, *args, **kwargs)
+    ev("step1")
+    return output
+
+InferenceSession.step = traced
+ids = torch.randint(3, config["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+with LocalSwarm(path, [(0, config["num_hidden_layers"] // 2), (config["num_hidden_layers"] // 2,
+                                                                  config["num_hidden_layers"])]) as local_swarm:
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        ev("MARK")
+        model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=None)
+    model.shutdown()
+'''
+
+STAGES = ["client: step() -> request written", "-> server 1 has read it", "server 1: read -> compute",
+          "server 1: compute", "server 1: compute -> push written", "-> server 2 has read the push",
+          "server 2: read -> compute", "server 2: compute", "server 2: compute -> answer written",
+          "-> client has read it", "client: read -> step() returns"]
+
+
+def stages(events: list[tuple[float, str, str]]) -> dict[str, list[float]]:
+    """Milliseconds of each stage, per token, for tokens whose events follow the pushing chain's order."""
+    start = next(i for i, (_, _, what) in enumerate(events) if what == "MARK")
+    per_stage: dict[str, list[float]] = {}
+    token: list = []
+    for event in events[start + 1:]:
+        token.append(event)
+        if event[1] == "client" and event[2] == "step1":
+            times = _critical_path(token)
+            if times is not None:
+                for name, a, b in zip(STAGES, times, times[1:]):
+                    per_stage.setdefault(name, []).append(b - a)
+                per_stage.setdefault("whole step", []).append(times[-1] - times[0])
+            token = []
+    return per_stage
+
+
+def _critical_path(token) -> list[float] | None:
+    def first(after: float, who, what: str):
+        for t, w, x in token:
+            if t >= after and who(w) and x.startswith(what):
+                return t, w
+        raise LookupError
+
+    try:
+        step0, _ = first(0.0, lambda w: w == "client", "step0")
+        sent, _ = first(step0, lambda w: w == "client", "wrote")
+        read1, server1 = first(sent, lambda w: w.startswith("server"), "read ExpertRequest")
+        c0, _ = first(read1, lambda w: w == server1, "compute0")
+        c1, _ = first(c0, lambda w: w == server1, "compute1")
+        pushed, _ = first(c1, lambda w: w == server1, "wrote ExpertRequest")
+        read2, server2 = first(pushed, lambda w: w.startswith("server") and w != server1, "read ExpertRequest")
+        d0, _ = first(read2, lambda w: w == server2, "compute0")
+        d1, _ = first(d0, lambda w: w == server2, "compute1")
+        answered, _ = first(d1, lambda w: w == server2, "wrote ExpertResponse")
+        received, _ = first(answered, lambda w: w == "client", "read ExpertResponse")
+        step1, _ = first(received, lambda w: w == "client", "step1")
+    except LookupError:
+        return None
+    return [step0, sent, read1, c0, c1, pushed, read2, d0, d1, answered, received, step1]
+
+
+def run(code: str, config: dict, tokens: int) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as hook, tempfile.TemporaryDirectory() as traces:
+        with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
+            f.write(HOOK)
+        env = {**os.environ, "COCOON_TRACE_DIR": traces,
+               "PYTHONPATH": os.pathsep.join([hook, os.path.abspath(code), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, "-c", textwrap.dedent(CLIENT.format(config=config, tokens=tokens))],
+                       env=env, cwd=code, check=True, stdout=subprocess.DEVNULL)
+        events = []
+        for name in os.listdir(traces):
+            with open(os.path.join(traces, name)) as f:
+                for line in f:
+                    t, who, what = line.rstrip("\n").split(" ", 2)
+                    events.append((int(t) / 1e6, who, what))
+    return stages(sorted(events))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["small", "large", "7b"], default="small")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every code tree, interleaved")
+    parser.add_argument("--code", action="append", default=[], help="NAME=PATH of a checkout (repeatable)")
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.swarm_generate import MODELS
+    hidden, blocks, heads, kv_heads, intermediate = MODELS[args.model]
+    config = dict(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  intermediate_size=intermediate, vocab_size=32000, max_shard_size="2GB")
+    codes = [c.split("=", 1) for c in args.code] or [["this checkout", "."]]
+    results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in codes}
+    for round_ in range(args.rounds):  # interleaved, so that the machine's drift hits every tree alike
+        for name, code in codes:
+            print(f"round {round_ + 1}: tracing {name} ({code}) ...", flush=True)
+            for stage, values in run(code, config, args.tokens).items():
+                results[name].setdefault(stage, []).extend(values)
+    print(f"\n{args.model} model, 2 servers, push, {args.rounds} x {args.tokens} tokens; median ms per token of "
+          f"each stage\n")
+    print("| stage | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for stage in STAGES + ["whole step"]:
+        print(f"| {stage} | " + " | ".join(f"{statistics.median(r[stage]):.2f}" if r.get(stage) else "-"
+                                         for r in results.values()) + " |")
+    overhead = {name: statistics.median(r["whole step"]) - statistics.median(r["server 1: compute"])
+                - statistics.median(r["server 2: compute"]) for name, r in results.items()}
+    print("| all but the two computes | " + " | ".join(f"{v:.2f}" for v in overhead.values()) + " |")
+    print("| tokens counted | " + " | ".join(str(len(r.get("whole step", []))) for r in results.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
