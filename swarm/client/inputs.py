@@ -14,9 +14,10 @@ def optional_inputs(batch: int, past: int, length: int, attention_mask: torch.Te
     """Position ids and attention mask, left out when they say what the server assumes anyway (no padding)."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    if position_ids is not None and attention_mask is None and position_ids.ndim == 2 and \
-            all(row == list(range(past, past + length)) for row in position_ids.tolist()):  # (no torch op per step)
-        position_ids = None
+    if position_ids is not None and attention_mask is None and position_ids.ndim == 2:
+        default = list(range(past, past + length))
+        if all(row == default for row in position_ids.tolist()):  # (compared as lists: no torch op per step)
+            position_ids = None
     if position_ids is not None:
         position_ids = position_ids.long().cpu().expand(batch, -1).contiguous()
     if attention_mask is not None:
