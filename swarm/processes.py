@@ -9,9 +9,11 @@ torch's or hivemind's C code), and an exception raised from one can land in code
 lock. Whatever is still running when a command returns is terminated too."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -22,6 +24,9 @@ OWNER_ENV = "COCOON_OWNER"  # "pid:start time" of the process a command must not
 _wakeup: socket.socket | None = None
 terminating = threading.Event()  # set once a signal is being acted on: what breaks meanwhile is no error
 _raising = False  # interrupts_raise() is in force: the main thread's KeyboardInterrupt handles the signals
+_forking_pid = 0  # the process that forks, as seen by its child
+_forked_by_main_thread = False
+_PR_SET_PDEATHSIG = 1
 
 
 def exit_on_termination() -> None:
@@ -33,11 +38,39 @@ def exit_on_termination() -> None:
         reader, _wakeup = socket.socketpair()
         _wakeup.setblocking(False)
         threading.Thread(target=_watch, args=(reader,), name="cocoon-signals", daemon=True).start()
+        os.register_at_fork(before=_before_fork, after_in_child=_stop_with_parent)
     # the wakeup fd first: a signal arriving between the two would meet a handler that does nothing and no fd
     # to tell the watcher, and be lost (a command signalled ~50 ms after it started ran on)
     signal.set_wakeup_fd(_wakeup.fileno(), warn_on_full_buffer=False)
     for sig in _TERMINATING:
         signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the main thread need not
+
+
+def _before_fork() -> None:
+    global _forking_pid, _forked_by_main_thread
+    _forking_pid = os.getpid()
+    _forked_by_main_thread = threading.current_thread() is threading.main_thread()
+
+
+def _stop_with_parent() -> None:
+    """In a forked helper (hivemind's DHT process): SIGTERM and SIGINT stop its own children (its p2p daemon) and
+    exit, and so does its parent's death. Left as inherited, the handler would do nothing, and the signal's byte
+    would go to the parent's watcher; a helper forked after that watcher's last look would outlive the command."""
+    global _wakeup
+    _wakeup = None  # the parent's; this process has no watcher thread
+    signal.set_wakeup_fd(-1)
+    for sig in _TERMINATING:
+        signal.signal(sig, _reap_and_exit)  # run by the main thread, which here is an event loop that returns often
+    if sys.platform.startswith("linux") and _forked_by_main_thread:
+        # (a death signal fires when the forking *thread* ends: only the main thread lives as long as the process)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != _forking_pid:  # the parent died before the death signal was set
+            _reap_and_exit(signal.SIGTERM, None)
+
+
+def _reap_and_exit(signum: int, frame) -> None:
+    reap_children(grace=2.0)
+    os._exit(128 + signum)
 
 
 def exit_with_owner() -> None:

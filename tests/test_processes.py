@@ -99,3 +99,29 @@ def test_a_local_swarm_outlives_no_script_that_owns_it(checkpoints):
     for process in alive:
         process.kill()
     assert left == []
+
+
+def test_a_command_killed_outright_leaves_no_dht_process(checkpoints):
+    """`cocoon serve` killed with SIGKILL (no handler of its own runs): its forked DHT process stops with it, and
+    stops its p2p daemon."""
+    from swarm.local_swarm import LocalSwarm
+    path = str(checkpoints("llama"))
+    with LocalSwarm(path) as swarm:
+        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", "serve", path, "--initial-peers",
+                                    *swarm.initial_peers, "--blocks", "0:2", "--host", "127.0.0.1"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not any("p2pd" in " ".join(p.cmdline()) for p in processes_of_session(process.pid)):
+                assert time.monotonic() < deadline and process.poll() is None, "the server started no DHT"
+                time.sleep(0.1)
+            process.kill()
+            process.wait()
+            deadline = time.monotonic() + 10
+            while processes_of_session(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = [" ".join(p.cmdline())[:80] for p in processes_of_session(process.pid)]
+        finally:
+            for leftover in processes_of_session(process.pid):
+                leftover.kill()
+        assert left == []
