@@ -42,7 +42,10 @@ if _dir:
 
     async def write_frame(writer, message):
         result = await _write(writer, message)
-        ev(f"wrote {type(message).__name__}")
+        kind = type(message).__name__
+        if kind == "CompactFrame":  # swarm.compact: a step or push (kinds 0, 1), or a reply (2)
+            kind = "ExpertResponse" if message[0] == 2 else "ExpertRequest"
+        ev(f"wrote {kind}")
         return result
 
     framing.read_frame, framing.write_frame = read_frame, write_frame

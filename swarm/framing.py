@@ -1,6 +1,7 @@
 """Frames on a byte stream: hivemind's layout (one marker byte, an 8-byte length, a protobuf), read with a
 size limit, and with a deadline once a frame has begun, so that a peer can make us neither buffer more
-than ``max_bytes`` nor hold a half-sent frame open. What the frames mean is swarm.wire's business."""
+than ``max_bytes`` nor hold a half-sent frame open. A third marker carries a compact frame (swarm.compact)
+instead of a protobuf. What the frames mean is swarm.wire's business."""
 from __future__ import annotations
 
 import asyncio
@@ -9,15 +10,16 @@ from typing import Callable
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
+from swarm.compact import CompactFrame
 from swarm.wire import ErrorCode, WireError
 
-MESSAGE, ERROR = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER
+MESSAGE, ERROR, COMPACT = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER, b"\x02"
 SMALL_FRAME = 1 << 20
 
 
 async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int, deadline: float | None = None,
                      admit: Callable[[int], None] | None = None):
-    """The next protobuf of ``message_type``, or None at the end of the stream. Waits for a frame's first byte
+    """The next protobuf of ``message_type`` (or CompactFrame), or None at the end of the stream. Waits for a frame's first byte
     as long as it takes; the rest must arrive within ``deadline`` seconds. ``admit(length)`` may refuse a
     frame (by raising) before its payload is buffered. Raises WireError when the frame is too large, late or
     garbage (the frame boundary is then lost: the stream cannot go on)."""
@@ -36,6 +38,8 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
             payload = await reader.readexactly(length)
     except TimeoutError:
         raise WireError(ErrorCode.DEADLINE, f"a frame did not arrive within {deadline} s of its first byte") from None
+    if marker == COMPACT:
+        return CompactFrame(payload)
     if marker == ERROR:
         error = RPCError()
         try:
@@ -56,8 +60,11 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
 
 
 async def write_frame(writer: asyncio.StreamWriter, message) -> None:
-    payload = message.SerializeToString()
-    head = (ERROR if isinstance(message, RPCError) else MESSAGE) + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
+    if isinstance(message, CompactFrame):
+        payload, marker = message, COMPACT
+    else:
+        payload, marker = message.SerializeToString(), ERROR if isinstance(message, RPCError) else MESSAGE
+    head = marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
     if len(payload) <= SMALL_FRAME:  # one write: one TLS record and one send on a direct connection, not three
         writer.write(head + payload)
     else:

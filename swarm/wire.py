@@ -442,13 +442,15 @@ class InferenceStep(SpanRequest):
     ``accept`` tells it to take this session's input from the previous server ({from: peer id, id: route
     id}, or {} to stop). ``position`` is the session's length before the step, so that a step the server
     already took from a push is recognised. A pushed step (kind "push", on a server's ``push`` stream) names
-    the receiving session by ``route_id``."""
+    the receiving session by ``route_id``. ``compact`` (first step only): the client reads replies in
+    swarm.compact's layout, and sends its later decode steps so when the server says it takes them."""
     max_length: int | None = None
     reorder: list[int] | None = None
     position: int | None = None
     push: dict | None = None
     accept: dict | None = None
     route_id: str | None = None
+    compact: bool | None = None
 
     kind: ClassVar[str] = "inference"
 
@@ -458,7 +460,7 @@ class InferenceStep(SpanRequest):
             return {"hidden", "position_ids", "attention_mask", "reorder", "position", "route_id"}
         route = {"position", "push", "accept"}
         if opening:
-            return super()._allowed(True) | {"max_length"} | route
+            return super()._allowed(True) | {"max_length", "compact"} | route
         return {"hidden", "position_ids", "attention_mask", "reorder", "payment"} | route
 
     @classmethod
@@ -470,6 +472,7 @@ class InferenceStep(SpanRequest):
     def _parse_own(self, meta: dict, opening: bool, bounds: Bounds) -> None:
         if opening and self.kind == "inference":
             self.max_length = _int(meta, "max_length", 1, bounds.limits.max_length)
+            self.compact = meta.get("compact") is True
         if "reorder" in meta:
             order, batch = meta["reorder"], self.hidden.shape[0]
             if not (isinstance(order, list) and len(order) == batch
@@ -581,10 +584,12 @@ class SpanReply:
     attestation: dict | None = None   # incentives.verification.Attestation, from priced servers
     receipt: dict | None = None       # incentives.metering.Receipt, from priced servers
     digest: str | None = None         # inference: set when computed from a pushed step (InferenceStep.digest)
+    compact: bool | None = None       # inference, first step: the server takes steps in swarm.compact's layout
 
     def pack(self) -> ExpertResponse:
         meta = {k: v for k, v in (("length", self.length), ("attestation", self.attestation),
-                                  ("receipt", self.receipt), ("digest", self.digest)) if v is not None}
+                                  ("receipt", self.receipt), ("digest", self.digest), ("compact", self.compact))
+                if v is not None}
         return ExpertResponse(tensors=[pack_tensor(t) for t in self.outputs], metadata=pack_metadata(meta))
 
     @classmethod
@@ -615,7 +620,7 @@ class SpanReply:
         try:
             length = _int(meta, "length", 1, 1 << 40, required=False)
             return cls(outputs, length, _map(meta, "attestation"), _map(meta, "receipt"),
-                       _str(meta, "digest", _HASH, required=False))
+                       _str(meta, "digest", _HASH, required=False), meta.get("compact") is True)
         except WireError as e:
             raise InvalidReply(f"server {peer_id}: {e.message}") from None
 

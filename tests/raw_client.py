@@ -5,7 +5,7 @@ import torch
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from swarm.client import loop
-from swarm.framing import read_frame
+from swarm.framing import read_frame, write_frame
 from swarm.wire import InferenceStep, InfoReply, SpanReply, pack_metadata, pack_tensor
 
 
@@ -24,6 +24,13 @@ class RawStream:
     def step(self, hidden: torch.Tensor, **fields) -> torch.Tensor:
         request = InferenceStep(hidden, **fields)
         return SpanReply.parse(self.send(request.pack()), request.expected_reply(), self.peer).outputs[0]
+
+    def send_frame(self, message, timeout: float = 30):
+        """Any frame (a protobuf or a swarm.compact frame) -> whatever frame comes back."""
+        async def go():
+            await write_frame(self.stream.writer, message)
+            return await asyncio.wait_for(read_frame(self.stream.reader, ExpertResponse, 1 << 20), timeout)
+        return loop.run(go())
 
     def send_bytes(self, data: bytes, timeout: float = 30):
         async def go():

@@ -13,7 +13,8 @@ from shards import BlockSpan, Checkpoint
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
 from swarm.local_swarm import LocalSwarm
-from swarm.wire import ErrorCode, LoraSpec, RemoteError, SpanReply, SpanRequest, pack_metadata, pack_tensor
+from swarm.wire import (ErrorCode, InferenceStep, LoraSpec, RemoteError, SpanReply, SpanRequest, pack_metadata,
+                        pack_tensor)
 from tests.raw_client import RawStream, info, raw_request
 
 pytestmark = pytest.mark.slow
@@ -88,6 +89,47 @@ def test_every_bad_inference_input_gets_an_error_and_the_session_survives(swarm)
     assert torch.allclose(bystander.step(x[:, 3:4]), span(x[:, :4])[:, 3:4], atol=1e-5)
     session.close()
     bystander.close()
+
+
+def test_compact_frames_are_checked_like_full_ones(swarm):
+    """swarm.compact's frames: only in a session opened with ``compact``, each checked; a bad one gets a coded
+    error, and the session goes on."""
+    from swarm.compact import HEADER, CompactFrame, pack_step, parse_reply
+    _, client, peer, span = swarm
+    x = torch.randn(1, 8, HIDDEN, generator=torch.Generator().manual_seed(1))
+    first = RawStream(client, peer)  # a compact frame cannot open a session
+    with pytest.raises(RemoteError, match="opens with a full step") as error:
+        SpanReply.parse(first.send_frame(pack_step(InferenceStep(x[:, :1], position=0))), [])
+    assert error.value.code == ErrorCode.BAD_REQUEST
+    first.close()
+    forward = RawStream(client, peer, "forward")
+    with pytest.raises(RemoteError, match="forward takes no compact frames"):
+        SpanReply.parse(forward.send_frame(pack_step(InferenceStep(x[:, :1], position=0))), [])
+    forward.close()
+
+    session = RawStream(client, peer)
+    opening = InferenceStep(x[:, :4], **OPEN, max_length=16, compact=True)
+    assert SpanReply.parse(session.send(opening.pack()), opening.expected_reply()).compact is True
+
+    def frame(hidden, position=4, kind=0, code=0, size=HIDDEN, cut=0):
+        raw = hidden.numpy().tobytes()
+        return CompactFrame(HEADER.pack(kind, code, *hidden.shape[:2], size, position, 0, b"") + raw[:len(raw) - cut])
+
+    bad = {"does not hold float32": frame(x[:, 4:5], cut=4), "NaN or inf": frame(torch.full((1, 1, HIDDEN), float("nan"))),
+           "must have shape": frame(x[:, 4:5], size=HIDDEN + 1), "kind 1 where kind 0 belongs": frame(x[:, 4:5], kind=1),
+           "dtype code 7": frame(x[:, 4:5], code=7), "a step at position 9": frame(x[:, 4:5], position=9),
+           "elements; the limit": CompactFrame(HEADER.pack(0, 0, 1 << 15, 1 << 15, HIDDEN, 4, 0, b"")),
+           "shorter than its": CompactFrame(b"\x00" * 7)}
+    for expected, message in bad.items():
+        with pytest.raises(RemoteError, match=expected) as error:
+            SpanReply.parse(session.send_frame(message), [])
+        assert error.value.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE), expected
+    # the session kept its cache; a good compact step is answered compact, as transformers computes it
+    answer = session.send_frame(pack_step(InferenceStep(x[:, 4:5], position=4)))
+    assert isinstance(answer, CompactFrame)
+    reply = parse_reply(answer, [((1, 1, HIDDEN), torch.float32)], peer)
+    assert reply.length == 5 and torch.allclose(reply.outputs[0], span(x[:, :5])[:, 4:5], atol=1e-5)
+    session.close()
 
 
 def test_oversized_and_garbage_frames_are_refused_without_harm(swarm):

@@ -203,3 +203,81 @@ def test_bans_stay_bounded_after_any_number_of_failures():
     assert seconds[:3] == [5, 10, 20] and max(seconds) == 600
     clock[0] = 601
     assert not bans.is_banned("peer")
+
+
+# ------------------------------------------------------------------ compact frames (swarm.compact)
+@SETTINGS
+@given(st.data())
+def test_compact_steps_pushes_and_replies_round_trip(data):
+    from swarm.compact import pack_reply, pack_step, parse_reply, parse_step
+    from swarm.wire import PushStep
+    dtype = data.draw(st.sampled_from(DTYPES))
+    batch, length = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 8))
+    hidden = (torch.randn(batch, length, HIDDEN) * 1e3).to(dtype)
+    position = data.draw(st.integers(0, 32))
+    push = data.draw(st.booleans())
+    route = data.draw(st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
+    step = PushStep(hidden, position=position, route_id=route) if push else InferenceStep(hidden, position=position)
+    parsed = parse_step(pack_step(step), BOUNDS, push=push)
+    assert type(parsed) is type(step) and tensors_equal(parsed.hidden, hidden) and parsed.position == position
+    assert parsed.route_id == (route if push else None)
+    full = type(step).parse(ExpertRequest.FromString(step.pack().SerializeToString()), BOUNDS, opening=False)
+    assert parsed.digest() == full.digest()  # a push answered from either format matches the client's copy
+    with pytest.raises(WireError):  # a step where a push belongs, and the other way round
+        parse_step(pack_step(step), BOUNDS, push=not push)
+
+    digest = data.draw(st.none() | st.from_regex(r"[0-9a-f]{64}", fullmatch=True))
+    reply = SpanReply([hidden], position + length, digest=digest)
+    parsed = parse_reply(pack_reply(reply), [(tuple(hidden.shape), dtype)], "peer")
+    assert tensors_equal(parsed.outputs[0], hidden) and (parsed.length, parsed.digest) == (reply.length, digest)
+    with pytest.raises(InvalidReply):  # any other shape or dtype than expected is the server's failure
+        parse_reply(pack_reply(reply), [((batch, length + 1, HIDDEN), dtype)], "peer")
+    with pytest.raises(InvalidReply):
+        parse_reply(pack_reply(reply), [(tuple(hidden.shape), torch.float64)], "peer")
+
+
+def test_what_a_compact_frame_cannot_carry_goes_in_full():
+    from swarm.compact import pack_reply, pack_step
+    from swarm.wire import PushStep
+    hidden = torch.randn(1, 1, HIDDEN)
+    assert pack_step(InferenceStep(hidden, position=3)) is not None
+    assert pack_step(PushStep(hidden, position=3, route_id="a" * 32)) is not None
+    for fields in ({"start": 2, "end": 4, "max_length": 8}, {"position": None}, {"reorder": [0]}, {"push": {}}, {"accept": {}},
+                   {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, {"attention_mask": torch.ones(1, 4)},
+                   {"payment": Payment("0x" + "1" * 40, 1)}):
+        assert pack_step(InferenceStep(hidden, **{"position": 3, **fields})) is None, fields
+    assert pack_step(SpanRequest(hidden)) is None
+    assert pack_reply(SpanReply([hidden], 4, attestation={"server": "x"})) is None
+    assert pack_reply(SpanReply([hidden], 4, receipt={"units": 1})) is None
+    assert pack_reply(SpanReply([hidden, hidden], 4)) is None
+
+
+@SETTINGS
+@given(st.binary(max_size=200), st.integers(0, 2), st.integers(0, 4), st.integers(0, 5), st.integers(0, 9),
+       st.sampled_from([HIDDEN, HIDDEN - 1, 1 << 31]), st.integers(0, 2**64 - 1), st.sampled_from(["", "nan", "inf"]))
+def test_garbage_compact_frames_get_a_coded_error(data, kind, code, batch, tokens, hidden, position, poison):
+    from swarm.compact import HEADER, parse_reply, parse_step
+    frames = [data]
+    body = torch.randn(batch, tokens, min(hidden, HIDDEN))
+    poison = poison if body.numel() else ""
+    if poison:
+        body.view(-1)[0] = float(poison)
+    if code < 3:
+        body = body.to([torch.float32, torch.bfloat16, torch.float16][code])
+    raw = (body.view(torch.int16) if body.dtype == torch.bfloat16 else body).numpy().tobytes()
+    header = HEADER.pack(kind, code, batch, tokens, hidden, position, 0, b"")
+    frames += [header + raw, header + raw[:-1], header[:-1]]
+    for frame in frames:
+        for push in (False, True):
+            try:
+                step = parse_step(frame, BOUNDS, push=push)
+            except WireError as e:
+                assert isinstance(e.code, ErrorCode) and e.message
+            else:  # only a well-formed step of finite values gets through
+                assert not poison and step.hidden.shape == (batch, tokens, HIDDEN) and bool(step.hidden.isfinite().all())
+        try:
+            reply = parse_reply(frame, [((batch, tokens, HIDDEN), torch.float32)], "peer")
+        except InvalidReply as e:
+            assert str(e)
+        else:
+            assert not poison and reply.outputs[0].shape == (batch, tokens, HIDDEN)

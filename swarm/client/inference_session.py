@@ -52,6 +52,7 @@ class _ServerSession:
             request.start, request.end, request.max_length = self.link.start, self.link.end, self.max_length
             request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
             request.lora_spec, request.adapter = self.lora_spec, client.adapter
+            request.compact = True  # later decode steps and their replies in swarm.compact's layout
         if self.pending_reorder is not None:
             # the history follows the rows first: a replacement replaying it then needs no reorder
             order = self.pending_reorder
@@ -178,8 +179,9 @@ class InferenceSession:
         previous = self._sessions[index - 1] if index > 0 else None
         following = self._sessions[index + 1] if index + 1 < len(self._sessions) else None
         accept = {"from": previous.link.peer_id, "id": session.route_id} if previous is not None else {}
-        push = {}
-        if following is not None and following.accepting == {"from": session.link.peer_id, "id": following.route_id}:
+        push = {}  # (only to a server that takes compact frames: its version reads the compact pushes, swarm.compact)
+        if following is not None and following.stream.compact and \
+                following.accepting == {"from": session.link.peer_id, "id": following.route_id}:
             push = {"to": following.link.peer_id, "id": following.route_id,
                     **self.client.direct_addresses(following.link.peer_id)}
         return push if push != session.pushing else None, accept if accept != session.accepting else None

@@ -11,10 +11,11 @@ from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, NoChainError, SwarmState, make_chain
-from swarm import direct, relay
+from swarm import compact, direct, relay
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import ServerFailure
+from swarm.compact import CompactFrame
 from swarm.dht_records import fetch_swarm_state_async, make_dht
 from swarm.framing import read_frame, write_frame
 from swarm.wire import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
@@ -36,13 +37,17 @@ class ServerStream:
         self.peer_id, self.reader, self.writer = peer_id, reader, writer
         self.via = via  # "direct" (swarm.direct) or "hivemind"
         self.push_differed = False  # it took a pushed step other than ours: the previous server lied to someone
+        self.compact = False  # the server said it takes decode steps in swarm.compact's layout
 
     async def exchange(self, message: ExpertRequest, timeout: float, max_bytes: int) -> ExpertResponse:
         async with asyncio.timeout(timeout):
             await write_frame(self.writer, message)
-            return await self._read(max_bytes)
+            response = await self._read(max_bytes)
+        if isinstance(response, CompactFrame):
+            raise InvalidReply(f"server {self.peer_id} sent a compact frame where none belongs")
+        return response
 
-    async def _read(self, max_bytes: int) -> ExpertResponse:
+    async def _read(self, max_bytes: int) -> ExpertResponse | CompactFrame:
         try:
             response = await read_frame(self.reader, ExpertResponse, max_bytes)
         except WireError as e:
@@ -59,11 +64,16 @@ class ServerStream:
         max_bytes = SpanReply.max_bytes(expected)
         position = getattr(request, "position", None)
         async with asyncio.timeout(timeout):
-            await write_frame(self.writer, request.pack())
+            await write_frame(self.writer, (self.compact and compact.pack_step(request)) or request.pack())
             # what a decode step answered from a push must match, computed while the server works (~50 us cold)
             digest = request.digest() if position is not None and request.hidden.shape[1] == 1 else None
             while True:
-                reply = SpanReply.parse(await self._read(max_bytes), expected, self.peer_id)
+                message = await self._read(max_bytes)
+                if isinstance(message, CompactFrame):
+                    reply = compact.parse_reply(message, expected, self.peer_id)
+                else:
+                    reply = SpanReply.parse(message, expected, self.peer_id)
+                    self.compact = self.compact or bool(reply.compact)
                 if position is not None and reply.length != position + request.hidden.shape[1]:
                     raise InvalidReply(f"server {self.peer_id} answered for length {reply.length}, expected "
                                        f"{position + request.hidden.shape[1]}")

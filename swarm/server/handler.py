@@ -18,6 +18,8 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 from incentives.verification import Attestation, array_hash, chain_hash
 from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
+from swarm import compact
+from swarm.compact import CompactFrame
 from swarm.framing import read_frame, write_frame
 from swarm.server import threads
 from swarm.server.batching import can_batch, run_batched
@@ -125,11 +127,16 @@ class SpanHandler:
         finally:
             self.usage.done(peer, admitted)
 
-    async def _answer(self, serve, request: ExpertRequest, state: dict, name: str) -> ExpertResponse | None:
+    async def _answer(self, serve, request: ExpertRequest | CompactFrame, state: dict, name: str
+                      ) -> ExpertResponse | CompactFrame | None:
         started, code = time.perf_counter(), "ok"
         try:
+            if isinstance(request, CompactFrame) and name not in ("inference", "push"):
+                raise bad(f"{name} takes no compact frames: send a protobuf (swarm.wire)")
             reply = await serve(request, state)
-            return None if reply is None else reply.pack()
+            if reply is None:
+                return None
+            return self._pack_reply(state.get("session"), reply)
         except WireError as e:
             code = e.code.value
             return ErrorReply(e.code, e.message).pack()
@@ -141,6 +148,15 @@ class SpanHandler:
             if self.metrics is not None:
                 self.metrics.requests.labels(name, code).inc()
                 self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _pack_reply(session: Session | None, reply) -> ExpertResponse | CompactFrame:
+        """A step's reply in the compact layout when the session's client reads it and the reply fits it."""
+        if session is not None and session.compact and isinstance(reply, SpanReply) and reply.compact is None:
+            frame = compact.pack_reply(reply)
+            if frame is not None:
+                return frame
+        return reply.pack()
 
     def _count(self, rpc: str, hidden: torch.Tensor, blocks: int) -> None:
         if self.metrics is not None:
@@ -159,9 +175,14 @@ class SpanHandler:
         return length == 1 and self.sessions.decoding() <= 1
 
     # ------------------------------------------------------------------ inference
-    async def _inference(self, message: ExpertRequest, state: dict[str, Any]) -> SpanReply | None:
+    async def _inference(self, message: ExpertRequest | CompactFrame, state: dict[str, Any]) -> SpanReply | None:
         session: Session | None = state.get("session")
-        step = InferenceStep.parse(message, self.bounds, opening=session is None)
+        if not isinstance(message, CompactFrame):
+            step = InferenceStep.parse(message, self.bounds, opening=session is None)
+        elif session is None:
+            raise bad("a session opens with a full step (swarm.wire), not a compact frame")
+        else:
+            step = compact.parse_step(message, self.bounds, push=False)
         batch, length = step.hidden.shape[:2]
         payer = await self._charge_before(state["peer"], step.payment)  # before a session opens: no free ride
         if session is None:
@@ -170,7 +191,7 @@ class SpanHandler:
             lora = self._lora(step)  # deep prompts, LoRA weights or an adapter hold for the whole session
             session = self.sessions.open(peer=state["peer"], start=step.start, end=step.end, batch_size=batch,
                                          max_length=step.max_length, cache=self.span.new_cache())
-            session.lora, session.writer = lora, state["writer"]
+            session.lora, session.writer, session.compact = lora, state["writer"], bool(step.compact)
             state["session"] = session
         else:
             self.sessions.check_open(session)
@@ -197,7 +218,10 @@ class SpanHandler:
             session.pushed = None
             if step.position is not None and step.position != session.length:
                 raise bad(f"a step at position {step.position} in a session of length {session.length}")
-            return await self._step(session, step, state["peer"], payer)
+            reply = await self._step(session, step, state["peer"], payer)
+            if step.compact:
+                reply.compact = True  # the client may send its later decode steps compact
+            return reply
 
     async def _step(self, session: Session, step: InferenceStep, peer: str, payer, digest: str | None = None
                     ) -> SpanReply:
@@ -235,11 +259,14 @@ class SpanHandler:
                 raise bad(f"route id {accept['id']} is taken: pick another")
             self.routes[accept["id"]] = session
 
-    async def _push(self, message: ExpertRequest, state: dict[str, Any]) -> InfoReply | None:
+    async def _push(self, message: ExpertRequest | CompactFrame, state: dict[str, Any]) -> InfoReply | None:
         """A step pushed by the previous server of a client's chain, computed and answered to the client: at once
         for a lone session, else in the background (pushes of many sessions share one stream). Only a refusal
         is answered on the push stream: acknowledging every step would wake the pusher once more per token."""
-        step = PushStep.parse(message, self.bounds, opening=False)
+        if isinstance(message, CompactFrame):
+            step = compact.parse_step(message, self.bounds, push=True)
+        else:
+            step = PushStep.parse(message, self.bounds, opening=False)
         session = self.routes.get(step.route_id)
         if session is None or session.accept["from"] != state["peer"] or \
                 session.session_id not in self.sessions.sessions:
@@ -271,7 +298,7 @@ class SpanHandler:
             session.pushed = before
             self.push_counts["taken"] += 1
             with contextlib.suppress(ConnectionError):
-                await write_frame(session.writer, reply.pack())
+                await write_frame(session.writer, self._pack_reply(session, reply))
 
     # ------------------------------------------------------------------ forward / backward / info / pay
     async def _forward(self, message: ExpertRequest, state) -> SpanReply:

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
-from swarm import direct, relay
+from swarm import compact, direct, relay
 from swarm.framing import read_frame, write_frame
 from swarm.wire import InferenceStep, InfoReply, PushStep, RemoteError
 
@@ -80,7 +80,7 @@ class PushSender:
             async with asyncio.timeout(PUSH_SECONDS):
                 stream = await self._stream(route)
                 async with stream.lock:
-                    await write_frame(stream.writer, pushed.pack())
+                    await write_frame(stream.writer, compact.pack_step(pushed) or pushed.pack())
             return True
         except Exception as e:  # the next server is gone or slow: the client finds out and fails over
             logger.info(f"push to {route['to']} failed ({type(e).__name__}: {e}); not pushing on that route")

@@ -32,6 +32,7 @@ class Session:
     accept: dict | None = None  # whose pushes to take {from, id}
     pushed: tuple | None = None  # (position, digest, input_chain, cache layers) before the last pushed step
     push_task: Any = None       # the pushed step being computed
+    compact: bool = False       # the client reads replies in swarm.compact's layout
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's
 
     @property
