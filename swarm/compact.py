@@ -18,15 +18,18 @@ from __future__ import annotations
 import struct
 from typing import Sequence
 
+import numpy
 import torch
 
-from swarm.wire import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError,
-                        _check_activations, all_finite, bad, dtype_name)
+from swarm.wire import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError, bad,
+                        dtype_name)
 
 HEADER = struct.Struct("<BBHIIQB32s")
 STEP, PUSH, REPLY = 0, 1, 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
+_NUMPY = (numpy.float32, numpy.uint16, numpy.uint16)  # numpy has no bfloat16: 16-bit floats are read as bits
+_EXPONENT = (None, 0x7F80, 0x7C00)  # a 16-bit float is NaN or inf when these bits are all ones
 _HAS_DIGEST = 1
 
 
@@ -58,12 +61,16 @@ def pack_step(step: InferenceStep) -> CompactFrame | None:
 def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
     """An untrusted step (``push``: a pushed step) in this layout, checked as InferenceStep.parse checks one."""
     kind, code, batch, tokens, hidden_size, position, _, tail = _header(frame, PUSH if push else STEP)
-    if hidden_size != bounds.hidden_size:
+    limits = bounds.limits
+    if hidden_size != bounds.hidden_size or tokens < 1:
         raise bad(f"hidden must have shape [batch, tokens, {bounds.hidden_size}], got {[batch, tokens, hidden_size]}")
-    if position > bounds.limits.max_length:
-        raise bad(f"metadata 'position' must lie in [0, {bounds.limits.max_length}]")
-    hidden = _tensor(frame, code, (batch, tokens, hidden_size), bounds.max_numel)
-    _check_activations(hidden, "hidden", bounds)
+    if not 1 <= batch <= limits.max_batch:
+        raise bad(f"batch of {batch} is outside 1..{limits.max_batch}")
+    if batch * tokens > limits.max_tokens_per_request:
+        raise bad(f"{batch * tokens} tokens in one request exceed the limit of {limits.max_tokens_per_request}")
+    if position > limits.max_length:
+        raise bad(f"metadata 'position' must lie in [0, {limits.max_length}]")
+    hidden = _tensor(frame, code, (batch, tokens, hidden_size), bounds.max_numel, "hidden")
     if push:
         return PushStep(hidden, position=position, route_id=tail[:16].hex())
     return InferenceStep(hidden, position=position)
@@ -75,7 +82,7 @@ def pack_reply(reply: SpanReply) -> CompactFrame | None:
     if reply.attestation is not None or reply.receipt is not None or len(reply.outputs) != 1 or reply.length is None:
         return None
     output = reply.outputs[0]
-    if output.dtype not in _CODES or output.ndim != 3:
+    if output.dtype not in _CODES or output.ndim != 3 or output.device.type != "cpu":
         return None
     digest = bytes.fromhex(reply.digest) if reply.digest is not None else b""
     return CompactFrame(HEADER.pack(REPLY, _CODES[output.dtype], *output.shape, reply.length,
@@ -91,13 +98,11 @@ def parse_reply(frame: bytes, expected: Sequence[tuple[tuple[int, ...], torch.dt
                 or DTYPES[code] != expected[0][1]:
             raise bad(f"returned {dtype_name(DTYPES[code])} {[batch, tokens, hidden_size]}, expected "
                       f"{[(dtype_name(dtype), list(shape)) for shape, dtype in expected]}")
-        output = _tensor(frame, code, (batch, tokens, hidden_size), batch * tokens * hidden_size)
+        output = _tensor(frame, code, (batch, tokens, hidden_size), batch * tokens * hidden_size, "output")
     except WireError as e:
         raise InvalidReply(f"server {peer_id}: {e.message}") from None
     if not 1 <= length < 1 << 40:
         raise InvalidReply(f"server {peer_id} answered for length {length}")
-    if not all_finite(output):
-        raise InvalidReply(f"server {peer_id} returned NaN or inf")
     return SpanReply([output], length, digest=tail.hex() if flags & _HAS_DIGEST else None)
 
 
@@ -113,12 +118,18 @@ def _header(frame: bytes, kind: int) -> tuple:
     return fields
 
 
-def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int) -> torch.Tensor:
+def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int, name: str) -> torch.Tensor:
+    """The frame's tensor, once its size and its values are checked (in numpy: cheaper than torch per call)."""
     dtype, numel = DTYPES[code], shape[0] * shape[1] * shape[2]
     if numel > max_numel:
-        raise WireError(ErrorCode.TOO_LARGE, f"tensor 'hidden' has {numel} elements; the limit is {max_numel}")
+        raise WireError(ErrorCode.TOO_LARGE, f"tensor {name!r} has {numel} elements; the limit is {max_numel}")
     if len(frame) - HEADER.size != numel * dtype.itemsize:
         raise bad(f"a compact frame of {len(frame) - HEADER.size} bytes does not hold {dtype_name(dtype)} {list(shape)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(memoryview(frame)[HEADER.size:]), dtype=dtype).view(shape)
+    values = numpy.frombuffer(bytearray(memoryview(frame)[HEADER.size:]), _NUMPY[code])  # a copy torch may write
+    exponent = _EXPONENT[code]
+    if not (numpy.isfinite(values).all() if exponent is None else ((values & exponent) != exponent).all()):
+        raise bad(f"{name} contains NaN or inf")
+    tensor = torch.from_numpy(values.reshape(shape))
+    return tensor if exponent is None else tensor.view(dtype)
