@@ -5,7 +5,7 @@ runs), and each repeat times local transformers and then each variant in turn, s
     python bench/swarm_paired.py --variant "defaults=" --variant "before=COCOON_EVENT_LOOP=asyncio --num-threads 2"
 
 A variant is `cocoon serve` arguments; KEY=VALUE sets an environment variable of its servers (the client
-is one process here: its own event loop is the standard loop, its default, for every variant); --no-push is the
+is one process here: its own event loop is uvloop, the default, for every variant); --no-push is the
 client's. Prints added ms per hop ((swarm - local) per token / servers) per repeat, the medians, and each
 variant's paired difference from the first.
 """

@@ -1,13 +1,9 @@
-"""The asyncio event loops of Cocoon processes: uvloop for servers and DHT nodes, the standard loop for a
-client; COCOON_EVENT_LOOP=asyncio or =uvloop picks one for all.
+"""The asyncio event loop of every Cocoon process: uvloop, unless COCOON_EVENT_LOOP=asyncio.
 
 Each decode step crosses the event loops of the client and of every server of its chain (framing, TLS,
 socket reads and writes, futures handed between threads). uvloop runs that machinery in C on libuv,
-where the standard loop runs it in Python, and hivemind already runs its DHT on uvloop. A server's loop runs
-for its whole life. A client's is started and stopped around every call by the thread that waits on it
-(swarm.client.loop), and uvloop, started in the main thread, sets up its signal handling each time (a
-socket pair, the wakeup fd, a reader) and takes it down at the end: measured in a client's decode step, its
-loop took 165 us to start a call and 151 us to finish one, the standard loop 59 and 68 us."""
+where the standard loop runs it in Python (its TLS layer included), and hivemind already runs its DHT on
+uvloop. COCOON_EVENT_LOOP=asyncio gives the standard loop back, e.g. for asyncio's debug mode."""
 from __future__ import annotations
 
 import asyncio
@@ -17,9 +13,8 @@ from typing import Awaitable, TypeVar
 T = TypeVar("T")
 
 
-def new_event_loop(started_per_call: bool = False) -> asyncio.AbstractEventLoop:
-    """A loop for a process that runs one for good (uvloop), or for one that starts it for every call."""
-    if os.environ.get("COCOON_EVENT_LOOP", "asyncio" if started_per_call else "uvloop") == "asyncio":
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    if os.environ.get("COCOON_EVENT_LOOP", "uvloop") == "asyncio":
         return asyncio.new_event_loop()
     import uvloop
     return uvloop.new_event_loop()

@@ -31,7 +31,7 @@ def event_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
-            _loop = new_event_loop(started_per_call=True)
+            _loop = new_event_loop()
         return _loop
 
 
