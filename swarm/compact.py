@@ -2,8 +2,9 @@
 
 After a session's first step, almost every step of a generation is the same record: the hidden states of one
 new token, the position they go to, and (pushed on, or answered) a length and a digest. Packing that as a
-protobuf with msgpack metadata and parsing it back costs 150 to 250 us per message on the cold caches a
-decode step meets (after milliseconds of compute); this layout costs 20 to 70 us. A step that carries
+protobuf with msgpack metadata costs 65 to 110 us, parsing it back 105 to 160 us, on the cold caches a decode
+step meets (after milliseconds of compute); this layout takes 20 to 30 us to pack and about 75 us to parse
+(bench/RESULTS.md, "fifth pass"). A step that carries
 anything more (a payment, a route change, a reorder, position ids, a mask) and every reply with an
 attestation or receipt keeps the full format of swarm.wire; both peers agree on compact frames when a session
 opens (InferenceStep.compact, SpanReply.compact). A push is always sent compact: a client sets up pushes only
@@ -46,11 +47,11 @@ def _raw(tensor: torch.Tensor) -> bytes:
 # ------------------------------------------------------------------ steps and pushes
 def pack_step(step: InferenceStep) -> CompactFrame | None:
     """``step`` in this layout, or None when it carries more than a steady-state decode step does."""
-    if (step.kind not in ("inference", "push") or step.start is not None or step.position is None or step.position_ids is not None
-            or step.attention_mask is not None or step.reorder is not None or step.payment is not None
-            or step.push is not None or step.accept is not None or step.prompts is not None
-            or step.lora is not None or step.lora_spec is not None or step.adapter is not None
-            or step.hidden.dtype not in _CODES or step.hidden.requires_grad or step.hidden.device.type != "cpu"):
+    if (step.kind not in ("inference", "push") or step.start is not None or step.position is None
+            or step.position_ids is not None or step.attention_mask is not None or step.reorder is not None
+            or step.payment is not None or step.push is not None or step.accept is not None
+            or step.prompts is not None or step.lora is not None or step.lora_spec is not None
+            or step.adapter is not None or not _fits(step.hidden)):
         return None
     kind, route = (PUSH, bytes.fromhex(step.route_id)) if step.kind == "push" else (STEP, b"")
     batch, tokens, hidden_size = step.hidden.shape
@@ -82,7 +83,7 @@ def pack_reply(reply: SpanReply) -> CompactFrame | None:
     if reply.attestation is not None or reply.receipt is not None or len(reply.outputs) != 1 or reply.length is None:
         return None
     output = reply.outputs[0]
-    if output.dtype not in _CODES or output.ndim != 3 or output.device.type != "cpu":
+    if not _fits(output):
         return None
     digest = bytes.fromhex(reply.digest) if reply.digest is not None else b""
     return CompactFrame(HEADER.pack(REPLY, _CODES[output.dtype], *output.shape, reply.length,
@@ -107,6 +108,11 @@ def parse_reply(frame: bytes, expected: Sequence[tuple[tuple[int, ...], torch.dt
 
 
 # ------------------------------------------------------------------ both
+def _fits(tensor: torch.Tensor) -> bool:
+    return (tensor.dtype in _CODES and tensor.ndim == 3 and tensor.device.type == "cpu" and not tensor.requires_grad
+            and tensor.shape[0] <= 0xFFFF and max(tensor.shape[1:]) <= 0xFFFFFFFF)
+
+
 def _header(frame: bytes, kind: int) -> tuple:
     if len(frame) < HEADER.size:
         raise bad(f"a compact frame of {len(frame)} bytes is shorter than its {HEADER.size}-byte header")
@@ -124,7 +130,8 @@ def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int
     if numel > max_numel:
         raise WireError(ErrorCode.TOO_LARGE, f"tensor {name!r} has {numel} elements; the limit is {max_numel}")
     if len(frame) - HEADER.size != numel * dtype.itemsize:
-        raise bad(f"a compact frame of {len(frame) - HEADER.size} bytes does not hold {dtype_name(dtype)} {list(shape)}")
+        raise bad(f"a compact frame of {len(frame) - HEADER.size} bytes does not hold "
+                  f"{dtype_name(dtype)} {list(shape)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     values = numpy.frombuffer(bytearray(memoryview(frame)[HEADER.size:]), _NUMPY[code])  # a copy torch may write

@@ -19,10 +19,10 @@ SMALL_FRAME = 1 << 20
 
 async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int, deadline: float | None = None,
                      admit: Callable[[int], None] | None = None):
-    """The next protobuf of ``message_type`` (or CompactFrame), or None at the end of the stream. Waits for a frame's first byte
-    as long as it takes; the rest must arrive within ``deadline`` seconds. ``admit(length)`` may refuse a
-    frame (by raising) before its payload is buffered. Raises WireError when the frame is too large, late or
-    garbage (the frame boundary is then lost: the stream cannot go on)."""
+    """The next protobuf of ``message_type`` (or a CompactFrame), or None at the end of the stream. Waits for a
+    frame's first byte as long as it takes; the rest must arrive within ``deadline`` seconds. ``admit(length)``
+    may refuse a frame (by raising) before its payload is buffered. Raises WireError when the frame is too
+    large, late or garbage (the frame boundary is then lost: the stream cannot go on)."""
     marker = await reader.read(1)
     if not marker:
         return None

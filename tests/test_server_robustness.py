@@ -115,8 +115,10 @@ def test_compact_frames_are_checked_like_full_ones(swarm):
         raw = hidden.numpy().tobytes()
         return CompactFrame(HEADER.pack(kind, code, *hidden.shape[:2], size, position, 0, b"") + raw[:len(raw) - cut])
 
-    bad = {"does not hold float32": frame(x[:, 4:5], cut=4), "NaN or inf": frame(torch.full((1, 1, HIDDEN), float("nan"))),
-           "must have shape": frame(x[:, 4:5], size=HIDDEN + 1), "kind 1 where kind 0 belongs": frame(x[:, 4:5], kind=1),
+    bad = {"does not hold float32": frame(x[:, 4:5], cut=4),
+           "NaN or inf": frame(torch.full((1, 1, HIDDEN), float("nan"))),
+           "must have shape": frame(x[:, 4:5], size=HIDDEN + 1),
+           "kind 1 where kind 0 belongs": frame(x[:, 4:5], kind=1),
            "dtype code 7": frame(x[:, 4:5], code=7), "a step at position 9": frame(x[:, 4:5], position=9),
            "batch of 32768 is outside": CompactFrame(HEADER.pack(0, 0, 1 << 15, 1, HIDDEN, 4, 0, b"")),
            "tokens in one request exceed": CompactFrame(HEADER.pack(0, 0, 1, 1 << 31, HIDDEN, 4, 0, b"")),

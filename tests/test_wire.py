@@ -242,7 +242,8 @@ def test_what_a_compact_frame_cannot_carry_goes_in_full():
     hidden = torch.randn(1, 1, HIDDEN)
     assert pack_step(InferenceStep(hidden, position=3)) is not None
     assert pack_step(PushStep(hidden, position=3, route_id="a" * 32)) is not None
-    for fields in ({"start": 2, "end": 4, "max_length": 8}, {"position": None}, {"reorder": [0]}, {"push": {}}, {"accept": {}},
+    for fields in ({"start": 2, "end": 4, "max_length": 8}, {"position": None}, {"reorder": [0]}, {"push": {}},
+                   {"accept": {}},
                    {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, {"attention_mask": torch.ones(1, 4)},
                    {"payment": Payment("0x" + "1" * 40, 1)}):
         assert pack_step(InferenceStep(hidden, **{"position": 3, **fields})) is None, fields
@@ -274,7 +275,8 @@ def test_garbage_compact_frames_get_a_coded_error(data, kind, code, batch, token
             except WireError as e:
                 assert isinstance(e.code, ErrorCode) and e.message
             else:  # only a well-formed step of finite values gets through
-                assert not poison and step.hidden.shape == (batch, tokens, HIDDEN) and bool(step.hidden.isfinite().all())
+                assert not poison and step.hidden.shape == (batch, tokens, HIDDEN)
+                assert bool(step.hidden.isfinite().all())
         try:
             reply = parse_reply(frame, [((batch, tokens, HIDDEN), torch.float32)], "peer")
         except InvalidReply as e:
