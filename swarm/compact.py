@@ -23,25 +23,18 @@ import numpy
 import torch
 
 from swarm.wire import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError, bad,
-                        dtype_name)
+                        dtype_name, finite_values, tensor_bytes)
 
 HEADER = struct.Struct("<BBHIIQB32s")
 STEP, PUSH, REPLY = 0, 1, 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
-_NUMPY = (numpy.float32, numpy.uint16, numpy.uint16)  # numpy has no bfloat16: 16-bit floats are read as bits
-_EXPONENT = (None, 0x7F80, 0x7C00)  # a 16-bit float is NaN or inf when these bits are all ones
+_NUMPY = (numpy.float32, numpy.int16, numpy.int16)  # numpy has no bfloat16: 16-bit floats are read as bits
 _HAS_DIGEST = 1
 
 
 class CompactFrame(bytes):
     """A frame's payload in this layout (swarm.framing tells it from a protobuf by its marker byte)."""
-
-
-def _raw(tensor: torch.Tensor) -> bytes:
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy().tobytes()
 
 
 # ------------------------------------------------------------------ steps and pushes
@@ -56,7 +49,7 @@ def pack_step(step: InferenceStep) -> CompactFrame | None:
     kind, route = (PUSH, bytes.fromhex(step.route_id)) if step.kind == "push" else (STEP, b"")
     batch, tokens, hidden_size = step.hidden.shape
     return CompactFrame(HEADER.pack(kind, _CODES[step.hidden.dtype], batch, tokens, hidden_size, step.position, 0,
-                                    route) + _raw(step.hidden))
+                                    route) + tensor_bytes(step.hidden))
 
 
 def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
@@ -87,7 +80,7 @@ def pack_reply(reply: SpanReply) -> CompactFrame | None:
         return None
     digest = bytes.fromhex(reply.digest) if reply.digest is not None else b""
     return CompactFrame(HEADER.pack(REPLY, _CODES[output.dtype], *output.shape, reply.length,
-                                    _HAS_DIGEST if digest else 0, digest) + _raw(output))
+                                    _HAS_DIGEST if digest else 0, digest) + tensor_bytes(output))
 
 
 def parse_reply(frame: bytes, expected: Sequence[tuple[tuple[int, ...], torch.dtype]],
@@ -135,8 +128,7 @@ def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     values = numpy.frombuffer(bytearray(memoryview(frame)[HEADER.size:]), _NUMPY[code])  # a copy torch may write
-    exponent = _EXPONENT[code]
-    if not (numpy.isfinite(values).all() if exponent is None else ((values & exponent) != exponent).all()):
+    if not finite_values(values, dtype):
         raise bad(f"{name} contains NaN or inf")
     tensor = torch.from_numpy(values.reshape(shape))
-    return tensor if exponent is None else tensor.view(dtype)
+    return tensor if dtype == torch.float32 else tensor.view(dtype)
