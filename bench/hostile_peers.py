@@ -46,7 +46,8 @@ def main():
     from swarm.local_swarm import LocalSwarm
     from swarm.wire import InferenceStep, RemoteError, SpanRequest, pack_tensor
 
-    tmp = tempfile.mkdtemp()
+    directory = tempfile.TemporaryDirectory()  # removed when main() returns
+    tmp = directory.name
     save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8)
     with LocalSwarm(tmp, [(0, 4)]) as swarm:
         honest = AutoDistributedModelForCausalLM.from_pretrained(tmp, initial_peers=swarm.initial_peers)

@@ -72,7 +72,8 @@ from swarm import AutoDistributedModelForCausalLM
 from swarm.client.inference_session import InferenceSession
 from swarm.local_swarm import LocalSwarm
 config, tokens = {config!r}, {tokens}
-path = tempfile.mkdtemp()
+directory = tempfile.TemporaryDirectory()  # removed at exit
+path = directory.name
 save_random_checkpoint(path, "llama", **config)
 ev = builtins._cocoon_trace
 step = InferenceSession.step

@@ -2,11 +2,13 @@
 {"info": ServerInfo fields, "public_key": the server's libp2p key}, signed by that key (swarm.dht_validator)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import shutil
 import tempfile
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import hivemind
 from hivemind import DHT
@@ -18,6 +20,7 @@ from routing import ServerInfo, SwarmState
 from swarm.dht_validator import ServerRecordValidator, load_identity, parse_peer_id, public_key_bytes
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 MODELS_KEY = "cocoon.models"  # the index of models: subkey = a server's peer id, value = the model it serves
@@ -31,28 +34,29 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
              host_maddrs: Sequence[str] | None = None, sign: bool = False, **kwargs) -> DHT:
     """A DHT peer of the swarm: it stores and reads server records only when their server signed them. With
     ``sign`` it signs its own (an identity file holds its key: a temporary one unless ``identity_path``)."""
-    if identity_path is None:  # our own file, so that we hold the key behind our peer id (swarm.direct signs with it)
+    temporary = identity_path is None
+    if temporary:  # our own file, so that we hold the key behind our peer id (swarm.direct signs with it)
         identity_path = _temporary_identity()
         kwargs.setdefault("check_if_identity_free", False)  # fresh: nobody has it (the check starts another daemon)
     key = load_identity(identity_path)
     kwargs["identity_path"] = identity_path
     if host_maddrs is not None:
         kwargs["host_maddrs"] = list(host_maddrs)
-    dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True,
-                       record_validators=[ServerRecordValidator(key if sign else None)], **kwargs)
+    try:
+        dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True,
+                           record_validators=[ServerRecordValidator(key if sign else None)], **kwargs)
+    finally:  # the daemon has read the file once the DHT is up; a process killed later would leave it behind
+        if temporary:
+            shutil.rmtree(os.path.dirname(identity_path), ignore_errors=True)
     dht.private_key = key
     dht.public_key = public_key_bytes(key) if sign else None
     return dht
 
 
 def _temporary_identity() -> str:
-    """A fresh identity file for this process (removed when the process ends)."""
-    directory = tempfile.mkdtemp(prefix="cocoon-identity-")
-    path = os.path.join(directory, "identity.key")
+    """A fresh identity file in a directory of its own (make_dht removes it once its daemon has read it)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="cocoon-identity-"), "identity.key")
     P2P.generate_identity(path)
-    import atexit
-    import shutil
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return path
 
 
@@ -133,7 +137,17 @@ def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
 async def fetch_swarm_state_async(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
     """The same, awaitable from an event loop without blocking it."""
     keys = [block_key(model_id, b) for b in range(num_blocks)]
-    return _parse_records(await dht.run_coroutine(partial(_get_many, keys=keys), return_future=True), keys, num_blocks)
+    return _parse_records(await in_dht(dht.run_coroutine, partial(_get_many, keys=keys)), keys, num_blocks)
+
+
+async def in_dht(call: Callable[..., T], *args, **kwargs) -> T:
+    """A blocking DHT call (``dht.run_coroutine``, ``dht.store``...) awaited from an event loop, in a worker thread.
+
+    Not through hivemind's ``return_future=True``: its future remembers the loop that made it, and when the DHT's
+    answer comes while no thread runs that loop, hivemind's pipe thread runs the loop itself. The client's loop
+    is run by whichever thread calls generate() (swarm.client.loop): the two met in one loop and a decode step
+    failed with "this event loop is already running"."""
+    return await asyncio.get_running_loop().run_in_executor(None, partial(call, *args, **kwargs))
 
 
 def _parse_records(found: dict, keys: list[str], num_blocks: int) -> SwarmState:

@@ -83,3 +83,32 @@ print("ok", len(ticks))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def test_a_dht_answer_waits_for_the_thread_that_drives_the_loop():
+    """A background fetch of the swarm state, answered while the caller computes outside the loop, completes the
+    next time the caller runs the loop, in the caller's thread. hivemind's own future, awaited on the loop, had
+    its pipe thread run the loop then: a decode step meeting it failed with "this event loop is already running"."""
+    from swarm.dht_records import fetch_swarm_state_async, make_dht
+
+    dht = make_dht([])
+    try:
+        finished_in: list[str] = []
+
+        async def start_fetch() -> asyncio.Task:
+            task = asyncio.create_task(fetch_swarm_state_async(dht, "model", 4))
+            task.add_done_callback(lambda _: finished_in.append(threading.current_thread().name))
+            return task
+
+        task = loop.run(start_fetch())
+        time.sleep(1.5)  # torch code between two steps: the DHT answers meanwhile
+        assert finished_in == []  # nobody ran the loop
+
+        async def wait_for(task: asyncio.Task):
+            return await task
+
+        state = loop.run(wait_for(task))
+        assert finished_in == [threading.current_thread().name]
+        assert state.num_blocks == 4 and state.servers == {}  # (no server announced itself)
+    finally:
+        dht.shutdown()

@@ -212,10 +212,8 @@ def test_a_forged_record_for_another_peer_is_rejected_and_the_honest_record_stan
         signer.shutdown()
 
 
-def test_the_validator_accepts_only_records_signed_by_the_peer_they_name():
+def test_the_validator_accepts_only_records_signed_by_the_peer_they_name(tmp_path):
     import dataclasses
-    import os
-    import tempfile
 
     from hivemind.dht.validation import DHTRecord
     from hivemind.p2p import P2P
@@ -225,9 +223,8 @@ def test_the_validator_accepts_only_records_signed_by_the_peer_they_name():
         public_key_bytes
     keys = []
     for name in ("a", "b"):
-        path = os.path.join(tempfile.mkdtemp(), name)
-        P2P.generate_identity(path)
-        keys.append(load_identity(path))
+        P2P.generate_identity(str(tmp_path / name))
+        keys.append(load_identity(str(tmp_path / name)))
     signer_a, signer_b = ServerRecordValidator(keys[0]), ServerRecordValidator(keys[1])
     checker = ServerRecordValidator()
     peer_a = peer_id_of(public_key_bytes(keys[0]))

@@ -23,7 +23,7 @@ from hivemind.utils import get_dht_time
 
 from incentives.verification import Attestation, Evidence, relative_error, tolerance
 from swarm.client.failover import Failover
-from swarm.dht_records import evidence_key
+from swarm.dht_records import evidence_key, in_dht
 from swarm.wire import SpanReply, SpanRequest, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -234,8 +234,8 @@ class SpotChecker:
         path = save_evidence(evidence)
         logger.warning(f"evidence against {evidence.peer_id} saved to {path}")
         try:
-            await self.client.dht.store(evidence_key(self.client.model_id), evidence.to_wire(), get_dht_time() + EVIDENCE_TTL,
-                                        subkey=evidence.digest.hex(), return_future=True)
+            await in_dht(self.client.dht.store, evidence_key(self.client.model_id), evidence.to_wire(),
+                         get_dht_time() + EVIDENCE_TTL, subkey=evidence.digest.hex())
         except Exception as e:
             logger.warning(f"could not publish evidence against {evidence.peer_id}: {e}")
 
