@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from functools import partial
 from typing import Callable, Sequence, TypeVar
 
@@ -141,13 +143,30 @@ async def fetch_swarm_state_async(dht: DHT, model_id: str, num_blocks: int) -> S
 
 
 async def in_dht(call: Callable[..., T], *args, **kwargs) -> T:
-    """A blocking DHT call (``dht.run_coroutine``, ``dht.store``...) awaited from an event loop, in a worker thread.
+    """A blocking DHT call (``dht.run_coroutine``, ``dht.store``...) awaited from an event loop, in a thread.
 
     Not through hivemind's ``return_future=True``: its future remembers the loop that made it, and when the DHT's
     answer comes while no thread runs that loop, hivemind's pipe thread runs the loop itself. The client's loop
     is run by whichever thread calls generate() (swarm.client.loop): the two met in one loop and a decode step
-    failed with "this event loop is already running"."""
-    return await asyncio.get_running_loop().run_in_executor(None, partial(call, *args, **kwargs))
+    failed with "this event loop is already running". A daemon thread, not an executor's: a call the DHT never
+    answers (it was shut down meanwhile) must not hold up the interpreter's exit."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():  # (the awaiting task may have been cancelled)
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome = (call(*args, **kwargs), None)
+        except BaseException as e:
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="cocoon-dht-call", daemon=True).start()
+    return await future
 
 
 def _parse_records(found: dict, keys: list[str], num_blocks: int) -> SwarmState:

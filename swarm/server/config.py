@@ -41,6 +41,15 @@ def blocks_arg(text: str) -> tuple[int, int]:
     return start, end
 
 
+def announce_period_arg(seconds: float) -> float:
+    from swarm.dht_validator import MAX_RECORD_TTL
+    if not 0 < seconds <= MAX_RECORD_TTL / 3:
+        raise argparse.ArgumentTypeError(f"the announce period must lie in (0, {MAX_RECORD_TTL / 3:g}] seconds, got "
+                                         f"{seconds:g}: a server's records live 3 periods, and DHT peers refuse "
+                                         f"records that live longer than {MAX_RECORD_TTL:g} s")
+    return seconds
+
+
 def maddr_arg(text: str) -> str:
     from hivemind.utils.multiaddr import Multiaddr
     try:
@@ -100,7 +109,9 @@ class ServerConfig:
     model_id: str | None = option(None, "override the id derived from the checkpoint")
     identity_path: str | None = option(None, "private key file: a stable peer id (created if missing)",
                                        flag="--identity", metavar="PATH")
-    announce_period: float = option(15.0, "seconds between DHT announcements")
+    announce_period: float = option(15.0, "seconds between DHT announcements (at most 200: a record lives 3 "
+                                          "periods, and peers refuse records that live over 600 s)",
+                                    type=lambda text: announce_period_arg(float(text)))
     balance_period: float = option(120.0, "with --num-blocks: seconds between checks whether another span needs "
                                           "this server more")
     balance_threshold: float = option(1.1, "move only when the swarm's throughput would grow by more than this "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import random
 import signal
@@ -116,13 +117,15 @@ class Server:
             except asyncio.TimeoutError:
                 for session_id in self.sessions.expire():
                     logger.info(f"session {session_id} expired")
+                # the DHT's round trips (16 ms on loopback, seconds where a peer does not answer) and the process
+                # count run in a worker thread: the sessions served here do not wait for them
                 if self.metrics is not None:
-                    self.metrics.evidence.set(self._evidence_against_me())
+                    self.metrics.evidence.set(await asyncio.to_thread(self._evidence_against_me))
                 self.handler.threads = await asyncio.to_thread(threads.share, config.num_threads)
                 if config.blocks is None and loop.time() >= next_balance:
                     await self._maybe_move(self.checkpoint)
                     next_balance = loop.time() + self._balance_delay()
-                self._announce()
+                await asyncio.to_thread(self._announce, self._snapshot())
         await self._shutdown(redeeming)
 
     async def _start_direct(self) -> DirectServer:
@@ -223,7 +226,7 @@ class Server:
         return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
 
     async def _maybe_move(self, checkpoint: Checkpoint) -> None:
-        state = fetch_swarm_state(self.dht, self.model_id, checkpoint.config.num_hidden_layers)
+        state = await asyncio.to_thread(fetch_swarm_state, self.dht, self.model_id, checkpoint.config.num_hidden_layers)
         state.servers[self.peer_id] = self.info
         target = should_move(state, self.peer_id, self.config.balance_threshold)
         if target is None:
@@ -232,7 +235,7 @@ class Server:
         print(f"Moving from blocks [{self.info.start}, {self.info.end}) to [{start}, {end}): the swarm needs them more",
               flush=True)
         self.info.state = ServerState.JOINING
-        self._announce()  # old span, no longer usable: clients fail over
+        await asyncio.to_thread(self._announce, self._snapshot())  # old span, no longer usable: clients fail over
         new_span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=self.config.dtype, quant=self.config.quant,
                                              device=self.config.device, progress=True)
 
@@ -248,9 +251,10 @@ class Server:
         self.info.start, self.info.end = start, end
         self._set_throughput()
         self.info.state = ServerState.ONLINE
-        announce(self.dht, self.model_id, self.peer_id, ServerInfo(ServerState.OFFLINE, *old, throughput=0.0),
-                 expiration=self.config.announce_period)
-        self._announce()
+        await asyncio.to_thread(announce, self.dht, self.model_id, self.peer_id,
+                                ServerInfo(ServerState.OFFLINE, *old, throughput=0.0),
+                                expiration=self.config.announce_period)
+        await asyncio.to_thread(self._announce, self._snapshot())
         print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
 
     def _set_throughput(self) -> None:
@@ -268,12 +272,18 @@ class Server:
                 "batches": {str(size): n for size, n in batches.items()},
                 "pushes": dict(self.handler.push_counts) if hasattr(self, "handler") else {}}  # tasks per batch: how many ran
 
-    def _announce(self) -> None:
+    def _snapshot(self) -> ServerInfo:
+        """This server's record as it stands now, for _announce in another thread."""
         self.describe()
+        return dataclasses.replace(self.info)
+
+    def _announce(self, info: ServerInfo | None = None) -> None:
+        """Store this server's records in the DHT (``info``: a _snapshot(); by default, one taken now)."""
+        info = info if info is not None else self._snapshot()
         if getattr(self, "relaying", None) is not None and hasattr(self.relaying, "splice"):  # a RelayService
             announce_relay(self.dht, self.peer_id, self.relaying.control, self.relaying.splice,
                            3 * self.config.announce_period)
-        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * self.config.announce_period,
+        announce(self.dht, self.model_id, self.peer_id, info, expiration=3 * self.config.announce_period,
                  num_blocks=self.checkpoint.config.num_hidden_layers)
 
     async def _shutdown(self, redeeming: asyncio.Task | None) -> None:
