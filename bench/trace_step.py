@@ -40,15 +40,28 @@ if _dir:
         ev(f"read {message_type.__name__}")
         return message
 
-    async def write_frame(writer, message):
-        result = await _write(writer, message)
+    def wrote(message):
         kind = type(message).__name__
         if kind == "CompactFrame":  # swarm.compact: a step or push (kinds 0, 1), or a reply (2)
             kind = "ExpertResponse" if message[0] == 2 else "ExpertRequest"
         ev(f"wrote {kind}")
+
+    async def write_frame(writer, message):
+        result = await _write(writer, message)
+        wrote(message)
         return result
 
-    framing.read_frame, framing.write_frame = read_frame, write_frame
+    framing.read_frame = read_frame
+    if hasattr(framing, "put_frame"):  # (write_frame calls it too): the moment the frame is handed to the socket
+        _put = framing.put_frame
+
+        def put_frame(writer, message):
+            _put(writer, message)
+            wrote(message)
+
+        framing.put_frame = put_frame
+    else:
+        framing.write_frame = write_frame
     if _who != "client":
         import swarm.server.handler as handler
         cls = next(v for v in vars(handler).values() if isinstance(v, type) and hasattr(v, "_span_output"))

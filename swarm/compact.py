@@ -23,7 +23,7 @@ import numpy
 import torch
 
 from swarm.wire import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError, bad,
-                        dtype_name, finite_values, tensor_bytes)
+                        dtype_name, finite_values, hidden_state_digest, tensor_bytes)
 
 HEADER = struct.Struct("<BBHIIQB32s")
 STEP, PUSH, REPLY = 0, 1, 2
@@ -65,8 +65,10 @@ def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
     if position > limits.max_length:
         raise bad(f"metadata 'position' must lie in [0, {limits.max_length}]")
     hidden = _tensor(frame, code, (batch, tokens, hidden_size), bounds.max_numel, "hidden")
-    if push:
-        return PushStep(hidden, position=position, route_id=tail[:16].hex())
+    if push:  # (the next server answers a push with its digest: from the frame's bytes, no torch calls)
+        step = PushStep(hidden, position=position, route_id=tail[:16].hex())
+        step.hidden_digest = hidden_state_digest(DTYPES[code], hidden.shape, memoryview(frame)[HEADER.size:])
+        return step
     return InferenceStep(hidden, position=position)
 
 

@@ -5,6 +5,7 @@ instead of a protobuf. What the frames mean is swarm.wire's business."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Callable
 
 from hivemind.p2p import P2P
@@ -27,7 +28,9 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
     if not marker:
         return None
     try:
-        async with asyncio.timeout(deadline):
+        # no timer for a frame that has all arrived (a decode step's, nearly always): one costs 20 to 30 us on
+        # a step's cold caches, and a step meets three such reads on its way
+        async with contextlib.nullcontext() if _buffered_whole(reader) else asyncio.timeout(deadline):
             header = await reader.readexactly(P2P.HEADER_LEN)
             length = int.from_bytes(header, P2P.BYTEORDER)
             if length > max_bytes:
@@ -59,7 +62,21 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
     return message
 
 
+def _buffered_whole(reader: asyncio.StreamReader) -> bool:
+    """The rest of the frame (its length, then that many bytes) is in the reader's buffer already."""
+    buffered = getattr(reader, "_buffer", None)  # asyncio.StreamReader's; another reader: no shortcut
+    if not isinstance(buffered, bytearray) or len(buffered) < P2P.HEADER_LEN:
+        return False
+    return len(buffered) - P2P.HEADER_LEN >= int.from_bytes(buffered[:P2P.HEADER_LEN], P2P.BYTEORDER)
+
+
 async def write_frame(writer: asyncio.StreamWriter, message) -> None:
+    put_frame(writer, message)
+    await writer.drain()
+
+
+def put_frame(writer: asyncio.StreamWriter, message) -> None:
+    """write_frame without waiting for the transport's buffer to drain (the caller awaits ``writer.drain()``)."""
     if isinstance(message, CompactFrame):
         payload, marker = message, COMPACT
     else:
@@ -70,4 +87,3 @@ async def write_frame(writer: asyncio.StreamWriter, message) -> None:
     else:
         writer.write(head)
         writer.write(payload)
-    await writer.drain()

@@ -518,15 +518,35 @@ class InferenceStep(SpanRequest):
         """What the step's output depends on besides the KV cache, so that a server tells a pushed step from the
         client's own by comparing digests: 32 hex digits for ``hidden`` (what the previous server answers
         for), then 32 for the rest (what the client sends every server)."""
-        parts = []
-        for tensors in ((self.hidden,), (self.position_ids, self.attention_mask)):
-            h = hashlib.blake2b(digest_size=16)
-            for tensor in tensors:
-                h.update(b"-" if tensor is None else dtype_name(tensor.dtype).encode() + repr(tuple(tensor.shape))
-                         .encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
-            parts.append(h)
-        parts[1].update(repr(self.reorder).encode())
-        return "".join(h.hexdigest() for h in parts)
+        hidden = self.hidden_digest or hidden_state_digest(self.hidden.dtype, self.hidden.shape,
+                                                           tensor_bytes(self.hidden))
+        if self.position_ids is None and self.attention_mask is None and self.reorder is None:
+            return hidden + _PLAIN_STEP  # a decode step's
+        rest = hashlib.blake2b(digest_size=16)
+        for tensor in (self.position_ids, self.attention_mask):
+            rest.update(b"-" if tensor is None else dtype_name(tensor.dtype).encode() + repr(tuple(tensor.shape))
+                        .encode() + tensor_bytes(tensor))
+        rest.update(repr(self.reorder).encode())
+        return hidden + rest.hexdigest()
+
+    @property
+    def hidden_digest(self) -> str | None:
+        """The first half of digest(), when swarm.compact found it from the frame's bytes (no torch calls)."""
+        return self.__dict__.get("_hidden_digest")
+
+    @hidden_digest.setter
+    def hidden_digest(self, value: str) -> None:
+        self.__dict__["_hidden_digest"] = value
+
+
+def hidden_state_digest(dtype: torch.dtype, shape: Sequence[int], raw) -> str:
+    """InferenceStep.digest()'s first half: of the hidden states, given their raw bytes (as tensor_bytes has them)."""
+    h = hashlib.blake2b(dtype_name(dtype).encode() + repr(tuple(shape)).encode(), digest_size=16)
+    h.update(raw)
+    return h.hexdigest()
+
+
+_PLAIN_STEP = hashlib.blake2b(b"--" + repr(None).encode(), digest_size=16).hexdigest()  # no ids, mask, reorder
 
 
 class PushStep(InferenceStep):

@@ -112,3 +112,36 @@ def test_a_dht_answer_waits_for_the_thread_that_drives_the_loop():
         assert state.num_blocks == 4 and state.servers == {}  # (no server announced itself)
     finally:
         dht.shutdown()
+
+
+def test_off_main_thread_runs_elsewhere_and_passes_results_errors_and_ctrl_c_through():
+    import os
+    import signal
+    main = threading.get_ident()
+    assert loop.off_main_thread(lambda: threading.get_ident()) != main
+    with pytest.raises(ValueError, match="in the worker"):
+        loop.off_main_thread(lambda: (_ for _ in ()).throw(ValueError("in the worker")))
+
+    seen: dict[str, object] = {}
+
+    def generating() -> None:  # steps through the loop until interrupted; its `finally` must run
+        try:
+            while True:
+                loop.run(asyncio.sleep(0.05))
+        except BaseException as e:
+            seen["raised"] = type(e)
+            raise
+        finally:
+            seen["closed"] = loop.run(whose_thread())  # the loop still serves the thread as it cleans up
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background `make test &` ignores it)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        started = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            loop.off_main_thread(generating)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.perf_counter() - started < 3
+    assert seen["raised"] is KeyboardInterrupt and seen["closed"] not in (None, main)
+    assert loop.run(whose_thread()) == main  # and the main thread drives the loop again

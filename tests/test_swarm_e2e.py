@@ -149,3 +149,22 @@ def test_default_16bit_wire_stays_close(swarm_and_models):
     with torch.no_grad():
         assert rel_err(compressed(ids).logits, local(ids).logits) < 1e-2
     compressed.shutdown()
+
+
+def test_ctrl_c_stops_generate_and_the_model_generates_on(swarm_and_models):
+    """generate() runs in a thread of its own (swarm.client.loop.off_main_thread): Ctrl-C in the main thread
+    still stops it, with its session closed, and the next generate() equals transformers again."""
+    import os
+    import signal
+    _, remote, local, _ = swarm_and_models
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background `make test &` ignores it)
+    try:
+        threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            remote.generate(ids, max_new_tokens=3000, do_sample=False, eos_token_id=None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert remote._session is None
+    expected = local.generate(ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(remote.generate(ids, max_new_tokens=20, do_sample=False), expected)

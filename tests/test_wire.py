@@ -222,7 +222,8 @@ def test_compact_steps_pushes_and_replies_round_trip(data):
     assert type(parsed) is type(step) and tensors_equal(parsed.hidden, hidden) and parsed.position == position
     assert parsed.route_id == (route if push else None)
     full = type(step).parse(ExpertRequest.FromString(step.pack().SerializeToString()), BOUNDS, opening=False)
-    assert parsed.digest() == full.digest()  # a push answered from either format matches the client's copy
+    # a push answered from either format matches the client's copy
+    assert parsed.digest() == full.digest() == step.digest()
     with pytest.raises(WireError):  # a step where a push belongs, and the other way round
         parse_step(pack_step(step), BOUNDS, push=not push)
 

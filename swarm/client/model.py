@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from shards import Checkpoint, ClientModules
+from swarm.client import loop
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_forward
 from swarm.client.swarm_client import SwarmClient
@@ -84,6 +85,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        # (the open session, if any, is the calling thread's: it goes along to the thread that generates)
+        return loop.off_main_thread(self._generate_with, self._session, inputs, *args, **kwargs)
+
+    def _generate_with(self, session: InferenceSession | None, inputs: torch.Tensor | None, *args, **kwargs):
+        mine = self._session
+        self._session = session
+        try:
+            return self._generate(inputs, *args, **kwargs)
+        finally:
+            self._session = mine
+
+    def _generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         if self._session is not None:  # continue it: generate() feeds only what the servers have not seen
             kwargs.setdefault("cache", SessionCache(self._session, self.pre_seq_len))
             ids = inputs if inputs is not None else kwargs.get("input_ids")
@@ -207,7 +220,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def settle(self) -> None:
         """Send every priced server a voucher for all work counted so far (generate() does it by itself)."""
-        from swarm.client import loop
         loop.run(self.swarm.settle())
 
     def shutdown(self) -> None:

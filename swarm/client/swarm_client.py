@@ -17,7 +17,7 @@ from swarm.client.attestations import check_attestation
 from swarm.client.failover import ServerFailure
 from swarm.compact import CompactFrame
 from swarm.dht_records import fetch_swarm_state_async, make_dht
-from swarm.framing import read_frame, write_frame
+from swarm.framing import put_frame, read_frame, write_frame
 from swarm.wire import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ class ServerStream:
         expected = request.expected_reply(lora_shape)
         max_bytes = SpanReply.max_bytes(expected)
         position = getattr(request, "position", None)
+        put_frame(self.writer, (self.compact and compact.pack_step(request)) or request.pack())  # sent: then the timer
         async with asyncio.timeout(timeout):
-            await write_frame(self.writer, (self.compact and compact.pack_step(request)) or request.pack())
+            await self.writer.drain()
             # what a decode step answered from a push must match, computed while the server works (~50 us cold)
             digest = request.digest() if position is not None and request.hidden.shape[1] == 1 else None
             while True:
