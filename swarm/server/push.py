@@ -22,7 +22,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
 from swarm import compact, direct, relay
-from swarm.framing import put_frame, read_frame, write_frame
+from swarm.framing import read_frame, write_frame
 from swarm.wire import InferenceStep, InfoReply, PushStep, RemoteError
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,6 @@ class _PushStream:
                     logger.info(f"{self.peer_id} refused a pushed step: {str(ack.get('reason'))[:200]}")
         self.writer.close()
 
-    def idle(self) -> bool:
-        """Open, with nothing queued to send and nobody writing: a frame written now goes out at once."""
-        return not self.acks.done() and not self.lock.locked() and not self.writer.transport.get_write_buffer_size()
-
     def close(self) -> None:
         self.acks.cancel()
         self.writer.close()
@@ -80,16 +76,11 @@ class PushSender:
             return False
         pushed = PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
                           reorder=step.reorder, position=position, route_id=route["id"])
-        frame = compact.pack_step(pushed) or pushed.pack()
         try:
-            stream = self.streams.get(route["to"])
-            if stream is not None and stream.idle():  # the usual decode step: a write that cannot wait needs no
-                put_frame(stream.writer, frame)       # timer and no lock (~50 us of the critical path, cold)
-                return True
             async with asyncio.timeout(PUSH_SECONDS):
                 stream = await self._stream(route)
                 async with stream.lock:
-                    await write_frame(stream.writer, frame)
+                    await write_frame(stream.writer, compact.pack_step(pushed) or pushed.pack())
             return True
         except Exception as e:  # the next server is gone or slow: the client finds out and fails over
             logger.info(f"push to {route['to']} failed ({type(e).__name__}: {e}); not pushing on that route")
