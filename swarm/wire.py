@@ -466,6 +466,8 @@ class InferenceStep(SpanRequest):
     compact: bool | None = None
 
     kind: ClassVar[str] = "inference"
+    # digest()'s first half, when swarm.compact took it from the frame's bytes (no torch calls); not on the wire
+    hidden_digest: ClassVar[str | None] = None
 
     @classmethod
     def _allowed(cls, opening: bool) -> set[str]:
@@ -529,14 +531,6 @@ class InferenceStep(SpanRequest):
         rest.update(repr(self.reorder).encode())
         return hidden + rest.hexdigest()
 
-    @property
-    def hidden_digest(self) -> str | None:
-        """The first half of digest(), when swarm.compact found it from the frame's bytes (no torch calls)."""
-        return self.__dict__.get("_hidden_digest")
-
-    @hidden_digest.setter
-    def hidden_digest(self, value: str) -> None:
-        self.__dict__["_hidden_digest"] = value
 
 
 def hidden_state_digest(dtype: torch.dtype, shape: Sequence[int], raw) -> str:
