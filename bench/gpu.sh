@@ -8,8 +8,14 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 chmod +x /tmp/site/hivemind/hivemind_cli/p2pd
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-# every client x server dtype pair, servers and client on the GPU (the wire-contract issue's tests; the first ones fit the time)
-timeout 110 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/test_dtypes.py > "$OUT/dtypes.txt" 2>&1; tail -4 "$OUT/dtypes.txt"
-# the 7B-shaped model: servers in bfloat16 on the GPU, the client in its default dtype, against local transformers
+# a server's own decode step: transformers eager, the span eager, the span through CUDA graphs (bit-identical?)
+timeout 150 python3 bench/decode_graphs.py 2>&1 | tee "$OUT/decode_graphs.txt"
+timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_decode_graphs.py > "$OUT/decode_graphs_tests.txt" 2>&1
+tail -4 "$OUT/decode_graphs_tests.txt"
+# the 7B-shaped model: servers in bfloat16 on the GPU, the client in its default dtype, against local transformers;
+# servers with their defaults (CUDA graphs) and eager (--no-cuda-graphs), in the same run
 timeout ${BENCH_TIMEOUT:-330} python3 bench/swarm_generate.py --model 7b --servers 1 2 --device cuda --dtype bfloat16 \
-    --new-tokens 64 --repeats 3 --variant hivemind=--no-direct ${BENCH_ARGS:-} 2>&1 | tee "$OUT/swarm_generate_7b.txt"
+    --new-tokens 64 --repeats 5 --variant eager=--no-cuda-graphs ${BENCH_ARGS:-} 2>&1 | tee "$OUT/swarm_generate_7b.txt"
+# every client x server dtype pair, servers and client on the GPU (the wire-contract issue's tests; the first ones fit)
+timeout ${DTYPES_TIMEOUT:-90} python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/test_dtypes.py > "$OUT/dtypes.txt" 2>&1
+tail -4 "$OUT/dtypes.txt"

@@ -81,6 +81,7 @@ def applied_lora(span: BlockSpan, blocks: tuple[int, int], lora: LoraWeights) ->
     (whose rows are those blocks)."""
     layout, scale = lora_layout(span, blocks[0], lora.targets), lora.scale
     handles = []
+    span.lora_hooks += 1
     try:
         for index, row in zip(range(*blocks), lora.weights):
             modules = dict(span.layers[index - span.start].named_modules())
@@ -93,6 +94,7 @@ def applied_lora(span: BlockSpan, blocks: tuple[int, int], lora: LoraWeights) ->
     finally:
         for handle in handles:
             handle.remove()
+        span.lora_hooks -= 1
 
 
 def content_hash(tensor: torch.Tensor) -> str:

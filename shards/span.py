@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from shards.checkpoint import Checkpoint
+from shards.decode_graphs import MAX_BATCH, DecodeGraphs
 from shards.errors import MissingWeightsError, SpanOutOfRangeError
 from shards.families import Family, get_family
 from shards.precision import check_quant, quantize_linears, resolve_dtype
@@ -34,14 +35,17 @@ class BlockSpan(nn.Module):
         self.layer_types = _layer_types(config)[start:end]
         self.span_config = _span_config(config, start, end)
         self.rope_per_layer_type = get_family(config).rope_per_layer_type
+        self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (shards.decode_graphs)
+        self.lora_hooks = 0  # LoRA applied through forward hooks (shards.lora), which graphs would not run
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | Checkpoint, start: int, end: int, *,
                         dtype: str | torch.dtype = "auto", quant: str = "none",
                         device: str | torch.device | None = None, attn_implementation: str | None = None,
-                        progress: bool = False, **hub_kwargs) -> "BlockSpan":
-        """Load blocks [start, end) of ``model`` (directory, hub cache dir or repo id), reading nothing else."""
+                        progress: bool = False, cuda_graphs: bool = True, **hub_kwargs) -> "BlockSpan":
+        """Load blocks [start, end) of ``model`` (directory, hub cache dir or repo id), reading nothing else.
+        On CUDA, decode steps of Llama-shaped blocks run through CUDA graphs unless ``cuda_graphs=False``."""
         checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model, **hub_kwargs)
         config = copy.deepcopy(checkpoint.config)
         # SDPA, as transformers picks it, unless the family's attention soft-caps its logits (Gemma 2): eager
@@ -66,6 +70,8 @@ class BlockSpan(nn.Module):
             layers.append(_load_block(checkpoint, family, span_config, index, index - start, torch_dtype, quant, device))
         rotary_emb = family.rotary_embedding(config=config).to(device)
         span = cls(config, start, end, layers, rotary_emb, dtype=torch_dtype, quant=quant)
+        if cuda_graphs and device.type == "cuda" and quant == "none" and DecodeGraphs.supports(layers):
+            span.decode_graphs = DecodeGraphs(layers, rotary_emb)
         return span.requires_grad_(False).eval()
 
     @property
@@ -100,6 +106,10 @@ class BlockSpan(nn.Module):
                 masks[kind] = make_mask(config=self.span_config, inputs_embeds=hidden_states,
                                         attention_mask=attention_mask, cache=cache, position_ids=position_ids,
                                         layer_idx=first_of_kind)
+        if length == 1 and batch <= MAX_BATCH and cache is not None and prompts is None and \
+                self.decode_graphs is not None and not self.lora_hooks and not torch.is_grad_enabled():
+            return self.decode_graphs(hidden_states, position_ids, cache, [masks[self.layer_types[i]] for i in local],
+                                      local)
         if self.rope_per_layer_type:  # e.g. Gemma 3: local and global layers rotate with different bases
             rope = {kind: self.rotary_emb(hidden_states, position_ids, kind) for kind in masks}
         else:

@@ -92,6 +92,8 @@ class ServerConfig:
     quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",
                         choices=["none", "int8", "nf4"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    cuda_graphs: bool = option(True, "on CUDA, run decode steps of Llama-shaped blocks through CUDA graphs "
+                                     "(the same kernels as eager, launched at once)")
     num_threads: int = option(0, "torch threads for compute (0: this machine's cores divided by the cocoon "
                                  "servers running on it, counted again at each announce)")
     max_sessions: int = option(64, "inference sessions open at once")

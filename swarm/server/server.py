@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import random
 import signal
+import time
 
 import torch
 
@@ -75,8 +76,7 @@ class Server:
         self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
                                public_name=config.public_name, max_sessions=config.max_sessions)
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
-        self.span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
-                                              device=config.device, progress=True)
+        self.span = self._load_span(checkpoint, start, end)
         self.adapters = self._load_adapters(self.span)
         self.per_block = get_throughput(self.span, self.model_id)
         self._set_throughput()
@@ -236,8 +236,7 @@ class Server:
               flush=True)
         self.info.state = ServerState.JOINING
         await asyncio.to_thread(self._announce, self._snapshot())  # old span, no longer usable: clients fail over
-        new_span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=self.config.dtype, quant=self.config.quant,
-                                             device=self.config.device, progress=True)
+        new_span = self._load_span(checkpoint, start, end)
 
         new_adapters = self._load_adapters(new_span)
 
@@ -256,6 +255,16 @@ class Server:
                                 expiration=self.config.announce_period)
         await asyncio.to_thread(self._announce, self._snapshot())
         print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
+
+    def _load_span(self, checkpoint: Checkpoint, start: int, end: int) -> BlockSpan:
+        config = self.config
+        span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
+                                         device=config.device, progress=True, cuda_graphs=config.cuda_graphs)
+        if span.decode_graphs is not None:  # the first client's first token should not wait for the capture
+            started = time.perf_counter()
+            span.decode_graphs.prepare(1, range(end - start), span.dtype_)
+            print(f"Captured the CUDA graphs of a decode step in {time.perf_counter() - started:.1f} s", flush=True)
+        return span
 
     def _set_throughput(self) -> None:
         span = self.per_block.for_blocks(self.info.end - self.info.start)
