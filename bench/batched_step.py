@@ -1,10 +1,11 @@
 """One server's compute for a batch of sessions' steps, through MKL (transformers' linear layers as they are)
-against oneDNN's packed copies of the weights (swarm.server.batching), in one process.
+against oneDNN's packed copies of the weights (shards.packed_linears), in one process.
 
     python bench/batched_step.py [--hidden 2048] [--intermediate 5632] [--blocks 4]
 
 Decode steps of 1, 8 and 16 sessions (each cache 20 tokens long), and 16-token prompts of 1 and 8 new
-sessions, as swarm.server.batching runs them; milliseconds per batch, median of 5.
+sessions, as swarm.server.batching runs them (a lone session's decode step through the packed copies too, as a
+server runs it; a lone prompt always through MKL); milliseconds per batch, median of 5.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import swarm  # noqa: F401  (before torch: its OpenMP threads then do not spin)
 import torch
 
+from shards.packed_linears import packed_linears
 from swarm.server import batching
 
 
@@ -71,7 +73,12 @@ def main():
                 stack.callback(setattr, span, "_packed_linears", None)
                 span._packed_linears = {}  # MKL, as before the packed copies
                 mkl = timed(run)
-            packed = timed(run) if sessions > 1 else None  # a lone session's step never uses the copies
+            if sessions > 1:
+                packed = timed(run)  # run_batched uses the copies
+            elif tokens == 1:
+                packed = timed(lambda: _packed(span, run))  # as SpanHandler._run computes a decode step
+            else:
+                packed = None  # a lone prompt never uses them
             rows.append((name, sessions, mkl, packed))
             print(f"  {name}, {sessions} sessions: MKL {mkl:.1f} ms" +
                   (f", packed {packed:.1f} ms" if packed else ""), flush=True)
@@ -79,10 +86,15 @@ def main():
           f"{torch.get_num_threads()} threads\n")
     print("| steps | sessions | MKL (ms per batch) | packed oneDNN (ms per batch) | x one session's step (packed) |")
     print("|---|---|---|---|---|")
-    alone = {name: mkl for name, sessions, mkl, _ in rows if sessions == 1}
+    alone = {name: packed or mkl for name, sessions, mkl, packed in rows if sessions == 1}
     for name, sessions, mkl, packed in rows:
         print(f"| {name} | {sessions} | {mkl:.1f} | {'-' if packed is None else f'{packed:.1f}'} | "
               f"{'-' if packed is None else f'{packed / alone[name]:.2f}x'} |")
+
+
+def _packed(span, run):
+    with packed_linears(span):
+        return run()
 
 
 if __name__ == "__main__":

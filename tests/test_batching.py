@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 
 from shards import BlockSpan
+from shards.packed_linears import packed_linears
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
 from swarm.server.batching import run_batched
@@ -41,6 +42,26 @@ def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints,
             assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
             assert torch.allclose(a.values, b.values, atol=1e-5)
     assert span._packed_linears  # float32 on a CPU: through oneDNN's packed weights (a copy made once)
+
+
+def test_a_lone_decode_step_through_the_packed_weights_equals_the_plain_step(checkpoints):
+    """A server computes every decode step on a CPU through oneDNN's packed copies (shards.packed_linears): the
+    same values as transformers' linear layers within float32 rounding, and the layers are plain again after."""
+    span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    generator = torch.Generator().manual_seed(0)
+    prompt, step = torch.randn(1, 9, 64, generator=generator), torch.randn(1, 1, 64, generator=generator)
+    plain_cache, packed_cache = span.new_cache(), span.new_cache()
+    with torch.inference_mode():
+        span(prompt, cache=plain_cache)
+        span(prompt, cache=packed_cache)
+        plain = span(step, cache=plain_cache)
+        with packed_linears(span):
+            assert all("forward" in m.__dict__ for m in span._packed_linears)
+            packed = span(step, cache=packed_cache)
+    assert len(span._packed_linears) == 4 * 7  # q, k, v, o, gate, up, down of each block
+    assert not any("forward" in m.__dict__ for m in span.modules())
+    assert torch.allclose(packed, plain, rtol=0, atol=1e-5) and plain.abs().max() > 0.1
+    assert torch.allclose(packed_cache.layers[3].keys, plain_cache.layers[3].keys, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

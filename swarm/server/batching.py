@@ -13,21 +13,14 @@ window of their own).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging
-from typing import Callable, Iterator
+from typing import Callable
 
-import psutil
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from shards import BlockSpan
-
-logger = logging.getLogger(__name__)
-PACKED_FOR_ROWS = 8  # oneDNN lays packed weights out for about this many rows
+from shards.packed_linears import packed_linears
 
 
 def can_batch(span: BlockSpan) -> bool:
@@ -65,7 +58,7 @@ def run_batched(span: BlockSpan, items: list[tuple], to_span: Callable) -> list[
                 keys.append(F.pad(own_keys, (0, 0, longest - past, 0)))
                 values.append(F.pad(own_values, (0, 0, longest - past, 0)))
             shared.layers[i].update(torch.cat(keys), torch.cat(values))
-    with _packed_linears(span):
+    with packed_linears(span):
         output = span(torch.cat(hidden), cache=shared, attention_mask=torch.cat(masks),
                       position_ids=torch.cat(positions), blocks=blocks)
     results, first = [], 0
@@ -77,42 +70,3 @@ def run_batched(span: BlockSpan, items: list[tuple], to_span: Callable) -> list[
         results.append(output[first:first + batch].to(device="cpu", dtype=request.dtype))
         first += batch
     return results
-
-
-@contextlib.contextmanager
-def _packed_linears(span: BlockSpan) -> Iterator[None]:
-    """Within this block, the span's float32 linear layers on a CPU use copies of their weights that oneDNN
-    packed once for small batches. A GEMM of a few rows through MKL packs the whole weight matrix on every
-    call, so a batched decode step read the weights about three times: measured on 2 cores (hidden 2048,
-    intermediate 5632, 4 blocks), 8 sessions took 105 ms as one batch with MKL against 42 ms for one session
-    alone, and 49 ms with the packed copies. Rows differ from running alone by float32 rounding, as they did
-    through MKL's GEMM. The copies double the memory of the linear weights, so they are made (once, at the
-    first batch) only when the machine has that much memory free; else MKL's path is used."""
-    packed = _packed_weights(span)
-    try:
-        for linear, weight in packed.items():
-            linear.forward = functools.partial(_packed_forward, linear, weight)
-        yield
-    finally:
-        for linear in packed:
-            linear.__dict__.pop("forward", None)
-
-
-def _packed_forward(linear: nn.Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "none", [], "")
-
-
-def _packed_weights(span: BlockSpan) -> dict[nn.Linear, torch.Tensor]:
-    packed = getattr(span, "_packed_linears", None)
-    if packed is None:
-        linears = [m for m in span.modules() if type(m) is nn.Linear]  # not bitsandbytes' subclasses
-        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        usable = (span.device.type == "cpu" and torch.backends.mkldnn.is_available() and linears
-                  and all(m.weight.dtype == torch.float32 for m in linears))
-        if usable and psutil.virtual_memory().available > 2 * size:
-            logger.info(f"packing {size / 2**20:.0f} MiB of linear weights for batched decode steps (oneDNN)")
-            packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACKED_FOR_ROWS) for m in linears}
-        else:
-            packed = {}
-        span._packed_linears = packed
-    return packed

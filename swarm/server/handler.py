@@ -18,6 +18,7 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 from incentives.verification import Attestation, array_hash, chain_hash
 from shards import BlockSpan
 from shards.lora import LoraWeights, applied_lora, lora_layout, lora_numel
+from shards.packed_linears import packed_linears
 from swarm import compact
 from swarm.compact import CompactFrame
 from swarm.framing import read_frame, write_frame
@@ -406,7 +407,10 @@ class SpanHandler:
     @torch.inference_mode()
     def _run(self, request: SpanRequest, cache, blocks: tuple[int, int], lora: LoraWeights | None) -> torch.Tensor:
         threads.use(self.threads)
-        with self._lora_applied(blocks, lora):  # positions default to continuing the cache, chunks included
+        # a decode step through the packed weights on a CPU (shards.packed_linears); prompts through the plain ones
+        packed = packed_linears(self.span) if cache is not None and request.hidden.shape[1] == 1 else \
+            contextlib.nullcontext()
+        with self._lora_applied(blocks, lora), packed:  # positions default to continuing the cache, chunks included
             output = self.span(self._to_span(request.hidden), cache=cache,
                                position_ids=self._to_span(request.position_ids),
                                attention_mask=self._to_span(request.attention_mask), blocks=blocks,
