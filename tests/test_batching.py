@@ -88,7 +88,8 @@ def test_concurrent_clients_of_one_server_get_the_tokens_they_get_alone(checkpoi
         def generate(model, kind, prompt):
             beams = dict(num_beams=2) if kind == "beams" else {}
             with torch.no_grad():
-                return model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, **beams)
+                return model.generate(prompt.to(model.device), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      **beams)
 
         models = [client(kind) for kind in kinds]
         alone = [generate(m, kind, p) for m, kind, p in zip(models, kinds, prompts)]
