@@ -30,18 +30,19 @@ PACKED_FOR_ROWS = 8  # oneDNN lays packed weights out for about this many rows (
 @contextlib.contextmanager
 def packed_linears(span: BlockSpan) -> Iterator[None]:
     """Within this block, the span's float32 linear layers on a CPU compute with their packed copies."""
-    packed = packed_weights(span)
+    packed = packed_forwards(span)
     try:
-        for linear, weight in packed.items():
-            linear.forward = functools.partial(_packed_forward, linear, weight)
+        for linear, forward in packed.items():
+            linear.forward = forward
         yield
     finally:
         for linear in packed:
             linear.__dict__.pop("forward", None)
 
 
-def packed_weights(span: BlockSpan) -> dict[nn.Linear, torch.Tensor]:
-    """The packed copies of the span's linear weights, made on first use ({} where they are not used)."""
+def packed_forwards(span: BlockSpan) -> dict[nn.Linear, functools.partial]:
+    """Each linear layer's forward through its packed copy, made on first use and kept: a decode step only
+    swaps them in ({} where the copies are not used)."""
     packed = getattr(span, "_packed_linears", None)
     if packed is None:
         linears = [m for m in span.modules() if type(m) is nn.Linear]  # not bitsandbytes' subclasses
@@ -50,7 +51,8 @@ def packed_weights(span: BlockSpan) -> dict[nn.Linear, torch.Tensor]:
                   and all(m.weight.dtype == torch.float32 for m in linears))
         if usable and psutil.virtual_memory().available > 2 * size:
             logger.info(f"packing {size / 2**20:.0f} MiB of linear weights for decode steps (oneDNN)")
-            packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACKED_FOR_ROWS) for m in linears}
+            packed = {m: functools.partial(_packed_forward, m, torch.ops.mkldnn._reorder_linear_weight(
+                m.weight.detach(), PACKED_FOR_ROWS)) for m in linears}
         else:
             packed = {}
         span._packed_linears = packed

@@ -17,7 +17,7 @@ from routing import ServerInfo, ServerState
 from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
-from shards.packed_linears import packed_weights
+from shards.packed_linears import packed_forwards
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, announce_relay, fetch_evidence, fetch_swarm_state, make_dht
 from swarm import event_loop
@@ -261,7 +261,7 @@ class Server:
         config = self.config
         span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
                                          device=config.device, progress=True, cuda_graphs=config.cuda_graphs)
-        packed_weights(span)  # on a CPU, now rather than at the first client's first decode step
+        packed_forwards(span)  # on a CPU, now rather than at the first client's first decode step
         if span.decode_graphs is not None:  # the first client's first token should not wait for the capture
             started = time.perf_counter()
             span.decode_graphs.prepare(1, range(end - start), span.dtype_)
