@@ -21,6 +21,10 @@ class UsageError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A `cocoon` process is its own (the library sets nothing in a user's): hivemind shares a few bytes per future
+    # with its DHT process through torch's shared memory, and its default strategy (file_system) starts a
+    # torch_shm_manager process; a signal during that start leaves torch spinning with the GIL held.
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     exit_on_termination()
     exit_with_owner()
     parser = build_parser()

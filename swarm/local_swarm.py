@@ -26,7 +26,7 @@ class SwarmProcess:
         self.name, self.echo = name, echo
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        env = {**os.environ, **(env or {})}  # `cocoon` sets its own defaults (swarm/__init__.py), as for a user
+        env = {**os.environ, **(env or {})}  # `cocoon` sets its own defaults (swarm/cli.py), as for a user
         env[processes.OWNER_ENV] = processes.owner_token()  # it stops when this process is gone, however it ends
         self.process = subprocess.Popen([*prefix, sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env,

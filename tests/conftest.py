@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI: every checkpoint is built here
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")  # as `cocoon` sets it (swarm/cli.py)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 FAMILIES = ["llama", "mistral", "qwen2", "mixtral"]

@@ -12,6 +12,7 @@ import os
 import threading
 from typing import Iterator, Sequence
 
+_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -25,6 +26,8 @@ from swarm.client.swarm_client import SwarmClient
 from swarm.wire import LoraSpec
 
 logger = logging.getLogger(__name__)
+if _INDUCTOR_DIR is None:  # torch._dynamo, which transformers' generation imports, exports its default cache path
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # as computed again when needed: importing changes nothing
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
