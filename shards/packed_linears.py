@@ -9,6 +9,11 @@ intermediate 5632) took 105 ms as one batch through MKL, 49 ms packed, 42 ms for
 Outputs differ from MKL's by float32 rounding (about 1e-6 relative), as a GEMM of a different number of rows
 does. The copies double the memory of the linear weights, so they are made only when the machine has that
 much memory free; otherwise steps use the plain weights. Prefill, forward and backward always do.
+
+Whether a server uses them at all is measured on its machine (shards.decode_paths): on the 2-core development
+machine of 2026-12-02 they were slower than MKL at hidden 512 and 2048 alike. They go through two private
+oneDNN ops of torch, the only private torch ops of the project: this file checks they are there, and without
+them the plain path is the only one.
 """
 from __future__ import annotations
 
@@ -25,12 +30,37 @@ from shards.span import BlockSpan
 
 logger = logging.getLogger(__name__)
 PACKED_FOR_ROWS = 8  # oneDNN lays packed weights out for about this many rows (one row runs fastest so too)
+TORCH_VERSIONS = ((2, 4), (3, 0))  # the private ops below have had these signatures in these releases
+
+
+def _private_ops_present() -> bool:
+    version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    if not TORCH_VERSIONS[0] <= version < TORCH_VERSIONS[1] or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return all(hasattr(torch.ops.mkldnn, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _linears(span: BlockSpan) -> list[nn.Linear]:
+    return [m for m in span.modules() if type(m) is nn.Linear]  # not bitsandbytes' subclasses
+
+
+def packing_possible(span: BlockSpan) -> bool:
+    """float32 linear layers on a CPU, torch with the private ops, and memory for a second copy of the weights."""
+    linears = _linears(span)
+    if span.device.type != "cpu" or not linears or any(m.weight.dtype != torch.float32 for m in linears) or \
+            not _private_ops_present():
+        return False
+    return psutil.virtual_memory().available > 2 * sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
 @contextlib.contextmanager
 def packed_linears(span: BlockSpan) -> Iterator[None]:
-    """Within this block, the span's float32 linear layers on a CPU compute with their packed copies."""
-    packed = packed_forwards(span)
+    """Within this block, the span's linear layers compute with their packed copies, where its decode plan made
+    them (shards.decode_paths.use_plan); otherwise this changes nothing."""
+    packed = getattr(span, "_packed_linears", None) or {}
     try:
         for linear, forward in packed.items():
             linear.forward = forward
@@ -45,18 +75,18 @@ def packed_forwards(span: BlockSpan) -> dict[nn.Linear, functools.partial]:
     swaps them in ({} where the copies are not used)."""
     packed = getattr(span, "_packed_linears", None)
     if packed is None:
-        linears = [m for m in span.modules() if type(m) is nn.Linear]  # not bitsandbytes' subclasses
-        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        usable = (span.device.type == "cpu" and torch.backends.mkldnn.is_available() and linears
-                  and all(m.weight.dtype == torch.float32 for m in linears))
-        if usable and psutil.virtual_memory().available > 2 * size:
-            logger.info(f"packing {size / 2**20:.0f} MiB of linear weights for decode steps (oneDNN)")
+        packed = {}
+        if packing_possible(span):
+            logger.info("packing the linear weights for decode steps (oneDNN)")
             packed = {m: functools.partial(_packed_forward, m, torch.ops.mkldnn._reorder_linear_weight(
-                m.weight.detach(), PACKED_FOR_ROWS)) for m in linears}
-        else:
-            packed = {}
+                m.weight.detach(), PACKED_FOR_ROWS)) for m in _linears(span)}
         span._packed_linears = packed
     return packed
+
+
+def drop_packed_forwards(span: BlockSpan) -> None:
+    """Free the packed copies and use none from now on (the decode plan took another path)."""
+    span._packed_linears = {}
 
 
 def _packed_forward(linear: nn.Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

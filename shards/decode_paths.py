@@ -1,0 +1,266 @@
+"""How a span computes its decode steps on this machine, chosen by timing the candidates once.
+
+What is fastest differs between machines, and guesses measured elsewhere were wrong here: on the 2-core
+development machine oneDNN's packed weights (shards.packed_linears) are slower than MKL's plain path at both
+model sizes, against 1.7x faster on another CPU. So a server times what it could do and keeps the fastest:
+
+- the path: transformers' own layers (``plain``), the packed copies of the weights (``packed``, float32 on a
+  CPU), or CUDA graphs (``cuda-graphs``, on a GPU: shards.decode_graphs);
+- on a CPU, its torch thread count (all cores, or half of them);
+- on a CPU, whether its OpenMP workers are released whenever it has nothing queued (shards.openmp) or left
+  spinning. Along a chain the processes take turns, so this is timed in turns: a partner thread, standing for
+  the next process of the chain, steps between this span's steps, and each policy is timed by the round.
+
+The choice is cached per machine, model shape, dtype and quantization (like shards.throughput); the whole
+measurement keeps to a budget of about 2 s. ``DecodePlan.parse`` reads a plan given on the command line: any
+part it fixes is not measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from shards.openmp import release_workers
+from shards.packed_linears import drop_packed_forwards, packed_forwards, packed_linears, packing_possible
+from shards.span import BlockSpan
+from shards.throughput import cache_path as throughput_cache_path
+
+logger = logging.getLogger(__name__)
+PATHS = ("plain", "packed", "cuda-graphs")
+POLICIES = {"release": True, "spin": False}
+BUDGET_S = 2.0
+MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
+PAST_TOKENS = 16  # the length of the cache the steps are timed on
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    path: str = "plain"
+    threads: int = 0            # torch threads on a CPU (0: on a GPU, not chosen here)
+    release_idle: bool = False  # free the OpenMP workers whenever nothing is queued (CPU)
+    step_ms: float = 0.0        # the span's decode step alone, as measured (0: not measured)
+
+    @classmethod
+    def parse(cls, text: str) -> dict:
+        """``auto`` or PATH[:THREADS[:release|spin]], e.g. ``plain:2:release``; each part may be ``auto``. Returns
+        the fixed parts, as DecodePlan fields."""
+        parts = [p.strip() for p in text.lower().split(":")]
+        if len(parts) > 3 or parts[0] not in (*PATHS, "auto") or \
+                (len(parts) > 1 and not (parts[1] == "auto" or parts[1].isdigit() and int(parts[1]) > 0)) or \
+                (len(parts) > 2 and parts[2] not in (*POLICIES, "auto")):
+            raise ValueError(f"{text!r} is not a decode path: use auto or PATH[:THREADS[:release|spin]] with PATH one "
+                             f"of {', '.join(PATHS)}, e.g. plain:2:release")
+        fixed = {}
+        if parts[0] != "auto":
+            fixed["path"] = parts[0]
+        if len(parts) > 1 and parts[1] != "auto":
+            fixed["threads"] = int(parts[1])
+        if len(parts) > 2 and parts[2] != "auto":
+            fixed["release_idle"] = POLICIES[parts[2]]
+        return fixed
+
+    @property
+    def spec(self) -> str:
+        return self.path if not self.threads else \
+            f"{self.path}:{self.threads}:{'release' if self.release_idle else 'spin'}"
+
+    def __str__(self) -> str:
+        measured = f", {self.step_ms:.2f} ms a step" if self.step_ms else ""
+        return f"decode path {self.spec}{measured}"
+
+
+def candidate_paths(span: BlockSpan) -> list[str]:
+    paths = ["plain"]
+    if packing_possible(span):
+        paths.append("packed")
+    if span.decode_graphs is not None:
+        paths.append("cuda-graphs")
+    return paths
+
+
+def use_plan(span: BlockSpan, plan: DecodePlan) -> None:
+    """Make ``plan`` the way this span's decode steps run: only the chosen path's extra state is kept."""
+    if plan.path == "packed":
+        packed_forwards(span)
+    else:
+        drop_packed_forwards(span)
+    if plan.path != "cuda-graphs":
+        span.decode_graphs = None
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+
+
+def decode_step(span: BlockSpan, path: str) -> Callable[[], None]:
+    """A function that runs one decode step of ``span`` through ``path`` (its cache stays at PAST_TOKENS)."""
+    hidden = torch.randn(1, PAST_TOKENS + 1, span.config.hidden_size, dtype=span.dtype_, device=span.device)
+    cache, graphs = span.new_cache(), span.decode_graphs
+    sync = torch.cuda.synchronize if span.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), _through(span, "plain", graphs):
+        span(hidden[:, :PAST_TOKENS], cache=cache)
+
+    def step() -> None:
+        with torch.inference_mode(), _through(span, path, graphs):
+            span(hidden[:, PAST_TOKENS:], cache=cache)
+            sync()
+        cache.crop(-1)
+
+    return step
+
+
+@contextlib.contextmanager
+def _through(span: BlockSpan, path: str, graphs) -> Iterator[None]:
+    """Within this block the span's decode steps take ``path`` (its CUDA graphs, when it has them, are ``graphs``)."""
+    span.decode_graphs = graphs if path == "cuda-graphs" else None
+    try:
+        with packed_linears(span) if path == "packed" else contextlib.nullcontext():
+            yield
+    finally:
+        span.decode_graphs = graphs
+
+
+def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> DecodePlan:
+    """Time the candidates that ``fixed`` leaves open and return the fastest plan."""
+    cpu = span.device.type == "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    paths = [fixed["path"]] if "path" in fixed else candidate_paths(span)
+    threads = [fixed["threads"]] if "threads" in fixed else sorted({cores, max(1, cores // 2)}, reverse=True)
+    threads = threads if cpu else [0]
+    policies = [fixed["release_idle"]] if "release_idle" in fixed else [True, False]
+    policies = policies if cpu and max(threads) > 1 else [policies[0] if cpu else False]
+    if "packed" in paths and not packing_possible(span):
+        raise ValueError("the packed path needs float32 weights on a CPU with oneDNN and memory for a second copy")
+    if "cuda-graphs" in paths and span.decode_graphs is None:
+        raise ValueError("the cuda-graphs path needs Llama-shaped, unquantized blocks on CUDA")
+    steps = {path: decode_step(span, path) for path in paths}
+    saved_threads = torch.get_num_threads()
+    try:
+        set_threads = torch.set_num_threads if cpu else (lambda n: None)
+        set_threads(threads[0])
+        first = _timed(steps[paths[0]], 2)  # warm-up, and a first figure for the budget
+        if first * 3 * (len(paths) + len(threads) + 8) > 4 * budget_s:  # steps too slow to time every candidate
+            threads, policies = threads[:1], policies[:1]  # the defaults: all cores, workers released
+        timings = len(paths) + len(threads) + 4 * (len(policies) > 1)
+        reps = max(3, min(15, int(budget_s / max(first, 1e-4) / max(timings, 1))))
+        by_path = {path: _timed(steps[path], reps) for path in paths}
+        path = _fastest(by_path, paths[0])
+        by_threads = {}
+        for n in threads:
+            set_threads(n)
+            by_threads[n] = by_path[path] if n == threads[0] else _timed(steps[path], reps)
+        chosen_threads = _fastest(by_threads, threads[0])
+        set_threads(chosen_threads)
+        by_policy = {policy: _in_turns(steps[path], decode_step(span, path), chosen_threads, policy, reps)
+                     for policy in policies} if len(policies) > 1 else {policies[0]: 0.0}
+        release = _fastest(by_policy, policies[0])
+    finally:
+        torch.set_num_threads(saved_threads)
+    logger.info(f"decode paths: {_ms(by_path)}; threads: {_ms(by_threads)}; rounds in turns: {_ms(by_policy)}")
+    return DecodePlan(path, chosen_threads if cpu else 0, release, by_threads[chosen_threads] * 1000)
+
+
+def _fastest(seconds: dict, default):
+    """The fastest candidate; ``default`` (the plain path, all cores, released workers) unless another beats it by
+    more than MARGIN: a tie measured on a noisy machine is no reason for a special path."""
+    best = min(seconds, key=seconds.get)
+    return best if seconds[best] < (1 - MARGIN) * seconds[default] else default
+
+
+def _timed(step: Callable[[], None], reps: int) -> float:
+    """The median seconds of a step."""
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, release: bool,
+              reps: int) -> float:
+    """Median seconds of a round: this span's step, then a partner's (another process of the chain, which releases
+    its workers as a client does while it waits), each waiting while the other computes."""
+    mine, theirs = threading.Event(), threading.Event()
+    stop = False
+
+    def partner() -> None:
+        torch.set_num_threads(threads)
+        while True:
+            mine.wait()
+            mine.clear()
+            if stop:
+                break
+            partner_step()
+            release_workers()
+            theirs.set()
+        release_workers()
+
+    thread = threading.Thread(target=partner, daemon=True)
+    thread.start()
+    rounds = []
+    try:
+        for _ in range(reps + 1):
+            started = time.perf_counter()
+            step()
+            if release:
+                release_workers()
+            mine.set()
+            theirs.wait()
+            theirs.clear()
+            rounds.append(time.perf_counter() - started)
+    finally:
+        stop = True
+        mine.set()
+        thread.join()
+    return statistics.median(rounds[1:])
+
+
+def _ms(seconds: dict) -> str:
+    return ", ".join(f"{key} {value * 1000:.2f} ms" for key, value in seconds.items())
+
+
+# ---------------------------------------------------------------------- cache
+def _cache_path():
+    return throughput_cache_path().with_name("decode_plans.json")
+
+
+def _key(span: BlockSpan, fixed: dict) -> str:
+    config = span.config
+    if span.device.type == "cuda":
+        hardware = torch.cuda.get_device_name(span.device)
+    else:
+        hardware = f"{platform.processor() or platform.machine()}-{len(os.sched_getaffinity(0))}cores"
+    shape = (f"{config.model_type}-h{config.hidden_size}-i{getattr(config, 'intermediate_size', 0)}-"
+             f"a{config.num_attention_heads}-kv{getattr(config, 'num_key_value_heads', 0)}-b{len(span.layers)}")
+    return "|".join([hardware, f"torch{torch.__version__}", shape, str(span.dtype_).removeprefix("torch."),
+                     span.quant, json.dumps(fixed, sort_keys=True)])
+
+
+def get_plan(span: BlockSpan, fixed: dict | None = None, *, force: bool = False) -> tuple[DecodePlan, bool]:
+    """This machine's plan for the span's decode steps, from the cache or measured now; (plan, measured now)."""
+    fixed = fixed or {}
+    if {"path", "threads", "release_idle"} <= fixed.keys() or (span.device.type != "cpu" and "path" in fixed):
+        return DecodePlan(**fixed), False  # nothing left to choose
+    path, key = _cache_path(), _key(span, fixed)
+    try:
+        cached = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        cached = {}  # a damaged cache is measured again, not fatal
+    if key in cached and not force:
+        return DecodePlan(**cached[key]), False
+    plan = choose_plan(span, fixed)
+    cached[key] = asdict(plan)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)  # atomic: several servers may start at once
+    return plan, True
