@@ -18,14 +18,14 @@ import sys
 
 import torch
 
-from swarm.server import handler, push, server
+from swarm.server import billing, engine, push, server, streams
 
 MISCHIEF = os.environ.get("COCOON_MISCHIEF", "perturb")
-_honest_run = handler.SpanHandler._run
+_honest_execute = engine.Engine._execute
 
 
-def _run(self, request, cache, blocks, lora):
-    output = _honest_run(self, request, cache, blocks, lora)
+def _execute(self, task):
+    output = _honest_execute(self, task)
     if MISCHIEF == "nan":
         return torch.full_like(output, float("nan"))
     if MISCHIEF == "perturb":
@@ -35,7 +35,7 @@ def _run(self, request, cache, blocks, lora):
     return output
 
 
-_honest_write = handler.write_frame
+_honest_write = streams.write_frame
 
 
 async def _huge_frame(writer, message):
@@ -45,7 +45,7 @@ async def _huge_frame(writer, message):
     await writer.drain()
 
 
-_honest_attest = handler.SpanHandler._attest
+_honest_attest = billing.Billing.attest
 
 
 def _attest(self, chain, wire_input, wire_output, start, end):
@@ -68,10 +68,10 @@ async def _push(self, route, step, output, position):
 
 
 push.PushSender.send = _push
-handler.SpanHandler._run = _run
-handler.SpanHandler._attest = _attest
+engine.Engine._execute = _execute
+billing.Billing.attest = _attest
 if MISCHIEF == "huge":
-    handler.write_frame = _huge_frame
+    streams.write_frame = _huge_frame
 if "COCOON_ADVERTISE_THROUGHPUT" in os.environ:
     _honest_set_throughput = server.Server._set_throughput
 

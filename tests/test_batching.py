@@ -9,17 +9,21 @@ import torch
 from peft import LoraConfig
 
 from shards import BlockSpan
+from shards.decode_paths import DecodePlan, use_plan
 from shards.packed_linears import packed_linears
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
 from swarm.server.batching import run_batched
 
 
+@pytest.mark.parametrize("path", ["plain", "packed"])
 @pytest.mark.parametrize("new_tokens", [1, 3])
-def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints, new_tokens):
+def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints, new_tokens, path):
     """Steps of as many new tokens (decode steps; prompts of clients that start together, a new session's cache
-    empty) from sessions of different lengths, one of them of two rows, run as one batch."""
+    empty) from sessions of different lengths, one of them of two rows, run as one batch, through either
+    decode path of a CPU."""
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    use_plan(span, DecodePlan(path))
     hidden = span.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     caches = []
@@ -34,20 +38,22 @@ def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints,
     alone = [span(step, cache=cache) for step, cache in zip(steps, caches)]
     requests = [SimpleNamespace(hidden=step, attention_mask=None, position_ids=None, dtype=torch.float32)
                 for step in steps]
-    together = run_batched(span, [(r, c, (0, 4)) for r, c in zip(requests, batched_caches)], lambda t: t)
+    with packed_linears(span):  # as the engine runs a batch of decode steps (a no-op on the plain path)
+        together = run_batched(span, [(r, c, (0, 4)) for r, c in zip(requests, batched_caches)], lambda t: t)
     for a, b in zip(alone, together):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5)
     for own, shared in zip(caches, batched_caches):  # each cache grew by its own tokens, as alone
         for a, b in zip(own.layers, shared.layers):
             assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
             assert torch.allclose(a.values, b.values, atol=1e-5)
-    assert span._packed_linears  # float32 on a CPU: through oneDNN's packed weights (a copy made once)
+    assert bool(span._packed_linears) == (path == "packed")  # the copies exist only where the plan chose them
 
 
 def test_a_lone_decode_step_through_the_packed_weights_equals_the_plain_step(checkpoints):
-    """A server computes every decode step on a CPU through oneDNN's packed copies (shards.packed_linears): the
-    same values as transformers' linear layers within float32 rounding, and the layers are plain again after."""
+    """Where a server's decode plan takes oneDNN's packed copies (shards.packed_linears), a step gives the same
+    values as transformers' linear layers within float32 rounding, and the layers are plain again after."""
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    use_plan(span, DecodePlan("packed"))
     generator = torch.Generator().manual_seed(0)
     prompt, step = torch.randn(1, 9, 64, generator=generator), torch.randn(1, 1, 64, generator=generator)
     plain_cache, packed_cache = span.new_cache(), span.new_cache()

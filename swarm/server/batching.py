@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from shards import BlockSpan
-from shards.packed_linears import packed_linears
 
 
 def can_batch(span: BlockSpan) -> bool:
@@ -58,9 +57,8 @@ def run_batched(span: BlockSpan, items: list[tuple], to_span: Callable) -> list[
                 keys.append(F.pad(own_keys, (0, 0, longest - past, 0)))
                 values.append(F.pad(own_values, (0, 0, longest - past, 0)))
             shared.layers[i].update(torch.cat(keys), torch.cat(values))
-    with packed_linears(span):
-        output = span(torch.cat(hidden), cache=shared, attention_mask=torch.cat(masks),
-                      position_ids=torch.cat(positions), blocks=blocks)
+    output = span(torch.cat(hidden), cache=shared, attention_mask=torch.cat(masks),
+                  position_ids=torch.cat(positions), blocks=blocks)
     results, first = [], 0
     for (request, cache, _), batch in zip(items, rows):
         for i in local:  # the new tokens' keys and values, appended as its own forward would have

@@ -23,6 +23,15 @@ def direct_address_arg(text: str) -> str:
     return text
 
 
+def decode_path_arg(text: str) -> str:
+    from shards.decode_paths import DecodePlan
+    try:
+        DecodePlan.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def option(default: Any = None, help: str = "", *, flag: str | None = None, **argparse_kwargs) -> Any:
     """A config field with its command-line flag; ``default`` may be a factory (for lists)."""
     meta = {"help": help, "flag": flag, **argparse_kwargs}
@@ -92,10 +101,12 @@ class ServerConfig:
     quant: str = option("none", "bitsandbytes quantization of the blocks' linear layers",
                         choices=["none", "int8", "nf4"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
-    cuda_graphs: bool = option(True, "on CUDA, run decode steps of Llama-shaped blocks through CUDA graphs "
-                                     "(the same kernels as eager, launched at once)")
-    num_threads: int = option(0, "torch threads for compute (0: this machine's cores divided by the cocoon "
-                                 "servers running on it, counted again at each announce)")
+    decode_path: str = option("auto", "how decode steps run: auto (timed at start-up, the fastest kept, cached per "
+                                      "machine and model) or PATH[:THREADS[:release|spin]], PATH one of plain, "
+                                      "packed (oneDNN's packed weights, CPU), cuda-graphs; THREADS torch threads "
+                                      "(CPU); release: let the OpenMP workers go when idle, spin: keep them "
+                                      "spinning. A part left out or 'auto' is measured", type=decode_path_arg,
+                              metavar="PATH[:THREADS[:POLICY]]")
     max_sessions: int = option(64, "inference sessions open at once")
     cache_tokens: int = option(16384, "KV cache budget in tokens (batch x length), reserved when a session opens")
     session_timeout: float = option(120.0, "seconds before an idle session is freed")

@@ -1,9 +1,9 @@
 """A server's Prometheus metrics (`cocoon serve --metrics-port PORT`): tokens and block-tokens served,
 requests by RPC and outcome code, step latency, open sessions, KV tokens reserved, vouchers accepted, wei
-earned, and evidence of wrong work published against this server."""
+earned, evidence of wrong work published against this server, and how its decode steps run."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 
 class ServerMetrics:
@@ -24,6 +24,8 @@ class ServerMetrics:
         self.earned = Counter("cocoon_wei_earned", "Wei redeemed on chain", registry=r)
         self.evidence = Gauge("cocoon_evidence_against_server", "Published evidence of wrong work naming this server",
                               registry=r)
+        self.decode_plan = Info("cocoon_decode_plan", "How decode steps run here, as measured at start-up "
+                                "(shards.decode_paths): path, threads, wait policy, step_ms", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP in a thread; returns the port (0 takes a free one)."""

@@ -14,6 +14,9 @@ with no new one, and at most WINDOWS_AT_MOST windows in all (clients' steps tric
 first alone would cut a round of sessions into several batches, each reading all the weights). It runs them
 as one batch, of at most ``max_batch`` tasks and ``max_batch_cost``. Each peer is still charged the cost
 of its own tasks, so batching changes nobody's share, only how much work a second of compute does.
+
+Whenever nothing is left to run, the thread that ran the last task calls ``on_idle`` (the engine lets its
+OpenMP workers go there, when its decode plan says so: shards.openmp).
 """
 from __future__ import annotations
 
@@ -47,11 +50,12 @@ class _Task:
 class FairScheduler:
     def __init__(self, max_queued_per_peer: int = 32, *, run_batch: Callable[[list[tuple]], list] | None = None,
                  batch_window: float = 0.0, max_batch: int = 64, max_batch_cost: float = float("inf"),
-                 active: Callable[[], int] = lambda: 1):
+                 active: Callable[[], int] = lambda: 1, on_idle: Callable[[], Any] | None = None):
         self.max_queued = max_queued_per_peer
         self.run_batch = run_batch  # args of several tasks -> their results, in order
         self.batch_window, self.max_batch, self.active = batch_window, max_batch, active
         self.max_batch_cost = max_batch_cost  # a batch of long steps stays short: others' decode steps wait for it
+        self.on_idle = on_idle
         self.batches: dict[int, int] = {}  # tasks per batch -> how many batches of that size ran
         self.queues: dict[str, deque[_Task]] = {}
         self.finish: dict[str, float] = {}  # each peer's latest virtual finish time
@@ -86,8 +90,11 @@ class FairScheduler:
                     self._running = False
                     self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + time.perf_counter() - inline_start
                     self.batches[1] = self.batches.get(1, 0) + 1
-                    if any(self.queues.values()):  # else waking the compute thread would only send it back to sleep
+                    idle = not any(self.queues.values())
+                    if not idle:  # else waking the compute thread would only send it back to sleep
                         self._ready.notify()
+                if idle and self.on_idle is not None:
+                    self.on_idle()
         future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopped:
@@ -190,6 +197,9 @@ class FairScheduler:
                 self._running = False
                 for peer, _ in group:
                     self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + elapsed
+                idle = not any(self.queues.values())
+            if idle and self.on_idle is not None:
+                self.on_idle()
             for (peer, task), (result, error) in zip(group, results):
                 task.future.get_loop().call_soon_threadsafe(_settle, task.future, result, error)
 

@@ -17,18 +17,18 @@ from routing import ServerInfo, ServerState
 from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
-from shards.packed_linears import packed_forwards
+from shards.decode_paths import DecodePlan, get_plan, use_plan
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import announce, announce_relay, fetch_evidence, fetch_swarm_state, make_dht
 from swarm import event_loop
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
+from swarm.server.engine import Engine
 from swarm.server.handler import SpanHandler
 from swarm.server.push import PushSender
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
-from swarm.server import threads
 from swarm.processes import exit_on_termination
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,6 @@ class Server:
         """Load the span, measure it, set up payments; announce the server as joining."""
         config = self.config
         _return_freed_buffers()
-        self.threads = threads.share(config.num_threads)
-        threads.use(self.threads)
         self.checkpoint = checkpoint = Checkpoint(config.model)
         self.model_id = config.model_id or checkpoint.model_id
         total_blocks = checkpoint.config.num_hidden_layers
@@ -77,9 +75,10 @@ class Server:
         self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
                                public_name=config.public_name, max_sessions=config.max_sessions)
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
+        self.plan: DecodePlan | None = None
         self.span = self._load_span(checkpoint, start, end)
         self.adapters = self._load_adapters(self.span)
-        self.per_block = get_throughput(self.span, self.model_id)
+        self.per_block = get_throughput(self.span, self.model_id)  # through the plan's path, with its threads
         self._set_throughput()
         self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
         self.info.quant = config.quant
@@ -93,12 +92,12 @@ class Server:
         self.stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
-        self.handler = SpanHandler(self.span, self.sessions, config.limits, info=self.describe, payments=self.payments,
-                                   adapters=self.adapters, lora_cache=LoraCache(config.lora_cache_bytes),
-                                   quotas=config.quotas, prefill_rate=self.per_block.prefill_tokens_per_s,
-                                   batch_window=config.batch_window_ms / 1000,
-                                   max_batch_sessions=config.max_batch_sessions)
-        self.handler.threads = self.threads
+        self.engine = Engine(self.span, self.plan, self.sessions, config.quotas,
+                             prefill_rate=self.per_block.prefill_tokens_per_s,
+                             batch_window=config.batch_window_ms / 1000, max_batch_sessions=config.max_batch_sessions)
+        self.handler = SpanHandler(self.engine, self.sessions, config.limits, info=self.describe,
+                                   payments=self.payments, adapters=self.adapters,
+                                   lora_cache=LoraCache(config.lora_cache_bytes), quotas=config.quotas)
         self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
@@ -107,8 +106,8 @@ class Server:
         self.relaying = await self._check_reachability() if config.direct else None
         self.info.state = ServerState.ONLINE
         self._announce()
-        print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id} as peer {self.peer_id}",
-              flush=True)
+        print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id}, {self.plan}, "
+              f"as peer {self.peer_id}", flush=True)
         next_balance = loop.time() + self._balance_delay()
         # redemption runs on its own: a chain that fails or hangs never holds up serving or announcing
         redeeming = asyncio.create_task(self.payments.redeem_forever()) if self.payments else None
@@ -122,7 +121,6 @@ class Server:
                 # count run in a worker thread: the sessions served here do not wait for them
                 if self.metrics is not None:
                     self.metrics.evidence.set(await asyncio.to_thread(self._evidence_against_me))
-                self.handler.threads = await asyncio.to_thread(threads.share, config.num_threads)
                 if config.blocks is None and loop.time() >= next_balance:
                     await self._maybe_move(self.checkpoint)
                     next_balance = loop.time() + self._balance_delay()
@@ -213,6 +211,9 @@ class Server:
         metrics = ServerMetrics()
         port = metrics.serve(self.config.metrics_port, self.config.host)
         metrics.track_sessions(self.sessions)
+        metrics.decode_plan.info({"path": self.plan.path, "threads": str(self.plan.threads),
+                                  "policy": "release" if self.plan.release_idle else "spin",
+                                  "step_ms": f"{self.plan.step_ms:.3f}"})
         self.handler.metrics = metrics
         if self.payments is not None:
             self.payments.metrics = metrics
@@ -243,10 +244,11 @@ class Server:
 
         def swap():  # in the compute thread, so no request runs on a half-swapped span
             self.sessions.sessions.clear()
-            self.handler.span = self.span = new_span
+            self.engine.use_span(new_span)
+            self.span = new_span
             self.handler.adapters = self.adapters = new_adapters
 
-        await self.handler._compute(self.peer_id, 0, swap)
+        await self.engine.call(self.peer_id, swap)
         old = (self.info.start, self.info.end)
         self.info.start, self.info.end = start, end
         self._set_throughput()
@@ -260,13 +262,24 @@ class Server:
     def _load_span(self, checkpoint: Checkpoint, start: int, end: int) -> BlockSpan:
         config = self.config
         span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
-                                         device=config.device, progress=True, cuda_graphs=config.cuda_graphs)
-        packed_forwards(span)  # on a CPU, now rather than at the first client's first decode step
+                                         device=config.device, progress=True)
+        if self.plan is None:  # the first span: how this machine runs its decode steps fastest
+            self.plan = self._choose_plan(span)
+        use_plan(span, self.plan)  # packed copies made now, not at the first client's first decode step
         if span.decode_graphs is not None:  # the first client's first token should not wait for the capture
             started = time.perf_counter()
             span.decode_graphs.prepare(1, range(end - start), span.dtype_)
             print(f"Captured the CUDA graphs of a decode step in {time.perf_counter() - started:.1f} s", flush=True)
         return span
+
+    def _choose_plan(self, span: BlockSpan) -> DecodePlan:
+        fixed = DecodePlan.parse(self.config.decode_path)
+        started = time.perf_counter()
+        plan, measured = get_plan(span, fixed)
+        how = f"measured in {time.perf_counter() - started:.1f} s" if measured else \
+            ("as --decode-path says" if not measured and len(fixed) == 3 else "measured before on this machine")
+        print(f"Decode steps: {plan} ({how})", flush=True)
+        return plan
 
     def _set_throughput(self) -> None:
         span = self.per_block.for_blocks(self.info.end - self.info.start)
@@ -276,12 +289,14 @@ class Server:
     def describe(self) -> dict:
         self.info.sessions = len(self.sessions.sessions)
         self.info.cache_tokens_left = self.sessions.tokens_left
-        batches = self.handler.scheduler.batches if hasattr(self, "handler") else {}
+        serving = hasattr(self, "handler")
+        batches = self.engine.scheduler.batches if serving else {}  # tasks per batch: how many ran
         return {"model_id": self.model_id, "peer_id": self.peer_id, **self.info.to_wire(),
                 "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length,
-                "lora_cache_bytes": self.handler.lora_cache.bytes if hasattr(self, "handler") else 0,
+                "lora_cache_bytes": self.handler.lora_cache.bytes if serving else 0,
                 "batches": {str(size): n for size, n in batches.items()},
-                "pushes": dict(self.handler.push_counts) if hasattr(self, "handler") else {}}  # tasks per batch: how many ran
+                "pushes": dict(self.handler.steps.push_counts) if serving else {},
+                "decode_path": self.plan.spec if self.plan else ""}
 
     def _snapshot(self) -> ServerInfo:
         """This server's record as it stands now, for _announce in another thread."""
@@ -312,7 +327,7 @@ class Server:
             self.relaying.close()
         if self.handler.pushes is not None:
             self.handler.pushes.close()
-        self.handler.scheduler.shutdown()
+        self.engine.scheduler.shutdown()
         if redeeming is not None:
             redeeming.cancel()  # it may be waiting out its period; the last redemption is right here
             with contextlib.suppress(asyncio.CancelledError):

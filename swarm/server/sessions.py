@@ -1,4 +1,9 @@
-"""Inference sessions on a server: KV caches under a token budget reserved up front, with idle expiry."""
+"""Inference sessions on a server: KV caches under a token budget reserved up front, with idle expiry.
+
+A session goes back to an earlier position with ``truncate``: a pushed step the client's own copy of it
+contradicts is undone so (swarm.server.session_steps), and so are the tokens a client's verify step did not
+accept (speculative decoding).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +15,16 @@ from typing import Any
 from transformers.cache_utils import DynamicCache
 
 from swarm.wire import ErrorCode, WireError
+
+
+KEPT_CHAINS = 16  # input chains of the latest steps kept, for truncate
+
+
+@dataclass(frozen=True)
+class PushedStep:
+    """The latest step a session took from a push, until the client's own copy of it arrives."""
+    position: int  # where it started
+    digest: str    # of its input, as swarm.wire.InferenceStep.digest computes it
 
 
 @dataclass
@@ -30,14 +45,43 @@ class Session:
     payment: Any = None       # the client's latest payment, without its voucher: who pays for pushed steps
     push: dict | None = None    # where to push this session's outputs {to, id, direct}
     accept: dict | None = None  # whose pushes to take {from, id}
-    pushed: tuple | None = None  # (position, digest, input_chain, cache layers) before the last pushed step
+    pushed: PushedStep | None = None  # the last step taken from a push, until the client's copy arrives
     push_task: Any = None       # the pushed step being computed
     compact: bool = False       # the client reads replies in swarm.compact's layout
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's
+    chains: dict[int, bytes] = field(default_factory=dict)  # input_chain at the start of each of the latest steps
 
     @property
     def reserved_tokens(self) -> int:
         return self.batch_size * self.max_length
+
+    def advance(self, tokens: int) -> int:
+        """``tokens`` more are in the cache (their input is chained onto ``input_chain`` next); returns where they
+        start."""
+        position = self.length
+        self.chains[position] = self.input_chain
+        while len(self.chains) > KEPT_CHAINS:
+            del self.chains[next(iter(self.chains))]
+        self.length += tokens
+        return position
+
+    def truncate(self, position: int) -> None:
+        """Forget every token from ``position`` on: the KV cache, the length and the input chain are as they were
+        there. Back to the start of one of the latest KEPT_CHAINS steps, or anywhere when nothing is attested
+        (a free server chains nothing); a sliding-window cache only while it is shorter than its window."""
+        if not 0 <= position <= self.length:
+            raise ValueError(f"cannot truncate a session of length {self.length} to {position}")
+        if position == self.length:
+            return
+        chain = self.chains.get(position)
+        if chain is None and self.input_chain:
+            raise ValueError(f"position {position} is not the start of one of the latest steps of the session")
+        for layer in self.cache.layers:
+            if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window:
+                raise ValueError("a sliding-window cache past its window cannot go back: open a new session")
+        self.cache.crop(position - self.length)
+        self.length, self.input_chain = position, chain or b""
+        self.chains = {at: c for at, c in self.chains.items() if at < position}
 
 
 class SessionTable:

@@ -1,0 +1,42 @@
+"""What a request costs its caller, and the server's signature on what it computed.
+
+``admit`` before any compute: who pays (swarm.server.payments checks the voucher and the credit), so that
+no session opens for free. ``attest`` signs the hashes of a step's input (chained onto the session's) and
+output as they crossed the wire (incentives.verification), which a client's spot check holds the server to.
+``receipt`` records the work and returns what the client now owes. A free server (no payments) does none.
+"""
+from __future__ import annotations
+
+import torch
+
+from incentives.verification import Attestation, array_hash, chain_hash
+from swarm.server.payments import ServerPayments
+from swarm.wire import Payment, dtype_name
+
+
+class Billing:
+    def __init__(self, payments: ServerPayments | None, span_dtype: torch.dtype):
+        self.payments = payments  # None: this server works for free
+        self.span_dtype = span_dtype
+
+    async def admit(self, peer: str, payment: Payment | None, check_credit: bool = True):
+        """Who pays for this request; None on a free server."""
+        if self.payments is None:
+            return None
+        return await self.payments.admit(peer, payment, check_credit)
+
+    def attest(self, chain: bytes, wire_input: torch.Tensor, wire_output: torch.Tensor, start: int, end: int
+               ) -> tuple[bytes, dict | None]:
+        """(the input chain with this input, the signed attestation); servers with no payout key sign nothing."""
+        if self.payments is None:
+            return chain, None
+        ledger = self.payments.ledger
+        chain = chain_hash(chain, wire_input.float().numpy())
+        attestation = Attestation(ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()),
+                                  dtype_name(self.span_dtype), dtype_name(wire_output.dtype))
+        return chain, attestation.signed(ledger.signer.key).to_wire()
+
+    def receipt(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> dict | None:
+        if payer is None:
+            return None
+        return self.payments.record(payer, hidden.shape[0] * hidden.shape[1], end - start, backward)

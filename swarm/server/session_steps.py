@@ -1,0 +1,172 @@
+"""The steps of inference sessions: opening one, each step the client sends, and the steps pushed to it.
+
+A session opens with its first step (blocks, max_length, LoRA or deep prompts for its whole life). Each step
+is checked against the session (its position, batch, length), charged, computed by the engine, pushed on to
+the next server when the client asked (swarm.server.push), attested and answered.
+
+A pushed step (from the previous server of the client's chain) is computed as soon as it arrives and
+answered to the client at once, with the digest of its input. The client still sends its own copy: equal
+digests mean it was answered already; different ones mean the previous server pushed something other than
+what it gave the client, and the session goes back (``Session.truncate``) and computes the client's.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from swarm import compact
+from swarm.compact import CompactFrame
+from swarm.framing import write_frame
+from swarm.server.engine import MAX_DECODE_TOKENS
+from swarm.server.sessions import PushedStep, Session
+from swarm.server.streams import Stream, pack_reply
+from swarm.wire import ErrorCode, InferenceStep, InfoReply, PushStep, SpanReply, WireError, bad
+
+if TYPE_CHECKING:
+    from swarm.server.handler import SpanHandler
+
+logger = logging.getLogger(__name__)
+
+
+class SessionSteps:
+    def __init__(self, server: SpanHandler):
+        self.server = server  # its engine, sessions, billing, LoRA weights and metrics
+        self.routes: dict[str, Session] = {}  # route id -> the session that takes pushes under it
+        # steps pushed on, taken from a push, answered from a push, pushed steps refused, differing from the client's
+        self.push_counts = dict.fromkeys(("sent", "taken", "answered", "refused", "differed"), 0)
+
+    async def inference(self, message, stream: Stream) -> SpanReply | None:
+        """A client's step; None when it was answered already, from a push."""
+        server, session = self.server, stream.session
+        if not isinstance(message, CompactFrame):
+            step = InferenceStep.parse(message, server.bounds, opening=session is None)
+        elif session is None:
+            raise bad("a session opens with a full step (swarm.wire), not a compact frame")
+        else:
+            step = compact.parse_step(message, server.bounds, push=False)
+        batch = step.hidden.shape[0]
+        payer = await server.billing.admit(stream.peer, step.payment)  # before a session opens: no free ride
+        if session is None:
+            if not server.accepting:
+                raise WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down: open the session elsewhere")
+            lora = server.lora(step)  # deep prompts, LoRA weights or an adapter hold for the whole session
+            session = server.sessions.open(peer=stream.peer, start=step.start, end=step.end, batch_size=batch,
+                                           max_length=step.max_length, cache=server.engine.span.new_cache())
+            session.lora, session.writer, session.compact = lora, stream.writer, bool(step.compact)
+            stream.session = session
+        else:
+            server.sessions.check_open(session)
+            if batch != session.batch_size:
+                raise bad(f"batch of {batch} in a session opened with {session.batch_size}")
+        if step.payment is not None:
+            session.payment = dataclasses.replace(step.payment, voucher=None)
+        if step.push is not None:
+            session.push = step.push or None
+        if step.accept is not None:
+            self.set_accept(session, step.accept)
+        async with session.lock:
+            pushed, session.pushed = session.pushed, None
+            if pushed is not None and step.position == pushed.position and \
+                    session.length == pushed.position + step.hidden.shape[1]:
+                if pushed.digest == step.digest():
+                    self.push_counts["answered"] += 1
+                    return None  # taken from the push and answered then
+                self.push_counts["differed"] += 1
+                session.truncate(pushed.position)  # the client's counts, not what the previous server pushed
+                logger.info(f"a pushed step of a session of {session.peer} differed from the client's: recomputed")
+            if step.position is not None and step.position != session.length:
+                raise bad(f"a step at position {step.position} in a session of length {session.length}")
+            reply = await self.step(session, step, stream.peer, payer)
+            if step.compact:
+                reply.compact = True  # the client may send its later decode steps compact
+            return reply
+
+    async def step(self, session: Session, step: InferenceStep, peer: str, payer, digest: str | None = None
+                   ) -> SpanReply:
+        server, length = self.server, step.hidden.shape[1]
+        if session.length + length > session.max_length:
+            raise bad(f"{session.length} + {length} tokens exceed the session's max_length {session.max_length}")
+        check_mask_length(step, session.length)
+        if step.reorder is not None:
+            await server.engine.call(peer, session.cache.reorder_cache,
+                                     torch.tensor(step.reorder, device=server.engine.span.device))
+        output = await server.engine.span_output(peer, step, session.cache, (session.start, session.end),
+                                                 session.lora, past=session.length)
+        position = session.advance(length)
+        if session.push is not None and server.pushes is not None:  # the next server's input first
+            if await server.pushes.send(session.push, step, output, position):
+                self.push_counts["sent"] += 1
+            else:
+                session.push = None
+        server.sessions.touch(session)  # only a step that succeeds keeps a session alive
+        server.count("inference", step.hidden, session.end - session.start)
+        session.input_chain, attestation = server.billing.attest(session.input_chain, step.hidden, output,
+                                                                 session.start, session.end)
+        reply = SpanReply([output], length=session.length, digest=digest, attestation=attestation)
+        reply.receipt = server.billing.receipt(payer, step.hidden, session.start, session.end)
+        return reply
+
+    # ------------------------------------------------------------------ push (swarm.server.push)
+    def set_accept(self, session: Session, accept: dict) -> None:
+        if session.accept is not None and self.routes.get(session.accept["id"]) is session:
+            del self.routes[session.accept["id"]]
+        session.accept = accept or None
+        if accept:
+            if self.routes.get(accept["id"], session) is not session:
+                session.accept = None
+                raise bad(f"route id {accept['id']} is taken: pick another")
+            self.routes[accept["id"]] = session
+
+    async def push(self, message, stream: Stream) -> InfoReply | None:
+        """A step pushed by the previous server of a session's chain: computed and answered to the client. Only a
+        refusal is answered on the push stream: acknowledging every step would wake the pusher once more per token."""
+        server = self.server
+        if isinstance(message, CompactFrame):
+            step = compact.parse_step(message, server.bounds, push=True)
+        else:
+            step = PushStep.parse(message, server.bounds, opening=False)
+        session = self.routes.get(step.route_id)
+        if session is None or session.accept["from"] != stream.peer or \
+                session.session_id not in server.sessions.sessions:
+            self.push_counts["refused"] += 1
+            return InfoReply({"route": step.route_id, "accepted": False,
+                              "reason": f"no session here takes pushes from you under route {step.route_id}"})
+        if step.hidden.shape[0] != session.batch_size:
+            raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
+        if step.position == session.length and (session.push_task is None or session.push_task.done()):
+            if session.pushed is None and server.sessions.decoding() <= 1 and \
+                    step.hidden.shape[1] <= MAX_DECODE_TOKENS:
+                await self._pushed_step(session, step)  # a lone session's step runs inline, holding the loop anyway
+            else:  # one at a time, and after the client's copy of the last pushed step when that is waiting too
+                session.push_task = asyncio.create_task(self._pushed_step(session, step))
+        return None
+
+    async def _pushed_step(self, session: Session, step: PushStep) -> None:
+        async with session.lock:
+            if step.position != session.length or session.pushed is not None or \
+                    session.session_id not in self.server.sessions.sessions:
+                return  # the client's own step came first, or its copy of the last pushed step is still to come
+            digest = step.digest()
+            try:
+                payer = await self.server.billing.admit(session.peer, session.payment)
+                reply = await self.step(session, step, session.peer, payer, digest=digest)
+            except Exception as e:  # the client's own copy of the step will meet the error
+                logger.info(f"a pushed step failed ({type(e).__name__}: {e}); waiting for the client's")
+                with contextlib.suppress(ValueError):  # else the client's copy meets a session that moved on
+                    session.truncate(step.position)
+                return
+            session.pushed = PushedStep(step.position, digest)
+            self.push_counts["taken"] += 1
+            with contextlib.suppress(ConnectionError):
+                await write_frame(session.writer, pack_reply(session, reply))
+
+
+def check_mask_length(request, past: int) -> None:
+    mask, length = request.attention_mask, request.hidden.shape[1]
+    if mask is not None and mask.shape[1] != past + length:
+        raise bad(f"attention_mask must cover the {past} past and {length} new tokens, got {mask.shape[1]} columns")

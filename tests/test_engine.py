@@ -1,0 +1,148 @@
+"""The server's engine (swarm.server.engine) and its decode plan (shards.decode_paths): every path a server may
+take gives transformers' outputs, verify steps batch like decode steps, sessions go back with truncate, and
+importing the library changes nothing in the user's process."""
+import asyncio
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shards import BlockSpan
+from shards.decode_paths import DecodePlan, choose_plan, get_plan, use_plan
+from shards.openmp import release_workers
+from swarm import AutoDistributedModelForCausalLM
+from swarm.limits import Quotas
+from swarm.local_swarm import LocalSwarm
+from swarm.server.engine import Engine
+from swarm.server.sessions import SessionTable
+
+
+def test_a_decode_path_on_the_command_line_fixes_what_it_names():
+    assert DecodePlan.parse("auto") == {}
+    assert DecodePlan.parse("packed") == {"path": "packed"}
+    assert DecodePlan.parse("plain:2:spin") == {"path": "plain", "threads": 2, "release_idle": False}
+    assert DecodePlan.parse("auto:3") == {"threads": 3}
+    for wrong in ("fast", "plain:0", "plain:2:sometimes", "plain:1:spin:x"):
+        with pytest.raises(ValueError, match="PATH"):
+            DecodePlan.parse(wrong)
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", "serve", "m", "--initial-peers", "/ip4/1.2.3.4/tcp/1/p2p/"
+                             "QmXRGLJvAmkoTffLkJZdQeH2fWk4pN1y5cYwQ8UNPVCLsb", "--blocks", "0:1", "--decode-path", "fast"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a decode path" in result.stderr
+
+
+def test_the_plan_is_measured_within_its_budget_and_cached(checkpoints):
+    span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    plan, measured = get_plan(span)
+    assert measured and plan.path in ("plain", "packed") and plan.threads >= 1 and plan.step_ms > 0
+    again, measured_again = get_plan(span)
+    assert again == plan and not measured_again  # read from ~/.cache/cocoon/decode_plans.json
+    fixed = choose_plan(span, {"path": "plain", "threads": 1}, budget_s=0.2)
+    assert (fixed.path, fixed.threads) == ("plain", 1)
+    assert get_plan(span, {"path": "packed", "threads": 1, "release_idle": True}) == \
+        (DecodePlan("packed", 1, True), False)  # nothing left to measure
+
+
+def test_openmp_workers_are_released_and_come_back():
+    torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # a parallel region: workers exist
+    assert release_workers()  # torch's libgomp has omp_pause_resource_all
+    a = torch.randn(300, 300)
+    assert torch.allclose(torch.mm(a, a), (a.double() @ a.double()).float(), atol=1e-3)
+
+
+def test_importing_the_library_changes_no_environment_variable():
+    code = ("import os, json; before = dict(os.environ); import swarm, swarm.client.model; "
+            "print(json.dumps(sorted(k for k in os.environ if os.environ.get(k) != before.get(k))))")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HIVEMIND_MEMORY_SHARING_STRATEGY",)}
+    changed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(changed.stdout.strip().splitlines()[-1]) == []
+
+
+def _step(hidden: torch.Tensor):
+    return SimpleNamespace(hidden=hidden, attention_mask=None, position_ids=None, prompts=None, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("path", ["plain", "packed"])
+def test_verify_steps_of_two_sessions_run_as_one_batch_and_equal_each_alone(checkpoints, path):
+    """Steps of 4 new tokens at the end of two sessions (a client verifying drafted tokens) are decode steps: they
+    take the plan's path and share one forward, and each output equals the span run on that session alone."""
+    span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    use_plan(span, DecodePlan(path, threads=1, release_idle=True))
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(1, n, 64, generator=generator) for n in (5, 9)]
+    verify = [torch.randn(1, 4, 64, generator=generator) for _ in prompts]
+    with torch.inference_mode():
+        caches = [span.new_cache() for _ in prompts]
+        for prompt, cache in zip(prompts, caches):
+            span(prompt, cache=cache)
+        expected = [span(v, cache=c) for v, c in zip(verify, caches)]
+
+    async def run():
+        sessions = SessionTable(cache_tokens=1024, max_sessions=4, max_length=64, timeout=60)
+        for n, _ in enumerate(prompts):  # two sessions decoding: their steps wait for each other to batch
+            sessions.open(peer=f"p{n}", start=0, end=4, batch_size=1, max_length=64, cache=span.new_cache())
+        engine = Engine(span, DecodePlan(path, 1, True), sessions, Quotas(), prefill_rate=1e4, batch_window=0.2,
+                        max_batch_sessions=8)
+        try:
+            own = [span.new_cache() for _ in prompts]
+            for n, (prompt, cache) in enumerate(zip(prompts, own)):
+                await engine.span_output(f"p{n}", _step(prompt), cache, (0, 4), None, past=0)
+            outputs = await asyncio.gather(*(engine.span_output(f"p{n}", _step(v), c, (0, 4), None, past=p.shape[1])
+                                             for n, (v, c, p) in enumerate(zip(verify, own, prompts))))
+            return outputs, dict(engine.scheduler.batches)
+        finally:
+            engine.scheduler.shutdown()
+
+    outputs, batches = asyncio.run(run())
+    assert batches.get(2) == 1  # the two verify steps ran as one forward
+    for got, want in zip(outputs, expected):
+        assert torch.allclose(got, want, rtol=0, atol=1e-5) and want.abs().max() > 0.1
+
+
+def test_truncate_takes_a_session_back_to_the_start_of_a_step(checkpoints):
+    span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    sessions = SessionTable(cache_tokens=1024, max_sessions=4, max_length=64, timeout=60)
+    session = sessions.open(peer="p", start=0, end=4, batch_size=1, max_length=64, cache=span.new_cache())
+    generator = torch.Generator().manual_seed(1)
+    first, second, other = (torch.randn(1, n, 64, generator=generator) for n in (6, 3, 3))
+    with torch.inference_mode():
+        span(first, cache=session.cache)
+        session.advance(6)
+        session.input_chain = b"after-first"
+        span(second, cache=session.cache)
+        session.advance(3)
+        session.input_chain = b"after-second"
+        session.truncate(6)  # e.g. drafted tokens the verify step did not accept
+        assert (session.length, session.input_chain) == (6, b"after-first")
+        again = span(other, cache=session.cache)
+        fresh = span.new_cache()
+        span(first, cache=fresh)
+        alone = span(other, cache=fresh)
+    assert torch.allclose(again, alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not the start"):
+        session.truncate(2)  # inside a step whose inputs an attestation chained
+    with pytest.raises(ValueError, match="cannot truncate"):
+        session.truncate(7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode_path", ["plain:1:spin", "packed:2:release", "plain:2:release"])
+def test_every_decode_path_a_server_can_take_generates_transformers_tokens(checkpoints, decode_path):
+    """Forced through --decode-path, so that paths this machine would not pick are still checked."""
+    path = checkpoints("llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = local.generate(ids, max_new_tokens=12, do_sample=False)
+    with LocalSwarm(path, [(0, 4)], server_args=["--decode-path", decode_path]) as swarm:
+        ready = next(line for line in swarm.servers[0].output if "Server ready" in line)
+        assert f"decode path {decode_path}," in ready
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                 exact_wire=True)
+        try:
+            assert torch.equal(remote.generate(ids, max_new_tokens=12, do_sample=False), expected)
+        finally:
+            remote.shutdown()
