@@ -18,6 +18,7 @@ part it fixes is not measured.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -107,12 +108,13 @@ def decode_step(span: BlockSpan, path: str) -> Callable[[], None]:
     sync = torch.cuda.synchronize if span.device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), _through(span, "plain", graphs):
         span(hidden[:, :PAST_TOKENS], cache=cache)
+    past = [copy.copy(layer) for layer in cache.layers]  # an update makes new tensors: these stay as they are
 
     def step() -> None:
         with torch.inference_mode(), _through(span, path, graphs):
             span(hidden[:, PAST_TOKENS:], cache=cache)
             sync()
-        cache.crop(-1)
+        cache.layers[:] = [copy.copy(layer) for layer in past]  # (crop cannot undo a sliding window's step)
 
     return step
 
