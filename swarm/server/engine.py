@@ -85,7 +85,10 @@ class Engine:
         prefix = request.prompts.shape[2] if request.prompts is not None else 0
         if length <= chunk or prefix > chunk:  # the deep prompts' prefix must lie in one chunk
             task = SpanTask(request, cache, blocks, lora, decode=cache is not None and length <= MAX_DECODE_TOKENS)
-            return await self._schedule(peer, task)
+            # a session's step can share a forward with other sessions' steps of as many tokens: decode and verify
+            # steps, and the prompts of clients that start together (swarm.server.batching)
+            shares = cache is not None and lora is None and request.prompts is None
+            return await self._schedule(peer, task, shares)
         cache = self.span.new_cache() if cache is None else cache
         outputs, first = [], 0
         while first < length:
@@ -95,7 +98,7 @@ class Engine:
                 position_ids=None if request.position_ids is None else request.position_ids[:, first:last],
                 attention_mask=None if request.attention_mask is None else request.attention_mask[:, :past + last],
                 prompts=request.prompts if first == 0 else None)
-            outputs.append(await self._schedule(peer, SpanTask(part, cache, blocks, lora, decode=False)))
+            outputs.append(await self._schedule(peer, SpanTask(part, cache, blocks, lora, decode=False), False))
             first, chunk = last, max(1, self._chunk_tokens(blocks[1] - blocks[0]) // batch)
         return torch.cat(outputs, dim=1)
 
@@ -108,11 +111,8 @@ class Engine:
         """A short piece of work in the compute thread, in ``peer``'s turn (a beam reorder, a new span)."""
         return await self.scheduler.run(peer, 0, fn, *args)
 
-    async def _schedule(self, peer: str, task: SpanTask) -> torch.Tensor:
-        # a session's step can share a forward with other sessions' steps of as many tokens: decode and verify
-        # steps, and the prompts of clients that start together (swarm.server.batching)
-        shares = self.batching and task.lora is None and task.request.prompts is None and task.cache is not None \
-            and can_batch(self.span)
+    async def _schedule(self, peer: str, task: SpanTask, shares: bool) -> torch.Tensor:
+        shares = shares and self.batching and can_batch(self.span)
         # a lone session's decode step runs on the event loop when the compute thread has nothing to do (a longer
         # step there would hold up every other caller of this server: pings, new sessions, their prompts)
         inline = task.decode and self.sessions.decoding() <= 1
