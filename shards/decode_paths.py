@@ -6,6 +6,8 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
 
 - the path: transformers' own layers (``plain``), the packed copies of the weights (``packed``, float32 on a
   CPU), or CUDA graphs (``cuda-graphs``, on a GPU: shards.decode_graphs);
+- the path of steps of several rows (a batch of sessions' steps, a verify step), timed on a batch of 8: on
+  the development machine MKL re-packs each weight matrix for a GEMM of a few rows, oneDNN's copies do not;
 - on a CPU, its torch thread count (all cores, or half of them);
 - on a CPU, whether its OpenMP workers are released whenever it has nothing queued (shards.openmp) or left
   spinning. Along a chain the processes take turns, so this is timed in turns: a partner thread, standing for
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"release": True, "spin": False}
 BUDGET_S = 2.0
+BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
 
@@ -49,7 +52,12 @@ class DecodePlan:
     path: str = "plain"
     threads: int = 0            # torch threads on a CPU (0: on a GPU, not chosen here)
     release_idle: bool = False  # free the OpenMP workers whenever nothing is queued (CPU)
+    batch_path: str = ""        # the path of a step of several rows (batched sessions, a verify step); "": path
     step_ms: float = 0.0        # the span's decode step alone, as measured (0: not measured)
+
+    def path_for(self, rows: int) -> str:
+        """The path of a decode step of ``rows`` rows x new tokens."""
+        return self.path if rows == 1 or not self.batch_path else self.batch_path
 
     @classmethod
     def parse(cls, text: str) -> dict:
@@ -76,8 +84,9 @@ class DecodePlan:
             f"{self.path}:{self.threads}:{'release' if self.release_idle else 'spin'}"
 
     def __str__(self) -> str:
+        batches = f", batches {self.batch_path}" if self.batch_path and self.batch_path != self.path else ""
         measured = f", {self.step_ms:.2f} ms a step" if self.step_ms else ""
-        return f"decode path {self.spec}{measured}"
+        return f"decode path {self.spec}{batches}{measured}"
 
 
 def candidate_paths(span: BlockSpan) -> list[str]:
@@ -91,7 +100,7 @@ def candidate_paths(span: BlockSpan) -> list[str]:
 
 def use_plan(span: BlockSpan, plan: DecodePlan) -> None:
     """Make ``plan`` the way this span's decode steps run: only the chosen path's extra state is kept."""
-    if plan.path == "packed":
+    if "packed" in (plan.path, plan.batch_path):
         packed_forwards(span)
     else:
         drop_packed_forwards(span)
@@ -101,9 +110,9 @@ def use_plan(span: BlockSpan, plan: DecodePlan) -> None:
         torch.set_num_threads(plan.threads)
 
 
-def decode_step(span: BlockSpan, path: str) -> Callable[[], None]:
-    """A function that runs one decode step of ``span`` through ``path`` (its cache stays at PAST_TOKENS)."""
-    hidden = torch.randn(1, PAST_TOKENS + 1, span.config.hidden_size, dtype=span.dtype_, device=span.device)
+def decode_step(span: BlockSpan, path: str, rows: int = 1) -> Callable[[], None]:
+    """A function that runs one decode step of ``rows`` sequences through ``path`` (the cache stays at PAST_TOKENS)."""
+    hidden = torch.randn(rows, PAST_TOKENS + 1, span.config.hidden_size, dtype=span.dtype_, device=span.device)
     cache, graphs = span.new_cache(), span.decode_graphs
     sync = torch.cuda.synchronize if span.device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), _through(span, "plain", graphs):
@@ -143,18 +152,24 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         raise ValueError("the packed path needs float32 weights on a CPU with oneDNN and memory for a second copy")
     if "cuda-graphs" in paths and span.decode_graphs is None:
         raise ValueError("the cuda-graphs path needs Llama-shaped, unquantized blocks on CUDA")
+    if "packed" in paths:
+        packed_forwards(span)  # the copies to time (use_plan lets them go if the plan does not take them)
+    batch_paths = [p for p in paths if p != "cuda-graphs"] if cpu and len(paths) > 1 else []
     steps = {path: decode_step(span, path) for path in paths}
+    batches = {path: decode_step(span, path, BATCH_ROWS) for path in batch_paths}
     saved_threads = torch.get_num_threads()
+    set_threads = torch.set_num_threads if cpu else (lambda n: None)
     try:
-        set_threads = torch.set_num_threads if cpu else (lambda n: None)
         set_threads(threads[0])
         first = _timed(steps[paths[0]], 2)  # warm-up, and a first figure for the budget
         if first * 3 * (len(paths) + len(threads) + 8) > 4 * budget_s:  # steps too slow to time every candidate
             threads, policies = threads[:1], policies[:1]  # the defaults: all cores, workers released
-        timings = len(paths) + len(threads) + 4 * (len(policies) > 1)
+        timings = len(paths) + 2 * len(batch_paths) + len(threads) + 4 * (len(policies) > 1)
         reps = max(3, min(15, int(budget_s / max(first, 1e-4) / max(timings, 1))))
         by_path = {path: _timed(steps[path], reps) for path in paths}
         path = _fastest(by_path, paths[0])
+        by_batch = {p: _timed(batches[p], reps) for p in batch_paths}
+        batch_path = _fastest(by_batch, batch_paths[0]) if by_batch else path
         by_threads = {}
         for n in threads:
             set_threads(n)
@@ -166,8 +181,9 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         release = _fastest(by_policy, policies[0])
     finally:
         torch.set_num_threads(saved_threads)
-    logger.info(f"decode paths: {_ms(by_path)}; threads: {_ms(by_threads)}; rounds in turns: {_ms(by_policy)}")
-    return DecodePlan(path, chosen_threads if cpu else 0, release, by_threads[chosen_threads] * 1000)
+    logger.info(f"decode paths: {_ms(by_path)}; batches of {BATCH_ROWS}: {_ms(by_batch)}; threads: "
+                f"{_ms(by_threads)}; rounds in turns: {_ms(by_policy)}")
+    return DecodePlan(path, chosen_threads if cpu else 0, release, batch_path, by_threads[chosen_threads] * 1000)
 
 
 def _fastest(seconds: dict, default):

@@ -140,13 +140,16 @@ class Engine:
     def _execute_batch(self, tasks: list[tuple[SpanTask]]) -> list[torch.Tensor]:
         """Several sessions' steps with the same blocks and as many new tokens, no LoRA, as one forward."""
         self._threads()
-        with self._path(tasks[0][0]):
+        with self._path(tasks[0][0], rows=sum(t.tokens for (t,) in tasks)):
             return run_batched(self.span, [(t.request, t.cache, t.blocks) for (t,) in tasks], self._to_span)
 
-    def _path(self, task: SpanTask):
-        """How this task runs: decode steps through the plan's packed weights when it chose them (CUDA graphs, when
-        chosen, are the span's own for steps of one token); everything else through the plain layers."""
-        return packed_linears(self.span) if task.decode and self.plan.path == "packed" else contextlib.nullcontext()
+    def _path(self, task: SpanTask, rows: int | None = None):
+        """How this task (or a batch of ``rows`` rows) runs: a decode step through the packed weights when the plan
+        chose them for its number of rows (CUDA graphs, when chosen, are the span's own for steps of one token);
+        everything else through the plain layers."""
+        rows = task.tokens if rows is None else rows
+        packed = task.decode and self.plan.path_for(rows) == "packed"
+        return packed_linears(self.span) if packed else contextlib.nullcontext()
 
     def _threads(self) -> None:
         if self.plan.threads:
