@@ -16,10 +16,9 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-import swarm  # noqa: F401  (before torch: its OpenMP threads then do not spin)
 import torch
 
-from shards.packed_linears import packed_linears
+from shards.packed_linears import packed_forwards, packed_linears
 from swarm.server import batching
 
 
@@ -47,6 +46,7 @@ def main():
                                num_hidden_layers=args.blocks, num_attention_heads=args.hidden // 128,
                                num_key_value_heads=max(1, args.hidden // 512), vocab_size=8000, max_shard_size="2GB")
         span = BlockSpan.from_pretrained(tmp, 0, args.blocks)
+    copies = packed_forwards(span)  # as a server whose decode plan took the packed path (shards.decode_paths)
     blocks = (0, args.blocks)
 
     def batch(sessions: int, past: int, tokens: int):
@@ -70,13 +70,11 @@ def main():
                                              ("16-token prompts", 8, 0, 16)):
             run = batch(sessions, past, tokens)
             with contextlib.ExitStack() as stack:
-                stack.callback(setattr, span, "_packed_linears", None)
+                stack.callback(setattr, span, "_packed_linears", copies)
                 span._packed_linears = {}  # MKL, as before the packed copies
                 mkl = timed(run)
-            if sessions > 1:
-                packed = timed(run)  # run_batched uses the copies
-            elif tokens == 1:
-                packed = timed(lambda: _packed(span, run))  # as SpanHandler._run computes a decode step
+            if sessions > 1 or tokens == 1:
+                packed = timed(lambda: _packed(span, run))  # as the engine runs decode steps on the packed path
             else:
                 packed = None  # a lone prompt never uses them
             rows.append((name, sessions, mkl, packed))

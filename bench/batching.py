@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 
-import swarm  # noqa: F401  (before torch: its OpenMP threads then do not spin)
 import torch
 
 

@@ -13,9 +13,9 @@ timeout 150 python3 bench/decode_graphs.py 2>&1 | tee "$OUT/decode_graphs.txt"
 timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_decode_graphs.py > "$OUT/decode_graphs_tests.txt" 2>&1
 tail -4 "$OUT/decode_graphs_tests.txt"
 # the 7B-shaped model: servers in bfloat16 on the GPU, the client in its default dtype, against local transformers;
-# servers with their defaults (CUDA graphs) and eager (--no-cuda-graphs), in the same run
+# servers with their defaults (CUDA graphs) and eager (--decode-path plain), in the same run
 timeout ${BENCH_TIMEOUT:-330} python3 bench/swarm_generate.py --model 7b --servers 1 2 --device cuda --dtype bfloat16 \
-    --new-tokens 64 --repeats 5 --variant eager=--no-cuda-graphs ${BENCH_ARGS:-} 2>&1 | tee "$OUT/swarm_generate_7b.txt"
+    --new-tokens 64 --repeats 5 --variant eager="--decode-path plain" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/swarm_generate_7b.txt"
 # every client x server dtype pair, servers and client on the GPU (the wire-contract issue's tests; the first ones fit)
 timeout ${DTYPES_TIMEOUT:-90} python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/test_dtypes.py > "$OUT/dtypes.txt" 2>&1
 tail -4 "$OUT/dtypes.txt"

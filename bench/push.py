@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import swarm  # noqa: F401  (before torch: its OpenMP threads then do not spin)
 import torch
 
 HIDDEN, BLOCKS, HEADS, KV_HEADS, INTERMEDIATE = 512, 8, 8, 4, 1024

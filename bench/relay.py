@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 
-import swarm  # noqa: F401  (before torch: its OpenMP threads then do not spin)
 import torch
 
 from push import Clock  # bench/push.py, beside this script

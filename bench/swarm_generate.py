@@ -6,6 +6,8 @@ Servers are real processes on 127.0.0.1 started by `cocoon serve` with its defau
 --dtype); the client is from_pretrained() with its default dtype unless --client-dtype says otherwise.
 Greedy, batch 1. Each configuration runs --repeats times, interleaved with the local baseline; the table
 shows medians and the spread (max - min). 'added ms/hop' = (swarm - local) per token / number of servers.
+The local baseline is timed by bench/local_baseline.py in a process of its own that never imported the
+project (torch's defaults, as a user runs transformers), once per repeat.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import tempfile
 import time
 from typing import Iterator
 
-import swarm  # noqa: F401  (before torch, as in the README: its OpenMP threads then do not spin)
 import torch
+
+from engine import local_baseline  # bench/engine.py: the clean-process baseline
 
 MODELS = {  # name: (hidden, blocks, heads, kv heads, intermediate)
     "small": (512, 8, 8, 4, 1024),
@@ -86,7 +89,8 @@ def _measure(args, path, servers, spans, variant, server_args, push, local, ids,
         with torch.no_grad():
             model.generate(ids, max_new_tokens=4, do_sample=False)
             for _ in range(args.repeats):
-                local_times.append(seconds_per_token(local, ids, args.new_tokens, args.device))
+                local_times.append(local_baseline(path, args.new_tokens, device=args.device,
+                                                  dtype=args.dtype)["generate_s_per_token"][0])
                 swarm_times.append(seconds_per_token(model, ids, args.new_tokens, args.device))
             same = torch.equal(model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
                                               eos_token_id=None), expected)

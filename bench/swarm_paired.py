@@ -2,7 +2,7 @@
 runs), and each repeat times local transformers and then each variant in turn, so that the machine's drift
 (on a shared VM the local baseline alone moves by a third within an hour) hits every variant alike.
 
-    python bench/swarm_paired.py --variant "defaults=" --variant "before=COCOON_EVENT_LOOP=asyncio --num-threads 2"
+    python bench/swarm_paired.py --variant "defaults=" --variant "before=COCOON_EVENT_LOOP=asyncio --decode-path plain:2"
 
 A variant is `cocoon serve` arguments; KEY=VALUE sets an environment variable of its servers (the client
 is one process here: its own event loop is uvloop, the default, for every variant); --no-push is the
@@ -17,8 +17,9 @@ import statistics
 import sys
 import tempfile
 
-import swarm  # noqa: F401  (before torch, as in the README: its OpenMP threads then do not spin)
 import torch
+
+from engine import local_baseline  # bench/engine.py: timed in a process that never imported the project
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.swarm_generate import MODELS, environment, seconds_per_token, spans_of, split_variant  # noqa: E402
@@ -69,7 +70,7 @@ def main():
                         for (name, _), model in zip(variants, models)}
                 for repeat in range(args.repeats):
                     for (name, _), model in zip(variants, models):
-                        local_s = seconds_per_token(local, ids, args.new_tokens, "cpu")
+                        local_s = local_baseline(tmp, args.new_tokens)["generate_s_per_token"][0]  # a clean process
                         swarm_s = seconds_per_token(model, ids, args.new_tokens, "cpu")
                         added[name].append(1000 * (swarm_s - local_s) / args.servers)
                     print(f"  repeat {repeat + 1}: " + ", ".join(f"{n} {added[n][-1]:.2f}" for n, _ in variants),

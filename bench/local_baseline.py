@@ -1,0 +1,68 @@
+"""The local baseline of the benches: transformers as a user runs it, in a process that never imported the project.
+
+    python bench/local_baseline.py CHECKPOINT [--new-tokens 32] [--repeats 1] [--layers] [--device cpu]
+
+Prints one JSON line: seconds per token of greedy generate() (batch 1, a 16-token prompt), one figure per
+repeat, after a warm-up; with --layers also the seconds of one decode step of the model's decoder layers
+alone (transformers' own layers, as a span of all blocks computes them), median of 20. Torch's defaults:
+nothing here sets threads or OpenMP's environment. The benches run it with ``subprocess`` on purpose:
+importing swarm in the same process must not be able to change what is measured.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+PROMPT_TOKENS = 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--layers", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, PROMPT_TOKENS),
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
+    result = {"generate_s_per_token": [], "threads": torch.get_num_threads()}
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        for _ in range(args.repeats):
+            sync()
+            started = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
+            sync()
+            assert out.shape[1] == PROMPT_TOKENS + args.new_tokens
+            result["generate_s_per_token"].append((time.perf_counter() - started) / args.new_tokens)
+        if args.layers:
+            result["layers_step_s"] = layers_step(model, sync)
+    print(json.dumps(result), flush=True)
+
+
+def layers_step(model, sync) -> float:
+    """One decode step of the decoder layers (and final norm) on a 16-token cache, as generate() runs them."""
+    hidden = torch.randn(1, PROMPT_TOKENS + 1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    cache = DynamicCache(config=model.config)
+    model.model(inputs_embeds=hidden[:, :PROMPT_TOKENS], past_key_values=cache, use_cache=True)
+    times = []
+    for _ in range(23):
+        sync()
+        started = time.perf_counter()
+        model.model(inputs_embeds=hidden[:, PROMPT_TOKENS:], past_key_values=cache, use_cache=True)
+        sync()
+        times.append(time.perf_counter() - started)
+        cache.crop(-1)
+    return statistics.median(times[3:])
+
+
+if __name__ == "__main__":
+    main()
