@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"release": True, "spin": False}
 BUDGET_S = 2.0
+PLAN_VERSION = 2  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
@@ -108,6 +109,7 @@ def use_plan(span: BlockSpan, plan: DecodePlan) -> None:
         span.decode_graphs = None
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    span.decode_plan = plan  # read by shards.throughput, to measure decode steps as they will run
 
 
 def decode_step(span: BlockSpan, path: str, rows: int = 1) -> Callable[[], None]:
@@ -259,7 +261,7 @@ def _key(span: BlockSpan, fixed: dict) -> str:
         hardware = f"{platform.processor() or platform.machine()}-{len(os.sched_getaffinity(0))}cores"
     shape = (f"{config.model_type}-h{config.hidden_size}-i{getattr(config, 'intermediate_size', 0)}-"
              f"a{config.num_attention_heads}-kv{getattr(config, 'num_key_value_heads', 0)}-b{len(span.layers)}")
-    return "|".join([hardware, f"torch{torch.__version__}", shape, str(span.dtype_).removeprefix("torch."),
+    return "|".join([f"v{PLAN_VERSION}", hardware, f"torch{torch.__version__}", shape, str(span.dtype_).removeprefix("torch."),
                      span.quant, json.dumps(fixed, sort_keys=True)])
 
 

@@ -1,6 +1,7 @@
 """Throughput of a span, measured once per (hardware, model, dtype, quantization) and cached on disk."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -97,7 +98,9 @@ def measure(span: BlockSpan, *, decode_steps: int = 32, prefill_tokens: int = 25
     span(x[:, :16], cache=cache)
     sync()
     start = time.perf_counter()
-    with packed_linears(span):  # as a server computes decode steps (CUDA graphs, if any, are the span's own)
+    plan = getattr(span, "decode_plan", None)  # shards.decode_paths.use_plan
+    packed = packed_linears(span) if plan is not None and plan.path == "packed" else contextlib.nullcontext()
+    with packed:  # as a server computes decode steps (CUDA graphs, if any, are the span's own)
         for i in range(decode_steps):
             span(x[:, i:i + 1], cache=cache)
             bar.update()

@@ -211,7 +211,8 @@ class Server:
         metrics = ServerMetrics()
         port = metrics.serve(self.config.metrics_port, self.config.host)
         metrics.track_sessions(self.sessions)
-        metrics.decode_plan.info({"path": self.plan.path, "threads": str(self.plan.threads),
+        metrics.decode_plan.info({"path": self.plan.path, "batch_path": self.plan.path_for(2),
+                                  "threads": str(self.plan.threads),
                                   "policy": "release" if self.plan.release_idle else "spin",
                                   "step_ms": f"{self.plan.step_ms:.3f}"})
         self.handler.metrics = metrics
@@ -277,7 +278,7 @@ class Server:
         started = time.perf_counter()
         plan, measured = get_plan(span, fixed)
         how = f"measured in {time.perf_counter() - started:.1f} s" if measured else \
-            ("as --decode-path says" if not measured and len(fixed) == 3 else "measured before on this machine")
+            "as --decode-path says" if plan == DecodePlan(**fixed) else "measured before on this machine"
         print(f"Decode steps: {plan} ({how})", flush=True)
         return plan
 
