@@ -36,7 +36,7 @@ import torch
 from shards.openmp import release_workers
 from shards.packed_linears import drop_packed_forwards, packed_forwards, packed_linears, packing_possible
 from shards.span import BlockSpan
-from shards.throughput import cache_path as throughput_cache_path
+from shards.throughput import cache_path as throughput_cache_path, measuring, write_cache
 
 logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
@@ -265,22 +265,26 @@ def _key(span: BlockSpan, fixed: dict) -> str:
                      span.quant, json.dumps(fixed, sort_keys=True)])
 
 
+def _read(path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}  # a damaged cache is measured again, not fatal
+
+
 def get_plan(span: BlockSpan, fixed: dict | None = None, *, force: bool = False) -> tuple[DecodePlan, bool]:
     """This machine's plan for the span's decode steps, from the cache or measured now; (plan, measured now)."""
     fixed = fixed or {}
     if {"path", "threads", "release_idle"} <= fixed.keys() or (span.device.type != "cpu" and "path" in fixed):
         return DecodePlan(**fixed), False  # nothing left to choose
     path, key = _cache_path(), _key(span, fixed)
-    try:
-        cached = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        cached = {}  # a damaged cache is measured again, not fatal
-    if key in cached and not force:
-        return DecodePlan(**cached[key]), False
-    plan = choose_plan(span, fixed)
-    cached[key] = asdict(plan)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cached, indent=1))
-    tmp.replace(path)  # atomic: several servers may start at once
+    if key in _read(path) and not force:
+        return DecodePlan(**_read(path)[key]), False
+    with measuring():  # one server at a time: servers starting together would time each other's contention
+        cached = _read(path)
+        if key in cached and not force:
+            return DecodePlan(**cached[key]), False
+        plan = choose_plan(span, fixed)
+        cached[key] = asdict(plan)
+        write_cache(path, cached)
     return plan, True

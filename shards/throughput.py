@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +33,20 @@ class Throughput:
 def cache_path() -> Path:
     root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "cocoon"))
     return root / "throughput.json"
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """One measurement at a time on this machine: servers that start together (the demo, a box of GPUs) would
+    otherwise time their candidates against each other's and keep what the contention favoured."""
+    path = cache_path().with_name("measuring.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def hardware_name(device: torch.device) -> str:
@@ -64,18 +80,25 @@ def get_throughput(span: BlockSpan, model_id: str, *, force: bool = False, decod
     """Per-block throughput of this span's model on this hardware: read from the cache or measured now."""
     key = _key(span.device, model_id, span.dtype_, span.quant)
     path = cache_path()
-    cached = _read_cache()
-    if key in cached and not force:
-        return Throughput(**cached[key])
-    measured = measure(span, decode_steps=decode_steps, prefill_tokens=prefill_tokens, progress=progress)
-    per_block = Throughput(measured.decode_tokens_per_s * len(span.layers),
-                           measured.prefill_tokens_per_s * len(span.layers))
-    cached[key] = asdict(per_block)
+    if key in _read_cache() and not force:
+        return Throughput(**_read_cache()[key])
+    with measuring():
+        cached = _read_cache()  # another server may have measured it meanwhile
+        if key in cached and not force:
+            return Throughput(**cached[key])
+        measured = measure(span, decode_steps=decode_steps, prefill_tokens=prefill_tokens, progress=progress)
+        per_block = Throughput(measured.decode_tokens_per_s * len(span.layers),
+                               measured.prefill_tokens_per_s * len(span.layers))
+        cached[key] = asdict(per_block)
+        write_cache(path, cached)
+    return per_block
+
+
+def write_cache(path: Path, entries: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cached, indent=1))
-    tmp.replace(path)  # atomic: several servers may start at once
-    return per_block
+    tmp.write_text(json.dumps(entries, indent=1))
+    tmp.replace(path)  # atomic: a reader never sees half a file
 
 
 @torch.inference_mode()
