@@ -15,7 +15,6 @@ import time
 import torch
 
 from routing import ChainLink
-from shards.openmp import release_workers
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
@@ -130,9 +129,6 @@ class InferenceSession:
         extra = optional_inputs(batch, self.position, length, attention_mask, position_ids)
         wire = (hidden.detach() if hidden.requires_grad else hidden).to(device="cpu",
                                                                          dtype=wire_dtype(hidden.dtype, self.exact))
-        # while the chain computes, this thread's OpenMP workers would spin on cores the chain may need (servers on
-        # this machine): let them go (shards.openmp; torch starts them again for the LM head, ~0.1 ms)
-        release_workers()
         output = loop.run(self._step(wire, extra))
         self.position += length
         return output.to(device=hidden.device, dtype=hidden.dtype)
