@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +41,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"release": True, "spin": False}
 BUDGET_S = 2.0
-PLAN_VERSION = 2  # of what is measured: a plan cached by another version is measured again
+PLAN_VERSION = 3  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
@@ -196,18 +195,19 @@ def _fastest(seconds: dict, default):
 
 
 def _timed(step: Callable[[], None], reps: int) -> float:
-    """The median seconds of a step."""
+    """The fastest of ``reps`` steps: another process's work (a server starting beside this one) only ever adds
+    time, so the minimum is the figure it disturbs least."""
     times = []
     for _ in range(reps):
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return min(times)
 
 
 def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, release: bool,
               reps: int) -> float:
-    """Median seconds of a round: this span's step, then a partner's (another process of the chain, which releases
+    """The fastest round: this span's step, then a partner's (another process of the chain, which releases
     its workers as a client does while it waits), each waiting while the other computes."""
     mine, theirs = threading.Event(), threading.Event()
     stop = False
@@ -241,7 +241,7 @@ def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], thread
         stop = True
         mine.set()
         thread.join()
-    return statistics.median(rounds[1:])
+    return min(rounds[1:])
 
 
 def _ms(seconds: dict) -> str:
@@ -261,7 +261,8 @@ def _key(span: BlockSpan, fixed: dict) -> str:
         hardware = f"{platform.processor() or platform.machine()}-{len(os.sched_getaffinity(0))}cores"
     shape = (f"{config.model_type}-h{config.hidden_size}-i{getattr(config, 'intermediate_size', 0)}-"
              f"a{config.num_attention_heads}-kv{getattr(config, 'num_key_value_heads', 0)}-b{len(span.layers)}")
-    return "|".join([f"v{PLAN_VERSION}", hardware, f"torch{torch.__version__}", shape, str(span.dtype_).removeprefix("torch."),
+    spin = f"spin{os.environ.get('GOMP_SPINCOUNT', 'default')}"  # OpenMP's spin, read when torch loaded
+    return "|".join([f"v{PLAN_VERSION}", hardware, spin, f"torch{torch.__version__}", shape, str(span.dtype_).removeprefix("torch."),
                      span.quant, json.dumps(fixed, sort_keys=True)])
 
 
