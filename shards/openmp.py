@@ -6,7 +6,10 @@ client and the servers take turns: while one waits for the next, its spinning wo
 one computes on. ``OMP_WAIT_POLICY=PASSIVE`` would stop that for the whole process, and slows every parallel
 region of it (2x on a decode step of hidden 512), including a user's own torch code when a library sets it.
 ``omp_pause_resource_all`` (OpenMP 5.0) instead frees the calling thread's workers once, right before a wait;
-the next parallel region starts them again (about 0.1 ms for 2 threads). It changes no setting of the process.
+the next parallel region starts them again. It changes no setting of the process, but starting them again is
+not free: 3 to 5 ms on the 2-core development machine. So a server releases its workers only where its decode
+plan measured that this pays (shards.decode_paths), and `cocoon` processes shorten the spin instead
+(GOMP_SPINCOUNT, swarm/cli.py).
 """
 from __future__ import annotations
 
