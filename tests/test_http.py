@@ -190,6 +190,17 @@ def test_server_metrics_count_tokens_as_they_are_served(served):
     assert after - before == tokens * 15 and requests_after > requests_before
 
 
+def test_server_metrics_say_how_decode_steps_run(served):
+    swarm = served[0]
+    port = next(int(line.rsplit(":", 1)[1].split("/")[0]) for line in swarm.servers[0].output if "Metrics:" in line)
+    ready = next(line for line in swarm.servers[0].output if "Server ready" in line)
+    families = {f.name: f for f in text_string_to_metric_families(
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())}
+    labels = families["cocoon_decode_plan_info"].samples[0].labels
+    assert f"decode path {labels['path']}:{labels['threads']}:{labels['policy']}" in ready  # as in the ready line
+    assert labels["path"] in ("plain", "packed") and float(labels["step_ms"]) > 0
+
+
 def chromium(*args) -> subprocess.CompletedProcess:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     assert binary, "Debian's chromium is missing: `make test` installs it (as root)"
