@@ -10,8 +10,6 @@ import random
 import signal
 import time
 
-import torch
-
 import swarm
 from routing import ServerInfo, ServerState
 from routing.placement import choose_span, should_move
