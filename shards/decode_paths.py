@@ -35,7 +35,7 @@ import torch
 from shards.openmp import release_workers
 from shards.packed_linears import drop_packed_forwards, packed_forwards, packed_linears, packing_possible
 from shards.span import BlockSpan
-from shards.throughput import cache_path as throughput_cache_path, measuring, write_cache
+from shards.throughput import cache_path as throughput_cache_path, measuring, read_cache, write_cache
 
 logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
@@ -143,7 +143,7 @@ def _through(span: BlockSpan, path: str, graphs) -> Iterator[None]:
 def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> DecodePlan:
     """Time the candidates that ``fixed`` leaves open and return the fastest plan."""
     cpu = span.device.type == "cpu"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     paths = [fixed["path"]] if "path" in fixed else candidate_paths(span)
     threads = [fixed["threads"]] if "threads" in fixed else sorted({cores, max(1, cores // 2)}, reverse=True)
     threads = threads if cpu else [0]
@@ -207,8 +207,9 @@ def _timed(step: Callable[[], None], reps: int) -> float:
 
 def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, release: bool,
               reps: int) -> float:
-    """The fastest round: this span's step, then a partner's (another process of the chain, which releases
-    its workers as a client does while it waits), each waiting while the other computes."""
+    """The fastest round: this span's step, then a partner's (another process of the chain, which lets its own
+    workers go after its step, so that only this span's policy differs between rounds), each waiting while the
+    other computes."""
     mine, theirs = threading.Event(), threading.Event()
     stop = False
 
@@ -244,6 +245,10 @@ def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], thread
     return min(rounds[1:])
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _ms(seconds: dict) -> str:
     return ", ".join(f"{key} {value * 1000:.2f} ms" for key, value in seconds.items())
 
@@ -258,19 +263,12 @@ def _key(span: BlockSpan, fixed: dict) -> str:
     if span.device.type == "cuda":
         hardware = torch.cuda.get_device_name(span.device)
     else:
-        hardware = f"{platform.processor() or platform.machine()}-{len(os.sched_getaffinity(0))}cores"
+        hardware = f"{platform.processor() or platform.machine()}-{_cores()}cores"
     shape = (f"{config.model_type}-h{config.hidden_size}-i{getattr(config, 'intermediate_size', 0)}-"
              f"a{config.num_attention_heads}-kv{getattr(config, 'num_key_value_heads', 0)}-b{len(span.layers)}")
     spin = f"spin{os.environ.get('GOMP_SPINCOUNT', 'default')}"  # OpenMP's spin, read when torch loaded
-    return "|".join([f"v{PLAN_VERSION}", hardware, spin, f"torch{torch.__version__}", shape, str(span.dtype_).removeprefix("torch."),
-                     span.quant, json.dumps(fixed, sort_keys=True)])
-
-
-def _read(path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}  # a damaged cache is measured again, not fatal
+    return "|".join([f"v{PLAN_VERSION}", hardware, spin, f"torch{torch.__version__}", shape,
+                     str(span.dtype_).removeprefix("torch."), span.quant, json.dumps(fixed, sort_keys=True)])
 
 
 def get_plan(span: BlockSpan, fixed: dict | None = None, *, force: bool = False) -> tuple[DecodePlan, bool]:
@@ -279,10 +277,10 @@ def get_plan(span: BlockSpan, fixed: dict | None = None, *, force: bool = False)
     if {"path", "threads", "release_idle"} <= fixed.keys() or (span.device.type != "cpu" and "path" in fixed):
         return DecodePlan(**fixed), False  # nothing left to choose
     path, key = _cache_path(), _key(span, fixed)
-    if key in _read(path) and not force:
-        return DecodePlan(**_read(path)[key]), False
+    if key in (cached := read_cache(path)) and not force:
+        return DecodePlan(**cached[key]), False
     with measuring():  # one server at a time: servers starting together would time each other's contention
-        cached = _read(path)
+        cached = read_cache(path)
         if key in cached and not force:
             return DecodePlan(**cached[key]), False
         plan = choose_plan(span, fixed)

@@ -59,8 +59,9 @@ def _key(device: torch.device, model_id: str, dtype: torch.dtype, quant: str) ->
     return "|".join([hardware_name(device), model_id, str(dtype).removeprefix("torch."), quant])
 
 
-def _read_cache() -> dict:
-    path = cache_path()
+def read_cache(path: Path | None = None) -> dict:
+    """A JSON cache of measurements (this module's by default); {} when missing or damaged."""
+    path = path or cache_path()
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
@@ -71,7 +72,7 @@ def cached_throughput(model_id: str, dtype: str, quant: str, device: str | None 
     """The per-block throughput measured earlier on this hardware, if any (without loading anything)."""
     from shards.precision import resolve_dtype
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    entry = _read_cache().get(_key(torch_device, model_id, resolve_dtype(dtype, torch_device), quant))
+    entry = read_cache().get(_key(torch_device, model_id, resolve_dtype(dtype, torch_device), quant))
     return Throughput(**entry) if entry else None
 
 
@@ -80,10 +81,10 @@ def get_throughput(span: BlockSpan, model_id: str, *, force: bool = False, decod
     """Per-block throughput of this span's model on this hardware: read from the cache or measured now."""
     key = _key(span.device, model_id, span.dtype_, span.quant)
     path = cache_path()
-    if key in _read_cache() and not force:
-        return Throughput(**_read_cache()[key])
+    if key in (cached := read_cache()) and not force:
+        return Throughput(**cached[key])
     with measuring():
-        cached = _read_cache()  # another server may have measured it meanwhile
+        cached = read_cache()  # another server may have measured it meanwhile
         if key in cached and not force:
             return Throughput(**cached[key])
         measured = measure(span, decode_steps=decode_steps, prefill_tokens=prefill_tokens, progress=progress)

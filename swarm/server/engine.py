@@ -113,11 +113,14 @@ class Engine:
 
     async def _schedule(self, peer: str, task: SpanTask, shares: bool) -> torch.Tensor:
         shares = shares and self.batching and can_batch(self.span)
-        # a lone session's decode step runs on the event loop when the compute thread has nothing to do (a longer
-        # step there would hold up every other caller of this server: pings, new sessions, their prompts)
-        inline = task.decode and self.sessions.decoding() <= 1
         key = (task.blocks, task.request.hidden.shape[1]) if shares else None
+        inline = task.decode and self.lone_decoder()
         return await self.scheduler.run(peer, task.cost, self._execute, task, batch_key=key, inline=inline)
+
+    def lone_decoder(self) -> bool:
+        """One session decodes here: its decode steps run on the event loop when the compute thread has nothing to
+        do (a longer step there would hold up every other caller of this server: pings, new sessions, prompts)."""
+        return self.sessions.decoding() <= 1
 
     def _chunk_tokens(self, blocks: int) -> int:
         """Tokens of a prefill chunk that takes about --prefill-chunk-ms of compute (at least 16)."""

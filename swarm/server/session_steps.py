@@ -139,8 +139,7 @@ class SessionSteps:
         if step.hidden.shape[0] != session.batch_size:
             raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
         if step.position == session.length and (session.push_task is None or session.push_task.done()):
-            if session.pushed is None and server.sessions.decoding() <= 1 and \
-                    step.hidden.shape[1] <= MAX_DECODE_TOKENS:
+            if session.pushed is None and step.hidden.shape[1] <= MAX_DECODE_TOKENS and server.engine.lone_decoder():
                 await self._pushed_step(session, step)  # a lone session's step runs inline, holding the loop anyway
             else:  # one at a time, and after the client's copy of the last pushed step when that is waiting too
                 session.push_task = asyncio.create_task(self._pushed_step(session, step))
