@@ -31,6 +31,9 @@ class Quotas:
     max_queued_per_peer: int = field(default=32, metadata={"help": "requests of one peer waiting for compute"})
     frame_deadline: float = field(default=30.0, metadata={
         "help": "seconds a frame may take to arrive once its first byte has"})
+    rollback_factor: float = field(default=8.0, metadata={
+        "help": "positions a session may roll back (speculative decoding recomputes them), as a multiple of its "
+                "max_length: a client that rolls back without end is refused"})
     prefill_chunk_ms: float = field(default=25.0, metadata={
         "help": "a long prefill or forward runs in chunks of about this much compute, so that other peers' "
                 "decode steps go between them (they wait for at most one chunk)"})

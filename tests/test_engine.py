@@ -19,6 +19,7 @@ from swarm.limits import Quotas
 from swarm.local_swarm import LocalSwarm
 from swarm.server.engine import Engine
 from swarm.server.sessions import SessionTable
+from swarm.wire import InferenceStep
 
 
 def test_a_decode_path_on_the_command_line_fixes_what_it_names():
@@ -103,18 +104,23 @@ def test_verify_steps_of_two_sessions_run_as_one_batch_and_equal_each_alone(chec
         assert torch.allclose(got, want, rtol=0, atol=1e-5) and want.abs().max() > 0.1
 
 
-def test_truncate_takes_a_session_back_to_the_start_of_a_step(checkpoints):
+def test_truncate_takes_a_session_back_to_the_start_of_a_step_or_into_a_verify_step(checkpoints):
+    from incentives.verification import chain_hash
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
     sessions = SessionTable(cache_tokens=1024, max_sessions=4, max_length=64, timeout=60)
     session = sessions.open(peer="p", start=0, end=4, batch_size=1, max_length=64, cache=span.new_cache())
     generator = torch.Generator().manual_seed(1)
-    first, second, other = (torch.randn(1, n, 64, generator=generator) for n in (6, 3, 3))
+    prompt, first, second, other = (torch.randn(1, n, 64, generator=generator) for n in (12, 6, 3, 3))
+
+    def rechain(chain, hidden):
+        return chain_hash(chain, hidden.float().numpy())
+
     with torch.inference_mode():
         span(first, cache=session.cache)
-        session.advance(6)
+        session.advance(InferenceStep(first))
         session.input_chain = b"after-first"
         span(second, cache=session.cache)
-        session.advance(3)
+        session.advance(InferenceStep(second))
         session.input_chain = b"after-second"
         session.truncate(6)  # e.g. drafted tokens the verify step did not accept
         assert (session.length, session.input_chain) == (6, b"after-first")
@@ -122,11 +128,21 @@ def test_truncate_takes_a_session_back_to_the_start_of_a_step(checkpoints):
         fresh = span.new_cache()
         span(first, cache=fresh)
         alone = span(other, cache=fresh)
+        session.advance(InferenceStep(other))
+        session.input_chain = b"after-other"
+        session.truncate(8, rechain)  # into a verify step: its first 2 tokens stay, chained as sent alone
+        assert session.length == 8 and session.cache.get_seq_length() == 8
+        assert session.input_chain == rechain(b"after-first", other[:, :2])
+
+        long = sessions.open(peer="p", start=0, end=4, batch_size=1, max_length=64, cache=span.new_cache())
+        span(prompt, cache=long.cache)
+        long.advance(InferenceStep(prompt))
+        long.input_chain = b"after-prompt"
     assert torch.allclose(again, alone, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="not the start"):
-        session.truncate(2)  # inside a step whose inputs an attestation chained
+    with pytest.raises(ValueError, match="more than 8 tokens"):
+        long.truncate(2, rechain)  # inside a prompt, whose input is not kept
     with pytest.raises(ValueError, match="cannot truncate"):
-        session.truncate(7)
+        session.truncate(9)
 
 
 @pytest.mark.slow

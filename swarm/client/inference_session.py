@@ -16,6 +16,7 @@ import torch
 
 from routing import ChainLink
 from swarm.client import loop
+from incentives.verification import chain_hash
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
@@ -34,6 +35,7 @@ class _ServerSession:
         self.opened = False
         self.history: list[tuple[torch.Tensor, dict]] = []  # (wire hidden, extra) of every step sent here
         self.input_chain = b""  # what a priced server's attestations chain (see swarm.client.attestations)
+        self.chains: list[bytes] = []  # input_chain before each step of history
         self.pending_reorder: list[int] | None = None  # beam search: rows to reorder the cache by, next step
         self.reordered = False  # the server's attestations name inputs in an older row order than history
         self.length = 0  # tokens this server has taken
@@ -68,18 +70,41 @@ class _ServerSession:
         self.accepting = self.accepting if route[1] is None else route[1]
         output = reply.outputs[0]
         paid = client.paid_server(self.link.peer_id)
+        chain = self.input_chain
         if paid is not None:
             self.input_chain = check_attestation(reply.attestation, paid.payout_address, self.link.start,
                                                  self.link.end, self.input_chain, hidden, output, paid.dtype)
         client.record_work(self.link.peer_id, reply, hidden.shape[0] * hidden.shape[1], self.link.end - self.link.start)
         self.history.append((hidden, extra))
+        self.chains.append(chain)
         if client.spot_checker is not None:
             try:
                 await client.spot_checker.maybe_check(self, output, reply)
             except Exception:
                 self.history.pop()  # the step is not kept: the replacement replays only good history
+                self.chains.pop()
                 raise
         return output
+
+    def truncate(self, position: int) -> None:
+        """Forget every token from ``position`` on, as the server will when it gets the next step (which starts
+        there): the history a replacement replays, and the input chain, as if the kept part had been sent alone."""
+        start = 0
+        for index, (hidden, extra) in enumerate(self.history):
+            length = hidden.shape[1]
+            if start + length > position:
+                kept = position - start
+                chain = self.chains[index]
+                del self.history[index:], self.chains[index:]
+                if kept:
+                    part = hidden[:, :kept]
+                    self.history.append((part, _cut_inputs(extra, position, kept)))
+                    self.chains.append(chain)
+                    chain = chain_hash(chain, part.float().numpy()) if chain or self.input_chain else chain
+                self.input_chain = chain
+                break
+            start += length
+        self.length = min(self.length, position)
 
 
 class InferenceSession:
@@ -92,6 +117,8 @@ class InferenceSession:
         self.block_inputs: dict[str, torch.Tensor | None] = {}  # name -> [num_blocks, ...], see step()
         self.lora_spec: LoraSpec | None = None
         self.failovers = 0
+        self.steps = 0  # steps sent (a prefill, a decode step or a verify step each)
+        self.rolled_back = 0  # positions computed and then given up (drafted tokens not accepted)
         self.closed = False
 
     @property
@@ -107,6 +134,17 @@ class InferenceSession:
         for session in self._sessions:
             session.pending_reorder = order if session.pending_reorder is None else \
                 [session.pending_reorder[i] for i in order]
+
+    def rollback(self, position: int) -> None:
+        """Go back to ``position``: the tokens from there on are forgotten here and, with the next step (which starts
+        at ``position``), on every server. Speculative decoding does so with the drafted tokens it did not accept
+        (transformers crops the cache: SessionCache.crop). The positions given up were computed and are paid."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll a session of {self.position} tokens back to {position}")
+        self.rolled_back += self.position - position
+        for session in self._sessions:
+            session.truncate(position)
+        self.position = position
 
     def step(self, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, block_inputs: dict | None = None,
@@ -131,6 +169,7 @@ class InferenceSession:
                                                                          dtype=wire_dtype(hidden.dtype, self.exact))
         output = loop.run(self._step(wire, extra))
         self.position += length
+        self.steps += 1
         return output.to(device=hidden.device, dtype=hidden.dtype)
 
     async def _step(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -252,6 +291,13 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _cut_inputs(extra: dict, position: int, kept: int) -> dict:
+    """A step's position ids and attention mask for its first ``kept`` tokens (the mask covers the past too)."""
+    ids, mask = extra.get("position_ids"), extra.get("attention_mask")
+    return {**extra, "position_ids": None if ids is None else ids[:, :kept],
+            "attention_mask": None if mask is None else mask[:, :position]}
 
 
 def _concat_history(history: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict] | None:

@@ -113,8 +113,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             max_length = (prompt.shape[1] if prompt is not None else 1) + max_new_tokens
         else:
             max_length = kwargs.get("max_length", config.max_length)
-        with self.inference_session(max_length=max_length + self.pre_seq_len):
-            return super().generate(inputs, *args, **kwargs)
+        # prompt lookup may verify drafted tokens past max_length (transformers then keeps only those within it)
+        drafts = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
+        with self.inference_session(max_length=max_length + drafts + self.pre_seq_len):
+            return self._generate(inputs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache=None, **kwargs):
+        # a generate() that continues a session feeds only what the servers have not seen (assisted generation's
+        # first step would send the whole sequence again)
+        if isinstance(cache, SessionCache) and next_sequence_length is None and (past := cache.get_seq_length()):
+            next_sequence_length = input_ids.shape[1] - past
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length, cache, **kwargs)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
@@ -247,6 +257,15 @@ class SessionCache(DynamicCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.reorder(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Speculative decoding gives up the drafted tokens the model did not accept: the servers' caches go back
+        with the next step. A negative count removes that many tokens; a positive one is the length to keep
+        (the older form of this call)."""
+        if tokens_to_remove > 0:
+            self.session.rollback(self.prefix + tokens_to_remove)
+        elif tokens_to_remove < 0:
+            self.session.rollback(self.session.position + tokens_to_remove)
 
 
 class AutoDistributedModelForCausalLM:

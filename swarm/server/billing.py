@@ -31,10 +31,16 @@ class Billing:
         if self.payments is None:
             return chain, None
         ledger = self.payments.ledger
-        chain = chain_hash(chain, wire_input.float().numpy())
+        chain = self.rechain(chain, wire_input)
         attestation = Attestation(ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()),
                                   dtype_name(self.span_dtype), dtype_name(wire_output.dtype))
         return chain, attestation.signed(ledger.signer.key).to_wire()
+
+    @staticmethod
+    def rechain(chain: bytes, wire_input: torch.Tensor) -> bytes:
+        """The input chain with ``wire_input`` chained on, as ``attest`` chains it (a session cut back into a step
+        chains the part of its input kept, as the client does)."""
+        return chain_hash(chain, wire_input.float().numpy())
 
     def receipt(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> dict | None:
         if payer is None:

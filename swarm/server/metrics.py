@@ -1,6 +1,7 @@
 """A server's Prometheus metrics (`cocoon serve --metrics-port PORT`): tokens and block-tokens served,
 requests by RPC and outcome code, step latency, open sessions, KV tokens reserved, vouchers accepted, wei
-earned, evidence of wrong work published against this server, and how its decode steps run."""
+earned, evidence of wrong work published against this server, how its decode steps run, and the drafted
+tokens of clients' verify steps (speculative decoding): proposed, and accepted (not rolled back)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -27,6 +28,9 @@ class ServerMetrics:
         self.decode_plan = Info("cocoon_decode_plan", "How decode steps run here, as measured at start-up "
                                 "(shards.decode_paths): path, threads, wait policy, step_ms", registry=r)
 
+        self.drafts = Gauge("cocoon_draft_tokens", "Drafted tokens in clients' verify steps (speculative decoding): "
+                            "proposed, and accepted (those the client did not roll back)", ["outcome"], registry=r)
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP in a thread; returns the port (0 takes a free one)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -36,3 +40,8 @@ class ServerMetrics:
         """Read the session table whenever metrics are scraped."""
         self.sessions.set_function(lambda: len(sessions.sessions))
         self.kv_tokens.set_function(lambda: sessions.cache_tokens - sessions.tokens_left)
+
+    def track_drafts(self, drafts: dict[str, int]) -> None:
+        """Read the counts of swarm.server.session_steps whenever metrics are scraped."""
+        self.drafts.labels("proposed").set_function(lambda: drafts["proposed"])
+        self.drafts.labels("accepted").set_function(lambda: max(drafts["proposed"] - drafts["rejected"], 0))

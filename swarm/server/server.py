@@ -209,6 +209,7 @@ class Server:
         metrics = ServerMetrics()
         port = metrics.serve(self.config.metrics_port, self.config.host)
         metrics.track_sessions(self.sessions)
+        metrics.track_drafts(self.handler.steps.drafts)
         metrics.decode_plan.info({"path": self.plan.path, "batch_path": self.plan.path_for(2),
                                   "threads": str(self.plan.threads),
                                   "policy": "release" if self.plan.release_idle else "spin",
@@ -295,6 +296,7 @@ class Server:
                 "lora_cache_bytes": self.handler.lora_cache.bytes if serving else 0,
                 "batches": {str(size): n for size, n in batches.items()},
                 "pushes": dict(self.handler.steps.push_counts) if serving else {},
+                "drafts": dict(self.handler.steps.drafts) if serving else {},
                 "decode_path": self.plan.spec if self.plan else ""}
 
     def _snapshot(self) -> ServerInfo:

@@ -39,6 +39,9 @@ class SessionSteps:
         self.routes: dict[str, Session] = {}  # route id -> the session that takes pushes under it
         # steps pushed on, taken from a push, answered from a push, pushed steps refused, differing from the client's
         self.push_counts = dict.fromkeys(("sent", "taken", "answered", "refused", "differed"), 0)
+        # drafted tokens of verify steps (all but the first token of a short step onto a session), and those the
+        # client rolled back (speculative decoding): accepted = proposed - rejected
+        self.drafts = dict.fromkeys(("proposed", "rejected"), 0)
 
     async def inference(self, message, stream: Stream) -> SpanReply | None:
         """A client's step; None when it was answered already, from a push."""
@@ -80,7 +83,7 @@ class SessionSteps:
                 session.truncate(pushed.position)  # the client's counts, not what the previous server pushed
                 logger.info(f"a pushed step of a session of {session.peer} differed from the client's: recomputed")
             if step.position is not None and step.position != session.length:
-                raise bad(f"a step at position {step.position} in a session of length {session.length}")
+                self.roll_back(session, step.position)
             reply = await self.step(session, step, stream.peer, payer)
             if step.compact:
                 reply.compact = True  # the client may send its later decode steps compact
@@ -97,7 +100,9 @@ class SessionSteps:
                                      torch.tensor(step.reorder, device=server.engine.span.device))
         output = await server.engine.span_output(peer, step, session.cache, (session.start, session.end),
                                                  session.lora, past=session.length)
-        position = session.advance(length)
+        if 1 < length <= MAX_DECODE_TOKENS and session.length > 0:
+            self.drafts["proposed"] += length - 1
+        position = session.advance(step)
         if session.push is not None and server.pushes is not None:  # the next server's input first
             if await server.pushes.send(session.push, step, output, position):
                 self.push_counts["sent"] += 1
@@ -110,6 +115,34 @@ class SessionSteps:
         reply = SpanReply([output], length=session.length, digest=digest, attestation=attestation)
         reply.receipt = server.billing.receipt(payer, step.hidden, session.start, session.end)
         return reply
+
+    def roll_back(self, session: Session, position: int) -> None:
+        """The client goes back to ``position`` (it did not accept the drafted tokens after it). Positions given up
+        were computed and paid for all the same; they count against the session's rollback allowance."""
+        if position > session.length:
+            raise bad(f"a step at position {position} in a session of length {session.length}")
+        allowance = self.server.engine.quotas.rollback_factor * session.max_length
+        if session.rolled_back + session.length - position > allowance:
+            raise bad(f"this session rolled back {session.rolled_back} positions; {session.length - position} more "
+                      f"would pass its allowance of {allowance:.0f} (--rollback-factor x max_length): open a new "
+                      f"session")  # the caller's doing: raised to it, not a reason to fail over
+        rejected = session.length - position
+        try:
+            session.truncate(position, self.server.billing.rechain)
+        except ValueError as e:
+            raise bad(f"cannot go back to position {position}: {e}") from None
+        session.rolled_back += rejected
+        self.drafts["rejected"] += rejected
+
+    def _rolls_back(self, session: Session, step: PushStep, digest: str) -> bool:
+        """Whether a pushed step at an earlier position than the session's length is a rollback the client asked of
+        the previous server (then the session goes back to it) and not a late copy of a step already taken from the
+        client: that one starts a kept step with the same input."""
+        record = session.step_at(step.position)
+        if record is not None and (record.step is None or record.step.digest() == digest):
+            return False
+        self.roll_back(session, step.position)
+        return True
 
     # ------------------------------------------------------------------ push (swarm.server.push)
     def set_accept(self, session: Session, accept: dict) -> None:
@@ -138,7 +171,7 @@ class SessionSteps:
                               "reason": f"no session here takes pushes from you under route {step.route_id}"})
         if step.hidden.shape[0] != session.batch_size:
             raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
-        if step.position == session.length and (session.push_task is None or session.push_task.done()):
+        if step.position <= session.length and (session.push_task is None or session.push_task.done()):
             if session.pushed is None and step.hidden.shape[1] <= MAX_DECODE_TOKENS and server.engine.lone_decoder():
                 await self._pushed_step(session, step)  # a lone session's step runs inline, holding the loop anyway
             else:  # one at a time, and after the client's copy of the last pushed step when that is waiting too
@@ -147,10 +180,16 @@ class SessionSteps:
 
     async def _pushed_step(self, session: Session, step: PushStep) -> None:
         async with session.lock:
-            if step.position != session.length or session.pushed is not None or \
+            if step.position > session.length or session.pushed is not None or \
                     session.session_id not in self.server.sessions.sessions:
                 return  # the client's own step came first, or its copy of the last pushed step is still to come
             digest = step.digest()
+            try:
+                if step.position < session.length and not self._rolls_back(session, step, digest):
+                    return
+            except WireError as e:  # the client's own copy of the step will meet the refusal
+                logger.info(f"a pushed rollback was refused ({e.message}); waiting for the client's step")
+                return
             try:
                 payer = await self.server.billing.admit(session.peer, session.payment)
                 reply = await self.step(session, step, session.peer, payer, digest=digest)

@@ -2,7 +2,9 @@
 
 A session goes back to an earlier position with ``truncate``: a pushed step the client's own copy of it
 contradicts is undone so (swarm.server.session_steps), and so are the tokens a client's verify step did not
-accept (speculative decoding).
+accept (speculative decoding: the client's next step starts at an earlier position than the session's length).
+Positions rolled back were computed all the same: they were metered, are not refunded, and count against
+the session's rollback allowance, so that no client has the same positions recomputed for free without end.
 """
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from transformers.cache_utils import DynamicCache
 
 from swarm.wire import ErrorCode, WireError
 
 
-KEPT_CHAINS = 16  # input chains of the latest steps kept, for truncate
+KEPT_STEPS = 16  # records of the latest steps kept, for truncate
+KEPT_INPUT_TOKENS = 8  # a step of at most this many tokens (a verify step) keeps its input: truncate may cut into it
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,13 @@ class PushedStep:
     """The latest step a session took from a push, until the client's own copy of it arrives."""
     position: int  # where it started
     digest: str    # of its input, as swarm.wire.InferenceStep.digest computes it
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One of a session's latest steps, as truncate needs it."""
+    chain: bytes      # the session's input chain before the step
+    step: Any = None  # the step itself (swarm.wire.InferenceStep or PushStep) when short, else None
 
 
 @dataclass
@@ -49,39 +59,56 @@ class Session:
     push_task: Any = None       # the pushed step being computed
     compact: bool = False       # the client reads replies in swarm.compact's layout
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's
-    chains: dict[int, bytes] = field(default_factory=dict)  # input_chain at the start of each of the latest steps
+    steps: dict[int, StepRecord] = field(default_factory=dict)  # the latest steps, by the position they start at
+    rolled_back: int = 0  # positions computed and then given up by the client (speculative decoding)
 
     @property
     def reserved_tokens(self) -> int:
         return self.batch_size * self.max_length
 
-    def advance(self, tokens: int) -> int:
-        """``tokens`` more are in the cache (their input is chained onto ``input_chain`` next); returns where they
+    def advance(self, step) -> int:
+        """``step``'s tokens are in the cache now (its input is chained onto ``input_chain`` next); returns where they
         start."""
-        position = self.length
-        self.chains[position] = self.input_chain
-        while len(self.chains) > KEPT_CHAINS:
-            del self.chains[next(iter(self.chains))]
+        position, tokens = self.length, step.hidden.shape[1]
+        self.steps[position] = StepRecord(self.input_chain, step if tokens <= KEPT_INPUT_TOKENS else None)
+        while len(self.steps) > KEPT_STEPS:
+            del self.steps[next(iter(self.steps))]
         self.length += tokens
         return position
 
-    def truncate(self, position: int) -> None:
+    def step_at(self, position: int) -> StepRecord | None:
+        """The record of the kept step that starts at ``position``."""
+        return self.steps.get(position)
+
+    def truncate(self, position: int, rechain: Callable[[bytes, Any], bytes] | None = None) -> None:
         """Forget every token from ``position`` on: the KV cache, the length and the input chain are as they were
-        there. Back to the start of one of the latest KEPT_CHAINS steps, or anywhere when nothing is attested
-        (a free server chains nothing); a sliding-window cache only while it is shorter than its window."""
+        there. Back to the start of one of the latest KEPT_STEPS steps or into one of them that kept its input
+        (``rechain(chain, input)`` chains the part kept), or anywhere when nothing is attested (a free server
+        chains nothing); a sliding-window cache only while it is shorter than its window."""
         if not 0 <= position <= self.length:
             raise ValueError(f"cannot truncate a session of length {self.length} to {position}")
         if position == self.length:
             return
-        chain = self.chains.get(position)
-        if chain is None and self.input_chain:
-            raise ValueError(f"position {position} is not the start of one of the latest steps of the session")
+        chain = self._chain_at(position, rechain)
         for layer in self.cache.layers:
             if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window:
                 raise ValueError("a sliding-window cache past its window cannot go back: open a new session")
         self.cache.crop(position - self.length)
-        self.length, self.input_chain = position, chain or b""
-        self.chains = {at: c for at, c in self.chains.items() if at < position}
+        self.length, self.input_chain = position, chain
+        self.steps = {at: record for at, record in self.steps.items() if at < position}
+
+    def _chain_at(self, position: int, rechain) -> bytes:
+        if not self.input_chain:
+            return b""
+        start = max((at for at in self.steps if at <= position), default=None)
+        if start is None:
+            raise ValueError(f"position {position} is before the latest {KEPT_STEPS} steps of the session")
+        record = self.steps[start]
+        if start == position:
+            return record.chain
+        if record.step is None or rechain is None:
+            raise ValueError(f"position {position} lies inside a step of more than {KEPT_INPUT_TOKENS} tokens")
+        return rechain(record.chain, record.step.hidden[:, :position - start])
 
 
 class SessionTable:
