@@ -3,6 +3,8 @@
 
   perturb (default)  outputs off by 1e-2 relative, as a server that skimps on work would
   scale              outputs times 1.05: colluders running this return the same wrong output
+  perturb_verify     perturbs only verify steps (2 to 8 new tokens onto a session: speculative decoding) once a
+                     session holds over 20 tokens (after it rolled back some)
   nan                outputs full of NaN
   huge               answers every request with a frame that claims 512 MiB
   no_attestation     a priced server that signs nothing
@@ -29,6 +31,9 @@ def _execute(self, task):
     if MISCHIEF == "nan":
         return torch.full_like(output, float("nan"))
     if MISCHIEF == "perturb":
+        return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
+    if MISCHIEF == "perturb_verify" and task.decode and task.request.hidden.shape[1] > 1 and \
+            task.cache.get_seq_length() > 20:
         return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
     if MISCHIEF == "scale":
         return output * 1.05

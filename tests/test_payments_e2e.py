@@ -32,15 +32,7 @@ def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_pa
     settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
     settlement.deposit(client, 10 * ETH)
 
-    payouts, server_args = {}, {}
-    for span, price in PRICES.items():
-        keystore = tmp_path / f"server-{span[0]}.json"
-        account = create_wallet(keystore, "test passphrase")
-        node.fund(account.address, 2 * ETH)
-        settlement.register(account, ETH)
-        payouts[span] = account.address
-        server_args[span] = ["--price", str(price), "--payout", str(keystore), "--chain-rpc", node.url,
-                             "--contract", settlement.address, "--redeem-period", "1", "--announce-period", "2"]
+    payouts, server_args = priced_servers(node, settlement, tmp_path)
     before = {span: node.w3.eth.get_balance(address) for span, address in payouts.items()}
     first_block = node.w3.eth.block_number + 1
 
@@ -70,6 +62,57 @@ def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_pa
         assert node.w3.eth.get_balance(payouts[span]) - before[span] == units * price - gas
     total = sum(tokens * (b - a) * price for (a, b), price in PRICES.items())
     assert settlement.escrow(client.address) == 10 * ETH - total
+
+
+def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(node, checkpoints, tmp_path,
+                                                                              monkeypatch):
+    """Drafted tokens the client did not accept were computed all the same: a rollback is no refund."""
+    import copy
+    path = checkpoints("llama")
+    monkeypatch.setenv("COCOON_PASSPHRASE", "test passphrase")
+    owner, client = node.new_account(), node.new_account()
+    settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+    settlement.deposit(client, 10 * ETH)
+    payouts, server_args = priced_servers(node, settlement, tmp_path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    draft = copy.deepcopy(local)  # agrees with the target on about half the tokens
+    with torch.no_grad():
+        draft.model.layers[3].mlp.down_proj.weight.mul_(2.0)
+    greedy = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with LocalSwarm(path) as swarm:
+        servers = [swarm.add_server(span, *server_args[span], wait=False) for span in PRICES]
+        for server in servers:
+            server.wait_for("Server ready", 180)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client,
+            contract=settlement.address, chain_id=node.w3.eth.chain_id)
+        with model.inference_session(max_length=32) as session:
+            assert torch.equal(model.generate(ids, assistant_model=draft, **greedy), local.generate(ids, **greedy))
+            computed, rolled_back = session.position + session.rolled_back, session.rolled_back
+        channel = model.swarm.payments.channel_id
+        model.shutdown()
+        for server in servers:
+            server.stop()
+            assert "Redeemed" in "".join(server.output), "".join(server.output)
+    assert rolled_back > 0
+    for span, price in PRICES.items():
+        units = computed * (span[1] - span[0])
+        assert settlement.paid(client.address, payouts[span], channel) == units * price
+
+
+def priced_servers(node, settlement, tmp_path) -> tuple[dict, dict]:
+    """A funded, registered payout wallet and the `cocoon serve` flags for each span of PRICES."""
+    payouts, server_args = {}, {}
+    for span, price in PRICES.items():
+        keystore = tmp_path / f"server-{span[0]}.json"
+        account = create_wallet(keystore, "test passphrase")
+        node.fund(account.address, 2 * ETH)
+        settlement.register(account, ETH)
+        payouts[span] = account.address
+        server_args[span] = ["--price", str(price), "--payout", str(keystore), "--chain-rpc", node.url,
+                             "--contract", settlement.address, "--redeem-period", "1", "--announce-period", "2"]
+    return payouts, server_args
 
 
 def gas_spent(w3, address, first_block):

@@ -98,6 +98,57 @@ def test_cheating_server_is_caught_banned_unpaid_and_slashed(checkpoints, tmp_pa
             model.shutdown()
 
 
+def test_a_server_wrong_only_in_verify_steps_is_caught_with_evidence_that_rechecks(checkpoints, tmp_path,
+                                                                                   monkeypatch):
+    """Speculative decoding: spot checks cover verify steps, and the evidence holds across rollbacks (the input
+    chain names the steps as kept: a verify step cut back is chained as its kept part)."""
+    import copy
+    path = checkpoints("llama")
+    monkeypatch.setenv("COCOON_PASSPHRASE", "pw")
+    monkeypatch.setenv("COCOON_MISCHIEF", "perturb_verify")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    draft = copy.deepcopy(local)  # agrees with the target on about half the tokens
+    with torch.no_grad():
+        draft.model.layers[3].mlp.down_proj.weight.mul_(2.0)
+    greedy = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
+    with DevNode() as node:
+        owner, client = node.new_account(), node.new_account()
+        settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+        settlement.deposit(client, 10 * ETH)
+        args = {}
+        for name in ("cheat", "honest"):
+            keystore = tmp_path / f"{name}.json"
+            account = create_wallet(keystore, "pw")
+            node.fund(account.address, 5 * ETH)
+            settlement.register(account, 2 * ETH)
+            args[name] = ["--price", "1000", "--payout", str(keystore), "--chain-rpc", node.url,
+                          "--contract", settlement.address, "--redeem-period", "3600"]
+        with LocalSwarm(path) as swarm:
+            cheat = swarm.add_server((0, 4), *args["cheat"], wait=False, module="tests.malicious_server")
+            honest = swarm.add_server((0, 4), *args["honest"], wait=False)
+            for server in (cheat, honest):
+                server.wait_for("Server ready", 180)
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client, contract=settlement.address,
+                chain_id=node.w3.eth.chain_id, spot_check_rate=1.0, spot_check_seed=0)
+            now = time.monotonic()
+            model.swarm.rtt = {cheat.peer_id: (1e-4, now), honest.peer_id: (0.5, now)}  # chains go through the cheat
+            model.swarm.swarm_state(refresh=True)
+            ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+            with model.inference_session(max_length=32) as session:
+                output = model.generate(ids, assistant_model=draft, **greedy)
+                assert session.rolled_back > 0
+            assert torch.equal(output, local.generate(ids, **greedy))
+            checker = model.swarm.spot_checker
+            assert cheat.peer_id in checker.convicted and honest.peer_id not in checker.convicted
+            evidence = checker.convicted[cheat.peer_id]
+            assert evidence is not None and evidence.consistent()
+            with torch.no_grad():
+                honest_output = BlockSpan.from_pretrained(path, 0, 4)(torch.from_numpy(evidence.inputs().copy()))
+            assert evidence.recheck(honest_output[:, -evidence.shapes[-1][1]:].numpy())
+            model.shutdown()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_honest_servers_are_never_flagged_over_1000_checked_steps(checkpoints, dtype):
     path = checkpoints("llama")
