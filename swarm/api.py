@@ -77,6 +77,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
+    predictions: tuple[int, int] | None = None  # speculative decoding: drafted tokens (accepted, rejected)
 
 
 class Cancelled(StoppingCriteria):
@@ -147,7 +148,11 @@ class Streamer:
 
 
 def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None, timeout: float = 300.0,
-               max_concurrent: int = 16) -> FastAPI:
+               max_concurrent: int = 16, speculation: dict | None = None) -> FastAPI:
+    """``speculation``: generate()'s arguments for speculative decoding, used for every request (a local draft
+    ``assistant_model``, or ``prompt_lookup_num_tokens``); usage then counts accepted and rejected drafted tokens."""
+    speculation = speculation or {}
+    drafts = speculation.get("prompt_lookup_num_tokens") or 0  # verified past max_length, then cut
     app = FastAPI(title="cocoon", description="An OpenAI-compatible API in front of a Cocoon swarm")
     workers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="generate")
 
@@ -249,16 +254,19 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         trimmer = StopTrimmer(stops, lambda text: (texts.append(text), emit and emit(text)))
         limit = body.max_completion_tokens or body.max_tokens or 256
         prompt_length = ids.shape[1]
-        with model.inference_session(max_length=prompt_length + limit):
+        with model.inference_session(max_length=prompt_length + limit + drafts) as session:
             output = model.generate(ids.to(model.device), max_new_tokens=limit, do_sample=False,
                                     logits_processor=sampling_processors(body.temperature, body.top_p, body.seed),
                                     stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]),
                                     stop_strings=stops or None, tokenizer=tokenizer,
                                     streamer=Streamer(tokenizer, trimmer),
-                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **speculation)
         new = output[0, prompt_length:].tolist()
         ended = bool(new) and new[-1] == tokenizer.eos_token_id
-        return Result("".join(texts), prompt_length, len(new), "stop" if ended or trimmer.stopped else "length")
+        # each step through the swarm gave one token of its own; the others were drafted tokens it accepted
+        predictions = (max(len(new) - session.steps, 0), session.rolled_back) if speculation else None
+        return Result("".join(texts), prompt_length, len(new), "stop" if ended or trimmer.stopped else "length",
+                      predictions)
 
     return app
 
@@ -277,8 +285,13 @@ def _as_api_error(error: Exception) -> APIError:
 
 
 def _usage(result: Result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+             "total_tokens": result.prompt_tokens + result.completion_tokens}
+    if result.predictions is not None:  # OpenAI's fields for predicted outputs
+        accepted, rejected = result.predictions
+        usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                              "rejected_prediction_tokens": rejected}
+    return usage
 
 
 def _completion(model: str, identity: str, created: int, chat: bool, result: Result) -> dict:

@@ -21,6 +21,12 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-wire", action="store_true", help="float32 activations on the wire")
     parser.add_argument("--no-push", dest="push", action="store_false",
                         help="servers send their outputs back to the client only, not on to the next server")
+    fast = parser.add_argument_group("speculative decoding (several tokens per trip through the swarm)")
+    how = fast.add_mutually_exclusive_group()
+    how.add_argument("--draft", metavar="MODEL", help="a small local checkpoint that shares the model's tokenizer: it "
+                                                     "drafts tokens, the swarm verifies them in one pass")
+    how.add_argument("--prompt-lookup", metavar="N", type=int, help="draft N tokens by copying from the prompt "
+                                                                    "(answers that quote or edit their input)")
     pay = parser.add_argument_group("paying priced servers")
     pay.add_argument("--wallet", metavar="KEYSTORE", help="the client's keystore (passphrase: $COCOON_PASSPHRASE)")
     pay.add_argument("--contract", help="settlement contract address")
@@ -53,6 +59,23 @@ def load_client(args):
     return model, AutoTokenizer.from_pretrained(args.model)
 
 
+def load_speculation(args, model) -> dict:
+    """generate()'s arguments for speculative decoding as --draft or --prompt-lookup say: transformers' assisted
+    generation, each verify step one pass through the swarm."""
+    if args.prompt_lookup is not None:
+        if args.prompt_lookup < 1:
+            raise argparse.ArgumentTypeError("--prompt-lookup takes the number of tokens to draft, at least 1")
+        return dict(prompt_lookup_num_tokens=args.prompt_lookup)
+    if args.draft is None:
+        return {}
+    from transformers import AutoModelForCausalLM
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=model.dtype).to(model.device).eval()
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise argparse.ArgumentTypeError(f"--draft {args.draft} has a vocabulary of {draft.config.vocab_size} tokens, "
+                                         f"the model {model.config.vocab_size}: a draft must share the tokenizer")
+    return dict(assistant_model=draft)
+
+
 def sampling(args) -> dict:
     if args.temperature > 0:
         return dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -69,6 +92,7 @@ def run_generate(args) -> int:
 
     from swarm.processes import interrupts_raise
     model, tokenizer = load_client(args)
+    speculation = load_speculation(args, model)
     if tokenizer.chat_template is not None and not args.raw:
         input_ids = chat_ids(tokenizer, [{"role": "user", "content": args.prompt}])
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -78,7 +102,7 @@ def run_generate(args) -> int:
     interrupts_raise()  # Ctrl-C stops generating, and the servers are still paid
     try:
         model.generate(input_ids.to(model.device), max_new_tokens=args.max_new_tokens, streamer=streamer,
-                       **sampling(args))
+                       **sampling(args), **speculation)
     except BaseException:
         print(flush=True)  # the streamer's line ends here when generation failed
         raise
@@ -101,7 +125,8 @@ def run_chat(args) -> int:
     interrupts_raise()
     try:
         for _ in chat(model, tokenizer, messages, _lines(interactive), args,
-                      TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)):
+                      TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                      load_speculation(args, model)):
             pass  # the streamer printed the answer
     except KeyboardInterrupt:
         print(flush=True)
@@ -110,7 +135,8 @@ def run_chat(args) -> int:
     return 0
 
 
-def chat(model, tokenizer, messages: list[dict], turns: Iterable[str], args, streamer=None):
+def chat(model, tokenizer, messages: list[dict], turns: Iterable[str], args, streamer=None,
+         speculation: dict | None = None):
     """Answer each user turn in one inference session; yields the answers."""
     import contextlib
     with contextlib.ExitStack() as stack:
@@ -123,7 +149,7 @@ def chat(model, tokenizer, messages: list[dict], turns: Iterable[str], args, str
                 stack.close()
                 session = stack.enter_context(model.inference_session(max_length=args.max_length))
             output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                                    **sampling(args))
+                                    **sampling(args), **(speculation or {}))
             fed = output[0, :session.position].tolist()
             reply = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
             messages.append({"role": "assistant", "content": reply})
@@ -177,7 +203,8 @@ def run_api(args) -> int:
     model, tokenizer = load_client(args)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key or os.environ.get("COCOON_API_KEY"),
-                     timeout=args.timeout, max_concurrent=args.max_concurrent)
+                     timeout=args.timeout, max_concurrent=args.max_concurrent,
+                     speculation=load_speculation(args, model))
     try:
         serve_app(app, args.host, args.port, lambda url: f"API ready: {url}/v1 serving {name!r} (OpenAI-compatible)")
     finally:

@@ -32,8 +32,13 @@ def test_generate_streams_the_same_text_as_transformers(checkpoints, tmp_path):
     with LocalSwarm(path, [(0, 2), (2, 4)]) as swarm:
         out = cocoon("generate", str(client_copy), "Hello swarm", "--max-new-tokens", "12", "--initial-peers",
                      *swarm.initial_peers)
+        # speculative decoding: a local draft (here the model itself), or drafts copied from the prompt
+        exact = ["--max-new-tokens", "12", "--exact-wire", "--initial-peers", *swarm.initial_peers]
+        drafted = cocoon("generate", str(client_copy), "Hello swarm", "--draft", str(path), *exact)
+        looked_up = cocoon("generate", str(client_copy), "Hello swarm", "--prompt-lookup", "3", *exact)
     # 16-bit activations on the wire by default: the first tokens of random weights agree
     assert out.strip()[:14] == expected.strip()[:14]
+    assert drafted.strip() == looked_up.strip() == expected.strip()
 
 
 def cocoon_fails(*args, timeout=120):

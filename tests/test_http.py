@@ -190,6 +190,36 @@ def test_server_metrics_count_tokens_as_they_are_served(served):
     assert after - before == tokens * 15 and requests_after > requests_before
 
 
+def test_speculative_decoding_behind_the_api_answers_the_same_and_counts_drafted_tokens(served):
+    """`cocoon api --prompt-lookup 4`: an answer that copies its prompt comes several tokens per trip through the
+    swarm; usage says how many drafted tokens were accepted, and so do the servers' metrics."""
+    swarm, api, url, client, watcher, path = served
+    question = "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river bank."
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=32)
+    fast_api, fast_url = start_api(swarm, path, "--prompt-lookup", "4")
+    try:
+        fast = openai.OpenAI(base_url=fast_url + "/v1", api_key="-", max_retries=0)
+        port = next(int(line.rsplit(":", 1)[1].split("/")[0]) for line in swarm.servers[1].output if "Metrics:" in line)
+        before = _draft_metrics(port)
+        reply = fast.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                             temperature=0, max_tokens=32)
+        after = _draft_metrics(port)
+    finally:
+        fast_api.stop()
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+    assert "quick brown fox" in reply.choices[0].message.content
+    details = reply.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 4 and details.rejected_prediction_tokens >= 0
+    assert after["proposed"] > before["proposed"] and after["accepted"] - before["accepted"] >= 4
+
+
+def _draft_metrics(port: int) -> dict[str, float]:
+    families = {f.name: f for f in text_string_to_metric_families(
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())}
+    return {s.labels["outcome"]: s.value for s in families["cocoon_draft_tokens"].samples}
+
+
 def test_server_metrics_say_how_decode_steps_run(served):
     swarm = served[0]
     port = next(int(line.rsplit(":", 1)[1].split("/")[0]) for line in swarm.servers[0].output if "Metrics:" in line)

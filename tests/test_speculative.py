@@ -70,9 +70,11 @@ def test_greedy_assisted_generation_equals_local_greedy_inside_and_outside_a_ses
         assert steps < NEW_TOKENS  # and some accepted: more than one token a step
 
     after = server_counts(model, swarm, "drafts")
-    for old, new in zip(before, after):  # every server of the chain rolled back; accepted = proposed - rejected
-        assert new["rejected"] - old["rejected"] >= rolled_back
-        assert new["proposed"] - old["proposed"] > new["rejected"] - old["rejected"] - rolled_back
+    for old, new in zip(before, after):  # every server of the chain verified drafts, and saw some rejected
+        proposed, accepted = new["proposed"] - old["proposed"], new["accepted"] - old["accepted"]
+        assert proposed > accepted >= 0
+        if speculation == "draft":
+            assert accepted > 0
     pushes = server_counts(model, swarm, "pushes")[1]  # the second server took verify steps and rollbacks from pushes
     assert pushes["taken"] > 0 and pushes["differed"] == 0
     model.shutdown()

@@ -44,4 +44,4 @@ class ServerMetrics:
     def track_drafts(self, drafts: dict[str, int]) -> None:
         """Read the counts of swarm.server.session_steps whenever metrics are scraped."""
         self.drafts.labels("proposed").set_function(lambda: drafts["proposed"])
-        self.drafts.labels("accepted").set_function(lambda: max(drafts["proposed"] - drafts["rejected"], 0))
+        self.drafts.labels("accepted").set_function(lambda: drafts["accepted"])

@@ -39,9 +39,9 @@ class SessionSteps:
         self.routes: dict[str, Session] = {}  # route id -> the session that takes pushes under it
         # steps pushed on, taken from a push, answered from a push, pushed steps refused, differing from the client's
         self.push_counts = dict.fromkeys(("sent", "taken", "answered", "refused", "differed"), 0)
-        # drafted tokens of verify steps (all but the first token of a short step onto a session), and those the
-        # client rolled back (speculative decoding): accepted = proposed - rejected
-        self.drafts = dict.fromkeys(("proposed", "rejected"), 0)
+        # drafted tokens of verify steps (all but the first token of a step of 2 to 8 onto a session), and those of
+        # them the client kept: where its next step starts says so (speculative decoding)
+        self.drafts = dict.fromkeys(("proposed", "accepted"), 0)
 
     async def inference(self, message, stream: Stream) -> SpanReply | None:
         """A client's step; None when it was answered already, from a push."""
@@ -82,8 +82,10 @@ class SessionSteps:
                 self.push_counts["differed"] += 1
                 session.truncate(pushed.position)  # the client's counts, not what the previous server pushed
                 logger.info(f"a pushed step of a session of {session.peer} differed from the client's: recomputed")
-            if step.position is not None and step.position != session.length:
-                self.roll_back(session, step.position)
+            if step.position is not None:
+                self._count_drafts(session, step.position)
+                if step.position != session.length:
+                    self.roll_back(session, step.position)
             reply = await self.step(session, step, stream.peer, payer)
             if step.compact:
                 reply.compact = True  # the client may send its later decode steps compact
@@ -100,8 +102,6 @@ class SessionSteps:
                                      torch.tensor(step.reorder, device=server.engine.span.device))
         output = await server.engine.span_output(peer, step, session.cache, (session.start, session.end),
                                                  session.lora, past=session.length)
-        if 1 < length <= MAX_DECODE_TOKENS and session.length > 0:
-            self.drafts["proposed"] += length - 1
         position = session.advance(step)
         if session.push is not None and server.pushes is not None:  # the next server's input first
             if await server.pushes.send(session.push, step, output, position):
@@ -132,7 +132,19 @@ class SessionSteps:
         except ValueError as e:
             raise bad(f"cannot go back to position {position}: {e}") from None
         session.rolled_back += rejected
-        self.drafts["rejected"] += rejected
+
+    def _count_drafts(self, session: Session, position: int) -> None:
+        """The session's latest step, when a verify step (2 to 8 tokens after the first step), proposed all its
+        tokens but the first; the client kept those before ``position``, where its next step starts."""
+        if not session.steps:
+            return
+        start = next(reversed(session.steps))
+        step = session.steps[start].step
+        if start == 0 or step is None or step.hidden.shape[1] < 2:
+            return
+        tokens = step.hidden.shape[1]
+        self.drafts["proposed"] += tokens - 1
+        self.drafts["accepted"] += max(min(position, start + tokens) - start - 1, 0)
 
     def _rolls_back(self, session: Session, step: PushStep, digest: str) -> bool:
         """Whether a pushed step at an earlier position than the session's length is a rollback the client asked of
@@ -141,6 +153,7 @@ class SessionSteps:
         record = session.step_at(step.position)
         if record is not None and (record.step is None or record.step.digest() == digest):
             return False
+        self._count_drafts(session, step.position)
         self.roll_back(session, step.position)
         return True
 
@@ -190,6 +203,8 @@ class SessionSteps:
             except WireError as e:  # the client's own copy of the step will meet the refusal
                 logger.info(f"a pushed rollback was refused ({e.message}); waiting for the client's step")
                 return
+            if step.position == session.length:
+                self._count_drafts(session, step.position)
             try:
                 payer = await self.server.billing.admit(session.peer, session.payment)
                 reply = await self.step(session, step, session.peer, payer, digest=digest)
