@@ -1,13 +1,23 @@
 """ms/token through 1, 2 and 4 servers at 0, 10 and 25 ms of one-way delay per link, with and without
-server-to-server push, in one run.
+server-to-server push, in one run; with --speculative, speculative decoding against plain greedy instead.
 
     python bench/push.py [--servers 1 2 4] [--delays 0 10 25] [--new-tokens 16]
+    python bench/push.py --speculative [--servers 2 4] [--delays 10 20 25] [--new-tokens 32]
 
 Each server is started by `cocoon serve` with its defaults, behind a bench/delay_relay.py that holds every
 byte D ms each way and is announced as the server's direct address (`--announce-direct`), so that the
 client's connections and the servers' pushes to each other all cross one delayed link. For each swarm the
 client generates greedily with push (the default) and with push=False, median of --repeats of the decode
 steps' ms/token (from the first new token to the last), and its tokens are checked against local transformers. Without push a token crosses 2k links over k servers; with push k + 1.
+
+--speculative: the default client (push on) generates greedily, then with transformers' assisted generation:
+prompt lookup (4 tokens), a draft that always agrees (the target's own weights on the client, 4 draft tokens a
+lap), and a draft that agrees about half the time (its last block's MLP doubled). Each row gives ms/token,
+tokens per lap (per step through the swarm) and the drafted tokens' acceptance rate; its tokens are compared
+with local transformers running the same assisted generation (verifying several tokens at once may flip
+near-ties in 16 bits). Then the real-text case: SmolLM2-135M-Instruct (2 servers of 15 blocks) asked to
+repeat and correct a quoted passage, greedy against prompt lookup. Every stream's path is checked: one that
+fell back to hivemind bypasses the delay relays, and its run is reported, not counted.
 """
 from __future__ import annotations
 
@@ -88,13 +98,161 @@ def measure(path, servers: int, delay: float, args, ids, expected) -> dict[bool,
     return results
 
 
+class TokenClock:
+    """A streamer that notes when tokens came and how many (assisted generation puts several at once)."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def put(self, value):
+        self.marks.append((time.perf_counter(), value.numel()))
+
+    def end(self):
+        pass
+
+    def ms_per_token(self) -> float:
+        """From the first new tokens to the last (marks[0] is the prompt, marks[1] the prefill's tokens)."""
+        tokens = sum(n for _, n in self.marks[2:])
+        return 1000 * (self.marks[-1][0] - self.marks[1][0]) / max(tokens, 1)
+
+
+def speculative_run(model, ids, new_tokens: int, kwargs: dict, expected) -> dict:
+    """One generate() in a session: ms/token, tokens per lap, acceptance, same tokens, the streams' paths."""
+    clock = TokenClock()
+    with model.inference_session(max_length=ids.shape[1] + new_tokens + 8) as session:
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, streamer=clock,
+                             **kwargs)
+        vias = [s.stream.via for s in session._sessions]
+        steps, rolled_back = session.steps, session.rolled_back
+    produced = out.shape[1] - ids.shape[1]
+    accepted = produced - steps
+    return {"ms": clock.ms_per_token(), "per_lap": produced / steps,
+            "acceptance": accepted / (accepted + rolled_back) if accepted + rolled_back else None,
+            "same": torch.equal(out, expected), "direct": all(v != "hivemind" for v in vias), "vias": vias}
+
+
+def speculative_variants(local, path) -> dict[str, dict]:
+    from transformers import AutoModelForCausalLM
+    agree = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    half = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        half.model.layers[-1].mlp.down_proj.weight.mul_(2.0)
+    for draft in (agree, half):  # 4 tokens drafted every lap (no confidence cut-off: random weights are unsure)
+        draft.generation_config.num_assistant_tokens = 4
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0
+    return {"greedy": {}, "prompt lookup 4": dict(prompt_lookup_num_tokens=4),
+            "draft: always agrees, 4 tokens": dict(assistant_model=agree),
+            "draft: agrees about half, 4 tokens": dict(assistant_model=half)}
+
+
+def measure_speculative(path, spans, delay: float, args, ids, variants, expected, label: str) -> list[tuple]:
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.local_swarm import LocalSwarm
+
+    relays, rows = [], []
+    with LocalSwarm(path, []) as swarm:
+        try:
+            for span in spans:
+                direct, relay = free_port(), free_port()
+                relays.append(start_relay(relay, direct, delay))
+                swarm.add_server(span, "--direct-port", str(direct), "--announce-direct", f"127.0.0.1:{relay}")
+            model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=4, do_sample=False)
+                for name, kwargs in variants.items():
+                    runs = [speculative_run(model, ids, args.new_tokens, kwargs, expected[name])
+                            for _ in range(args.repeats)]
+                    counted = [r for r in runs if r["direct"]]
+                    for r in runs:
+                        if not r["direct"]:
+                            print(f"  (not counted: a stream went {r['vias']}, bypassing the delay)", flush=True)
+                    rows.append((label, len(spans), delay, name, counted, len(runs)))
+                    if counted:
+                        print(f"  {label}, {len(spans)} servers, {delay:g} ms, {name}: "
+                              f"{statistics.median(r['ms'] for r in counted):.1f} ms/token", flush=True)
+            model.shutdown()
+        finally:
+            for relay in relays:
+                relay.kill()
+    return rows
+
+
+def speculative(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shards.testing import save_random_checkpoint
+    from swarm.models import fetch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as path:
+        save_random_checkpoint(path, "llama", hidden_size=HIDDEN, num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
+                               num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, vocab_size=32000)
+        ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        variants = speculative_variants(local, path)
+        with torch.no_grad():
+            expected = {name: local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                                             **kwargs) for name, kwargs in variants.items()}
+        for delay in args.delays:
+            for servers in args.servers:
+                step = BLOCKS // servers
+                spans = [(i * step, (i + 1) * step) for i in range(servers)]
+                rows += measure_speculative(path, spans, delay, args, ids, variants, expected,
+                                            f"random {HIDDEN}x{BLOCKS}")
+
+    path = fetch("smollm2", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    passage = ("The Eiffel Tower, completed in 1899 for the World Fair, stands 330 metres tall on the Champ de Mars "
+               "in Paris and was the tallest structure in the world for 41 years.")
+    question = f'Repeat this passage word for word, but correct the year it was completed (1889):\n"{passage}"'
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    real = {"greedy": {}, "prompt lookup 4": dict(prompt_lookup_num_tokens=4)}
+    with torch.no_grad():
+        expected = {name: local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                                         **kwargs) for name, kwargs in real.items()}
+    print("SmolLM2's answer:", tokenizer.decode(expected["greedy"][0, ids.shape[1]:], skip_special_tokens=True))
+    rows += measure_speculative(path, [(0, 15), (15, 30)], 20.0, args, ids, real, expected, "SmolLM2 real text")
+
+    print(f"\nfloat32 servers behind one delay relay each (every leg, pushes included, delayed), default client "
+          f"(push on, 16-bit wire), {args.new_tokens} new tokens, median of the counted runs of {args.repeats} "
+          f"(spread = max - min); 'vs greedy' = greedy's ms/token over this row's")
+    print("\n| model | servers | one-way delay | generation | ms/token | spread | vs greedy | tokens/lap | "
+          "acceptance | same tokens as local (same generation) | runs counted |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    greedy = {}
+    for label, servers, delay, name, counted, total in rows:
+        if not counted:
+            print(f"| {label} | {servers} | {delay:g} ms | {name} | - | - | - | - | - | - | 0 of {total} |")
+            continue
+        ms = statistics.median(r["ms"] for r in counted)
+        greedy.setdefault((label, servers, delay), ms)
+        acceptance = [r["acceptance"] for r in counted if r["acceptance"] is not None]
+        print(f"| {label} | {servers} | {delay:g} ms | {name} | {ms:.1f} | "
+              f"{max(r['ms'] for r in counted) - min(r['ms'] for r in counted):.1f} | "
+              f"{greedy[(label, servers, delay)] / ms:.2f}x | "
+              f"{statistics.median(r['per_lap'] for r in counted):.2f} | "
+              f"{f'{statistics.median(acceptance):.2f}' if acceptance else '-'} | "
+              f"{'yes' if all(r['same'] for r in counted) else 'no'} | {len(counted)} of {total} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--delays", type=float, nargs="+", default=[0, 10, 25], help="one-way ms per link")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--servers", type=int, nargs="+", help="default: 1 2 4 (--speculative: 2 4)")
+    parser.add_argument("--delays", type=float, nargs="+", help="one-way ms per link (default: 0 10 25; "
+                                                                "--speculative: 10 20 25)")
+    parser.add_argument("--new-tokens", type=int, help="default: 16 (--speculative: 32)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speculative", action="store_true", help="speculative decoding against plain greedy")
     args = parser.parse_args()
+    if args.speculative:
+        args.servers, args.delays = args.servers or [2, 4], args.delays or [10, 20, 25]
+        args.new_tokens = args.new_tokens or 32
+        return speculative(args)
+    args.servers, args.delays, args.new_tokens = args.servers or [1, 2, 4], args.delays or [0, 10, 25], \
+        args.new_tokens or 16
     from transformers import AutoModelForCausalLM
 
     from shards.testing import save_random_checkpoint
