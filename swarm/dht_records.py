@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from functools import partial
 from typing import Callable, Sequence, TypeVar
 
@@ -23,6 +24,28 @@ from swarm.dht_validator import ServerRecordValidator, load_identity, parse_peer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+DHT_SECONDS = 60.0  # a blocking DHT call that takes longer has failed (on loopback they take milliseconds)
+
+
+class DHTStopped(RuntimeError):
+    """The DHT's process is gone (a signal to the whole process group reaches it first): no call will be answered."""
+
+
+def dht_call(dht: DHT, fn: Callable, timeout: float = DHT_SECONDS, get: dict | None = None):
+    """``dht.run_coroutine(fn)`` (or, with ``get``, ``dht.get(**get)``), given up on after ``timeout`` seconds or as
+    soon as the DHT's process has stopped: hivemind would wait for its answer for ever."""
+    future = dht.get(**get, return_future=True) if get is not None else dht.run_coroutine(fn, return_future=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except TimeoutError:
+            if not dht.is_alive():
+                raise DHTStopped("the DHT process has stopped") from None
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the DHT did not answer within {timeout:.0f} s") from None
 
 
 MODELS_KEY = "cocoon.models"  # the index of models: subkey = a server's peer id, value = the model it serves
@@ -63,7 +86,7 @@ def _temporary_identity() -> str:
 
 
 def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration: float, wait: bool = True,
-             num_blocks: int | None = None):
+             num_blocks: int | None = None, timeout: float = DHT_SECONDS):
     """Store ``info`` under every block of the server's span, signed (the DHT must be ``make_dht(sign=True)``);
     with ``num_blocks``, list the model in the index of models too."""
     keys = [block_key(model_id, b) for b in range(info.start, info.end)]
@@ -71,13 +94,13 @@ def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration
     if num_blocks is not None:  # and in the index of models, where monitors find them
         keys.append(MODELS_KEY)
         values.append({"model": {"model_id": model_id, "num_blocks": num_blocks}, "public_key": dht.public_key})
-    return dht.run_coroutine(partial(_store_many, keys=keys, subkey=peer_id, values=values,
-                                     expiration_time=get_dht_time() + expiration), return_future=not wait)
+    store = partial(_store_many, keys=keys, subkey=peer_id, values=values, expiration_time=get_dht_time() + expiration)
+    return dht_call(dht, store, timeout) if wait else dht.run_coroutine(store, return_future=True)
 
 
 def fetch_models(dht: DHT) -> dict[str, int]:
     """model id -> number of blocks, of every model some server announced (records checked like blocks')."""
-    found = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
+    found = dht_call(dht, partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
     models = {}
     for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
         model = record.value.get("model") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
@@ -93,14 +116,14 @@ RELAYS_KEY = "cocoon.relays"  # subkey = a relay's peer id, value = where (swarm
 def announce_relay(dht: DHT, peer_id: str, control: Sequence[str], splice: str, expiration: float) -> None:
     """Offer to relay for servers behind NAT: ``control`` = its direct addresses, ``splice`` = its relay port."""
     value = {"relay": {"control": list(control)[:4], "splice": splice}, "public_key": dht.public_key}
-    dht.run_coroutine(partial(_store_many, keys=[RELAYS_KEY], subkey=peer_id, values=[value],
-                              expiration_time=get_dht_time() + expiration))
+    dht_call(dht, partial(_store_many, keys=[RELAYS_KEY], subkey=peer_id, values=[value],
+                          expiration_time=get_dht_time() + expiration))
 
 
 def fetch_relays(dht: DHT) -> dict[str, tuple[list[str], str]]:
     """relay peer id -> (direct addresses, relay port address), of every relay announced (and signed)."""
     from routing.state import _address
-    found = dht.run_coroutine(partial(_get_many, keys=[RELAYS_KEY])).get(RELAYS_KEY)
+    found = dht_call(dht, partial(_get_many, keys=[RELAYS_KEY])).get(RELAYS_KEY)
     relays = {}
     for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
         relay = record.value.get("relay") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
@@ -120,7 +143,7 @@ def fetch_evidence(dht: DHT, model_id: str) -> list[tuple[str, "Evidence | str",
     """(digest, evidence, expiration) of every piece of evidence published against the model's servers; anyone
     may write these, so each is parsed on its own: where it is malformed, the evidence is why (a string)."""
     from incentives.verification import Evidence
-    found = dht.get(evidence_key(model_id), latest=True)
+    found = dht_call(dht, None, get={"key": evidence_key(model_id), "latest": True})
     records = []
     for digest, item in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
         try:
@@ -133,7 +156,7 @@ def fetch_evidence(dht: DHT, model_id: str) -> list[tuple[str, "Evidence | str",
 def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
     """Read every block's records; malformed or inconsistent records are skipped, not trusted."""
     keys = [block_key(model_id, b) for b in range(num_blocks)]
-    return _parse_records(dht.run_coroutine(partial(_get_many, keys=keys)), keys, num_blocks)
+    return _parse_records(dht_call(dht, partial(_get_many, keys=keys)), keys, num_blocks)
 
 
 async def fetch_swarm_state_async(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:

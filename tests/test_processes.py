@@ -71,6 +71,68 @@ def test_cocoon_serve_signalled_while_starting_or_serving_leaves_nothing(checkpo
             assert left == [], f"SIGTERM after {delay}s left {left}"
 
 
+def group_signalled_after(args, delay: float, grace: float, before_signal=None) -> tuple[float, list[str], str]:
+    """Start `cocoon ARGS` as a process group of its own (as systemd or `timeout` do), SIGTERM the whole group after
+    ``delay`` s; (seconds it took to exit, what of it was left, its output)."""
+    process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    time.sleep(delay)
+    if before_signal is not None:
+        before_signal()
+    os.killpg(process.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    try:
+        output, _ = process.communicate(timeout=grace + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+    took = time.monotonic() - signalled
+    deadline = time.monotonic() + 10
+    while processes_of_session(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [" ".join(p.cmdline())[:80] for p in processes_of_session(process.pid)]
+    for leftover in processes_of_session(process.pid):
+        leftover.kill()
+    return took, left, output
+
+
+def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoints):
+    """As `systemctl stop` or `timeout` stop it: the DHT child gets the signal too, and dies first. Loading,
+    announcing, serving (its final announce then meets a dead DHT), and with a client's session open."""
+    import torch
+
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.local_swarm import LocalSwarm
+    path = str(checkpoints("llama"))
+    grace = 2.0
+    with LocalSwarm(path, [(2, 4)]) as swarm:
+        serve = ["serve", path, "--initial-peers", *swarm.initial_peers, "--blocks", "0:2", "--host", "127.0.0.1",
+                 "--shutdown-grace", str(grace)]
+        for delay in (0.3, 3.0, 12.0):
+            took, left, output = group_signalled_after(serve, delay, grace)
+            assert left == [] and took <= grace + 10 and "Traceback" not in output, (delay, took, left, output)
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        session = None
+
+        def open_a_session():  # once the server is ready: a client holds a session on it when the signal comes
+            nonlocal session
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    session = model.inference_session(max_length=16).__enter__()
+                    model(torch.tensor([[5, 6, 7]]))
+                    return
+                except Exception:
+                    session = None
+                    time.sleep(0.5)
+
+        took, left, output = group_signalled_after(serve, 0.0, grace, open_a_session)
+        assert session is not None, output
+        assert left == [] and took <= grace + 10 and "Traceback" not in output, (took, left, output)
+        model.shutdown()
+
+
 OWNER = """
 import sys, time
 from swarm.local_swarm import LocalSwarm

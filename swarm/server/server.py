@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
 import random
 import signal
 import time
@@ -17,7 +18,8 @@ from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.decode_paths import DecodePlan, get_plan, use_plan
 from shards.throughput import cached_throughput, get_throughput
-from swarm.dht_records import announce, announce_relay, fetch_evidence, fetch_swarm_state, make_dht
+from swarm.dht_records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
+                                make_dht)
 from swarm import event_loop
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
@@ -27,9 +29,13 @@ from swarm.server.push import PushSender
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
-from swarm.processes import exit_on_termination
+from swarm.processes import exit_on_termination, reap_children
 
 logger = logging.getLogger(__name__)
+# a stopping server leaves within --shutdown-grace plus these: what it cannot tell the DHT or the chain by then
+# stays undone (its records expire; its vouchers wait in the ledger for `cocoon redeem` or its next start)
+LEAVING_DHT_SECONDS = 3.0
+LEAVING_CHAIN_SECONDS = 6.0
 
 
 class Server:
@@ -89,7 +95,7 @@ class Server:
         config, loop = self.config, asyncio.get_running_loop()
         self.stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(sig, self._signalled, sig)
         self.engine = Engine(self.span, self.plan, self.sessions, config.quotas,
                              prefill_rate=self.per_block.prefill_tokens_per_s,
                              batch_window=config.batch_window_ms / 1000, max_batch_sessions=config.max_batch_sessions)
@@ -304,21 +310,35 @@ class Server:
         self.describe()
         return dataclasses.replace(self.info)
 
+    def _signalled(self, sig: int) -> None:
+        """The first SIGTERM or SIGINT stops the server gracefully; another one stops it at once."""
+        if not self.stop.is_set():
+            self.stop.set()
+            return
+        print(f"{signal.Signals(sig).name} again: stopping now", flush=True)
+        reap_children(grace=1.0)
+        os._exit(128 + sig)
+
     def _announce(self, info: ServerInfo | None = None) -> None:
-        """Store this server's records in the DHT (``info``: a _snapshot(); by default, one taken now)."""
+        """Store this server's records in the DHT (``info``: a _snapshot(); by default, one taken now). A DHT that
+        fails or has stopped is logged: serving goes on, and so does a shutdown."""
         info = info if info is not None else self._snapshot()
-        if getattr(self, "relaying", None) is not None and hasattr(self.relaying, "splice"):  # a RelayService
-            announce_relay(self.dht, self.peer_id, self.relaying.control, self.relaying.splice,
-                           3 * self.config.announce_period)
-        announce(self.dht, self.model_id, self.peer_id, info, expiration=3 * self.config.announce_period,
-                 num_blocks=self.checkpoint.config.num_hidden_layers)
+        try:
+            if getattr(self, "relaying", None) is not None and hasattr(self.relaying, "splice"):  # a RelayService
+                announce_relay(self.dht, self.peer_id, self.relaying.control, self.relaying.splice,
+                               3 * self.config.announce_period)
+            announce(self.dht, self.model_id, self.peer_id, info, expiration=3 * self.config.announce_period,
+                     num_blocks=self.checkpoint.config.num_hidden_layers,
+                     timeout=LEAVING_DHT_SECONDS if info.state == ServerState.OFFLINE else DHT_SECONDS)
+        except (DHTStopped, TimeoutError) as e:
+            logger.warning(f"could not announce this server ({e})")
 
     async def _shutdown(self, redeeming: asyncio.Task | None) -> None:
         """Stop announcing, refuse new sessions, let open ones finish for a grace period, redeem, then leave."""
         logger.info("shutting down")
         self.handler.accepting = False
         self.info.state = ServerState.OFFLINE
-        announce(self.dht, self.model_id, self.peer_id, self.info, expiration=self.config.announce_period)
+        self._announce(dataclasses.replace(self.info))
         deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace
         while self.sessions.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
@@ -334,7 +354,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await redeeming
             try:  # a last redemption; if the chain is down, the ledger on disk keeps every voucher
-                await asyncio.wait_for(self.payments.redeem(), timeout=60)
+                await asyncio.wait_for(self.payments.redeem(), timeout=LEAVING_CHAIN_SECONDS)
             except asyncio.TimeoutError:
                 print("The chain did not answer: vouchers left to redeem are in the ledger "
                       "(`cocoon redeem`, or the next start of this server)", flush=True)
