@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_termination()
     exit_with_owner()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_values_with_a_dash(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("hivemind", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
@@ -63,6 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if usage else 1
     finally:
         reap_children()
+
+
+def _values_with_a_dash(argv: list[str]) -> list[str]:
+    """``--blocks -1:5`` as ``--blocks=-1:5``: argparse takes a value that starts with a dash for another flag, and
+    would say "expected one argument" instead of what is wrong with the value."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--blocks" and i + 1 < len(argv) and argv[i + 1][:2] not in ("", "--") and \
+                argv[i + 1].startswith("-"):
+            joined.append(f"--blocks={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(argv[i])
+        i += 1
+    return joined
 
 
 def explain(error: Exception) -> tuple[bool, str]:
@@ -149,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_dht(args) -> int:
     from swarm.dht_records import make_dht
+    ensure_free(args.host, args.port, "--port")
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity)
@@ -177,9 +193,25 @@ def run_dht(args) -> int:
     return 0
 
 
+def ensure_free(host: str, port: int, flag: str) -> None:
+    """A port given on the command line that another process holds is named as such, before anything starts (the
+    p2p daemon would fail later with a message about something else, or not at all)."""
+    if not port:
+        return
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"{flag} {port}: the port is taken on {host} ({e.strerror}): stop what holds it "
+                             f"(another cocoon?) or choose another port") from None
+
+
 def run_serve(args) -> int:
     from swarm.server.config import from_args
     from swarm.server.server import Server
+    ensure_free(args.host, args.port, "--port")
+    ensure_free(args.host, args.direct_port, "--direct-port")
     if args.identity_path and not Path(args.identity_path).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity_path)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Iterable
 
-from swarm.server.config import maddr_arg
+from swarm.server.config import maddr_arg, positive_int_arg
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     how = fast.add_mutually_exclusive_group()
     how.add_argument("--draft", metavar="MODEL", help="a small local checkpoint that shares the model's tokenizer: it "
                                                      "drafts tokens, the swarm verifies them in one pass")
-    how.add_argument("--prompt-lookup", metavar="N", type=int, help="draft N tokens by copying from the prompt "
+    how.add_argument("--prompt-lookup", metavar="N", type=positive_int_arg, help="draft N tokens by copying from the prompt "
                                                                     "(answers that quote or edit their input)")
     pay = parser.add_argument_group("paying priced servers")
     pay.add_argument("--wallet", metavar="KEYSTORE", help="the client's keystore (passphrase: $COCOON_PASSPHRASE)")
@@ -63,8 +63,6 @@ def load_speculation(args, model) -> dict:
     """generate()'s arguments for speculative decoding as --draft or --prompt-lookup say: transformers' assisted
     generation, each verify step one pass through the swarm."""
     if args.prompt_lookup is not None:
-        if args.prompt_lookup < 1:
-            raise argparse.ArgumentTypeError("--prompt-lookup takes the number of tokens to draft, at least 1")
         return dict(prompt_lookup_num_tokens=args.prompt_lookup)
     if args.draft is None:
         return {}
@@ -213,7 +211,7 @@ def run_api(args) -> int:
 
 
 def _sampling_arguments(parser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=positive_int_arg, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)

@@ -58,9 +58,23 @@ def test_errors_are_one_line_with_advice_and_the_right_exit_code(checkpoints):
     assert code == 1 and len(lines) == 1 and "cannot reach any of --initial-peers" in lines[0], lines
     code, lines = cocoon_fails("generate", path, "hi", "--initial-peers", "127.0.0.1:31337")
     assert code == 2 and "is not a peer's multiaddr" in lines[-1], lines
-    for bad in ("3", "2:1", "a:b"):
+    for bad in ("3", "2:1", "a:b", "-1:5"):
         code, lines = cocoon_fails("serve", path, "--initial-peers", nobody, "--blocks", bad)
         assert code == 2 and "argument --blocks: expected A:B" in lines[-1], lines
+    code, lines = cocoon_fails("serve", path, "--initial-peers", nobody, "--num-blocks", "0")
+    assert code == 2 and lines[-1].endswith("argument --num-blocks: expected at least 1, got 0"), lines
+    code, lines = cocoon_fails("generate", path, "hi", "--initial-peers", nobody, "--max-new-tokens", "0")
+    assert code == 2 and lines[-1].endswith("argument --max-new-tokens: expected at least 1, got 0"), lines
+    import socket
+    with socket.socket() as taken:  # a port another process holds is named as such, before anything starts
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for command in (["dht"], ["serve", path, "--initial-peers", nobody, "--blocks", "0:2"]):
+            code, lines = cocoon_fails(*command, "--host", "127.0.0.1", "--port", port)
+            assert code == 2 and lines == [f"cocoon {command[0]}: error: --port {port}: the port is taken on "
+                                           f"127.0.0.1 (Address already in use): stop what holds it (another "
+                                           f"cocoon?) or choose another port"], lines
     with LocalSwarm(path, [(0, 2)]) as swarm:
         code, lines = cocoon_fails("serve", path, "--initial-peers", *swarm.initial_peers, "--blocks", "2:9")
         assert code == 2 and lines[-1] == ("cocoon serve: error: --blocks 2:9 is outside the model's 4 blocks: use "

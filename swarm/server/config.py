@@ -50,6 +50,16 @@ def blocks_arg(text: str) -> tuple[int, int]:
     return start, end
 
 
+def positive_int_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def announce_period_arg(seconds: float) -> float:
     from swarm.dht_validator import MAX_RECORD_TTL
     if not 0 < seconds <= MAX_RECORD_TTL / 3:
@@ -79,7 +89,7 @@ class ServerConfig:
     blocks: tuple[int, int] | None = option(None, "serve blocks [A, B)", type=blocks_arg, metavar="A:B",
                                             group="where")
     num_blocks: int | None = option(None, "serve N blocks where the swarm needs them most", metavar="N",
-                                    group="where")
+                                    group="where", type=positive_int_arg)
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(0, "port to listen on (0: any free port)")
     direct: bool = option(True, "also accept direct TLS connections for inference and forward/backward (faster than "
