@@ -28,6 +28,13 @@ class BanList:
         """A successful request resets the backoff (the ban itself, if any, has already expired)."""
         self._failures.pop(peer_id, None)
 
+    def forgive(self, peer_id: str) -> None:
+        """A server that left cleanly (it announced itself offline) did not fail: no ban, no backoff, so that it is
+        used again as soon as it is back online. A ban for good stays."""
+        if self._until.get(peer_id) != float("inf"):
+            self._until.pop(peer_id, None)
+            self._failures.pop(peer_id, None)
+
     def is_banned(self, peer_id: str) -> bool:
         return self._until.get(peer_id, 0.0) > self.clock()
 

@@ -10,7 +10,7 @@ from typing import Sequence
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
-from routing import BanList, ChainLink, NoChainError, SwarmState, make_chain
+from routing import BanList, ChainLink, NoChainError, ServerState, SwarmState, make_chain
 from swarm import compact, direct, relay
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
@@ -130,6 +130,9 @@ class SwarmClient:
         await self._measure_rtts(state)
         state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
         state.block_seconds = self.block_seconds
+        for peer in self.bans.banned() & set(state.servers):
+            if state.servers[peer].state == ServerState.OFFLINE:
+                self.bans.forgive(peer)  # it left cleanly: a leave is no failure (offline, it is not chosen anyway)
         self._state, self._state_time = state, time.monotonic()
 
     async def _refresh_quietly(self) -> None:
@@ -184,6 +187,7 @@ class SwarmClient:
 
     def report_failure(self, peer_id: str, error: BaseException) -> None:
         seconds = self.bans.ban(peer_id)
+        self._state_time = 0.0  # the next choice reads the swarm again: the server may have left (then it is forgiven)
         logger.warning(f"server {peer_id} failed ({type(error).__name__}: {error}); banned for {seconds:.0f}s, "
                        f"finding a replacement")
 
