@@ -27,6 +27,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -46,9 +47,17 @@ class APIError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]  # OpenAI's own form: a list of parts (only text ones here)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class Sampling(BaseModel):
@@ -61,6 +70,21 @@ class Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    # what clients send with neutral values is accepted; anything else they ask is refused, never ignored
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict | None = None
+
+    def refuse_unsupported(self) -> None:
+        unsupported = {"tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none", "auto"),
+                       "logprobs": bool(self.logprobs) or bool(self.top_logprobs), "logit_bias": bool(self.logit_bias)}
+        for name, asked in unsupported.items():
+            if asked:
+                raise APIError(400, f"{name} is not supported by this server (cocoon api): leave it out", param=name)
 
 
 class ChatRequest(Sampling):
@@ -163,8 +187,18 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '?')})"
+                            ).response()
         where = ".".join(str(p) for p in first.get("loc", ())[1:])
         return APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}: this server answers /v1/chat/completions, /v1/completions, "
+                        f"/v1/models and /health", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return APIError(error.status_code, message.get(error.status_code, str(error.detail)),
+                        code="not_found" if error.status_code == 404 else None).response()
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -185,7 +219,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         _check_model(body)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         if tokenizer.chat_template is None:
             raise APIError(400, f"{model_name} has no chat template: use /v1/completions")
@@ -204,6 +238,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         return await _respond(request, body, tokenizer(prompt, return_tensors="pt").input_ids, chat=False)
 
     def _check_model(body: Sampling) -> None:
+        body.refuse_unsupported()
         if body.model not in (None, model_name):
             raise APIError(404, f"this server serves {model_name!r}, not {body.model!r}", code="model_not_found",
                            param="model")
@@ -256,7 +291,9 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         prompt_length = ids.shape[1]
         with model.inference_session(max_length=prompt_length + limit + drafts) as session:
             output = model.generate(ids.to(model.device), max_new_tokens=limit, do_sample=False,
-                                    logits_processor=sampling_processors(body.temperature, body.top_p, body.seed),
+                                    logits_processor=sampling_processors(body.temperature, body.top_p, body.seed,
+                                                                         prompt_length, body.frequency_penalty,
+                                                                         body.presence_penalty),
                                     stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]),
                                     stop_strings=stops or None, tokenizer=tokenizer,
                                     streamer=Streamer(tokenizer, trimmer),

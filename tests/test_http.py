@@ -5,6 +5,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -212,6 +213,43 @@ def test_speculative_decoding_behind_the_api_answers_the_same_and_counts_drafted
     details = reply.usage.completion_tokens_details
     assert details.accepted_prediction_tokens >= 4 and details.rejected_prediction_tokens >= 0
     assert after["proposed"] > before["proposed"] and after["accepted"] - before["accepted"] >= 4
+
+
+def test_openai_forms_penalties_and_what_is_not_supported(served):
+    """Content as a list of parts (OpenAI's own form), neutral values of unsupported fields accepted, others refused
+    with a 400; frequency and presence penalties change the answer; malformed JSON and unknown routes get OpenAI
+    error objects."""
+    swarm, api, url, client, watcher, path = served
+    question = "Name three colors."
+    plain = ask(client, question)
+    parts = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Name three "}, {"type": "text", "text": "colors."}]}], temperature=0, max_tokens=24,
+        tools=[], n=1, frequency_penalty=0, presence_penalty=0, tool_choice="none")
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    counting = "Count from 1 to 20."  # the same tokens again and again: what the penalties push down
+    penalised = ask(client, counting, frequency_penalty=2.0, presence_penalty=2.0).choices[0].message.content
+    unpenalised = ask(client, counting).choices[0].message.content
+    assert penalised != unpenalised and unpenalised.count("\n") > penalised.count("\n")
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    for extra, field in ((dict(tools=[tool]), "tools"), (dict(logprobs=True), "logprobs")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(client, question, **extra)
+        assert refused.value.body["param"] == field and "not supported" in refused.value.body["message"]
+
+    def raw(method, route, body=None):
+        request = urllib.request.Request(url + route, data=body, method=method, headers={
+            "Authorization": "Bearer sesame", "Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request)
+        except urllib.error.HTTPError as e:
+            import json
+            return e.code, json.loads(e.read())["error"]
+    code, error = raw("POST", "/v1/chat/completions", b'{"messages": [')
+    assert code == 400 and error["message"].startswith("the request body is not valid JSON")
+    code, error = raw("GET", "/v1/nothing-here")
+    assert code == 404 and error["message"].startswith("no route /v1/nothing-here")
+    code, error = raw("GET", "/v1/chat/completions")
+    assert code == 405 and error["type"] == "invalid_request_error"
 
 
 def _draft_metrics(port: int) -> dict[str, float]:
