@@ -1,9 +1,12 @@
 """The local baseline of the benches: transformers as a user runs it, in a process that never imported the project.
 
     python bench/local_baseline.py CHECKPOINT [--new-tokens 32] [--repeats 1] [--layers] [--device cpu]
+        [--ids 1,2,3] [--prompt-lookup N | --self-draft N | --half-draft N]
 
 Prints one JSON line: seconds per token of greedy generate() (batch 1, a 16-token prompt), one figure per
-repeat, after a warm-up; with --layers also the seconds of one decode step of the model's decoder layers
+repeat, after a warm-up (--ids: that prompt instead; --prompt-lookup, --self-draft, --half-draft: transformers'
+assisted generation, drafting N tokens from the prompt, with the model's own weights, or with its last block's
+MLP doubled, as bench/push.py --speculative drafts); with --layers also the seconds of one decode step of the model's decoder layers
 alone (transformers' own layers, as a span of all blocks computes them), median of 20. Torch's defaults:
 nothing here sets threads or OpenMP's environment. The benches run it with ``subprocess`` on purpose:
 importing swarm in the same process must not be able to change what is measured.
@@ -27,25 +30,49 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--ids", help="the prompt's token ids, comma-separated (default: 16 random ones)")
+    parser.add_argument("--prompt-lookup", type=int)
+    parser.add_argument("--self-draft", type=int)
+    parser.add_argument("--half-draft", type=int)
     args = parser.parse_args()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device)
     model.eval()
-    ids = torch.randint(3, model.config.vocab_size, (1, PROMPT_TOKENS),
-                        generator=torch.Generator().manual_seed(0)).to(args.device)
+    if args.ids:
+        ids = torch.tensor([[int(i) for i in args.ids.split(",")]], device=args.device)
+    else:
+        ids = torch.randint(3, model.config.vocab_size, (1, PROMPT_TOKENS),
+                            generator=torch.Generator().manual_seed(0)).to(args.device)
+    assisted = assisted_kwargs(args)
     result = {"generate_s_per_token": [], "threads": torch.get_num_threads()}
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, do_sample=False)
+        model.generate(ids, max_new_tokens=4, do_sample=False, **assisted)
         for _ in range(args.repeats):
             sync()
             started = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
+            out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, **assisted)
             sync()
-            assert out.shape[1] == PROMPT_TOKENS + args.new_tokens
+            assert out.shape[1] == ids.shape[1] + args.new_tokens
             result["generate_s_per_token"].append((time.perf_counter() - started) / args.new_tokens)
         if args.layers:
             result["layers_step_s"] = layers_step(model, sync)
     print(json.dumps(result), flush=True)
+
+
+def assisted_kwargs(args) -> dict:
+    if args.prompt_lookup:
+        return dict(prompt_lookup_num_tokens=args.prompt_lookup)
+    tokens = args.self_draft or args.half_draft
+    if not tokens:
+        return {}
+    draft = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype)).to(args.device)
+    if args.half_draft:
+        with torch.no_grad():
+            draft.model.layers[-1].mlp.down_proj.weight.mul_(2.0)
+    config = draft.generation_config
+    config.num_assistant_tokens, config.num_assistant_tokens_schedule = tokens, "constant"
+    config.assistant_confidence_threshold = 0.0
+    return dict(assistant_model=draft.eval())
 
 
 def layers_step(model, sync) -> float:

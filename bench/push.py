@@ -10,7 +10,8 @@ client's connections and the servers' pushes to each other all cross one delayed
 client generates greedily with push (the default) and with push=False, median of --repeats of the decode
 steps' ms/token (from the first new token to the last), and its tokens are checked against local transformers. Without push a token crosses 2k links over k servers; with push k + 1.
 
---speculative: the default client (push on) generates greedily, then with transformers' assisted generation:
+--speculative: the default client (push on) generates greedily, then with transformers' assisted generation
+(and each generation is timed locally too, by bench/local_baseline.py in a process of its own):
 prompt lookup (4 tokens), a draft that always agrees (the target's own weights on the client, 4 draft tokens a
 lap), and a draft that agrees about half the time (its last block's MLP doubled). Each row gives ms/token,
 tokens per lap (per step through the swarm) and the drafted tokens' acceptance rate; its tokens are compared
@@ -146,11 +147,27 @@ def speculative_variants(local, path) -> dict[str, dict]:
             "draft: agrees about half, 4 tokens": dict(assistant_model=half)}
 
 
+LOCAL_FLAGS = {"greedy": [], "prompt lookup 4": ["--prompt-lookup", "4"],
+               "draft: always agrees, 4 tokens": ["--self-draft", "4"],
+               "draft: agrees about half, 4 tokens": ["--half-draft", "4"]}
+
+
+def local_ms(path, ids, name: str, args) -> float:
+    """ms/token of the same generation by transformers alone, in a process that never imported the project."""
+    import json
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("local_baseline.py")), str(path),
+                          "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                          "--ids", ",".join(str(i) for i in ids[0].tolist()), *LOCAL_FLAGS[name]],
+                         capture_output=True, text=True, check=True).stdout
+    return 1000 * statistics.median(json.loads(out.splitlines()[-1])["generate_s_per_token"])
+
+
 def measure_speculative(path, spans, delay: float, args, ids, variants, expected, label: str) -> list[tuple]:
     from swarm import AutoDistributedModelForCausalLM
     from swarm.local_swarm import LocalSwarm
 
     relays, rows = [], []
+    local = {name: local_ms(path, ids, name, args) for name in variants}
     with LocalSwarm(path, []) as swarm:
         try:
             for span in spans:
@@ -167,7 +184,7 @@ def measure_speculative(path, spans, delay: float, args, ids, variants, expected
                     for r in runs:
                         if not r["direct"]:
                             print(f"  (not counted: a stream went {r['vias']}, bypassing the delay)", flush=True)
-                    rows.append((label, len(spans), delay, name, counted, len(runs)))
+                    rows.append((label, len(spans), delay, name, counted, len(runs), local[name]))
                     if counted:
                         print(f"  {label}, {len(spans)} servers, {delay:g} ms, {name}: "
                               f"{statistics.median(r['ms'] for r in counted):.1f} ms/token", flush=True)
@@ -178,18 +195,25 @@ def measure_speculative(path, spans, delay: float, args, ids, variants, expected
     return rows
 
 
+def random_model(path) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The benches' model written to ``path``, a 16-token prompt, and transformers' model of it."""
+    from transformers import AutoModelForCausalLM
+
+    from shards.testing import save_random_checkpoint
+    save_random_checkpoint(path, "llama", hidden_size=HIDDEN, num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
+                           num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, vocab_size=32000)
+    ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+    return ids, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def speculative(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shards.testing import save_random_checkpoint
     from swarm.models import fetch
 
     rows = []
     with tempfile.TemporaryDirectory() as path:
-        save_random_checkpoint(path, "llama", hidden_size=HIDDEN, num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
-                               num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, vocab_size=32000)
-        ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids, local = random_model(path)
         variants = speculative_variants(local, path)
         with torch.no_grad():
             expected = {name: local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
@@ -220,12 +244,13 @@ def speculative(args) -> None:
           f"(push on, 16-bit wire), {args.new_tokens} new tokens, median of the counted runs of {args.repeats} "
           f"(spread = max - min); 'vs greedy' = greedy's ms/token over this row's")
     print("\n| model | servers | one-way delay | generation | ms/token | spread | vs greedy | tokens/lap | "
-          "acceptance | same tokens as local (same generation) | runs counted |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "acceptance | same tokens as local (same generation) | runs counted | local ms/token (same generation) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     greedy = {}
-    for label, servers, delay, name, counted, total in rows:
+    for label, servers, delay, name, counted, total, local in rows:
         if not counted:
-            print(f"| {label} | {servers} | {delay:g} ms | {name} | - | - | - | - | - | - | 0 of {total} |")
+            print(f"| {label} | {servers} | {delay:g} ms | {name} | - | - | - | - | - | - | 0 of {total} | "
+                  f"{local:.1f} |")
             continue
         ms = statistics.median(r["ms"] for r in counted)
         greedy.setdefault((label, servers, delay), ms)
@@ -235,7 +260,7 @@ def speculative(args) -> None:
               f"{greedy[(label, servers, delay)] / ms:.2f}x | "
               f"{statistics.median(r['per_lap'] for r in counted):.2f} | "
               f"{f'{statistics.median(acceptance):.2f}' if acceptance else '-'} | "
-              f"{'yes' if all(r['same'] for r in counted) else 'no'} | {len(counted)} of {total} |")
+              f"{'yes' if all(r['same'] for r in counted) else 'no'} | {len(counted)} of {total} | {local:.1f} |")
 
 
 def main():
@@ -253,16 +278,9 @@ def main():
         return speculative(args)
     args.servers, args.delays, args.new_tokens = args.servers or [1, 2, 4], args.delays or [0, 10, 25], \
         args.new_tokens or 16
-    from transformers import AutoModelForCausalLM
-
-    from shards.testing import save_random_checkpoint
-
     rows = []
     with tempfile.TemporaryDirectory() as path:
-        save_random_checkpoint(path, "llama", hidden_size=HIDDEN, num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
-                               num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, vocab_size=32000)
-        ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids, local = random_model(path)
         with torch.no_grad():
             expected = local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
         for delay in args.delays:

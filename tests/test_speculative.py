@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
 from swarm.local_swarm import LocalSwarm
+from tests.test_push import KillAfter
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 24
@@ -119,23 +120,6 @@ def test_verify_steps_batch_with_other_sessions_and_stay_exact(models, swarm):
                  if int(size) > 1 and n > old.get(size, 0))
     assert shared > 0, after  # some steps of different sessions ran as one forward
     model.shutdown()
-
-
-class KillAfter:
-    """A streamer that kills the server of block 2 after ``after`` puts of new tokens."""
-
-    def __init__(self, model, swarm, after):
-        self.model, self.swarm, self.after, self.calls, self.victim = model, swarm, after, 0, None
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == self.after + 1:  # the first put() is the prompt
-            link = next(l for l in self.model._session.chain if l.start <= 2 < l.end)
-            self.victim = self.swarm.server_of(link.peer_id)
-            self.victim.signal(9)
-
-    def end(self):
-        pass
 
 
 def test_failover_in_the_middle_of_a_speculative_generate_gives_the_same_tokens(models):

@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from incentives.verification import chain_hash
 from routing import ChainLink
 from swarm.client import loop
-from incentives.verification import chain_hash
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
@@ -100,7 +100,8 @@ class _ServerSession:
                     part = hidden[:, :kept]
                     self.history.append((part, _cut_inputs(extra, position, kept)))
                     self.chains.append(chain)
-                    chain = chain_hash(chain, part.float().numpy()) if chain or self.input_chain else chain
+                    if self.input_chain:  # a priced server's: it chains the kept part as it chains a step
+                        chain = chain_hash(chain, part.float().numpy())
                 self.input_chain = chain
                 break
             start += length
