@@ -38,12 +38,7 @@ def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_pa
 
     prompt, new_tokens = 7, 24
     with LocalSwarm(path) as swarm:
-        servers = [swarm.add_server(span, *server_args[span], wait=False) for span in PRICES]
-        for server in servers:
-            server.wait_for("Server ready", 180)
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client,
-            contract=settlement.address, chain_id=node.w3.eth.chain_id)
+        servers, model = paying_client(swarm, path, server_args, client, settlement, node)
         ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(0))
         output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
         local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -81,12 +76,7 @@ def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(n
     greedy = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
     ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     with LocalSwarm(path) as swarm:
-        servers = [swarm.add_server(span, *server_args[span], wait=False) for span in PRICES]
-        for server in servers:
-            server.wait_for("Server ready", 180)
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client,
-            contract=settlement.address, chain_id=node.w3.eth.chain_id)
+        servers, model = paying_client(swarm, path, server_args, client, settlement, node)
         with model.inference_session(max_length=32) as session:
             assert torch.equal(model.generate(ids, assistant_model=draft, **greedy), local.generate(ids, **greedy))
             computed, rolled_back = session.position + session.rolled_back, session.rolled_back
@@ -99,6 +89,17 @@ def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(n
     for span, price in PRICES.items():
         units = computed * (span[1] - span[0])
         assert settlement.paid(client.address, payouts[span], channel) == units * price
+
+
+def paying_client(swarm, path, server_args, client, settlement, node):
+    """The priced servers of PRICES started in ``swarm``, and a client paying them from ``client``'s escrow."""
+    servers = [swarm.add_server(span, *server_args[span], wait=False) for span in PRICES]
+    for server in servers:
+        server.wait_for("Server ready", 180)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=swarm.initial_peers, exact_wire=True, wallet=client, contract=settlement.address,
+        chain_id=node.w3.eth.chain_id)
+    return servers, model
 
 
 def priced_servers(node, settlement, tmp_path) -> tuple[dict, dict]:

@@ -45,12 +45,18 @@ def signalled_after(args, delay: float, sig: int) -> list[str]:
         dump = subprocess.run([py_spy, "dump", "--pid", str(process.pid)], capture_output=True, text=True)
         raise AssertionError(f"still running {delay}s + 60s after signal {sig}:\n{dump.stdout}{dump.stderr}")
     finally:
-        deadline = time.monotonic() + 10
-        while processes_of_session(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [" ".join(p.cmdline())[:80] for p in processes_of_session(process.pid)]
-        for leftover in processes_of_session(process.pid):
-            leftover.kill()
+        left = left_of_session(process.pid)
+    return left
+
+
+def left_of_session(sid: int) -> list[str]:
+    """What of a session is still running 10 s on (then killed)."""
+    deadline = time.monotonic() + 10
+    while processes_of_session(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [" ".join(p.cmdline())[:80] for p in processes_of_session(sid)]
+    for leftover in processes_of_session(sid):
+        leftover.kill()
     return left
 
 
@@ -87,13 +93,7 @@ def group_signalled_after(args, delay: float, grace: float, before_signal=None) 
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
     took = time.monotonic() - signalled
-    deadline = time.monotonic() + 10
-    while processes_of_session(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [" ".join(p.cmdline())[:80] for p in processes_of_session(process.pid)]
-    for leftover in processes_of_session(process.pid):
-        leftover.kill()
-    return took, left, output
+    return took, left_of_session(process.pid), output
 
 
 def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoints):
