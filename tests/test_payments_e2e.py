@@ -28,9 +28,7 @@ def node():
 def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_path, monkeypatch):
     path = checkpoints("llama")
     monkeypatch.setenv("COCOON_PASSPHRASE", "test passphrase")
-    owner, client = node.new_account(), node.new_account()
-    settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
-    settlement.deposit(client, 10 * ETH)
+    client, settlement = funded_client(node)
 
     payouts, server_args = priced_servers(node, settlement, tmp_path)
     before = {span: node.w3.eth.get_balance(address) for span, address in payouts.items()}
@@ -65,9 +63,7 @@ def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(n
     import copy
     path = checkpoints("llama")
     monkeypatch.setenv("COCOON_PASSPHRASE", "test passphrase")
-    owner, client = node.new_account(), node.new_account()
-    settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
-    settlement.deposit(client, 10 * ETH)
+    client, settlement = funded_client(node)
     payouts, server_args = priced_servers(node, settlement, tmp_path)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     draft = copy.deepcopy(local)  # agrees with the target on about half the tokens
@@ -89,6 +85,14 @@ def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(n
     for span, price in PRICES.items():
         units = computed * (span[1] - span[0])
         assert settlement.paid(client.address, payouts[span], channel) == units * price
+
+
+def funded_client(node):
+    """A client account with 10 ETH of escrow in a newly deployed settlement contract."""
+    owner, client = node.new_account(), node.new_account()
+    settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+    settlement.deposit(client, 10 * ETH)
+    return client, settlement
 
 
 def paying_client(swarm, path, server_args, client, settlement, node):
