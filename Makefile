@@ -9,14 +9,21 @@ BIN := $(VENV)/bin
 # otherwise the missing ones are named.
 SYSTEM_PACKAGES := chromium iptables
 
+# Where torch comes from. Empty: pip's own index, where torch==2.13.0 is the CUDA build (several GB, GPU or not)
+# unless a local CPU wheel is configured, as on this project's CI. On a CPU-only machine:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
 $(BIN)/.installed: setup.cfg constraints.txt
+	@echo "== 1/4 a virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels
-	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e '.[api,dev]'
-	# anvil, a local Ethereum node for the demo and the settlement integration tests
-	npm install --silent --no-save --prefix .tools @foundry-rs/anvil@1.7.1
+	$(BIN)/pip install --progress-bar on --upgrade pip
+	@echo "== 2/4 torch, pinned in constraints.txt, from $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's index: the CUDA build unless a local CPU wheel is configured; CPU-only: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu)"
+	$(BIN)/pip install --progress-bar on -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch
+	@echo "== 3/4 cocoon-swarm and its dependencies (editable, with the api and dev extras)"
+	$(BIN)/pip install --progress-bar on -c constraints.txt -e '.[api,dev]'
+	@echo "== 4/4 anvil, a local Ethereum node for the demo and the settlement tests (npm)"
+	npm install --no-save --no-fund --no-audit --prefix .tools @foundry-rs/anvil@1.7.1
 	touch $@
 
 install: $(BIN)/.installed

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from shards.errors import CheckpointNotFoundError, MissingWeightsError
+from shards.errors import CheckpointNotFoundError, HubUnreachableError, MissingWeightsError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,8 +49,19 @@ class Checkpoint:
                     f"{path} does not exist. Is the checkpoint {self.name_or_path!r} complete? "
                     f"Copy or download {filename} into {self.local_dir}.")
             return None
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        unreachable = _hub_unreachable()
+        if unreachable:  # huggingface_hub would retry each file for ~30 s, then blame the file
+            cached = try_to_load_from_cache(self.name_or_path, filename, cache_dir=self.cache_dir,
+                                            revision=self.revision)
+            if isinstance(cached, str):
+                return Path(cached)
+            if cached is not None and not required:  # the cache knows that the repo has no such file
+                return None
+            raise HubUnreachableError(
+                f"{self.name_or_path!r} is not in the local hub cache, and {unreachable}: check this machine's "
+                f"network (or HF_ENDPOINT), or download the checkpoint elsewhere and give its directory")
         try:
             return Path(hf_hub_download(self.name_or_path, filename, revision=self.revision,
                                         cache_dir=self.cache_dir, token=self.token))
@@ -119,6 +130,28 @@ class Checkpoint:
             except (OSError, SafetensorError) as e:
                 raise MissingWeightsError(f"cannot read {path}: {e}. Re-download this file.") from e
         return tensors
+
+
+_hub_probe: dict[str, str] = {}
+
+
+def _hub_unreachable() -> str:
+    """Why the hub cannot be reached ("" when it can), asked once per process with one short TCP connect."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    if endpoint.geturl() not in _hub_probe:
+        host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            _hub_probe[endpoint.geturl()] = ""
+        except OSError as e:
+            _hub_probe[endpoint.geturl()] = f"the Hugging Face hub is unreachable ({host}:{port}: {e.strerror or e})"
+    return _hub_probe[endpoint.geturl()]
 
 
 def _resolve_local_dir(path: Path, revision: str | None) -> Path | None:

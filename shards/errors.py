@@ -23,3 +23,7 @@ class UnsupportedPrecisionError(ShardsError):
 
 class CheckpointNotFoundError(MissingWeightsError):
     """The path or repo id names no checkpoint at all."""
+
+
+class HubUnreachableError(MissingWeightsError):
+    """A repo id whose files are not in the local hub cache, on a machine that cannot reach the hub."""

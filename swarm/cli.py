@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         reap_children()
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+    from swarm.http import DISTRIBUTION
+    try:
+        return installed(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _values_with_a_dash(argv: list[str]) -> list[str]:
     """``--blocks -1:5`` as ``--blocks=-1:5``: argparse takes a value that starts with a dash for another flag, and
     would say "expected one argument" instead of what is wrong with the value."""
@@ -85,9 +94,12 @@ def explain(error: Exception) -> tuple[bool, str]:
     from hivemind.p2p import P2PDaemonError
 
     from shards import CheckpointNotFoundError, SpanOutOfRangeError
+    from shards.errors import HubUnreachableError
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, (UsageError, CheckpointNotFoundError, SpanOutOfRangeError)):
         return True, text
+    if isinstance(error, HubUnreachableError):
+        return False, text
     if isinstance(error, P2PDaemonError) and "bootstrap peers" in text:
         return False, ("cannot reach any of --initial-peers: check the addresses (`cocoon dht` prints them), that "
                        "the peer is running and that this machine can connect to it")
@@ -104,6 +116,7 @@ def explain(error: Exception) -> tuple[bool, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = configargparse.ArgumentParser(prog="cocoon", description="Run large language models across a swarm.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dht = commands.add_parser("dht", help="run a bootstrap DHT peer")
@@ -233,8 +246,9 @@ def run_status(args) -> int:
 
 
 def run_monitor(args) -> int:
+    from swarm.http import require_api_extras, serve_app
+    require_api_extras("cocoon monitor")
     from swarm.dht_records import make_dht
-    from swarm.http import serve_app
     from swarm.monitor import SwarmWatch, create_app
     dht = make_dht(args.initial_peers, client_mode=True)
     watch = SwarmWatch(dht, args.period)

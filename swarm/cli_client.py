@@ -13,6 +13,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint directory, hub cache directory or hub repo id")
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", type=maddr_arg)
     parser.add_argument("--model-id", default=None, help="override the id derived from the checkpoint")
+    parser.add_argument("--revision", default=None, help="with a hub repo id: its branch, tag or commit")
+    parser.add_argument("--token", default=None, help="a Hugging Face token for gated or private repos (default: "
+                                                      "$HF_TOKEN, or what `hf auth login` saved)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter the servers serve (see serve --adapters)")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a silent server is replaced")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -55,8 +58,8 @@ def load_client(args):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, model_id=args.model_id, request_timeout=args.request_timeout,
         active_adapter=args.adapter, dtype=args.dtype, device=args.device, exact_wire=args.exact_wire,
-        spot_check_rate=args.spot_check_rate, push=args.push, **payment)
-    return model, AutoTokenizer.from_pretrained(args.model)
+        spot_check_rate=args.spot_check_rate, push=args.push, revision=args.revision, token=args.token, **payment)
+    return model, AutoTokenizer.from_pretrained(args.model, revision=args.revision, token=args.token)
 
 
 def load_speculation(args, model) -> dict:
@@ -196,8 +199,9 @@ def run_api(args) -> int:
     import os
     from pathlib import Path
 
+    from swarm.http import require_api_extras, serve_app
+    require_api_extras("cocoon api")
     from swarm.api import create_app
-    from swarm.http import serve_app
     model, tokenizer = load_client(args)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key or os.environ.get("COCOON_API_KEY"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,28 @@ import torch
 
 ETH = 10**18
 PRICE = 10**9  # wei (1 gwei) per token x block
+
+
+START_UP_PHASES = ("Joining", "Loading", "Decode steps", "Measuring", "Server ready")
+
+
+def _show_start_up(servers, timeout: float) -> None:
+    """Each server's start-up phases as they happen: a first start on a machine measures it for ~20 s."""
+    pending, deadline = dict(enumerate(servers)), time.monotonic() + timeout
+    while pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"servers {sorted(pending)} did not start within {timeout:.0f}s")
+        for i, server in list(pending.items()):
+            try:
+                line = server.lines.get(timeout=0.05)
+            except queue.Empty:
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"server{i} exited while starting; its output:\n" + "".join(server.output))
+                continue
+            if line.startswith(START_UP_PHASES):
+                print(f"    server{i}: {line.strip()}", flush=True)
+            if line.startswith("Server ready"):
+                del pending[i]
 
 
 def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "What is the capital of France?",
@@ -67,8 +90,7 @@ def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "What
         swarm = LocalSwarm(model_path, echo=bool(os.environ.get("COCOON_DEMO_ECHO")))
         with swarm:
             servers = [swarm.add_server(span, *args, wait=False) for span, args in zip(spans, server_args)]
-            for server in servers:
-                server.wait_for("Server ready", 180)
+            _show_start_up(servers, timeout=180)
             print(f"    swarm up in {time.perf_counter() - started:.1f}s", flush=True)
             payment = dict(wallet=client, contract=settlement.address, chain_id=node.w3.eth.chain_id) if node else {}
             model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers,

@@ -4,6 +4,17 @@ import socket
 from typing import Callable
 
 LOG_LEVEL = "warning"
+DISTRIBUTION = "cocoon-swarm"
+
+
+def require_api_extras(what: str) -> None:
+    """FastAPI and uvicorn are an extra: say how to get them instead of "No module named 'fastapi'"."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"{what} needs {e.name or 'fastapi'}: pip install '{DISTRIBUTION}[api]' (or, in a clone, "
+                         f"pip install -e '.[api]')") from None
 
 
 def serve_app(app, host: str, port: int, ready: Callable[[str], str]) -> None:

@@ -126,7 +126,8 @@ class LocalSwarm:
         """A server for blocks ``span`` (or ``num_blocks`` wherever the swarm needs them) of the swarm's model (or
         of ``model``: one DHT may hold several); ``netns`` runs it inside that network namespace (a host of its
         own, for tests that cut hosts off)."""
-        where = ["--blocks", f"{span[0]}:{span[1]}"] if span else ["--num-blocks", str(num_blocks)]
+        where = ["--blocks", f"{span[0]}:{span[1]}"] if span else ["--num-blocks", str(num_blocks)] if num_blocks \
+            else []  # --num-blocks auto
         name = f"server{len(self.servers)}"
         server = SwarmProcess(["serve", str(model or self.model), "--initial-peers", *self.initial_peers, *where,
                                "--host", host, "--dtype", self.dtype, "--public-name", name,

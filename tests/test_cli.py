@@ -1,7 +1,9 @@
 """The `cocoon` command as a user types it: generate through a swarm, and the settlement commands on anvil."""
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,6 +48,32 @@ def cocoon_fails(*args, timeout=120):
                             timeout=timeout)
     assert "Traceback" not in result.stdout + result.stderr
     return result.returncode, result.stderr.strip().splitlines()
+
+
+def test_version_extras_hint_and_an_unreachable_hub(checkpoints, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and re.fullmatch(r"cocoon \d+\.\d+\.\d+\n", result.stdout), result.stdout
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDNeeLMDiDZz3ah8kN1ZJcdo3t6W1ZmSKZcJx6xDtcgdZ"
+    without_fastapi = "import sys; sys.modules['fastapi'] = None; from swarm.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", without_fastapi, "api", str(checkpoints("llama")),
+                             "--initial-peers", nobody], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "cocoon api: error: cocoon api needs fastapi: pip install 'cocoon-swarm[api]' (or, in a clone, pip install "
+        "-e '.[api]')"), result.stderr
+    # no route to the hub: one line at once, not ~30 s of retries that end blaming config.json
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "someorg/somemodel", "hi",
+                             "--initial-peers", nobody], capture_output=True, text=True, timeout=60,
+                            env={**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
+                                 "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "cocoon generate: error: 'someorg/somemodel' is not in the local hub cache, and the Hugging Face hub is "
+        "unreachable (127.0.0.1:9: Connection refused): check this machine's network (or HF_ENDPOINT), or download "
+        "the checkpoint elsewhere and give its directory"], result.stderr
+    assert time.monotonic() - started < 20
+    code, lines = cocoon_fails("serve", "someorg/somemodel", "--initial-peers", nobody, "--max-memory", "lots")
+    assert code == 2 and lines[-1].endswith("argument --max-memory: expected a size such as 24GB or 512MB, got "
+                                            "'lots'"), lines
 
 
 def test_errors_are_one_line_with_advice_and_the_right_exit_code(checkpoints):

@@ -50,6 +50,11 @@ def blocks_arg(text: str) -> tuple[int, int]:
     return start, end
 
 
+def memory_size_arg(text: str) -> int:
+    from swarm.server.memory_budget import memory_size_arg as parse
+    return parse(text)
+
+
 def positive_int_arg(text: str) -> int:
     try:
         value = int(text)
@@ -84,12 +89,19 @@ def maddr_arg(text: str) -> str:
 @dataclass
 class ServerConfig:
     model: str = option(None, "checkpoint directory, hub cache directory or hub repo id", flag="model")
+    revision: str | None = option(None, "with a hub repo id: its branch, tag or commit (default: main)")
+    token: str | None = option(None, "a Hugging Face token for gated or private repos (default: $HF_TOKEN, or what "
+                                     "`hf auth login` saved)")
     initial_peers: list[str] = option(list, "multiaddrs of DHT peers to join (`cocoon dht` prints them)",
                                       nargs="+", required=True, type=maddr_arg, metavar="MADDR")
     blocks: tuple[int, int] | None = option(None, "serve blocks [A, B)", type=blocks_arg, metavar="A:B",
                                             group="where")
-    num_blocks: int | None = option(None, "serve N blocks where the swarm needs them most", metavar="N",
-                                    group="where", type=positive_int_arg)
+    num_blocks: int | None = option(None, "serve N blocks where the swarm needs them most; auto (the default "
+                                          "without --blocks): as many as fit in --max-memory", metavar="N|auto",
+                                    group="where", type=lambda text: None if text == "auto" else positive_int_arg(text))
+    max_memory: int | None = option(None, "with --num-blocks auto: the memory this server may use in all, such as "
+                                          "24GB (default: what the device has free at start-up)", metavar="SIZE",
+                                    type=lambda text: memory_size_arg(text))
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(0, "port to listen on (0: any free port)")
     direct: bool = option(True, "also accept direct TLS connections for inference and forward/backward (faster than "
@@ -160,17 +172,39 @@ class ServerConfig:
         return int(self.lora_cache_mb * 2**20)
 
 
+# `cocoon serve --help` in sections: the flag of a field not named here comes under "other".
+SECTIONS = {
+    "the model": ["revision", "token", "model_id", "adapters", "lora_cache_mb"],
+    "which blocks, and how much memory": ["blocks", "num_blocks", "max_memory", "balance_period",
+                                          "balance_threshold"],
+    "network": ["initial_peers", "host", "port", "direct", "direct_port", "announce_direct", "public_ip",
+                "announce_maddrs", "relay", "identity_path", "announce_period", "public_name", "metrics_port"],
+    "compute": ["dtype", "quant", "device", "decode_path", "max_sessions", "cache_tokens", "session_timeout",
+                "max_batch_sessions", "batch_window_ms", "shutdown_grace"],
+    "what one request may ask": ["limits"],
+    "what one peer may take": ["quotas"],
+    "payments (free when --price is 0)": ["price", "backward_price", "wallet", "chain_rpc", "contract",
+                                          "credit_limit", "redeem_period"],
+}
+
+
 def add_arguments(parser, cls=ServerConfig, prefix: str = "") -> None:
     """One flag per field of ``cls`` (nested dataclasses' fields are flattened: ``--max-sessions-per-peer``)."""
     groups: dict[str, Any] = {}
+    if cls is ServerConfig and not prefix:
+        sections = {title: parser.add_argument_group(title) for title in [*SECTIONS, "other"]}
+        section_of = {name: sections[title] for title, names in SECTIONS.items() for name in names}
+    else:
+        section_of, sections = {}, {"other": parser}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         if meta.pop("cli", True) is False:
             continue
         kind = hints[f.name]
+        target = section_of.get(f.name, sections["other"])
         if dataclasses.is_dataclass(kind):
-            add_arguments(parser, kind, prefix=f"{f.name}.")
+            add_arguments(target, kind, prefix=f"{f.name}.")
             continue
         flag, group, help_text = meta.pop("flag", None), meta.pop("group", None), meta.pop("help", "")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -189,10 +223,10 @@ def add_arguments(parser, cls=ServerConfig, prefix: str = "") -> None:
                 kwargs["default"] = default
         if group is not None:
             if group not in groups:
-                groups[group] = parser.add_mutually_exclusive_group(required=True)
+                groups[group] = target.add_mutually_exclusive_group()
             groups[group].add_argument(flag, **kwargs)
         else:
-            parser.add_argument(flag, **kwargs)
+            target.add_argument(flag, **kwargs)
 
 
 def from_args(args: argparse.Namespace, cls=ServerConfig, prefix: str = "", **extra) -> Any:

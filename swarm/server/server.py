@@ -41,6 +41,7 @@ LEAVING_CHAIN_SECONDS = 6.0
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.memory_claims = None
 
     def run(self) -> None:
         """Start (SIGTERM or SIGINT abort this part at once: swarm.processes), then serve until SIGTERM or SIGINT,
@@ -58,7 +59,7 @@ class Server:
         """Load the span, measure it, set up payments; announce the server as joining."""
         config = self.config
         _return_freed_buffers()
-        self.checkpoint = checkpoint = Checkpoint(config.model)
+        self.checkpoint = checkpoint = Checkpoint(config.model, revision=config.revision, token=config.token)
         self.model_id = config.model_id or checkpoint.model_id
         total_blocks = checkpoint.config.num_hidden_layers
         if config.blocks is not None and not 0 <= config.blocks[0] < config.blocks[1] <= total_blocks:
@@ -70,18 +71,25 @@ class Server:
             if not config.port or (config.direct and not config.direct_port):
                 raise SystemExit("--public-ip needs --port and --direct-port: the ports forwarded to this machine")
             announce_maddrs = [f"/ip4/{config.public_ip}/tcp/{config.port}"]
+        print(f"Joining the swarm through {len(config.initial_peers)} DHT peer(s)", flush=True)
         self.dht = make_dht(config.initial_peers, identity_path=config.identity_path, sign=True,
                             host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
                             announce_maddrs=announce_maddrs or None, use_relay=config.relay,
                             use_auto_relay=config.relay)
         self.peer_id = str(self.dht.peer_id)
-        start, end = config.blocks or self._choose_span(total_blocks)
+        num_blocks = config.num_blocks if config.blocks or config.num_blocks else \
+            self._blocks_that_fit(checkpoint, total_blocks)
+        start, end = config.blocks or self._choose_span(total_blocks, num_blocks)
         self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
                                public_name=config.public_name, max_sessions=config.max_sessions)
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
         self.plan: DecodePlan | None = None
+        print(f"Loading blocks [{start}, {end}) of {total_blocks}", flush=True)
         self.span = self._load_span(checkpoint, start, end)
+        if self.memory_claims is not None:  # loaded: what is left to allocate is the KV budget
+            self.memory_claims.update(self.span.cache_bytes_per_token() * config.cache_tokens)
         self.adapters = self._load_adapters(self.span)
+        print("Measuring throughput (once per machine and model; cached after)", flush=True)
         self.per_block = get_throughput(self.span, self.model_id)  # through the plan's path, with its threads
         self._set_throughput()
         self.info.dtype = str(self.span.dtype_).removeprefix("torch.")
@@ -164,8 +172,29 @@ class Server:
         return await reachability.offer_relay(self.dht, self.peer_id, self.direct, list(self.info.direct),
                                               self.config.host, 3 * self.config.announce_period)
 
-    def _choose_span(self, total_blocks: int) -> tuple[int, int]:
-        num_blocks = min(self.config.num_blocks or total_blocks, total_blocks)
+    def _blocks_that_fit(self, checkpoint: Checkpoint, total_blocks: int) -> int:
+        """``--num-blocks auto``: claims the memory of the blocks it chose until they are loaded."""
+        from shards.memory import block_cost
+        from swarm.server.memory_budget import MemoryClaims, measure
+        config = self.config
+        cost = block_cost(checkpoint, dtype=config.dtype, quant=config.quant, device=config.device,
+                          cache_tokens=config.cache_tokens)
+        self.memory_claims, budget = MemoryClaims(), None
+
+        def decide(claimed: int) -> int:
+            nonlocal budget
+            budget = measure(config.device, config.max_memory, claimed)
+            return min(budget.blocks(cost), total_blocks) * cost.total
+        self.memory_claims.choose(decide)
+        print(budget.describe(cost, total_blocks), flush=True)
+        if budget.blocks(cost) < 1:
+            raise SystemExit(f"not even one block fits in {budget.where}: free memory, give --max-memory, lower "
+                             f"--cache-tokens ({config.cache_tokens}), or serve smaller blocks (--quant nf4 or int8 "
+                             f"on CUDA, --dtype bfloat16)")
+        return min(budget.blocks(cost), total_blocks)
+
+    def _choose_span(self, total_blocks: int, num_blocks: int | None) -> tuple[int, int]:
+        num_blocks = min(num_blocks or total_blocks, total_blocks)
         state = fetch_swarm_state(self.dht, self.model_id, total_blocks)
         # our own throughput, if measured before on this hardware; else the swarm's typical server
         known = cached_throughput(self.model_id, self.config.dtype, self.config.quant, self.config.device)
