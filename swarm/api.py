@@ -75,13 +75,23 @@ class Sampling(BaseModel):
     # what clients send with neutral values is accepted; anything else they ask is refused, never ignored
     tools: list | None = None
     tool_choice: str | dict | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | int | None = None  # chat: true/false; completions: how many alternatives (0-5)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict | None = None
+
+    def alternatives(self) -> int | None:
+        """None: no logprobs asked; otherwise how many of the likeliest tokens to list beside each chosen one."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True:
+            return self.top_logprobs or 0
+        if not 0 <= self.logprobs <= 20:
+            raise APIError(400, f"logprobs must lie in [0, 20], got {self.logprobs}", param="logprobs")
+        return int(self.logprobs)
 
     def refuse_unsupported(self) -> None:
         unsupported = {"tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none", "auto"),
-                       "logprobs": bool(self.logprobs) or bool(self.top_logprobs), "logit_bias": bool(self.logit_bias)}
+                       "logit_bias": bool(self.logit_bias)}
         for name, asked in unsupported.items():
             if asked:
                 raise APIError(400, f"{name} is not supported by this server (cocoon api): leave it out", param=name)
@@ -102,6 +112,30 @@ class Result:
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
     predictions: tuple[int, int] | None = None  # speculative decoding: drafted tokens (accepted, rejected)
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token, its log-probability under the model (before sampling's changes), and the likeliest."""
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+    @staticmethod
+    def of(tokenizer, new_ids: list[int], logits: tuple[torch.Tensor, ...], alternatives: int) -> list:
+        found = []
+        for token_id, step_logits in zip(new_ids, logits):
+            logprobs = torch.log_softmax(step_logits[0].float(), dim=-1)
+            top = torch.topk(logprobs, alternatives) if alternatives else None
+            found.append(TokenLogprob(tokenizer.decode([token_id]), logprobs[token_id].item(),
+                                      [(tokenizer.decode([i]), v) for i, v in
+                                       zip(top.indices.tolist(), top.values.tolist())] if top else []))
+        return found
+
+    def chat(self) -> dict:
+        entry = lambda token, logprob: {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return {**entry(self.token, self.logprob), "top_logprobs": [entry(t, lp) for t, lp in self.top]}
 
 
 class Cancelled(StoppingCriteria):
@@ -289,6 +323,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         trimmer = StopTrimmer(stops, lambda text: (texts.append(text), emit and emit(text)))
         limit = body.max_completion_tokens or body.max_tokens or 256
         prompt_length = ids.shape[1]
+        alternatives = body.alternatives()
         with model.inference_session(max_length=prompt_length + limit + drafts) as session:
             output = model.generate(ids.to(model.device), max_new_tokens=limit, do_sample=False,
                                     logits_processor=sampling_processors(body.temperature, body.top_p, body.seed,
@@ -297,13 +332,16 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
                                     stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]),
                                     stop_strings=stops or None, tokenizer=tokenizer,
                                     streamer=Streamer(tokenizer, trimmer),
-                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **speculation)
-        new = output[0, prompt_length:].tolist()
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                    return_dict_in_generate=True, output_logits=alternatives is not None,
+                                    **speculation)
+        new = output.sequences[0, prompt_length:].tolist()
+        logprobs = TokenLogprob.of(tokenizer, new, output.logits, alternatives) if alternatives is not None else None
         ended = bool(new) and new[-1] == tokenizer.eos_token_id
         # each step through the swarm gave one token of its own; the others were drafted tokens it accepted
         predictions = (max(len(new) - session.steps, 0), session.rolled_back) if speculation else None
         return Result("".join(texts), prompt_length, len(new), "stop" if ended or trimmer.stopped else "length",
-                      predictions)
+                      predictions, logprobs)
 
     return app
 
@@ -331,23 +369,37 @@ def _usage(result: Result) -> dict:
     return usage
 
 
+def _logprobs(result: Result | None, chat: bool) -> dict | None:
+    """OpenAI's two forms: chat's list of entries, completions' parallel lists."""
+    if result is None or result.logprobs is None:
+        return None
+    if chat:
+        return {"content": [entry.chat() for entry in result.logprobs], "refusal": None}
+    offsets, at = [], 0
+    for entry in result.logprobs:
+        offsets.append(at)
+        at += len(entry.token)
+    return {"tokens": [e.token for e in result.logprobs], "token_logprobs": [e.logprob for e in result.logprobs],
+            "top_logprobs": [dict(e.top) for e in result.logprobs], "text_offset": offsets}
+
+
 def _completion(model: str, identity: str, created: int, chat: bool, result: Result) -> dict:
-    choice = {"index": 0, "finish_reason": result.finish_reason}
+    choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": _logprobs(result, chat)}
     if chat:
         choice["message"] = {"role": "assistant", "content": result.text}
     else:
-        choice.update(text=result.text, logprobs=None)
+        choice.update(text=result.text)
     return {"id": identity, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": _usage(result)}
 
 
 def _chunk(model: str, identity: str, created: int, chat: bool, delta, finish_reason: str | None = None,
            result: Result | None = None) -> dict:
-    choice = {"index": 0, "finish_reason": finish_reason}
+    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": _logprobs(result, chat)}  # (with the last)
     if chat:
         choice["delta"] = delta
     else:
-        choice.update(text=delta, logprobs=None)
+        choice.update(text=delta)
     chunk = {"id": identity, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
              "model": model, "choices": [choice]}
     if result is not None:

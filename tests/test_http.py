@@ -56,7 +56,7 @@ def sessions_on_servers(watcher) -> int:
 
 def ask(client, question, **kwargs):
     return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
-                                          temperature=0, max_tokens=24, **kwargs)
+                                          **{"temperature": 0, "max_tokens": 24, **kwargs})
 
 
 def test_chat_and_completions_equal_generate_in_python(served):
@@ -231,7 +231,7 @@ def test_openai_forms_penalties_and_what_is_not_supported(served):
     unpenalised = ask(client, counting).choices[0].message.content
     assert penalised != unpenalised and unpenalised.count("\n") > penalised.count("\n")
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
-    for extra, field in ((dict(tools=[tool]), "tools"), (dict(logprobs=True), "logprobs")):
+    for extra, field in ((dict(tools=[tool]), "tools"), (dict(logit_bias={"42": 5}), "logit_bias")):
         with pytest.raises(openai.BadRequestError) as refused:
             ask(client, question, **extra)
         assert refused.value.body["param"] == field and "not supported" in refused.value.body["message"]
@@ -250,6 +250,47 @@ def test_openai_forms_penalties_and_what_is_not_supported(served):
     assert code == 404 and error["message"].startswith("no route /v1/nothing-here")
     code, error = raw("GET", "/v1/chat/completions")
     assert code == 405 and error["type"] == "invalid_request_error"
+
+
+def test_logprobs_are_the_models_own(served):
+    """logprobs/top_logprobs, in chat's and completions' forms, equal those of transformers on the same weights."""
+    from transformers import AutoModelForCausalLM
+    swarm, api, url, client, watcher, path = served
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    def expected(prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = local(torch.tensor([prompt_ids + new_ids])).logits[0, len(prompt_ids) - 1:-1]
+        return torch.log_softmax(logits, dim=-1)
+
+    question = QUESTIONS[0]
+    reply = ask(client, question, logprobs=True, top_logprobs=3, max_tokens=8)
+    content = reply.choices[0].logprobs.content
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+    new_ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(e.token))[0] for e in content]
+    assert tokenizer.decode(new_ids, skip_special_tokens=True) == reply.choices[0].message.content
+    truth = expected(prompt_ids, new_ids)
+    for i, entry in enumerate(content):
+        assert abs(entry.logprob - truth[i, new_ids[i]].item()) < 1e-3
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the likeliest
+        assert [round(t.logprob, 3) for t in entry.top_logprobs] == [round(v, 3) for v in truth[i].topk(3).values.tolist()]
+        assert entry.bytes == list(entry.token.encode())
+    streamed = list(ask(client, question, logprobs=True, max_tokens=8, stream=True))
+    assert [e.logprob for e in streamed[-1].choices[0].logprobs.content] == pytest.approx(
+        [e.logprob for e in content], abs=1e-4)
+
+    prompt = "The capital of France is"
+    completion = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=6, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    prompt_ids = tokenizer(prompt).input_ids
+    new_ids = tokenizer(prompt + completion.choices[0].text).input_ids[len(prompt_ids):]
+    assert "".join(logprobs.tokens) == completion.choices[0].text and len(new_ids) == len(logprobs.tokens)
+    truth = expected(prompt_ids, new_ids)
+    assert logprobs.token_logprobs == pytest.approx([truth[i, t].item() for i, t in enumerate(new_ids)], abs=1e-3)
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
 
 
 def _draft_metrics(port: int) -> dict[str, float]:
