@@ -37,6 +37,9 @@ class ServerInfo:
     credit_limit: int = 0             # wei of work a client may do beyond its latest voucher
     direct: tuple[str, ...] = ()      # "ip:port" where it accepts direct TLS connections (swarm.direct)
     relay: str = ""                   # "relay peer id@ip:port": reached only through that relay (swarm.relay)
+    model_name: str = ""              # what the server calls its model ("SmolLM2-135M-Instruct"): for people only
+    contract: str = ""                # a priced server: the settlement contract it redeems through...
+    chain_id: int = 0                 # ...on this chain (a paying client skips servers of another one)
 
     def to_wire(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -65,7 +68,8 @@ class ServerInfo:
                        backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE),
                        credit_limit=_int(record, "credit_limit", 0, MAX_PRICE),
                        direct=tuple(_address(a) for a in _list(record, "direct", 4)),
-                       relay=_relay(record.get("relay", "")))
+                       relay=_relay(record.get("relay", "")), model_name=_text(record, "model_name", 96),
+                       contract=_text(record, "contract", 42), chain_id=_int(record, "chain_id", 0, 2**64))
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not info.start < info.end:

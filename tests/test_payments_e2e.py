@@ -25,17 +25,22 @@ def node():
         yield node
 
 
-def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_path, monkeypatch):
+def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_path, monkeypatch, caplog):
+    """...and a server of the whole model paid through another contract is skipped, with a log line: the client's
+    own configuration says which contract it pays through, never a server's record."""
     path = checkpoints("llama")
     monkeypatch.setenv("COCOON_PASSPHRASE", "test passphrase")
     client, settlement = funded_client(node)
+    _, other = funded_client(node)
 
     payouts, server_args = priced_servers(node, settlement, tmp_path)
+    _, foreign_args = priced_servers(node, other, tmp_path / "other")
     before = {span: node.w3.eth.get_balance(address) for span, address in payouts.items()}
     first_block = node.w3.eth.block_number + 1
 
     prompt, new_tokens = 7, 24
     with LocalSwarm(path) as swarm:
+        foreign = swarm.add_server((0, 4), *foreign_args[(0, 1)])  # one hop for the whole model, were it usable
         servers, model = paying_client(swarm, path, server_args, client, settlement, node)
         ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(0))
         output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
@@ -43,6 +48,7 @@ def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_pa
         assert torch.equal(output, local.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None))
         channel = model.swarm.payments.channel_id
         model.shutdown()  # sends final vouchers
+        assert f"skipping server {foreign.peer_id}: it is paid through contract {other.address}" in caplog.text
         for server in servers:
             server.stop()  # SIGTERM: the server redeems what it holds before leaving
             assert "Redeemed" in "".join(server.output), "".join(server.output)
@@ -109,6 +115,7 @@ def paying_client(swarm, path, server_args, client, settlement, node):
 def priced_servers(node, settlement, tmp_path) -> tuple[dict, dict]:
     """A funded, registered payout wallet and the `cocoon serve` flags for each span of PRICES."""
     payouts, server_args = {}, {}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for span, price in PRICES.items():
         keystore = tmp_path / f"server-{span[0]}.json"
         account = create_wallet(keystore, "test passphrase")

@@ -107,6 +107,7 @@ class SwarmClient:
         self.lora_sent: dict[str, list[str]] = {}  # peer -> hashes of LoRA weights it has (latest last)
         self.direct_failed: dict[str, float] = {}  # peer -> until when its direct addresses are not tried
         self.push = True  # servers of a chain push their outputs to the next server (swarm.server.push)
+        self._foreign: set[str] = set()  # priced servers of another settlement contract, skipped (logged once)
 
     # ------------------------------------------------------------------ the swarm snapshot
     def swarm_state(self, refresh: bool = False) -> SwarmState:
@@ -130,10 +131,26 @@ class SwarmClient:
         await self._measure_rtts(state)
         state.rtt = {peer: seconds for peer, (seconds, _) in self.rtt.items()}
         state.block_seconds = self.block_seconds
+        if self.payments is not None:
+            self._skip_other_contracts(state)
         for peer in self.bans.banned() & set(state.servers):
             if state.servers[peer].state == ServerState.OFFLINE:
                 self.bans.forgive(peer)  # it left cleanly: a leave is no failure (offline, it is not chosen anyway)
         self._state, self._state_time = state, time.monotonic()
+
+    def _skip_other_contracts(self, state: SwarmState) -> None:
+        """A paying client pays through the contract of its own configuration: a priced server that redeems through
+        another contract (or chain) could not be paid by its vouchers, so it is not used."""
+        ours = self.payments.domain
+        for peer, info in list(state.servers.items()):
+            priced = info.price_per_unit or info.backward_price_per_unit
+            if priced and (info.contract.lower() != ours.contract.lower() or info.chain_id != ours.chain_id):
+                del state.servers[peer]
+                if peer not in self._foreign:
+                    self._foreign.add(peer)
+                    logger.warning(f"skipping server {peer}: it is paid through contract {info.contract or '(none)'} "
+                                   f"on chain {info.chain_id}, this client pays through {ours.contract} on chain "
+                                   f"{ours.chain_id}")
 
     async def _refresh_quietly(self) -> None:
         try:

@@ -38,6 +38,20 @@ LEAVING_DHT_SECONDS = 3.0
 LEAVING_CHAIN_SECONDS = 6.0
 
 
+def model_name(name_or_path: str) -> str:
+    """What people call a checkpoint: a repo id as it is, a hub cache directory (models--org--name) as its repo
+    id, a directory by its name (its snapshot's repo for a snapshot directory)."""
+    from pathlib import Path
+    path = Path(name_or_path)
+    if not path.exists():
+        return name_or_path[:96]
+    parts = path.resolve().parts
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")[:96]
+    return path.resolve().name[:96]
+
+
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -81,7 +95,8 @@ class Server:
             self._blocks_that_fit(checkpoint, total_blocks)
         start, end = config.blocks or self._choose_span(total_blocks, num_blocks)
         self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
-                               public_name=config.public_name, max_sessions=config.max_sessions)
+                               public_name=config.public_name, max_sessions=config.max_sessions,
+                               model_name=model_name(config.model))
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
         self.plan: DecodePlan | None = None
         print(f"Loading blocks [{start}, {end}) of {total_blocks}", flush=True)
@@ -234,6 +249,7 @@ class Server:
         self.info.payout_address = account.address
         self.info.price_per_unit, self.info.backward_price_per_unit = prices.forward, prices.backward
         self.info.credit_limit = config.credit_limit
+        self.info.contract, self.info.chain_id = settlement.domain.contract, settlement.domain.chain_id
         print(f"Ledger of what clients owe: {ledger_path(account.address)} (`cocoon earnings` reads it)", flush=True)
         return ServerPayments(ledger, settlement, account, self.peer_id, redeem_period=config.redeem_period)
 
