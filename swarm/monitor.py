@@ -1,34 +1,44 @@
 """`cocoon monitor`: a page of the swarm for the people who run it (FastAPI + uvicorn).
 
-    GET /               the page: per model, which servers hold which blocks (state, throughput, sessions, KV
-                        cache left, adapters, price, reachability), gaps in coverage marked, recent spot-check
-                        evidence; it refreshes itself
+    GET /               the page (swarm.monitor_page): per model, its name as servers announce it, totals, which
+                        servers hold which blocks (state, reachability, throughput, sessions, KV cache left,
+                        adapters, price), holders per block, gaps marked, servers that left with when they were last
+                        seen, recent spot-check evidence, and charts of the last hour; it refreshes itself
     GET /api/v1/state   the same as JSON
     GET /metrics        the same as Prometheus text
+    GET /health         200 while the swarm was read recently, 503 otherwise
 
 Models are found in the DHT's model index (every server announces its model there, signed like its block
-records); the monitor reads the swarm every few seconds in a thread of its own.
+records); the monitor reads the swarm every few seconds in a thread of its own and keeps an hour of history.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter, deque
 from typing import Sequence
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from swarm.dht_records import fetch_evidence, fetch_models, fetch_swarm_state
+from swarm.monitor_page import PAGE
+
+HISTORY_SECONDS = 3600
+DEPARTED_SECONDS = 3600  # how long a server that left stays listed
+HISTORY_POINTS = 360  # at most one point every 10 s over the hour
 
 
 class SwarmWatch:
-    """The latest state of every model in the swarm, read in the background."""
+    """The latest state of every model in the swarm, read in the background, with an hour of history."""
 
     def __init__(self, dht, period: float = 3.0, models: Sequence[tuple[str, int]] = ()):
         self.dht, self.period, self.extra_models = dht, period, list(models)
-        self.state: dict = {"models": [], "updated": None}
+        self.state: dict = {"models": [], "updated": None, "history": []}
+        self.history: deque = deque()
+        self.seen: dict[tuple[str, str], dict] = {}  # (model id, peer id) -> its latest record, with "last_seen"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarm-watch", daemon=True)
         self._thread.start()
@@ -44,15 +54,45 @@ class SwarmWatch:
     def read(self) -> dict:
         models = dict(self.extra_models)
         models.update(fetch_models(self.dht))
-        return {"updated": time.time(), "models": [self._model(model_id, blocks) for model_id, blocks in
-                                                   sorted(models.items())]}
+        now = time.time()
+        read = [self._model(model_id, blocks, now) for model_id, blocks in sorted(models.items())]
+        self._remember(now, read)
+        return {"updated": now, "models": read, "history": list(self.history),
+                "totals": {"servers_online": sum(m["totals"]["servers_online"] for m in read),
+                           "tokens_per_s": sum(m["totals"]["tokens_per_s"] for m in read)}}
 
-    def _model(self, model_id: str, num_blocks: int) -> dict:
+    def _model(self, model_id: str, num_blocks: int, now: float) -> dict:
         state = fetch_swarm_state(self.dht, model_id, num_blocks)
-        servers = [{"peer_id": peer, **info.to_wire()} for peer, info in
+        servers = [{"peer_id": peer, **info.to_wire(), "reachability": _reachability(info)} for peer, info in
                    sorted(state.servers.items(), key=lambda item: (item[1].start, item[1].public_name, item[0]))]
-        return {"model_id": model_id, "num_blocks": num_blocks, "servers": servers,
-                "missing_blocks": state.missing_blocks(), "evidence": self._evidence(model_id)}
+        online = [s for s in servers if s["state"] == "online"]
+        holders = [sum(s["start"] <= b < s["end"] for s in online) for b in range(num_blocks)]
+        per_block = [sum(s["throughput"] for s in online if s["start"] <= b < s["end"]) for b in range(num_blocks)]
+        for server in servers:
+            self.seen[(model_id, server["peer_id"])] = {**server, "last_seen": now}
+        current = {s["peer_id"] for s in servers}
+        departed = sorted((record for (mid, peer), record in self.seen.items() if mid == model_id and
+                           peer not in current and now - record["last_seen"] < DEPARTED_SECONDS),
+                          key=lambda record: -record["last_seen"])
+        names = Counter(s["model_name"] for s in servers if s["model_name"])
+        return {"model_id": model_id, "name": names.most_common(1)[0][0] if names else "",
+                "names_disagree": len(names) > 1, "num_blocks": num_blocks, "servers": servers,
+                "departed": departed, "holders": holders, "missing_blocks": state.missing_blocks(),
+                "evidence": self._evidence(model_id),
+                # a chain through the swarm runs at most as fast as its slowest block's servers together
+                "totals": {"servers_online": len(online), "servers": len(servers),
+                           "sessions": sum(s["sessions"] for s in online),
+                           "tokens_per_s": min(per_block) if per_block else 0.0}}
+
+    def _remember(self, now: float, models: list[dict]) -> None:
+        if self.history and now - self.history[-1]["time"] < HISTORY_SECONDS / HISTORY_POINTS:
+            self.history.pop()  # one point per interval: the latest reading stands for it
+        self.history.append({"time": now, "servers_online": sum(m["totals"]["servers_online"] for m in models),
+                             "tokens_per_s": round(sum(m["totals"]["tokens_per_s"] for m in models), 2)})
+        while self.history and now - self.history[0]["time"] > HISTORY_SECONDS:
+            self.history.popleft()
+        for key in [k for k, record in self.seen.items() if now - record["last_seen"] > DEPARTED_SECONDS]:
+            del self.seen[key]
 
     def _evidence(self, model_id: str) -> list[dict]:
         records = [{"digest": digest, "peer_id": evidence.peer_id, "payout": evidence.attestation.server,
@@ -61,8 +101,17 @@ class SwarmWatch:
                    for digest, evidence, expires in fetch_evidence(self.dht, model_id) if not isinstance(evidence, str)]
         return sorted(records, key=lambda r: -r["expires"])[:20]
 
+    def healthy(self) -> bool:
+        updated = self.state.get("updated")
+        return updated is not None and time.time() - updated < max(5 * self.period, 30.0)
+
     def close(self) -> None:
         self._stop.set()
+
+
+def _reachability(info) -> str:
+    """How clients reach a server: its own direct address, a relay of the swarm, or only hivemind's p2p daemons."""
+    return "direct" if info.direct else "relayed" if info.relay else "p2p only"
 
 
 def prometheus_text(state: dict) -> str:
@@ -110,61 +159,12 @@ def create_app(watch: SwarmWatch) -> FastAPI:
     async def metrics():
         return prometheus_text(watch.state)
 
+    @app.get("/health")
+    async def health():
+        updated = watch.state.get("updated")
+        body = {"status": "ok" if watch.healthy() else "stale", "updated": updated,
+                "models": len(watch.state.get("models", [])), "error": watch.state.get("error")}
+        return JSONResponse(body, status_code=200 if watch.healthy() else 503)
+
     return app
 
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Cocoon swarm</title>
-<style>
-body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
-table { border-collapse: collapse; margin: 8px 0; }
-td, th { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; white-space: nowrap; }
-td.block { width: 8px; min-width: 8px; height: 14px; padding: 0; border: 1px solid #fff; }
-.online { background: #4caf50; } .joining { background: #ffc107; } .offline { background: #bbb; }
-.gap { background: #e53935; } .none { background: #f4f4f4; }
-.missing { color: #e53935; font-weight: bold; } .muted { color: #888; }
-</style></head>
-<body><h1>Cocoon swarm</h1><div id="updated" class="muted">loading ...</div><div id="models"></div>
-<script>
-// every string in the state comes from strangers' DHT records: escaped before it reaches the page
-function esc(v) { return String(v).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]); }
-function cell(cls, title) { return `<td class="block ${cls}" title="${title}"></td>`; }
-function render(state) {
-  document.getElementById("updated").textContent = state.updated ?
-    "updated " + new Date(state.updated * 1000).toLocaleTimeString() + (state.error ? " (" + state.error + ")" : "") :
-    "reading the swarm ...";
-  let html = "";
-  for (const m of state.models) {
-    html += `<h2>${esc(m.model_id)} <span class="muted">${m.num_blocks} blocks</span></h2>`;
-    html += m.missing_blocks.length ? `<div class="missing">no server holds block(s) ${m.missing_blocks.join(", ")}</div>`
-                                    : `<div>every block is served</div>`;
-    html += `<table><tr><th>server</th><th>state</th><th>blocks</th><th>tok/s</th><th>sessions</th>` +
-            `<th>cache left</th><th>dtype</th><th>adapters</th><th>price (wei/unit)</th><th>coverage</th></tr>`;
-    for (const s of m.servers) {
-      let map = "";
-      for (let b = 0; b < m.num_blocks; b++) map += cell(s.start <= b && b < s.end ? esc(s.state) : "none", "block " + b);
-      html += `<tr class="server" data-peer="${esc(s.peer_id)}"><td title="${esc(s.peer_id)}">${esc(s.public_name || s.peer_id.slice(-10))}</td>` +
-              `<td class="state">${esc(s.state)}</td><td class="span">${esc(s.start)}:${esc(s.end)}</td>` +
-              `<td>${s.throughput.toFixed(1)}</td><td>${esc(s.sessions)}/${esc(s.max_sessions)}</td><td>${esc(s.cache_tokens_left)}</td>` +
-              `<td>${esc(s.dtype)}${s.quant !== "none" ? " " + esc(s.quant) : ""}</td><td>${esc(s.adapters.join(", "))}</td>` +
-              `<td>${esc(s.price_per_unit)}</td><td><table><tr>${map}</tr></table></td></tr>`;
-    }
-    let gaps = "";
-    for (let b = 0; b < m.num_blocks; b++) gaps += cell(m.missing_blocks.includes(b) ? "gap" : "online", "block " + b);
-    html += `<tr><td colspan="9" class="muted">holders per block</td><td><table><tr>${gaps}</tr></table></td></tr></table>`;
-    if (m.evidence.length) {
-      html += `<div>recent evidence of wrong work:</div><table><tr><th>server</th><th>payout</th><th>blocks</th><th>error</th></tr>`;
-      for (const e of m.evidence) html += `<tr><td>${esc(e.peer_id)}</td><td>${esc(e.payout)}</td><td>${esc(e.blocks[0])}:${esc(e.blocks[1])}</td>` +
-                                          `<td>${e.relative_error.toExponential(2)}</td></tr>`;
-      html += `</table>`;
-    }
-  }
-  document.getElementById("models").innerHTML = html || "<p>no model is served yet</p>";
-}
-async function refresh() {
-  try { render(await (await fetch("api/v1/state")).json()); } catch (e) { document.getElementById("updated").textContent = e; }
-}
-refresh(); setInterval(refresh, 3000);
-</script></body></html>
-"""

@@ -318,35 +318,65 @@ def chromium(*args) -> subprocess.CompletedProcess:
                            "--virtual-time-budget=8000", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_the_monitor_page_in_a_real_browser(checkpoints, tmp_path):
-    path = checkpoints("llama")
-    with LocalSwarm(path, [(0, 2), (2, 4), (0, 4)]) as swarm:
+def test_the_monitor_page_in_a_real_browser(smollm2, tmp_path):
+    """The page as Chromium renders it: the model's announced name, a legend, holder counts per block, totals,
+    reachability, charts of the last hour, a server that left with when it was last seen; /health and /metrics."""
+    import json
+    import os
+    import re
+    path = smollm2["float32"]
+    with LocalSwarm(path, [(0, 15), (15, 30), (0, 30)], server_args=["--announce-period", "2"]) as swarm:
         monitor = SwarmProcess(["monitor", "--initial-peers", *swarm.initial_peers, "--port", "0", "--period", "1"],
                                "monitor")
         try:
             url = monitor.wait_for("Monitor ready", 120).split("Monitor ready: ")[1].split()[0]
-            import json
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                state = json.loads(urllib.request.urlopen(url + "api/v1/state").read())
-                if state["models"] and len(state["models"][0]["servers"]) == 3:
-                    break
-                time.sleep(1)
+
+            def state_when(ready, what: str) -> dict:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    state = json.loads(urllib.request.urlopen(url + "api/v1/state").read())
+                    if state["models"] and ready(state["models"][0]):
+                        return state
+                    time.sleep(1)
+                raise AssertionError(f"the monitor never showed {what}: {state}")
+
+            state = state_when(lambda m: len(m["servers"]) == 3, "3 servers")
             (model,) = state["models"]
-            assert model["num_blocks"] == 4 and model["missing_blocks"] == []
+            assert model["num_blocks"] == 30 and model["missing_blocks"] == [] and model["holders"] == [2] * 30
+            assert model["name"] == "SmolLM2-135M-Instruct" and not model["names_disagree"]
+            assert model["totals"]["servers_online"] == 3 and model["totals"]["tokens_per_s"] > 0
+            health = json.loads(urllib.request.urlopen(url + "health").read())
+            assert health["status"] == "ok" and health["models"] == 1
+            time.sleep(2)  # a second point of history for the charts
             dom = chromium("--dump-dom", url, f"--user-data-dir={tmp_path / 'profile'}").stdout
             for server in swarm.servers:
                 row = dom.split(f'data-peer="{server.peer_id}"')[1].split("</tr>")[0]
                 span = next(l for l in server.output if "Server ready" in l).split("[")[1].split(")")[0]
                 assert f'<td class="span">{span.replace(", ", ":")}</td>' in row and '<td class="state">online</td>' in row
-                assert server.name in row
-            assert "every block is served" in dom
-            shot = tmp_path / "monitor.png"
-            chromium(f"--screenshot={shot}", "--window-size=1400,700", url, f"--user-data-dir={tmp_path / 'p2'}")
+                assert server.name in row and '<td class="reachability">direct</td>' in row
+            assert '<span class="model-name">SmolLM2-135M-Instruct</span>' in dom and "every block is served" in dom
+            assert 'id="legend"' in dom and "online holders per block" in dom
+            holders = dom.split('<tr class="holders">')[1].split("</tr></table></td></tr>")[0]
+            assert re.findall(r'title="block \d+: (\d) online holder\(s\)">(\d)<', holders) == [("2", "2")] * 30
+            assert "<b>3</b> of 3 servers online" in dom
+            for chart in ("chart-tokens", "chart-servers"):
+                assert re.search(f'<svg id="{chart}"[^>]*><polyline points="[0-9., ]+', dom), chart
+            shot = Path(os.environ.get("COCOON_MONITOR_SCREENSHOT", tmp_path / "monitor.png"))
+            chromium(f"--screenshot={shot.resolve()}", "--window-size=1500,760", url,
+                     f"--user-data-dir={tmp_path / 'p2'}")
             assert shot.exists() and shot.stat().st_size > 10_000
+
+            leaving = swarm.servers[2]  # blocks 0:30: the others still cover every block, each once
+            leaving.stop()
+            state = state_when(lambda m: m["departed"], "a server that left")
+            (model,) = state["models"]
+            assert [d["peer_id"] for d in model["departed"]] == [leaving.peer_id] and model["holders"] == [1] * 30
+            dom = chromium("--dump-dom", url, f"--user-data-dir={tmp_path / 'p3'}").stdout
+            departed = dom.split('<table class="departed">')[1].split("</table>")[0]
+            assert f'data-peer="{leaving.peer_id}"' in departed and re.search(r'class="last-seen">\d+ s ago<', departed)
             metrics = urllib.request.urlopen(url + "metrics").read().decode()
             families = {f.name: f for f in text_string_to_metric_families(metrics)}
             online = [s for s in families["cocoon_servers"].samples if s.labels["state"] == "online"]
-            assert online[0].value == 3
+            assert online[0].value == 2
         finally:
             monitor.stop()
