@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -77,28 +78,51 @@ def test_cocoon_serve_signalled_while_starting_or_serving_leaves_nothing(checkpo
             assert left == [], f"SIGTERM after {delay}s left {left}"
 
 
-def group_signalled_after(args, delay: float, grace: float, before_signal=None) -> tuple[float, list[str], str]:
-    """Start `cocoon ARGS` as a process group of its own (as systemd or `timeout` do), SIGTERM the whole group after
-    ``delay`` s; (seconds it took to exit, what of it was left, its output)."""
+def group_signalled_at(args, line: str, grace: float, before_signal=None, leave_first: bool = False
+                       ) -> tuple[float, list[str], str]:
+    """Start `cocoon ARGS` as a process group of its own (as systemd or `timeout` do), and SIGTERM the whole group
+    as soon as it prints a line starting with ``line`` (``leave_first``: once it is ready, SIGTERM its main process
+    first, then the group when it prints ``line``); (seconds it took to exit, what of it was left, its output)."""
     process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    time.sleep(delay)
-    if before_signal is not None:
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(start: str) -> None:
+        deadline = time.monotonic() + 120
+        while not any(text.startswith(start) for text in list(output)):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(output)
+            time.sleep(0.01)
+
+    if leave_first:
+        wait_for("Server ready")
+        if before_signal is not None:
+            before_signal()
+        process.send_signal(signal.SIGTERM)
+    wait_for(line)
+    if before_signal is not None and not leave_first:
         before_signal()
     os.killpg(process.pid, signal.SIGTERM)
     signalled = time.monotonic()
     try:
-        output, _ = process.communicate(timeout=grace + 30)
+        process.wait(timeout=grace + 30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        process.wait()
     took = time.monotonic() - signalled
-    return took, left_of_session(process.pid), output
+    reader.join(5)
+    return took, left_of_session(process.pid), "".join(output)
+
+
+PHASES = {"loading": "Loading blocks", "joining the DHT": "Joining the swarm", "measuring": "Measuring throughput",
+          "announcing": "Reachability", "serving": "Server ready"}
 
 
 def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoints):
-    """As `systemctl stop` or `timeout` stop it: the DHT child gets the signal too, and dies first. Loading,
-    announcing, serving (its final announce then meets a dead DHT), and with a client's session open."""
+    """As `systemctl stop` or `timeout` stop it: the DHT child gets the signal too, and dies first. In each phase
+    of its life, as it prints it; while it leaves (its final announce then meets a dead DHT); and with a client's
+    session open."""
     import torch
 
     from swarm import AutoDistributedModelForCausalLM
@@ -108,9 +132,11 @@ def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoint
     with LocalSwarm(path, [(2, 4)]) as swarm:
         serve = ["serve", path, "--initial-peers", *swarm.initial_peers, "--blocks", "0:2", "--host", "127.0.0.1",
                  "--shutdown-grace", str(grace)]
-        for delay in (0.3, 3.0, 12.0):
-            took, left, output = group_signalled_after(serve, delay, grace)
-            assert left == [] and took <= grace + 10 and "Traceback" not in output, (delay, took, left, output)
+        for phase, line in PHASES.items():
+            took, left, output = group_signalled_at(serve, line, grace)
+            assert left == [] and took <= grace + 10 and "Traceback" not in output, (phase, took, left, output)
+        took, left, output = group_signalled_at(serve, "Leaving", grace, leave_first=True)
+        assert left == [] and took <= grace + 10 and "Traceback" not in output, ("leaving", took, left, output)
 
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
         session = None
@@ -127,9 +153,12 @@ def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoint
                     session = None
                     time.sleep(0.5)
 
-        took, left, output = group_signalled_after(serve, 0.0, grace, open_a_session)
+        took, left, output = group_signalled_at(serve, "Server ready", grace, open_a_session)
         assert session is not None, output
         assert left == [] and took <= grace + 10 and "Traceback" not in output, (took, left, output)
+        # the same with the session open while it leaves: the group's signal comes within its grace period
+        took, left, output = group_signalled_at(serve, "Leaving", grace, open_a_session, leave_first=True)
+        assert left == [] and took <= grace + 10 and "Traceback" not in output, ("leaving", took, left, output)
         model.shutdown()
 
 

@@ -380,7 +380,8 @@ class Server:
 
     async def _shutdown(self, redeeming: asyncio.Task | None) -> None:
         """Stop announcing, refuse new sessions, let open ones finish for a grace period, redeem, then leave."""
-        logger.info("shutting down")
+        print(f"Leaving: announcing this server offline; open sessions may finish within {self.config.shutdown_grace:g} s "
+              f"(a second SIGTERM or SIGINT stops it at once)", flush=True)
         self.handler.accepting = False
         self.info.state = ServerState.OFFLINE
         self._announce(dataclasses.replace(self.info))
