@@ -223,6 +223,9 @@ def ensure_free(host: str, port: int, flag: str) -> None:
 def run_serve(args) -> int:
     from swarm.server.config import from_args
     from swarm.server.server import Server
+    args.model = args.model or args.model_option
+    if not args.model:
+        raise UsageError("which checkpoint? `cocoon serve MODEL ...`, or `model: ...` in the --config file")
     ensure_free(args.host, args.port, "--port")
     ensure_free(args.host, args.direct_port, "--direct-port")
     if args.identity_path and not Path(args.identity_path).exists():

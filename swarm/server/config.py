@@ -208,8 +208,9 @@ def add_arguments(parser, cls=ServerConfig, prefix: str = "") -> None:
             continue
         flag, group, help_text = meta.pop("flag", None), meta.pop("group", None), meta.pop("help", "")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if flag == "model":
-            parser.add_argument("model", help=help_text)
+        if flag == "model":  # positional, or `model:` in a --config file (which has no positionals)
+            parser.add_argument("model", nargs="?", help=help_text)
+            parser.add_argument("--model", dest="model_option", metavar="MODEL", help=argparse.SUPPRESS)
             continue
         flag = flag or "--" + f.name.replace("_", "-")
         kwargs = {"help": f"{help_text} (default: {default})" if default not in (None, "", [], ()) else help_text,
