@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from shards.checkpoint import Checkpoint
 from shards.families import get_family
@@ -36,12 +37,13 @@ class BlockCost:
         return f"{gb(self.weights)} of weights{copies} + {gb(self.cache)} of KV budget = {gb(self.total)}"
 
 
-def block_cost(checkpoint: Checkpoint, *, dtype: str = "auto", quant: str = "none", device: str | None = None,
-               cache_tokens: int = 0) -> BlockCost:
-    """The memory one block of ``checkpoint`` takes when served with these options."""
+def block_cost(checkpoint: Checkpoint | PretrainedConfig, *, dtype: str = "auto", quant: str = "none",
+               device: str | None = None, cache_tokens: int = 0) -> BlockCost:
+    """The memory one block of ``checkpoint`` (or of a model of this config) takes when served with these options."""
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = resolve_dtype(dtype, device_)
-    config = copy.deepcopy(checkpoint.config)
+    # what the dtype is, not whether this machine runs it (the bench sizes GPUs it does not have)
+    torch_dtype = resolve_dtype(dtype, device_) if dtype == "auto" else getattr(torch, str(dtype).removeprefix("torch."))
+    config = copy.deepcopy(checkpoint if isinstance(checkpoint, PretrainedConfig) else checkpoint.config)
     config.num_hidden_layers = 1
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:1]

@@ -307,15 +307,18 @@ class AutoDistributedModelForCausalLM:
         if wallet is not None:
             from incentives.vouchers import Domain
             from swarm.client.payments import Payments
-            if contract is None or chain_id is None:
-                raise ValueError("paying servers needs the settlement contract address and its chain id")
-            swarm.payments = Payments(wallet, Domain(chain_id, contract), str(swarm.p2p.peer_id))
+            if contract is None or (chain_id is None and chain_rpc is None):
+                raise ValueError("paying servers needs the settlement contract address, and its chain id or a node "
+                                 "of its chain (chain_rpc)")
+            settlement = None
             if chain_rpc is not None:
                 from web3 import Web3
 
                 from incentives.contract import Settlement
-                swarm.payments.settlement = Settlement(Web3(Web3.HTTPProvider(chain_rpc, request_kwargs={
-                    "timeout": 10})), contract)
+                settlement = Settlement(Web3(Web3.HTTPProvider(chain_rpc, request_kwargs={"timeout": 10})), contract)
+                chain_id = settlement.w3.eth.chain_id if chain_id is None else chain_id
+            swarm.payments = Payments(wallet, Domain(chain_id, contract), str(swarm.p2p.peer_id))
+            swarm.payments.settlement = settlement
         if spot_check_rate > 0:
             from swarm.client.spot_check import LocalBlocks, SpotChecker
             local = LocalBlocks(checkpoint) if spot_check_local is not False else None
