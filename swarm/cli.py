@@ -12,7 +12,7 @@ from pathlib import Path
 import configargparse
 
 from swarm import event_loop
-from swarm.processes import exit_on_termination, exit_with_owner, reap_children, terminating
+from swarm.processes import exit_on_termination, exit_with_owner, quiet_peer_resets, reap_children, terminating
 from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     exit_on_termination()
     exit_with_owner()
+    quiet_peer_resets()
     parser = build_parser()
     args = parser.parse_args(_values_with_a_dash(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 import time
 
 import psutil
@@ -27,6 +28,21 @@ _raising = False  # interrupts_raise() is in force: the main thread's KeyboardIn
 _forking_pid = 0  # the process that forks, as seen by its child
 _forked_by_main_thread = False
 _PR_SET_PDEATHSIG = 1
+
+
+def quiet_peer_resets() -> None:
+    """A helper process (the DHT's) that dies while handing this one a file descriptor (torch's file_descriptor
+    sharing goes through multiprocessing's resource_sharer thread, which reports errors to sys.excepthook) makes
+    that thread raise ConnectionError: the process group is being stopped, and the traceback would only alarm.
+    Set by the `cocoon` command only."""
+    default = sys.excepthook
+
+    def hook(kind, error, trace) -> None:
+        frames = traceback.extract_tb(trace) if trace else []
+        if issubclass(kind, ConnectionError) and any(f.filename.endswith("resource_sharer.py") for f in frames):
+            return
+        default(kind, error, trace)
+    sys.excepthook = hook
 
 
 def exit_on_termination() -> None:

@@ -108,6 +108,9 @@ def group_signalled_at(args, line: str, grace: float, before_signal=None, leave_
     try:
         process.wait(timeout=grace + 30)
     except subprocess.TimeoutExpired:
+        py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")  # where it hangs, for the assertion
+        dump = subprocess.run([py_spy, "dump", "--pid", str(process.pid)], capture_output=True, text=True)
+        output.append(f"\nstill running {grace + 30} s after SIGTERM:\n{dump.stdout}{dump.stderr}")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     took = time.monotonic() - signalled
@@ -216,3 +219,20 @@ def test_a_command_killed_outright_leaves_no_dht_process(checkpoints):
             for leftover in processes_of_session(process.pid):
                 leftover.kill()
         assert left == []
+
+
+def test_every_other_command_stops_on_a_process_group_sigterm_within_10_s(checkpoints):
+    """`cocoon api`, `monitor`, `generate` (mid-answer), `chat` and `status`, stopped as `timeout` or systemd stop
+    them: the whole process group at once, their DHT processes included."""
+    from swarm.local_swarm import LocalSwarm
+    path = str(checkpoints("llama"))
+    with LocalSwarm(path, [(0, 4)]) as swarm:
+        peers = ["--initial-peers", *swarm.initial_peers]
+        cases = {"api": (["api", path, *peers, "--port", "0"], "API ready"),
+                 "monitor": (["monitor", *peers, "--port", "0"], "Monitor ready"),
+                 "generate": (["generate", path, "hello", *peers, "--raw", "--max-new-tokens", "1000"], "hello"),
+                 "chat": (["chat", path, *peers], ""),
+                 "status": (["status", path, *peers], "")}
+        for name, (args, line) in cases.items():
+            took, left, output = group_signalled_at(args, line, 0.0)
+            assert left == [] and took <= 10 and "Traceback" not in output, (name, took, left, output)
