@@ -71,6 +71,12 @@ def test_version_extras_hint_and_an_unreachable_hub(checkpoints, tmp_path):
         "unreachable (127.0.0.1:9: Connection refused): check this machine's network (or HF_ENDPOINT), or download "
         "the checkpoint elsewhere and give its directory"], result.stderr
     assert time.monotonic() - started < 20
+    # a ./relative directory is a checkpoint (it gets as far as the swarm), never a hub repo id
+    checkpoint = checkpoints("llama")
+    result = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", f"./{checkpoint.name}", "hi",
+                             "--initial-peers", nobody], capture_output=True, text=True, timeout=60,
+                            cwd=checkpoint.parent, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 1 and "cannot reach any of --initial-peers" in result.stderr, result.stderr
     code, lines = cocoon_fails("serve", "someorg/somemodel", "--initial-peers", nobody, "--max-memory", "lots")
     assert code == 2 and lines[-1].endswith("argument --max-memory: expected a size such as 24GB or 512MB, got "
                                             "'lots'"), lines

@@ -67,32 +67,42 @@ def test_an_unreachable_server_is_retried_with_waits_then_named(checkpoints):
 
 
 def test_a_server_that_leaves_cleanly_is_not_banned_and_is_used_again_once_back(checkpoints, tmp_path):
-    """A clean leave (SIGTERM: the server announces itself offline) is no failure: the next request fails fast with
-    no server left to ask, and once the server is back online (the same identity) the client uses it again within
-    one refresh of its view of the swarm."""
-    from routing import NoChainError
+    """Through `cocoon api` and the official openai client: a clean leave (SIGTERM: the server announces itself
+    offline) is no failure. The next request gets its 503 fast, with no server left to ask, and once the server is
+    back online (the same identity) the API uses it again within one refresh of its view of the swarm (5 s)."""
+    import openai
+
+    from swarm.local_swarm import SwarmProcess
     path = checkpoints("llama")
     identity = ["--identity", str(tmp_path / "server.key")]
-    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
-    greedy = dict(max_new_tokens=4, do_sample=False, eos_token_id=None)
     with LocalSwarm(path) as swarm:
         server = swarm.add_server((0, 4), *identity)
-        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-        expected = model.generate(ids, **greedy)
-        peer = server.peer_id
-        server.stop()
-        started = time.monotonic()
-        with pytest.raises((NoChainError, SwarmError)):
-            model.generate(ids, **greedy)
-        assert time.monotonic() - started < 8.0
-        swarm.add_server((0, 4), *identity)
-        back = time.monotonic()
-        while True:  # within one refresh (state_ttl, 5 s) of the client's view, plus the time of a request
-            try:
-                assert torch.equal(model.generate(ids, **greedy), expected)
-                break
-            except (NoChainError, SwarmError):
-                assert time.monotonic() - back < model.swarm.state_ttl + 3.0
-                time.sleep(0.5)
-        assert peer not in model.swarm.bans.banned() and swarm.servers[-1].peer_id == peer
-        model.shutdown()
+        api = SwarmProcess(["api", str(path), "--initial-peers", *swarm.initial_peers, "--port", "0"], "api")
+        try:
+            url = api.wait_for("API ready", 120).split("API ready: ")[1].split()[0]
+            client = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+
+            name = client.models.list().data[0].id
+
+            def ask() -> str:
+                return client.completions.create(model=name, prompt="abc", max_tokens=4, temperature=0).choices[0].text
+            expected = ask()
+            peer = server.peer_id
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as unavailable:
+                ask()
+            assert unavailable.value.status_code == 503 and time.monotonic() - started < 8.0
+            assert unavailable.value.body["code"] == "swarm_unavailable"
+            swarm.add_server((0, 4), *identity)
+            back = time.monotonic()
+            while True:  # within one refresh (state_ttl, 5 s) of the client's view, plus the time of a request
+                try:
+                    assert ask() == expected
+                    break
+                except openai.APIStatusError as e:
+                    assert e.status_code == 503 and time.monotonic() - back < 5.0 + 3.0
+                    time.sleep(0.5)
+            assert swarm.servers[-1].peer_id == peer
+        finally:
+            api.stop()
