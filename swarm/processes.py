@@ -10,6 +10,7 @@ lock. Whatever is still running when a command returns is terminated too."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -43,6 +44,10 @@ def quiet_peer_resets() -> None:
             return
         default(kind, error, trace)
     sys.excepthook = hook
+    # a signal that interrupts_raise() turns into KeyboardInterrupt may land inside an event loop's callback: the
+    # loop logs it with a traceback before passing it on, and the command then stops as it should
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.exc_info and record.exc_info[0] in (KeyboardInterrupt, SystemExit)))
 
 
 def exit_on_termination() -> None:
