@@ -9,7 +9,9 @@ LangChain, IDE assistants and the `openai` client work unchanged.
 Each request runs in a worker thread with an inference session of its own on one shared client, so requests
 run concurrently; a client that hangs up mid-stream stops its generation and closes its session on the
 servers. Errors are OpenAI error objects: 400 bad parameters, 401 a missing or wrong --api-key, 404 another
-model, 503 blocks that no server holds (or servers that all failed), 504 a request past --timeout.
+model, 411/413 a body without its length or over the cap, 503 blocks that no server holds (or servers that all
+failed), 504 a request past --timeout. What one request may cost is bounded before it costs it (stop strings,
+body size, prompt + max_tokens against the swarm's max_length), and one caller's requests beyond its share wait.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from swarm.sampling import sampling_processors
 
 logger = logging.getLogger(__name__)
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
 
 
 class APIError(Exception):
@@ -66,7 +69,7 @@ class Sampling(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # OpenAI's limits: up to 4 strings (transformers builds a table per string)
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
@@ -78,6 +81,14 @@ class Sampling(BaseModel):
     logprobs: bool | int | None = None  # chat: true/false; completions: how many alternatives (0-5)
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four_short_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOPS or any(len(text) > MAX_STOP_CHARS for text in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        return stop
 
     def alternatives(self) -> int | None:
         """None: no logprobs asked; otherwise how many of the likeliest tokens to list beside each chosen one."""
@@ -206,10 +217,15 @@ class Streamer:
 
 
 def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None, timeout: float = 300.0,
-               max_concurrent: int = 16, speculation: dict | None = None) -> FastAPI:
+               max_concurrent: int = 16, speculation: dict | None = None, max_length: int = 4096,
+               max_request_bytes: int = 2**20, max_per_caller: int | None = None) -> FastAPI:
     """``speculation``: generate()'s arguments for speculative decoding, used for every request (a local draft
-    ``assistant_model``, or ``prompt_lookup_num_tokens``); usage then counts accepted and rejected drafted tokens."""
+    ``assistant_model``, or ``prompt_lookup_num_tokens``); usage then counts accepted and rejected drafted tokens.
+    ``max_length``: the swarm's longest session (prompt + completion), checked before anything is embedded.
+    ``max_request_bytes``: the largest request body. ``max_per_caller``: requests one IP address may have
+    generating at once (default: a quarter of ``max_concurrent``); its others wait for its own share."""
     speculation = speculation or {}
+    shares = CallerShares(max_per_caller or max(1, max_concurrent // 4))
     drafts = speculation.get("prompt_lookup_num_tokens") or 0  # verified past max_length, then cut
     app = FastAPI(title="cocoon", description="An OpenAI-compatible API in front of a Cocoon swarm")
     workers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="generate")
@@ -235,6 +251,19 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
                         code="not_found" if error.status_code == 404 else None).response()
 
     @app.middleware("http")
+    async def body_cap(request: Request, call_next):
+        """The body is refused before it is read: its declared length over the cap, or no length declared (h11
+        holds a body to its Content-Length)."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return APIError(411, "a request body needs its Content-Length", code="length_required").response()
+            if int(length) > max_request_bytes:
+                return APIError(413, f"the request body is {int(length)} bytes; at most {max_request_bytes} are "
+                                     f"accepted", code="request_too_large").response()
+        return await call_next(request)
+
+    @app.middleware("http")
     async def authorize(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/") and \
                 request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -257,8 +286,8 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
                     for m in body.messages]
         if tokenizer.chat_template is None:
             raise APIError(400, f"{model_name} has no chat template: use /v1/completions")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+        ids = await asyncio.to_thread(lambda: tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"])
         return await _respond(request, body, ids, chat=True)
 
     @app.post("/v1/completions")
@@ -269,7 +298,8 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request", param="prompt")
             prompt = prompt[0]
-        return await _respond(request, body, tokenizer(prompt, return_tensors="pt").input_ids, chat=False)
+        ids = await asyncio.to_thread(lambda: tokenizer(prompt, return_tensors="pt").input_ids)
+        return await _respond(request, body, ids, chat=False)
 
     def _check_model(body: Sampling) -> None:
         body.refuse_unsupported()
@@ -277,19 +307,38 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
             raise APIError(404, f"this server serves {model_name!r}, not {body.model!r}", code="model_not_found",
                            param="model")
 
+    def _new_tokens(body: Sampling, prompt_length: int) -> int:
+        """max_tokens, or what is left of the swarm's max_length after the prompt; refused past it."""
+        asked = body.max_completion_tokens or body.max_tokens
+        if prompt_length + (asked or 1) > max_length:
+            raise APIError(400, f"the prompt is {prompt_length} tokens{f' and max_tokens {asked}' if asked else ''}: "
+                                f"together at most {max_length} (this swarm's max_length)", param="max_tokens",
+                           code="context_length_exceeded")
+        return asked or min(DEFAULT_MAX_TOKENS, max_length - prompt_length)
+
     async def _respond(request: Request, body: Sampling, ids: torch.Tensor, chat: bool):
+        limit = _new_tokens(body, ids.shape[1])
         identity = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, cancel = int(time.time()), threading.Event()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         emit = (lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if body.stream else None
-        future = loop.run_in_executor(workers, _generate, body, ids, emit, cancel)
+        caller = request.client.host if request.client else "?"
+        await shares.acquire(caller)
+        future = loop.run_in_executor(workers, _generate, body, ids, limit, emit, cancel)
+        future.add_done_callback(lambda _: shares.release(caller))
         if not body.stream:
-            try:
-                result = await asyncio.wait_for(asyncio.shield(future), timeout)
-            except asyncio.TimeoutError:
-                cancel.set()
-                raise APIError(504, f"no answer within {timeout:.0f} s", "timeout", "timeout") from None
+            deadline = loop.time() + timeout
+            try:  # a caller that hangs up stops its generation at the next token
+                while not future.done():
+                    if await request.is_disconnected():
+                        cancel.set()
+                        raise APIError(499, "the caller hung up", code="client_closed_request")
+                    if loop.time() > deadline:
+                        cancel.set()
+                        raise APIError(504, f"no answer within {timeout:.0f} s", "timeout", "timeout")
+                    await asyncio.wait({future}, timeout=HANG_UP_POLL_SECONDS)
+                result = future.result()
             except Exception as e:
                 raise _as_api_error(e) from None
             return _completion(model_name, identity, created, chat, result)
@@ -317,11 +366,10 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
             cancel.set()  # (a finished generation ignores it; one still running stops at its next token)
         yield "data: [DONE]\n\n"
 
-    def _generate(body: Sampling, ids: torch.Tensor, emit, cancel: threading.Event) -> Result:
+    def _generate(body: Sampling, ids: torch.Tensor, limit: int, emit, cancel: threading.Event) -> Result:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         texts: list[str] = []
         trimmer = StopTrimmer(stops, lambda text: (texts.append(text), emit and emit(text)))
-        limit = body.max_completion_tokens or body.max_tokens or 256
         prompt_length = ids.shape[1]
         alternatives = body.alternatives()
         with model.inference_session(max_length=prompt_length + limit + drafts) as session:
@@ -344,6 +392,36 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
                       predictions, logprobs)
 
     return app
+
+
+DEFAULT_MAX_TOKENS = 256
+HANG_UP_POLL_SECONDS = 0.2
+
+
+class CallerShares:
+    """At most ``per_caller`` requests of one caller generate at once: a caller that sends many waits for its own
+    share, instead of filling the workers (or their queue) ahead of everyone else."""
+
+    def __init__(self, per_caller: int):
+        self.per_caller = per_caller
+        self.running: dict[str, int] = {}
+        self.freed = asyncio.Condition()
+
+    async def acquire(self, caller: str) -> None:
+        async with self.freed:
+            await self.freed.wait_for(lambda: self.running.get(caller, 0) < self.per_caller)
+            self.running[caller] = self.running.get(caller, 0) + 1
+
+    def release(self, caller: str) -> None:
+        """From the generation's done callback, on the event loop."""
+        self.running[caller] -= 1
+        if not self.running[caller]:
+            del self.running[caller]
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self.freed:
+            self.freed.notify_all()
 
 
 def _as_api_error(error: Exception) -> APIError:

@@ -192,7 +192,14 @@ def add_api_parser(commands) -> None:
     api.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
                                                                     "checkpoint's directory name or repo id)")
     api.add_argument("--timeout", type=float, default=300.0, help="seconds before a request gets 504")
-    api.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once (more wait)")
+    api.add_argument("--max-concurrent", type=positive_int_arg, default=16,
+                     help="requests generating at once (more wait)")
+    api.add_argument("--max-per-caller", type=positive_int_arg, default=None,
+                     help="requests one IP address may have generating at once (default: a quarter of "
+                          "--max-concurrent); its others wait for its share")
+    api.add_argument("--max-length", type=positive_int_arg, default=4096,
+                     help="prompt + completion tokens, at most (the servers' --max-length; default 4096)")
+    api.add_argument("--max-request-kb", type=positive_int_arg, default=1024, help="the largest request body")
 
 
 def run_api(args) -> int:
@@ -206,7 +213,8 @@ def run_api(args) -> int:
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key or os.environ.get("COCOON_API_KEY"),
                      timeout=args.timeout, max_concurrent=args.max_concurrent,
-                     speculation=load_speculation(args, model))
+                     speculation=load_speculation(args, model), max_length=args.max_length,
+                     max_request_bytes=args.max_request_kb * 1024, max_per_caller=args.max_per_caller)
     try:
         serve_app(app, args.host, args.port, lambda url: f"API ready: {url}/v1 serving {name!r} (OpenAI-compatible)")
     finally:

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from functools import partial
 from typing import Callable, Sequence, TypeVar
 
@@ -99,15 +100,17 @@ def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration
 
 
 def fetch_models(dht: DHT) -> dict[str, int]:
-    """model id -> number of blocks, of every model some server announced (records checked like blocks')."""
+    """model id -> number of blocks, of every model some server announced (records checked like blocks'). Where
+    announcers disagree on a model's block count, the count most of them give (sybils can still add models and
+    outvote: readers cap what they read, and trust the servers' own block records over this index)."""
     found = dht_call(dht, partial(_get_many, keys=[MODELS_KEY])).get(MODELS_KEY)
-    models = {}
+    counts: dict[str, Counter] = {}
     for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
         model = record.value.get("model") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
         if isinstance(model, dict) and isinstance(model.get("model_id"), str) and len(model["model_id"]) <= 128 \
                 and type(model.get("num_blocks")) is int and 0 < model["num_blocks"] <= 4096:
-            models[model["model_id"]] = model["num_blocks"]
-    return models
+            counts.setdefault(model["model_id"], Counter())[model["num_blocks"]] += 1
+    return {model_id: count.most_common(1)[0][0] for model_id, count in counts.items()}
 
 
 RELAYS_KEY = "cocoon.relays"  # subkey = a relay's peer id, value = where (swarm.relay)
@@ -153,10 +156,10 @@ def fetch_evidence(dht: DHT, model_id: str) -> list[tuple[str, "Evidence | str",
     return records
 
 
-def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:
+def fetch_swarm_state(dht: DHT, model_id: str, num_blocks: int, timeout: float = DHT_SECONDS) -> SwarmState:
     """Read every block's records; malformed or inconsistent records are skipped, not trusted."""
     keys = [block_key(model_id, b) for b in range(num_blocks)]
-    return _parse_records(dht_call(dht, partial(_get_many, keys=keys)), keys, num_blocks)
+    return _parse_records(dht_call(dht, partial(_get_many, keys=keys), timeout), keys, num_blocks)
 
 
 async def fetch_swarm_state_async(dht: DHT, model_id: str, num_blocks: int) -> SwarmState:

@@ -13,6 +13,7 @@ records); the monitor reads the swarm every few seconds in a thread of its own a
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -29,6 +30,10 @@ from swarm.monitor_page import PAGE
 HISTORY_SECONDS = 3600
 DEPARTED_SECONDS = 3600  # how long a server that left stays listed
 HISTORY_POINTS = 360  # at most one point every 10 s over the hour
+# the model index is anyone's to write: a reader caps what it reads there, and trusts the servers' block records
+MAX_MODELS = 32
+MAX_BLOCKS = 1024
+READ_SECONDS = 10.0  # one model's read, at most: a slow read keeps the last state and says so
 
 
 class SwarmWatch:
@@ -39,6 +44,7 @@ class SwarmWatch:
         self.state: dict = {"models": [], "updated": None, "history": []}
         self.history: deque = deque()
         self.seen: dict[tuple[str, str], dict] = {}  # (model id, peer id) -> its latest record, with "last_seen"
+        self.known_blocks: dict[str, int] = {}  # model id -> its block count, as its servers' records say
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarm-watch", daemon=True)
         self._thread.start()
@@ -55,14 +61,25 @@ class SwarmWatch:
         models = dict(self.extra_models)
         models.update(fetch_models(self.dht))
         now = time.time()
-        read = [self._model(model_id, blocks, now) for model_id, blocks in sorted(models.items())]
+        read = [self._model(model_id, min(blocks, MAX_BLOCKS), now)
+                for model_id, blocks in sorted(models.items())[:MAX_MODELS]]
+        # a model in the index that no signed server record backs is shown only while servers it had are remembered
+        read = [model for model in read if model["servers"] or model["departed"] or
+                model["model_id"] in dict(self.extra_models)]
         self._remember(now, read)
         return {"updated": now, "models": read, "history": list(self.history),
                 "totals": {"servers_online": sum(m["totals"]["servers_online"] for m in read),
                            "tokens_per_s": sum(m["totals"]["tokens_per_s"] for m in read)}}
 
     def _model(self, model_id: str, num_blocks: int, now: float) -> dict:
-        state = fetch_swarm_state(self.dht, model_id, num_blocks)
+        # the servers' own signed records say how many blocks the model has (the index is only a first guess)
+        num_blocks = self.known_blocks.get(model_id, num_blocks)
+        state = fetch_swarm_state(self.dht, model_id, num_blocks, READ_SECONDS)
+        if state.servers:
+            self.known_blocks[model_id] = min(max(info.end for info in state.servers.values()), MAX_BLOCKS)
+            if self.known_blocks[model_id] != num_blocks:
+                num_blocks = self.known_blocks[model_id]
+                state = fetch_swarm_state(self.dht, model_id, num_blocks, READ_SECONDS)
         servers = [{"peer_id": peer, **info.to_wire(), "reachability": _reachability(info)} for peer, info in
                    sorted(state.servers.items(), key=lambda item: (item[1].start, item[1].public_name, item[0]))]
         online = [s for s in servers if s["state"] == "online"]
@@ -95,10 +112,13 @@ class SwarmWatch:
             del self.seen[key]
 
     def _evidence(self, model_id: str) -> list[dict]:
-        records = [{"digest": digest, "peer_id": evidence.peer_id, "payout": evidence.attestation.server,
-                    "blocks": [evidence.attestation.start, evidence.attestation.end],
-                    "relative_error": evidence.reference_error, "expires": expires}
-                   for digest, evidence, expires in fetch_evidence(self.dht, model_id) if not isinstance(evidence, str)]
+        """Only evidence that its server's own signature makes evidence (anyone may write these records), with
+        every field checked: one bad record must not break the page or the JSON."""
+        records = []
+        for digest, evidence, expires in fetch_evidence(self.dht, model_id):
+            record = _shown_evidence(digest, evidence, expires)
+            if record is not None:
+                records.append(record)
         return sorted(records, key=lambda r: -r["expires"])[:20]
 
     def healthy(self) -> bool:
@@ -107,6 +127,23 @@ class SwarmWatch:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def _shown_evidence(digest: str, evidence, expires) -> dict | None:
+    if isinstance(evidence, str):
+        return None
+    attestation, error = evidence.attestation, evidence.reference_error
+    try:
+        signed = evidence.consistent()  # the attestation verifies against the payout key it names
+    except Exception:  # shapes that do not fit the bytes, and the like
+        return None
+    fields_ok = (isinstance(evidence.peer_id, str) and len(evidence.peer_id) <= 64 and
+                 type(error) in (int, float) and math.isfinite(error) and type(expires) in (int, float) and
+                 math.isfinite(expires) and type(attestation.start) is int and type(attestation.end) is int)
+    if not (signed and fields_ok):
+        return None
+    return {"digest": str(digest)[:80], "peer_id": evidence.peer_id, "payout": str(attestation.server)[:42],
+            "blocks": [attestation.start, attestation.end], "relative_error": float(error), "expires": float(expires)}
 
 
 def _reachability(info) -> str:

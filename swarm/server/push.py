@@ -10,25 +10,70 @@ own copy of each step: when the digests agree the server has nothing more to do,
 previous server pushed something other than what it gave the client) the server undoes the pushed step and
 computes the client's. So a wrong push costs time, never a wrong token, and the client keeps every
 server's input history for failover and spot checks as before.
+
+A route names a peer, never where to dial: a server pushes only to a peer that its own view of the DHT shows
+serving the next block, at the addresses and relay that peer's signed record announces (PushDirectory). A client
+cannot turn a server into a dialer of arbitrary addresses.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
+from typing import Awaitable, Callable
 
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
 from swarm import compact, direct, relay
 from swarm.framing import read_frame, write_frame
+from routing import ServerInfo, ServerState, SwarmState
 from swarm.wire import InferenceStep, InfoReply, PushStep, RemoteError
 
 logger = logging.getLogger(__name__)
 PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped
 MAX_STREAMS = 64        # next servers with an open push stream (the least recently used is closed)
 ACK_BYTES = 1 << 16
+DIRECTORY_SECONDS = 15.0  # how long this server's view of the swarm serves for pushes
+REFRESH_SECONDS = 2.0     # a peer not in the view (a fresh failover replacement) is looked up again at most this often
+
+
+class PushDirectory:
+    """The servers this server may push to, as its own reading of the DHT shows them."""
+
+    def __init__(self, read_state: Callable[[], Awaitable[SwarmState]]):
+        self.read_state = read_state
+        self.state: SwarmState | None = None
+        self.read_at = -float("inf")
+        self._reading = asyncio.Lock()
+
+    async def find(self, peer_id: str, block: int) -> ServerInfo | None:
+        """The record of ``peer_id`` if it is online and serves ``block``; else None (after one fresh look)."""
+        if time.monotonic() - self.read_at > DIRECTORY_SECONDS:
+            await self._refresh()
+        info = self._lookup(peer_id, block)
+        if info is None and time.monotonic() - self.read_at > REFRESH_SECONDS:
+            await self._refresh()
+            info = self._lookup(peer_id, block)
+        return info
+
+    def _lookup(self, peer_id: str, block: int) -> ServerInfo | None:
+        info = self.state.servers.get(peer_id) if self.state is not None else None
+        if info is None or info.state != ServerState.ONLINE or not info.start <= block < info.end:
+            return None
+        return info
+
+    async def _refresh(self) -> None:
+        async with self._reading:
+            if time.monotonic() - self.read_at <= REFRESH_SECONDS:
+                return  # another step refreshed it meanwhile
+            try:
+                self.state = await self.read_state()
+            except Exception as e:  # the DHT failed: the old view stands, and unknown peers get no push
+                logger.info(f"could not read the swarm for pushes ({type(e).__name__}: {e})")
+            self.read_at = time.monotonic()
 
 
 class _PushStream:
@@ -63,22 +108,28 @@ class _PushStream:
 class PushSender:
     """The push streams of one server to the next servers of its clients' chains."""
 
-    def __init__(self, p2p, key):
-        self.p2p, self.key = p2p, key
+    def __init__(self, p2p, key, directory: PushDirectory):
+        self.p2p, self.key, self.directory = p2p, key, directory
         self.streams: OrderedDict[str, _PushStream] = OrderedDict()
         self.refused: set[str] = set()  # route ids the next server refused (the route is dropped)
         self._opening: dict[str, asyncio.Lock] = {}
 
-    async def send(self, route: dict, step: InferenceStep, output, position: int) -> bool:
-        """Push ``output`` (this server's output for ``step``) along ``route``; False when the route is dead."""
+    async def send(self, route: dict, step: InferenceStep, output, position: int, next_block: int) -> bool:
+        """Push ``output`` (this server's output for ``step``) along ``route``, to a peer that serves
+        ``next_block``; False when the route is dead or names a peer the swarm does not show there."""
         if route["id"] in self.refused:
             self.refused.discard(route["id"])
+            return False
+        info = await self.directory.find(route["to"], next_block)
+        if info is None:
+            logger.info(f"not pushing to {route['to']}: this server's view of the swarm does not show it serving "
+                        f"block {next_block}")
             return False
         pushed = PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
                           reorder=step.reorder, position=position, route_id=route["id"])
         try:
             async with asyncio.timeout(PUSH_SECONDS):
-                stream = await self._stream(route)
+                stream = await self._stream(route["to"], info)
                 async with stream.lock:
                     await write_frame(stream.writer, compact.pack_step(pushed) or pushed.pack())
             return True
@@ -89,14 +140,13 @@ class PushSender:
                 stream.close()
             return False
 
-    async def _stream(self, route: dict) -> _PushStream:
-        peer_id = route["to"]
+    async def _stream(self, peer_id: str, info: ServerInfo) -> _PushStream:
         async with self._opening.setdefault(peer_id, asyncio.Lock()):
             stream = self.streams.get(peer_id)
             if stream is not None and not stream.acks.done():
                 self.streams.move_to_end(peer_id)
                 return stream
-            reader, writer = await self._connect(peer_id, route.get("direct", ()), route.get("relay", ""))
+            reader, writer = await self._connect(peer_id, info.direct, info.relay.partition("@")[2])
             self.streams[peer_id] = stream = _PushStream(peer_id, reader, writer, self.refused)
             while len(self.streams) > MAX_STREAMS:
                 self.streams.popitem(last=False)[1].close()

@@ -19,13 +19,13 @@ from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.decode_paths import DecodePlan, get_plan, use_plan
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
-                                make_dht)
+                                fetch_swarm_state_async, make_dht)
 from swarm import event_loop
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.engine import Engine
 from swarm.server.handler import SpanHandler
-from swarm.server.push import PushSender
+from swarm.server.push import PushDirectory, PushSender
 from swarm.server.lora_cache import LoraCache
 from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
@@ -128,7 +128,9 @@ class Server:
         self.metrics = self._metrics()
         self.p2p = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(self.p2p)
-        self.handler.pushes = PushSender(self.p2p, self.dht.private_key)
+        total = self.checkpoint.config.num_hidden_layers
+        self.handler.pushes = PushSender(self.p2p, self.dht.private_key, PushDirectory(
+            lambda: fetch_swarm_state_async(self.dht, self.model_id, total)))
         self.direct = await self._start_direct() if config.direct else None
         self.relaying = await self._check_reachability() if config.direct else None
         self.info.state = ServerState.ONLINE

@@ -104,7 +104,7 @@ class SessionSteps:
                                                  session.lora, past=session.length)
         position = session.advance(step)
         if session.push is not None and server.pushes is not None:  # the next server's input first
-            if await server.pushes.send(session.push, step, output, position):
+            if await server.pushes.send(session.push, step, output, position, session.end):
                 self.push_counts["sent"] += 1
             else:
                 session.push = None
