@@ -286,6 +286,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
                     for m in body.messages]
         if tokenizer.chat_template is None:
             raise APIError(400, f"{model_name} has no chat template: use /v1/completions")
+        _check_characters(sum(len(m["content"]) for m in messages))
         ids = await asyncio.to_thread(lambda: tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"])
         return await _respond(request, body, ids, chat=True)
@@ -298,6 +299,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request", param="prompt")
             prompt = prompt[0]
+        _check_characters(len(prompt))
         ids = await asyncio.to_thread(lambda: tokenizer(prompt, return_tensors="pt").input_ids)
         return await _respond(request, body, ids, chat=False)
 
@@ -306,6 +308,13 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         if body.model not in (None, model_name):
             raise APIError(404, f"this server serves {model_name!r}, not {body.model!r}", code="model_not_found",
                            param="model")
+
+    def _check_characters(characters: int) -> None:
+        """A text far longer than max_length tokens could be is refused before it is tokenized (the tokenizer's
+        tables for a million characters take hundreds of MB)."""
+        if characters > max_length * MAX_CHARACTERS_PER_TOKEN:
+            raise APIError(400, f"the prompt is {characters} characters: far more than this swarm's max_length of "
+                                f"{max_length} tokens can hold", param="messages", code="context_length_exceeded")
 
     def _new_tokens(body: Sampling, prompt_length: int) -> int:
         """max_tokens, or what is left of the swarm's max_length after the prompt; refused past it."""
@@ -395,6 +404,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
 
 
 DEFAULT_MAX_TOKENS = 256
+MAX_CHARACTERS_PER_TOKEN = 16  # well above any tokenizer's average over a prompt (English: about 4)
 HANG_UP_POLL_SECONDS = 0.2
 
 
