@@ -49,6 +49,13 @@ def dht_call(dht: DHT, fn: Callable, timeout: float = DHT_SECONDS, get: dict | N
                 raise TimeoutError(f"the DHT did not answer within {timeout:.0f} s") from None
 
 
+async def replicate_p2p(dht: DHT):
+    """``dht.replicate_p2p()``, bounded like dht_call: hivemind's waits for ever on a DHT process that has stopped
+    (a process-group SIGTERM stops it first)."""
+    from hivemind.p2p import P2P
+    return await P2P.replicate(await in_dht(dht_call, dht, DHT._get_p2p_daemon_listen_maddr))
+
+
 MODELS_KEY = "cocoon.models"  # the index of models: subkey = a server's peer id, value = the model it serves
 
 

@@ -64,12 +64,12 @@ def _attest(self, chain, wire_input, wire_output, start, end):
 _honest_push = push.PushSender.send
 
 
-async def _push(self, route, step, output, position):
+async def _push(self, route, step, output, position, next_block):
     if MISCHIEF == "push_wrong":
         output = output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
     if MISCHIEF == "push_elsewhere":
         route = {**route, "to": os.environ["COCOON_PUSH_TO"], "direct": []}
-    return await _honest_push(self, route, step, output, position)
+    return await _honest_push(self, route, step, output, position, next_block)
 
 
 push.PushSender.send = _push

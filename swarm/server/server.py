@@ -19,7 +19,7 @@ from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.decode_paths import DecodePlan, get_plan, use_plan
 from shards.throughput import cached_throughput, get_throughput
 from swarm.dht_records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
-                                fetch_swarm_state_async, make_dht)
+                                fetch_swarm_state_async, make_dht, replicate_p2p)
 from swarm import event_loop
 from swarm.direct import DirectServer
 from swarm.server.config import ServerConfig
@@ -64,6 +64,10 @@ class Server:
         try:
             self._start()
             event_loop.run(self._serve())
+        except DHTStopped:
+            if not getattr(self, "stop", None) or not self.stop.is_set():
+                raise
+            print("Server stopped (signalled while starting)", flush=True)  # the group's signal stopped the DHT first
         finally:
             if self.dht is not None:
                 self.dht.shutdown()
@@ -126,7 +130,7 @@ class Server:
                                    payments=self.payments, adapters=self.adapters,
                                    lora_cache=LoraCache(config.lora_cache_bytes), quotas=config.quotas)
         self.metrics = self._metrics()
-        self.p2p = await self.dht.replicate_p2p()
+        self.p2p = await replicate_p2p(self.dht)
         await self.handler.add_p2p_handlers(self.p2p)
         total = self.checkpoint.config.num_hidden_layers
         self.handler.pushes = PushSender(self.p2p, self.dht.private_key, PushDirectory(
