@@ -50,6 +50,37 @@ class APIError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
+class Gate:
+    """What is refused before a request reaches its route: a missing or wrong API key, then a body without its
+    Content-Length (h11 holds a body to it) or over the cap, which is then never read. Plain ASGI: Starlette's
+    BaseHTTPMiddleware delays a route's view of its caller hanging up by seconds."""
+
+    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+        self.app, self.api_key, self.max_request_bytes = app, api_key, max_request_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> "APIError | None":
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        if self.api_key and scope["path"].startswith("/v1/") and \
+                headers.get("authorization", "") != f"Bearer {self.api_key}":
+            return APIError(401, "a missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
+                            "invalid_api_key")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length is None or not length.isdigit():
+                return APIError(411, "a request body needs its Content-Length", code="length_required")
+            if int(length) > self.max_request_bytes:
+                return APIError(413, f"the request body is {int(length)} bytes; at most {self.max_request_bytes} are "
+                                     f"accepted", code="request_too_large")
+        return None
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -250,26 +281,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         return APIError(error.status_code, message.get(error.status_code, str(error.detail)),
                         code="not_found" if error.status_code == 404 else None).response()
 
-    @app.middleware("http")
-    async def body_cap(request: Request, call_next):
-        """The body is refused before it is read: its declared length over the cap, or no length declared (h11
-        holds a body to its Content-Length)."""
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return APIError(411, "a request body needs its Content-Length", code="length_required").response()
-            if int(length) > max_request_bytes:
-                return APIError(413, f"the request body is {int(length)} bytes; at most {max_request_bytes} are "
-                                     f"accepted", code="request_too_large").response()
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization", "") != f"Bearer {api_key}":
-            return APIError(401, "a missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
-                            "invalid_api_key").response()
-        return await call_next(request)
+    app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes)
 
     @app.get("/health")
     async def health():
