@@ -1,5 +1,6 @@
 """No orphans: a `cocoon` command signalled at any moment after it starts leaves no DHT process and no p2p
 daemon behind."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,8 +84,9 @@ def group_signalled_at(args, line: str, grace: float, before_signal=None, leave_
     """Start `cocoon ARGS` as a process group of its own (as systemd or `timeout` do), and SIGTERM the whole group
     as soon as it prints a line starting with ``line`` (``leave_first``: once it is ready, SIGTERM its main process
     first, then the group when it prints ``line``); (seconds it took to exit, what of it was left, its output)."""
+    # stdin stays open (`cocoon chat` would end at once on an empty one, as under CI)
     process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True, start_new_session=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
@@ -92,7 +94,11 @@ def group_signalled_at(args, line: str, grace: float, before_signal=None, leave_
     def wait_for(start: str) -> None:
         deadline = time.monotonic() + 120
         while not any(text.startswith(start) for text in list(output)):
-            assert time.monotonic() < deadline and process.poll() is None, "".join(output)
+            if process.poll() is not None:  # it ended by itself (`cocoon status` does): its output is all there
+                reader.join(5)
+                assert start == "" or any(text.startswith(start) for text in output), "".join(output)
+                return
+            assert time.monotonic() < deadline, "".join(output)
             time.sleep(0.01)
 
     if leave_first:
@@ -103,7 +109,8 @@ def group_signalled_at(args, line: str, grace: float, before_signal=None, leave_
     wait_for(line)
     if before_signal is not None and not leave_first:
         before_signal()
-    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     signalled = time.monotonic()
     try:
         process.wait(timeout=grace + 30)
