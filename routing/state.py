@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -144,6 +145,10 @@ class SwarmState:
 
     def online(self) -> dict[str, ServerInfo]:
         return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}
+
+    def model_names(self) -> list[str]:
+        """The names its servers announce for the model, the most common first (names are for people only)."""
+        return [name for name, _ in Counter(i.model_name for i in self.servers.values() if i.model_name).most_common()]
 
     def holders(self, block: int) -> list[str]:
         return [peer for peer, info in self.online().items() if info.start <= block < info.end]

@@ -30,9 +30,13 @@ class Throughput:
         return Throughput(self.decode_tokens_per_s / num_blocks, self.prefill_tokens_per_s / num_blocks)
 
 
+def cache_dir() -> Path:
+    """Where cocoon keeps what it measured and remembers on this machine ($COCOON_CACHE_DIR)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "cocoon"))
+
+
 def cache_path() -> Path:
-    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "cocoon"))
-    return root / "throughput.json"
+    return cache_dir() / "throughput.json"
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import Sequence
 
 from fastapi import FastAPI
@@ -91,8 +91,8 @@ class SwarmWatch:
         departed = sorted((record for (mid, peer), record in self.seen.items() if mid == model_id and
                            peer not in current and now - record["last_seen"] < DEPARTED_SECONDS),
                           key=lambda record: -record["last_seen"])
-        names = Counter(s["model_name"] for s in servers if s["model_name"])
-        return {"model_id": model_id, "name": names.most_common(1)[0][0] if names else "",
+        names = state.model_names()
+        return {"model_id": model_id, "name": names[0] if names else "",
                 "names_disagree": len(names) > 1, "num_blocks": num_blocks, "servers": servers,
                 "departed": departed, "holders": holders, "missing_blocks": state.missing_blocks(),
                 "evidence": self._evidence(model_id),

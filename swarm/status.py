@@ -1,14 +1,12 @@
 """A text table of which servers hold which blocks; a block nobody holds stands out."""
 from __future__ import annotations
 
-from collections import Counter
-
 from routing import SwarmState
 
 
 def format_status(state: SwarmState, model_id: str) -> str:
-    names = Counter(info.model_name for info in state.servers.values() if info.model_name)
-    name = f" ({names.most_common(1)[0][0]}, as its servers announce it)" if names else ""
+    names = state.model_names()
+    name = f" ({names[0]}, as its servers announce it)" if names else ""
     lines = [f"model {model_id}{name}: {state.num_blocks} blocks, {len(state.online())} servers online"]
     peers = sorted(state.servers, key=lambda p: (state.servers[p].start, p))
     header = f"{'server':<20} {'name':<12} {'state':<8} {'reached':<8} {'blocks':<9} {'tok/s':>8} {'sessions':>8}  "

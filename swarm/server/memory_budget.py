@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import psutil
 
 from shards.memory import BlockCost, gb
+from shards.throughput import cache_dir
 
 MARGIN_FRACTION = 0.05  # of the limit, kept for activations and the allocator's slack
 MIN_MARGIN = 128 * 2**20  # what a server grows by after it chose (its p2p and direct listeners, sessions)
@@ -91,8 +92,7 @@ class MemoryClaims:
     reserved but did not fill yet. A claim lives as long as its process (dead processes' claims are dropped)."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or Path(os.environ.get("COCOON_CACHE_DIR", Path.home() / ".cache" / "cocoon")) / \
-            "memory-claims.json"
+        self.path = path or cache_dir() / "memory-claims.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.me = str(os.getpid())
 
