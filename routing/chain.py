@@ -3,6 +3,8 @@
 A chain covers blocks [start, end) in order with no gap; a server may be entered in the middle of its
 span and left before its end. The cost of a chain is the expected time per token: for every hop, the
 round trip to that server, plus the compute of the blocks it runs at its throughput, slowed by its load.
+What the client measured counts instead of what a server announces; once it has measured a few servers,
+an unmeasured one counts as no faster than its typical measured one (an announced speed is a claim).
 The cheapest chain is found by dynamic programming over blocks in O(blocks x servers per block).
 """
 from __future__ import annotations
@@ -12,9 +14,10 @@ import random
 from dataclasses import dataclass
 from typing import Collection
 
-from routing.state import ServerInfo, SwarmState
+from routing.state import ServerInfo, ServerState, SwarmState
 
 DEFAULT_RTT = 0.05  # seconds, for a server this client has not measured yet
+TRUST_AFTER = 5  # measured servers before unmeasured claims are held to the typical measured speed
 
 
 class NoChainError(LookupError):
@@ -47,14 +50,20 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
     With ``adapter``, only servers that serve that LoRA adapter are used."""
     end = state.num_blocks if end is None else end
     rng = rng or random.Random()
-    servers = {peer: info for peer, info in state.online().items() if peer not in banned and info.end > start
-               and info.start < end and (adapter is None or adapter in info.adapters)}
-    hop = {peer: state.rtt.get(peer, DEFAULT_RTT) / (batch_tokens if training else 1) for peer in servers}
-    # a tiny random factor per server breaks ties between equivalent servers at random
-    per_block = {peer: block_seconds(info, training=training, measured=state.block_seconds.get(peer))
-                 * (1 + 1e-9 * rng.random()) for peer, info in servers.items()}
+    servers = {peer: info for peer, info in state.servers.items() if info.state == ServerState.ONLINE
+               and info.end > start and info.start < end and peer not in banned
+               and (adapter is None or adapter in info.adapters)}
+    scale = batch_tokens if training else 1
+    hop = {peer: state.rtt.get(peer, DEFAULT_RTT) / scale for peer in servers}
+    # a server this client has not measured counts as no faster than its typical measured one: a claim is
+    # trusted only after the client has seen it
+    typical = None if training else _typical_seconds(state)
+    measured = state.block_seconds
+    per_block = {peer: _seconds(info, measured.get(peer), training, typical) for peer, info in servers.items()}
     by_block: list[list[str]] = [[] for _ in range(end)]
-    for peer, info in servers.items():
+    for peer in _fastest_per_span(servers, hop, per_block):
+        per_block[peer] *= 1 + 1e-9 * rng.random()  # breaks ties between equal servers at random
+        info = servers[peer]
         for block in range(max(info.start, start), min(info.end, end)):
             by_block[block].append(peer)
 
@@ -90,13 +99,35 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
     return chain[::-1]
 
 
+def _seconds(info: ServerInfo, measured: float | None, training: bool, typical: float | None) -> float:
+    seconds = block_seconds(info, training=training, measured=measured)
+    return seconds if measured is not None or typical is None else max(seconds, typical)
+
+
+def _typical_seconds(state: SwarmState) -> float | None:
+    """The median of this client's measurements, once it has measured TRUST_AFTER servers."""
+    measured = sorted(state.block_seconds.values())
+    return measured[len(measured) // 2] if len(measured) >= TRUST_AFTER else None
+
+
+def _fastest_per_span(servers: dict[str, ServerInfo], hop: dict[str, float], per_block: dict[str, float]) -> list[str]:
+    """The servers that some chain could prefer: of servers with the same span, one slower per block and no
+    nearer than another is never chosen (the other does any part of its work for less); equals all stay.
+    With thousands of servers over a few hundred distinct spans, the search then looks at a few per span."""
+    fronts: dict[tuple[int, int], list[str]] = {}
+    for peer in sorted(servers, key=hop.__getitem__):
+        front = fronts.setdefault((servers[peer].start, servers[peer].end), [])
+        if not front or per_block[peer] <= per_block[front[-1]]:
+            front.append(peer)
+    return [peer for front in fronts.values() for peer in front]
+
+
 def chain_seconds(state: SwarmState, chain: list[ChainLink]) -> float:
     """Expected seconds per token of a chain under the same model as ``make_chain``."""
-    total = 0.0
+    total, typical = 0.0, _typical_seconds(state)
     for link in chain:
-        info = state.servers[link.peer_id]
-        total += state.rtt.get(link.peer_id, DEFAULT_RTT) + (link.end - link.start) * block_seconds(
-            info, measured=state.block_seconds.get(link.peer_id))
+        seconds = _seconds(state.servers[link.peer_id], state.block_seconds.get(link.peer_id), False, typical)
+        total += state.rtt.get(link.peer_id, DEFAULT_RTT) + (link.end - link.start) * seconds
     return total
 
 

@@ -190,3 +190,57 @@ def test_server_records_name_their_relay_as_peer_id_at_an_ip_literal():
                 "not a peer id@10.0.0.1:1", "QmPxaP3UVDpvpWT4SqqStqNejtCLapi16AAkqcVtDcKbUP@10.0.0.1:0", 7]:
         with pytest.raises(ValueError):
             ServerInfo.from_wire({**record, "relay": bad})
+
+
+def test_dropping_servers_beaten_on_their_own_span_never_changes_the_cost_of_the_chain(monkeypatch):
+    import routing.chain
+    rng = random.Random(5)
+    for trial in range(100):
+        servers = {}
+        for i in range(rng.randint(5, 60)):  # few distinct spans, so that many servers share one
+            a = rng.choice([0, 4, 8])
+            servers[f"s{i}"] = server(a, a + rng.choice([4, 8]), rng.uniform(1, 100))
+        servers.update({f"fill{b}": server(b, b + 1, 0.5) for b in range(16)})
+        swarm = state(16, **servers)
+        swarm.rtt = {p: rng.uniform(0.001, 0.2) for p in servers if rng.random() < 0.8}
+        reduced = chain_seconds(swarm, make_chain(swarm, rng=random.Random(trial)))
+        with monkeypatch.context() as patch:
+            patch.setattr(routing.chain, "_fastest_per_span", lambda servers, hop, per_block: list(servers))
+            full = chain_seconds(swarm, make_chain(swarm, rng=random.Random(trial)))
+        assert reduced == pytest.approx(full, rel=1e-6)
+
+
+def test_an_unmeasured_server_counts_as_no_faster_than_the_typical_measured_one():
+    measured = {f"m{i}": server(0, 2) for i in range(5)}
+    swarm = state(2, **measured, fast=server(0, 2), liar=server(0, 2, throughput=1e6))
+    swarm.rtt = {p: 0.01 for p in swarm.servers}
+    swarm.block_seconds = {"m0": 0.010, "m1": 0.012, "m2": 0.014, "fast": 0.005}
+    assert make_chain(swarm)[0].peer_id == "liar"  # 4 measured: its claim still counts
+    swarm.block_seconds["m3"] = 0.016  # 5 measured (typical 0.012): the claim counts for no more than that
+    assert {make_chain(swarm)[0].peer_id for _ in range(20)} == {"fast"}
+
+
+def test_placement_counts_a_claim_as_at_most_a_few_times_the_median_server():
+    from routing.placement import CLAIM_CAP, block_throughput
+    swarm = state(8, a=server(0, 4, 10.0), b=server(0, 4, 10.0), c=server(4, 8, 10.0), liar=server(4, 8, 1000.0))
+    assert block_throughput(swarm) == [20.0] * 4 + [10.0 + CLAIM_CAP * 10.0] * 4
+    assert choose_span(swarm, 4) == (0, 4)
+
+
+def test_simulated_liars_and_nat_with_and_without_the_defences(monkeypatch):
+    import routing.chain
+    import routing.placement
+    from routing.simulate import simulate
+
+    def run():
+        return simulate(servers=1000, blocks=80, hours=1, nat=0.3, liars=0.05, progress=False)
+    defended = run()
+    monkeypatch.setattr(routing.placement, "CLAIM_CAP", float("inf"))
+    monkeypatch.setattr(routing.chain, "TRUST_AFTER", 10 ** 9)
+    exposed = run()
+    assert defended.unserved == exposed.unserved == 0
+    # the harm liars do is to placement: others leave their blocks, which then carry less than the claims say
+    assert defended.steady_ratio() > exposed.steady_ratio() + 0.05
+    assert all(r["throughput"] <= r["bound"] + 1e-9 for r in defended.rows)
+    # once measured, they get no more of the clients' traffic than their real capacity merits
+    assert defended.liar_traffic_ratio() <= min(1.2, exposed.liar_traffic_ratio())
