@@ -50,20 +50,10 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
     With ``adapter``, only servers that serve that LoRA adapter are used."""
     end = state.num_blocks if end is None else end
     rng = rng or random.Random()
-    servers = {peer: info for peer, info in state.servers.items() if info.state == ServerState.ONLINE
-               and info.end > start and info.start < end and peer not in banned
-               and (adapter is None or adapter in info.adapters)}
-    scale = batch_tokens if training else 1
-    hop = {peer: state.rtt.get(peer, DEFAULT_RTT) / scale for peer in servers}
-    # a server this client has not measured counts as no faster than its typical measured one: a claim is
-    # trusted only after the client has seen it
-    typical = None if training else _typical_seconds(state)
-    measured = state.block_seconds
-    per_block = {peer: _seconds(info, measured.get(peer), training, typical) for peer, info in servers.items()}
+    servers, hop, per_block = _candidates(state, start, end, banned, training, batch_tokens, adapter)
     by_block: list[list[str]] = [[] for _ in range(end)]
-    for peer in _fastest_per_span(servers, hop, per_block):
+    for peer, info in servers.items():
         per_block[peer] *= 1 + 1e-9 * rng.random()  # breaks ties between equal servers at random
-        info = servers[peer]
         for block in range(max(info.start, start), min(info.end, end)):
             by_block[block].append(peer)
 
@@ -110,16 +100,51 @@ def _typical_seconds(state: SwarmState) -> float | None:
     return measured[len(measured) // 2] if len(measured) >= TRUST_AFTER else None
 
 
-def _fastest_per_span(servers: dict[str, ServerInfo], hop: dict[str, float], per_block: dict[str, float]) -> list[str]:
-    """The servers that some chain could prefer: of servers with the same span, one slower per block and no
-    nearer than another is never chosen (the other does any part of its work for less); equals all stay.
-    With thousands of servers over a few hundred distinct spans, the search then looks at a few per span."""
-    fronts: dict[tuple[int, int], list[str]] = {}
-    for peer in sorted(servers, key=hop.__getitem__):
-        front = fronts.setdefault((servers[peer].start, servers[peer].end), [])
-        if not front or per_block[peer] <= per_block[front[-1]]:
-            front.append(peer)
-    return [peer for front in fronts.values() for peer in front]
+def _candidates(state: SwarmState, start: int, end: int, banned: Collection[str], training: bool,
+                batch_tokens: int, adapter: str | None):
+    """The servers some chain could prefer, with their hop and per-block seconds. Of servers with the same
+    span, one slower per block and no nearer than another is never chosen (the other does any part of its
+    work for less), so only each span's front stays: with thousands of servers over a few hundred spans, the
+    search looks at a few per span. A server this client has not measured counts as no faster than its
+    typical measured one: a claim is trusted only after the client has seen it."""
+    scale = batch_tokens if training else 1
+    typical = None if training else _typical_seconds(state)
+    rtt, measured = state.rtt, state.block_seconds
+    spans: dict[tuple[int, int], list[tuple]] = {}
+    online, rtt_of, measured_of = ServerState.ONLINE, rtt.get, measured.get
+    for peer, info in state.servers.items():  # the hot loop at 10,000 servers: block_seconds() written out
+        if info.state is not online or info.end <= start or info.start >= end or peer in banned or (
+                adapter is not None and adapter not in info.adapters):
+            continue
+        seconds = None if training else measured_of(peer)
+        if seconds is None:
+            if training:
+                seconds = block_seconds(info, training=True)
+            else:
+                load = 1.0 + info.sessions / info.max_sessions if info.max_sessions else 1.0
+                seconds = load / (max(info.throughput, 1e-9) * (info.end - info.start))
+                seconds = seconds if typical is None or seconds >= typical else typical
+        span = (info.start, info.end)
+        entry = (rtt_of(peer, DEFAULT_RTT) / scale, seconds, peer, info)
+        if span in spans:
+            spans[span].append(entry)
+        else:
+            spans[span] = [entry]
+    kept = [entry for entries in spans.values() for entry in _front(entries)]
+    return ({entry[2]: entry[3] for entry in kept}, {entry[2]: entry[0] for entry in kept},
+            {entry[2]: entry[1] for entry in kept})
+
+
+def _front(entries: list[tuple]) -> list[tuple]:
+    """Of one span's (hop, seconds, peer, info), those that no other beats on both hop and seconds (equals all
+    stay)."""
+    if len(entries) == 1:
+        return entries
+    front = []
+    for entry in sorted(entries):  # by hop, then seconds
+        if not front or entry[1] < front[-1][1] or entry[:2] == front[-1][:2]:
+            front.append(entry)
+    return front
 
 
 def chain_seconds(state: SwarmState, chain: list[ChainLink]) -> float:
