@@ -5,7 +5,7 @@ over an 80-block model with churn.
 
 1. --servers (1000) honest servers: bottleneck placement against random placement of the same servers.
 2. --large (10000) servers, 30% behind NAT (reached through a relay: one more leg), 5% announcing 10x their
-   real throughput; with the defences (placement counts a claim as at most 3x the median server, a client
+   real throughput; with the defences (placement counts a claim as at most 2.5x the median server, a client
    holds an unmeasured server to its typical measured speed) and without them, same seed.
 """
 import argparse

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from routing.state import ServerInfo, SwarmState
 
-CLAIM_CAP = 3.0
+CLAIM_CAP = 2.5
 
 
 def claim_cap(state: SwarmState) -> float:

@@ -29,10 +29,11 @@ def tiny_config(family: str = "llama", *, hidden_size: int = 64, num_hidden_laye
     if family == "gemma3_text" and extra.get("layer_types") is None:
         extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
                                 for i in range(num_hidden_layers)]
+    extra = {"max_position_embeddings": 1024, **extra}
     return CONFIGS[family](
         hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
-        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
 
 
 def save_random_checkpoint(path: str | Path, family: str = "llama", *, seed: int = 0,

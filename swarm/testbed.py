@@ -19,6 +19,7 @@ killed run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -158,5 +159,9 @@ def _up(ns: str, device: str, address: str) -> None:
 def _remove_namespaces() -> None:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     for name in listed:
-        if name.startswith(f"{PREFIX}-"):
+        if name.startswith(f"{PREFIX}-"):  # what still runs inside (a killed run's servers, delays) goes first
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
