@@ -4,7 +4,7 @@
         [--ids 1,2,3] [--prompt-lookup N | --self-draft N | --half-draft N]
 
 Prints one JSON line: seconds per token of greedy generate() (batch 1, a 16-token prompt), one figure per
-repeat, after a warm-up (--ids: that prompt instead; --prompt-lookup, --self-draft, --half-draft: transformers'
+repeat, after a warm-up, and the tokens generated (--ids: that prompt instead; --prompt-lookup, --self-draft, --half-draft: transformers'
 assisted generation, drafting N tokens from the prompt, with the model's own weights, or with its last block's
 MLP doubled, as bench/push.py --speculative drafts); with --layers also the seconds of one decode step of the model's decoder layers
 alone (transformers' own layers, as a span of all blocks computes them), median of 20. Torch's defaults:
@@ -54,6 +54,7 @@ def main() -> None:
             sync()
             assert out.shape[1] == ids.shape[1] + args.new_tokens
             result["generate_s_per_token"].append((time.perf_counter() - started) / args.new_tokens)
+        result["tokens"] = out[0].tolist()  # what the benches compare their own generations with
         if args.layers:
             result["layers_step_s"] = layers_step(model, sync)
     print(json.dumps(result), flush=True)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
-import ctypes
 import threading
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from swarm.event_loop import new_event_loop
 
@@ -83,48 +81,6 @@ def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
     except BaseException:  # a timeout, or KeyboardInterrupt: the coroutine does not go on by itself
         future.cancel()
         raise
-
-
-def off_main_thread(fn: Callable[..., T], *args, **kwargs) -> T:
-    """``fn(*args, **kwargs)``, called from the main thread, in a thread of its own while the main thread waits
-    (from any other thread: right there). uvloop run by the main thread sets its signal handling up and takes it
-    down around every run (a socket pair, the wakeup fd), about 0.06 ms each way on a decode step's cold
-    caches: generate() runs its whole loop of steps this way (bench/RESULTS.md, "sixth pass"). Thread-local
-    state goes with the call only as far as contextvars do: transformers' generate() sets its own grad mode.
-    Ctrl-C, raised in the main thread, is raised in that thread too: its ``finally`` blocks run (a session
-    closes and pays its servers) before the main thread raises KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        return fn(*args, **kwargs)
-    outcome: dict[str, Any] = {}
-    context = contextvars.copy_context()
-    done = threading.Event()  # (not Thread.join: on Python 3.11 a join interrupted by Ctrl-C forgets the thread)
-
-    def call() -> None:
-        try:
-            outcome["result"] = context.run(fn, *args, **kwargs)
-        except BaseException as e:  # the main thread raises it
-            outcome["error"] = e
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=call, name="cocoon-main", daemon=True)  # (daemon: a second Ctrl-C leaves it)
-    worker.start()
-    try:
-        done.wait()
-    except KeyboardInterrupt:
-        _interrupt(worker)
-        done.wait()
-        raise
-    if "error" in outcome:
-        raise outcome.pop("error")
-    return outcome["result"]
-
-
-def _interrupt(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt in ``thread`` (at its next Python instruction), and wake the loop in case that
-    thread waits in it."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
-    call_soon(lambda: None)
 
 
 def _drive_until(loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future, timeout: float | None):

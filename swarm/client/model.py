@@ -88,18 +88,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        # (the open session, if any, is the calling thread's: it goes along to the thread that generates)
-        return loop.off_main_thread(self._generate_with, self._session, inputs, *args, **kwargs)
-
-    def _generate_with(self, session: InferenceSession | None, inputs: torch.Tensor | None, *args, **kwargs):
-        mine = self._session
-        self._session = session
-        try:
-            return self._generate(inputs, *args, **kwargs)
-        finally:
-            self._session = mine
-
-    def _generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         if self._session is not None:  # continue it: generate() feeds only what the servers have not seen
             kwargs.setdefault("cache", SessionCache(self._session, self.pre_seq_len))
             ids = inputs if inputs is not None else kwargs.get("input_ids")
@@ -116,7 +104,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         # prompt lookup may verify drafted tokens past max_length (transformers then keeps only those within it)
         drafts = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
         with self.inference_session(max_length=max_length + drafts + self.pre_seq_len):
-            return self._generate(inputs, *args, **kwargs)
+            return self.generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
                                       cache=None, **kwargs):
