@@ -30,21 +30,10 @@ import time
 
 import torch
 
+from push import Clock  # bench/push.py, beside this script: a streamer noting when each token came
+
 HIDDEN, BLOCKS, VOCAB = 256, 16, 32000
 METRICS_PORT = 9400
-
-
-class TokenTimes:
-    """A streamer: when the prompt went in and when each new token came."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def client(path: str, peers: list[str], new_tokens: int, prompt: int, repeats: int) -> None:
@@ -62,7 +51,7 @@ def client(path: str, peers: list[str], new_tokens: int, prompt: int, repeats: i
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False)
         for _ in range(repeats):
-            times = TokenTimes()
+            times = Clock()
             with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
                 out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                                      streamer=times)
@@ -75,7 +64,7 @@ def client(path: str, peers: list[str], new_tokens: int, prompt: int, repeats: i
                 result["decode_ms"].append(1000 * (times.times[-1] - times.times[1]) / (new_tokens - 1))
             result["same"] = result["same"] and torch.equal(out, expected)
         for _ in range(repeats):
-            times = TokenTimes()
+            times = Clock()
             with model.inference_session(max_length=prompt + 1) as session:
                 model.generate(long_ids, max_new_tokens=1, do_sample=False, eos_token_id=None, streamer=times)
                 vias = {s.stream.via for s in session._sessions}
