@@ -143,3 +143,27 @@ def test_ctrl_c_while_the_main_thread_drives_the_loop_lets_a_generation_clean_up
     assert time.perf_counter() - started < 3
     assert seen["raised"] is KeyboardInterrupt and seen["closed"] == main
     assert loop.run(whose_thread()) == main  # and the main thread drives the loop again
+
+
+def test_ctrl_c_at_any_moment_stops_the_call_and_leaves_the_loop_usable():
+    """SIGINT lands wherever the main thread happens to be: in a coroutine, between calls, or in the event
+    loop's own start-up code. Each time the caller gets KeyboardInterrupt and the next call runs (a
+    KeyboardInterrupt inside uvloop's start-up used to leave it "already running" for good: CI saw it once,
+    this loop of short calls hit it within two interrupts)."""
+    import os
+    import random
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    rng = random.Random(1)
+    try:
+        for _ in range(100):
+            timer = threading.Timer(rng.uniform(0.0005, 0.01), os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                while True:
+                    loop.run(asyncio.sleep(0))
+            timer.join()
+            assert loop.run(whose_thread()) == threading.get_ident()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -152,7 +152,7 @@ def test_default_16bit_wire_stays_close(swarm_and_models):
 
 
 def test_ctrl_c_stops_generate_and_the_model_generates_on(swarm_and_models):
-    """generate() runs in a thread of its own (swarm.client.loop.off_main_thread): Ctrl-C in the main thread
+    """generate() runs the client loop on the caller's thread: Ctrl-C in the main thread
     still stops it, with its session closed, and the next generate() equals transformers again."""
     import os
     import signal

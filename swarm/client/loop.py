@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
 import threading
 import time
 from typing import Awaitable, Callable, TypeVar
@@ -55,6 +56,14 @@ def background_loop() -> asyncio.AbstractEventLoop:
 
 def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
     """Run a coroutine on the loop and wait for its result (at most ``timeout`` seconds: then TimeoutError)."""
+    with _CtrlC() as ctrl_c:
+        result = _run(coroutine, timeout, ctrl_c)
+        if ctrl_c.pressed:  # the coroutine swallowed its cancellation: the caller still asked to stop
+            raise KeyboardInterrupt
+        return result
+
+
+def _run(coroutine: Awaitable[T], timeout: float | None, ctrl_c: _CtrlC) -> T:
     global _driver
     loop = event_loop()
     if _background is None:
@@ -66,6 +75,7 @@ def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
             task = None
             try:
                 task = loop.create_task(coroutine if timeout is None else asyncio.wait_for(coroutine, timeout))
+                ctrl_c.cancels(lambda: loop.call_soon_threadsafe(task.cancel))
                 return loop.run_until_complete(task)
             except BaseException:  # a timeout, or KeyboardInterrupt: the coroutine does not go on by itself
                 if task is not None:
@@ -74,6 +84,7 @@ def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
             finally:
                 _hand_over()
     future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    ctrl_c.cancels(future.cancel)
     try:
         if _background is not None:
             return future.result(timeout)
@@ -81,6 +92,44 @@ def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
     except BaseException:  # a timeout, or KeyboardInterrupt: the coroutine does not go on by itself
         future.cancel()
         raise
+
+
+class _CtrlC:
+    """While the main thread waits in ``run``, Ctrl-C cancels the call instead of raising wherever the thread
+    happens to be (as ``asyncio.Runner`` does): a KeyboardInterrupt that lands in the event loop's own code
+    leaves it marked as running, and every later call fails with "this event loop is already running".
+    The call then raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._cancel: Callable[[], object] | None = None
+        self._installed = threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def cancels(self, cancel: Callable[[], object]) -> None:
+        self._cancel = cancel
+        if self.pressed:
+            cancel()
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.pressed:  # a second Ctrl-C while the call winds down: interrupt at once
+            raise KeyboardInterrupt
+        self.pressed = True
+        if self._cancel is not None:
+            self._cancel()
+
+    def __enter__(self) -> _CtrlC:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.pressed and kind is not None and issubclass(kind, (asyncio.CancelledError,
+                                                                   concurrent.futures.CancelledError)):
+            raise KeyboardInterrupt from None
+        return False
 
 
 def _drive_until(loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future, timeout: float | None):
