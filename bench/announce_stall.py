@@ -20,7 +20,7 @@ import tempfile
 CLIENT = r'''
 import json, sys, time, torch
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 path, period, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with LocalSwarm(path, [(0, 4), (4, 8)], server_args=["--announce-period", period]) as swarm:
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)

@@ -27,7 +27,7 @@ def main() -> None:
     from shards.testing import save_random_checkpoint
     from swarm.client import loop
     from swarm.client.swarm_client import SwarmClient
-    from swarm.local_swarm import LocalSwarm, SwarmProcess
+    from swarm.apps.local_swarm import LocalSwarm, SwarmProcess
 
     directory = tempfile.TemporaryDirectory()
     path = directory.name

@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from shards.testing import save_random_checkpoint
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, "llama", hidden_size=args.hidden, intermediate_size=args.intermediate,

@@ -105,7 +105,7 @@ def swarm_runs(root: str, names: list[str], servers_counts: list[int], repeats: 
     from transformers import AutoModelForCausalLM
 
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     rows = []
     for name in names:
@@ -153,7 +153,7 @@ def concurrent_clients(root: str, repeats: int, new_tokens: int, clients: int = 
     sys.path.insert(0, str(HERE))
     from batching import run_clients
 
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     path = write_checkpoint(root, "2048x4")
     generator = torch.Generator().manual_seed(0)

@@ -37,7 +37,7 @@ def run(args):
 
     from shards.testing import save_random_checkpoint
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,

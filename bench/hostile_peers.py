@@ -43,8 +43,8 @@ def main():
     from swarm import AutoDistributedModelForCausalLM
     from swarm.client import loop
     from swarm.client.swarm_client import SwarmClient
-    from swarm.local_swarm import LocalSwarm
-    from swarm.wire import InferenceStep, RemoteError, SpanRequest, pack_tensor
+    from swarm.apps.local_swarm import LocalSwarm
+    from swarm.wire.messages import InferenceStep, RemoteError, SpanRequest, pack_tensor
 
     directory = tempfile.TemporaryDirectory()  # removed when main() returns
     tmp = directory.name

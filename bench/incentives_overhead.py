@@ -45,7 +45,7 @@ def main():
     from incentives.vouchers import Verdict, Voucher, sign
     from shards.testing import save_random_checkpoint
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     os.environ["COCOON_PASSPHRASE"] = "bench"
     rows = []

@@ -1,4 +1,4 @@
-"""Decode ms/token and a long prompt's prefill through chains of servers on the testbed (swarm/testbed.py), each
+"""Decode ms/token and a long prompt's prefill through chains of servers on the testbed (swarm/net/testbed.py), each
 against its physical bound on the same network. Root only (network namespaces).
 
     python bench/internet.py [--chains 4 8] [--delay-ms 25] [--upload-mbit 20] [--new-tokens 32] [--prompt 2000]
@@ -103,8 +103,8 @@ def prefill_block_seconds(path: str, prompt: int) -> float:
 
 
 def measure_chain(path: str, k: int, args) -> dict:
-    from swarm.local_swarm import LocalSwarm
-    from swarm.testbed import Host, Testbed
+    from swarm.apps.local_swarm import LocalSwarm
+    from swarm.net.testbed import Host, Testbed
 
     servers = [f"s{i}" for i in range(k)]
     hosts = [Host("dht"), Host("client", args.delay_ms, args.upload_mbit)] + \

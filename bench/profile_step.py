@@ -30,13 +30,13 @@ STAGES = [
                         "_worker (concurrent"]),
     ("compute: the blocks (torch)", ["shards/span.py", "shards/families.py", "transformers/models/"]),
     ("compute: client modules, sampling", ["shards/client_modules.py", "transformers/generation/"]),
-    ("wire: pack (protobuf, msgpack, tensors)", ["pack (swarm/wire.py", "serialize_torch_tensor", "pack_metadata",
+    ("wire: pack (protobuf, msgpack, tensors)", ["pack (swarm/wire/messages.py", "serialize_torch_tensor", "pack_metadata",
                                                  "SerializeToString"]),
-    ("wire: parse (protobuf, msgpack, tensors)", ["parse (swarm/wire.py", "deserialize_torch_tensor",
+    ("wire: parse (protobuf, msgpack, tensors)", ["parse (swarm/wire/messages.py", "deserialize_torch_tensor",
                                                   "unpack_metadata", "ParseFromString"]),
     ("attestations, receipts, payments", ["incentives/", "attestation", "payments.py"]),
-    ("stream I/O (asyncio, framing, TLS)", ["swarm/framing.py", "asyncio/streams.py", "asyncio/sslproto.py",
-                                            "asyncio/selector_events.py", "swarm/direct.py", "ssl.py"]),
+    ("stream I/O (asyncio, framing, TLS)", ["swarm/wire/framing.py", "asyncio/streams.py", "asyncio/sslproto.py",
+                                            "asyncio/selector_events.py", "swarm/net/direct.py", "ssl.py"]),
     ("hivemind p2p client", ["hivemind/p2p/"]),
     ("scheduler and thread hand-offs", ["swarm/server/scheduler.py", "swarm/client/loop.py", "call_soon_threadsafe",
                                         "run_coroutine_threadsafe"]),
@@ -78,7 +78,7 @@ def main():
     args = parser.parse_args()
     from shards.testing import save_random_checkpoint
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     hidden, blocks, heads, kv_heads, intermediate = MODELS[args.model]
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,7 +71,7 @@ def ms_per_token(model, ids, new_tokens: int, expected) -> tuple[float, bool]:
 
 def measure(path, servers: int, delay: float, args, ids, expected) -> dict[bool, tuple[float, float, bool]]:
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     step = BLOCKS // servers
     relays = []
@@ -207,7 +207,7 @@ def local_run(path, ids, name: str, args) -> tuple[float, torch.Tensor]:
 
 def measure_speculative(path, spans, delay: float, args, ids, variants, local, label: str) -> list[tuple]:
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     relays, rows = [], []
     with LocalSwarm(path, []) as swarm:
@@ -255,7 +255,7 @@ def random_model(path) -> tuple[torch.Tensor, torch.nn.Module]:
 def speculative(args) -> None:
     from transformers import AutoTokenizer
 
-    from swarm.models import fetch
+    from swarm.apps.models import fetch
 
     rows = []
     with tempfile.TemporaryDirectory() as path:

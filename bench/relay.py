@@ -1,5 +1,5 @@
 """ms/token through a home server reached through a relay, against the same server reached directly through
-ports forwarded on its router, in one run. Root only: it builds network namespaces (swarm.netns).
+ports forwarded on its router, in one run. Root only: it builds network namespaces (swarm.net.netns).
 
     python bench/relay.py [--new-tokens 16] [--repeats 3]
 
@@ -60,8 +60,8 @@ def main():
         return client(args.client[0], args.new_tokens, args.repeats, args.client[1:])
 
     from shards.testing import save_random_checkpoint
-    from swarm.local_swarm import LocalSwarm
-    from swarm.netns import HOME, HOME_IP, PUB, PUBLIC_IP, ROUTER_IP, HomeNetwork
+    from swarm.apps.local_swarm import LocalSwarm
+    from swarm.net.netns import HOME, HOME_IP, PUB, PUBLIC_IP, ROUTER_IP, HomeNetwork
 
     variants = [("through the relay (default)", []),
                 ("direct: ports forwarded, --public-ip", ["--public-ip", ROUTER_IP, "--direct-port", str(DIRECT_PORT),

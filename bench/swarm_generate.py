@@ -78,7 +78,7 @@ def measure(args, path, blocks, servers, variant, extra, local, ids, expected, n
 
 def _measure(args, path, servers, spans, variant, server_args, push, local, ids, expected, name) -> tuple:
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     with LocalSwarm(path, spans, dtype=args.dtype, server_args=server_args) as swarm:
         client_dtype = DTYPES.get(args.client_dtype, "auto")
@@ -124,7 +124,7 @@ def main():
 
     from shards.testing import save_random_checkpoint
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
 
     dtype = DTYPES[args.dtype]
     rows = []

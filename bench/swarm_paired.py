@@ -27,7 +27,7 @@ from bench.swarm_generate import MODELS, environment, seconds_per_token, spans_o
 
 def start(path: str, spans, variant: str):
     """A variant's swarm, its KEY=VALUE settings in its servers' environment; and whether its client pushes."""
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
     settings, server_args, push = split_variant(variant.split())
     with environment(settings):
         return LocalSwarm(path, spans, server_args=server_args).__enter__(), push

@@ -32,7 +32,7 @@ if _dir:
 
     import builtins
     builtins._cocoon_trace = ev
-    import swarm.framing as framing
+    import swarm.wire.framing as framing
     _read, _write = framing.read_frame, framing.write_frame
 
     async def read_frame(reader, message_type, *args, **kwargs):
@@ -42,7 +42,7 @@ if _dir:
 
     def wrote(message):
         kind = type(message).__name__
-        if kind == "CompactFrame":  # swarm.compact: a step or push (kinds 0, 1), or a reply (2)
+        if kind == "CompactFrame":  # swarm.wire.compact: a step or push (kinds 0, 1), or a reply (2)
             kind = "ExpertResponse" if message[0] == 2 else "ExpertRequest"
         ev(f"wrote {kind}")
 
@@ -83,7 +83,7 @@ import torch
 from shards.testing import save_random_checkpoint
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.inference_session import InferenceSession
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 config, tokens = {config!r}, {tokens}
 directory = tempfile.TemporaryDirectory()  # removed at exit
 path = directory.name

@@ -36,8 +36,8 @@ class ServerInfo:
     price_per_unit: int = 0           # wei per (token x block), inference and forward
     backward_price_per_unit: int = 0  # wei per (token x block) of backward
     credit_limit: int = 0             # wei of work a client may do beyond its latest voucher
-    direct: tuple[str, ...] = ()      # "ip:port" where it accepts direct TLS connections (swarm.direct)
-    relay: str = ""                   # "relay peer id@ip:port": reached only through that relay (swarm.relay)
+    direct: tuple[str, ...] = ()      # "ip:port" where it accepts direct TLS connections (swarm.net.direct)
+    relay: str = ""                   # "relay peer id@ip:port": reached only through that relay (swarm.net.relay)
     model_name: str = ""              # what the server calls its model ("SmolLM2-135M-Instruct"): for people only
     contract: str = ""                # a priced server: the settlement contract it redeems through...
     chain_id: int = 0                 # ...on this chain (a paying client skips servers of another one)

@@ -9,7 +9,7 @@ region of it (2x on a decode step of hidden 512), including a user's own torch c
 the next parallel region starts them again. It changes no setting of the process, but starting them again is
 not free: 3 to 5 ms on the 2-core development machine. So a server releases its workers only where its decode
 plan measured that this pays (shards.decode_paths), and `cocoon` processes shorten the spin instead
-(GOMP_SPINCOUNT, swarm/cli.py).
+(GOMP_SPINCOUNT, swarm/apps/cli.py).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import time
 import psutil
 
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
-OWNER_ENV = "COCOON_OWNER"  # "pid:start time" of the process a command must not outlive (swarm.local_swarm)
+OWNER_ENV = "COCOON_OWNER"  # "pid:start time" of the process a command must not outlive (swarm.apps.local_swarm)
 _wakeup: socket.socket | None = None
 terminating = threading.Event()  # set once a signal is being acted on: what breaks meanwhile is no error
 _raising = False  # interrupts_raise() is in force: the main thread's KeyboardInterrupt handles the signals
@@ -95,7 +95,7 @@ def _reap_and_exit(signum: int, frame) -> None:
 
 
 def exit_with_owner() -> None:
-    """A command that a script started (through swarm.local_swarm, which sets OWNER_ENV) stops as on SIGTERM
+    """A command that a script started (through swarm.apps.local_swarm, which sets OWNER_ENV) stops as on SIGTERM
     once that script is gone, even killed outright: a test or bench killed with SIGKILL leaves no server or
     DHT serving on. The command's own children do not inherit the watch."""
     owner = os.environ.pop(OWNER_ENV, None)

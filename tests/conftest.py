@@ -6,7 +6,7 @@ import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI: every checkpoint is built here
-os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")  # as `cocoon` sets it (swarm/cli.py)
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")  # as `cocoon` sets it (swarm/apps/cli.py)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 FAMILIES = ["llama", "mistral", "qwen2", "mixtral"]
@@ -34,7 +34,7 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("COCOON_CACHE_DIR", str(tmp_path / "cocoon-cache"))
 
 
-PROJECT_PROCESSES = ("swarm.cli", "p2pd", "anvil", "tests.malicious_server")
+PROJECT_PROCESSES = ("swarm.apps.cli", "p2pd", "anvil", "tests.malicious_server")
 
 
 def project_processes() -> dict[int, str]:
@@ -68,5 +68,5 @@ def no_process_left_behind():
 def smollm2():
     """SmolLM2-135M-Instruct as a checkpoint (`cocoon fetch smollm2`: converted once per machine): float32, and a
     bfloat16 copy."""
-    from swarm.models import fetch
+    from swarm.apps.models import fetch
     return {"float32": fetch("smollm2", progress=False), "bfloat16": fetch("smollm2", "bfloat16", progress=False)}

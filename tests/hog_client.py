@@ -10,7 +10,7 @@ import torch
 from shards import Checkpoint
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.wire import ErrorCode, RemoteError, SpanRequest
+from swarm.wire.messages import ErrorCode, RemoteError, SpanRequest
 
 
 def main(path: str, peer: str, seconds: str, hidden: str, *initial_peers: str) -> None:

@@ -97,5 +97,5 @@ if "COCOON_DIRECT_ADDRESS" in os.environ:
     server.Server._check_reachability = _check_reachability
 
 if __name__ == "__main__":
-    from swarm.cli import main
+    from swarm.apps.cli import main
     sys.exit(main())

@@ -5,8 +5,8 @@ import torch
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from swarm.client import loop
-from swarm.framing import read_frame, write_frame
-from swarm.wire import InferenceStep, InfoReply, SpanReply, pack_metadata, pack_tensor
+from swarm.wire.framing import read_frame, write_frame
+from swarm.wire.messages import InferenceStep, InfoReply, SpanReply, pack_metadata, pack_tensor
 
 
 class RawStream:
@@ -26,7 +26,7 @@ class RawStream:
         return SpanReply.parse(self.send(request.pack()), request.expected_reply(), self.peer).outputs[0]
 
     def send_frame(self, message, timeout: float = 30):
-        """Any frame (a protobuf or a swarm.compact frame) -> whatever frame comes back."""
+        """Any frame (a protobuf or a swarm.wire.compact frame) -> whatever frame comes back."""
         async def go():
             await write_frame(self.stream.writer, message)
             return await asyncio.wait_for(read_frame(self.stream.reader, ExpertResponse, 1 << 20), timeout)
@@ -55,7 +55,7 @@ def info(client, peer) -> dict:
 
 def reply_error(response: ExpertResponse):
     """(code, message) of an error reply."""
-    from swarm.wire import RemoteError
+    from swarm.wire.messages import RemoteError
     try:
         InfoReply.parse(response)
     except RemoteError as e:

@@ -12,7 +12,7 @@ from shards import BlockSpan
 from shards.decode_paths import DecodePlan, use_plan
 from shards.packed_linears import packed_linears
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 from swarm.server.batching import run_batched
 
 

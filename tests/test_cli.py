@@ -8,13 +8,13 @@ import time
 import pytest
 
 from incentives.devnode import DevNode
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
 
 def cocoon(*args, env=None, timeout=180):
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", *args], capture_output=True, text=True,
                             timeout=timeout, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -44,17 +44,17 @@ def test_generate_streams_the_same_text_as_transformers(checkpoints, tmp_path):
 
 
 def cocoon_fails(*args, timeout=120):
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", *args], capture_output=True, text=True,
                             timeout=timeout)
     assert "Traceback" not in result.stdout + result.stderr
     return result.returncode, result.stderr.strip().splitlines()
 
 
 def test_version_extras_hint_and_an_unreachable_hub(checkpoints, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and re.fullmatch(r"cocoon \d+\.\d+\.\d+\n", result.stdout), result.stdout
     nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDNeeLMDiDZz3ah8kN1ZJcdo3t6W1ZmSKZcJx6xDtcgdZ"
-    without_fastapi = "import sys; sys.modules['fastapi'] = None; from swarm.cli import main; sys.exit(main())"
+    without_fastapi = "import sys; sys.modules['fastapi'] = None; from swarm.apps.cli import main; sys.exit(main())"
     result = subprocess.run([sys.executable, "-c", without_fastapi, "api", str(checkpoints("llama")),
                              "--initial-peers", nobody], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip() == (
@@ -62,7 +62,7 @@ def test_version_extras_hint_and_an_unreachable_hub(checkpoints, tmp_path):
         "-e '.[api]')"), result.stderr
     # no route to the hub: one line at once, not ~30 s of retries that end blaming config.json
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "someorg/somemodel", "hi",
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", "generate", "someorg/somemodel", "hi",
                              "--initial-peers", nobody], capture_output=True, text=True, timeout=60,
                             env={**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
                                  "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)})
@@ -73,7 +73,7 @@ def test_version_extras_hint_and_an_unreachable_hub(checkpoints, tmp_path):
     assert time.monotonic() - started < 20
     # a ./relative directory is a checkpoint (it gets as far as the swarm), never a hub repo id
     checkpoint = checkpoints("llama")
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", f"./{checkpoint.name}", "hi",
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", "generate", f"./{checkpoint.name}", "hi",
                              "--initial-peers", nobody], capture_output=True, text=True, timeout=60,
                             cwd=checkpoint.parent, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 1 and "cannot reach any of --initial-peers" in result.stderr, result.stderr
@@ -121,7 +121,7 @@ def test_errors_are_one_line_with_advice_and_the_right_exit_code(checkpoints):
 def test_dht_identity_gives_a_stable_peer_id(tmp_path):
     maddrs = []
     for run in range(2):
-        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", "dht", "--host", "127.0.0.1", "--port", "0",
+        process = subprocess.Popen([sys.executable, "-m", "swarm.apps.cli", "dht", "--host", "127.0.0.1", "--port", "0",
                                     "--identity", str(tmp_path / "dht.key"), "--maddr-file", str(tmp_path / "m")],
                                    stdout=subprocess.PIPE, text=True)
         assert "DHT running" in process.stdout.readline()

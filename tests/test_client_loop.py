@@ -89,7 +89,7 @@ def test_a_dht_answer_waits_for_the_thread_that_drives_the_loop():
     """A background fetch of the swarm state, answered while the caller computes outside the loop, completes the
     next time the caller runs the loop, in the caller's thread. hivemind's own future, awaited on the loop, had
     its pipe thread run the loop then: a decode step meeting it failed with "this event loop is already running"."""
-    from swarm.dht_records import fetch_swarm_state_async, make_dht
+    from swarm.dht.records import fetch_swarm_state_async, make_dht
 
     dht = make_dht([])
     try:

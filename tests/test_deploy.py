@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 from test_processes import left_of_session
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -46,7 +46,7 @@ def test_the_systemd_unit_starts_the_example_config_and_stops_within_its_timeout
         mine.write_text(yaml.safe_dump(config))
         environment = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in service.get("Environment", "").split()}
         assert "COCOON_CACHE_DIR" in environment
-        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *command[1:command.index("--config")],
+        process = subprocess.Popen([sys.executable, "-m", "swarm.apps.cli", *command[1:command.index("--config")],
                                     "--config", str(mine)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True,
                                    env={**os.environ, "COCOON_CACHE_DIR": str(tmp_path / "cache")})

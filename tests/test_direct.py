@@ -1,4 +1,4 @@
-"""Direct TLS connections for the hot path (swarm.direct): used when a server offers one, proven to reach the
+"""Direct TLS connections for the hot path (swarm.net.direct): used when a server offers one, proven to reach the
 peer id of the record on both sides, refused to impostors and garbage, and hivemind when they fail."""
 import asyncio
 import os
@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
-from swarm.direct import DirectServer, HandshakeError, connect
-from swarm.dht_validator import peer_id_of, public_key_bytes
-from swarm.local_swarm import LocalSwarm
+from swarm.net.direct import DirectServer, HandshakeError, connect
+from swarm.dht.validator import peer_id_of, public_key_bytes
+from swarm.apps.local_swarm import LocalSwarm
 
 
 def _key():

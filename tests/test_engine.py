@@ -15,11 +15,11 @@ from shards import BlockSpan
 from shards.decode_paths import DecodePlan, choose_plan, get_plan, use_plan
 from shards.openmp import release_workers
 from swarm import AutoDistributedModelForCausalLM
-from swarm.limits import Quotas
-from swarm.local_swarm import LocalSwarm
+from swarm.wire.limits import Quotas
+from swarm.apps.local_swarm import LocalSwarm
 from swarm.server.engine import Engine
 from swarm.server.sessions import SessionTable
-from swarm.wire import InferenceStep
+from swarm.wire.messages import InferenceStep
 
 
 def test_a_decode_path_on_the_command_line_fixes_what_it_names():
@@ -30,7 +30,7 @@ def test_a_decode_path_on_the_command_line_fixes_what_it_names():
     for wrong in ("fast", "plain:0", "plain:2:sometimes", "plain:1:spin:x"):
         with pytest.raises(ValueError, match="PATH"):
             DecodePlan.parse(wrong)
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", "serve", "m", "--initial-peers", "/ip4/1.2.3.4/tcp/1/p2p/"
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", "serve", "m", "--initial-peers", "/ip4/1.2.3.4/tcp/1/p2p/"
                              "QmXRGLJvAmkoTffLkJZdQeH2fWk4pN1y5cYwQ8UNPVCLsb", "--blocks", "0:1", "--decode-path", "fast"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not a decode path" in result.stderr

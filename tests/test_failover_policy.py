@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.failover import SwarmError
-from swarm.local_swarm import LocalSwarm
-from swarm.wire import ErrorCode, RemoteError
+from swarm.apps.local_swarm import LocalSwarm
+from swarm.wire.messages import ErrorCode, RemoteError
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_a_server_that_leaves_cleanly_is_not_banned_and_is_used_again_once_back(
     back online (the same identity) the API uses it again within one refresh of its view of the swarm (5 s)."""
     import openai
 
-    from swarm.local_swarm import SwarmProcess
+    from swarm.apps.local_swarm import SwarmProcess
     path = checkpoints("llama")
     identity = ["--identity", str(tmp_path / "server.key")]
     with LocalSwarm(path) as swarm:

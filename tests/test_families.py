@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from shards import BlockSpan, ClientModules, UnknownFamilyError, get_family
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 NEW = ["qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "granite"]
 ALL = ["llama", "mistral", "qwen2", "mixtral", *NEW]

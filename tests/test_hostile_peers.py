@@ -23,10 +23,10 @@ from shards import Checkpoint
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.dht_records import announce, block_key, fetch_swarm_state, make_dht
-from swarm.framing import read_frame
-from swarm.local_swarm import LocalSwarm
-from swarm.wire import ErrorCode, RemoteError, SpanReply, SpanRequest, pack_metadata, pack_tensor
+from swarm.dht.records import announce, block_key, fetch_swarm_state, make_dht
+from swarm.wire.framing import read_frame
+from swarm.apps.local_swarm import LocalSwarm
+from swarm.wire.messages import ErrorCode, RemoteError, SpanReply, SpanRequest, pack_metadata, pack_tensor
 from tests.raw_client import RawStream, raw_request
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def test_the_validator_accepts_only_records_signed_by_the_peer_they_name(tmp_pat
     from hivemind.p2p import P2P
     from hivemind.utils import MSGPackSerializer
 
-    from swarm.dht_validator import MAX_RECORD_TTL, ServerRecordValidator, load_identity, peer_id_of, \
+    from swarm.dht.validator import MAX_RECORD_TTL, ServerRecordValidator, load_identity, peer_id_of, \
         public_key_bytes
     keys = []
     for name in ("a", "b"):

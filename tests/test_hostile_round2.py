@@ -17,8 +17,8 @@ from incentives.verification import Attestation, Evidence
 from shards import Checkpoint
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.dht_records import MODELS_KEY, _store_many, dht_call, evidence_key, make_dht
-from swarm.local_swarm import LocalSwarm, SwarmProcess
+from swarm.dht.records import MODELS_KEY, _store_many, dht_call, evidence_key, make_dht
+from swarm.apps.local_swarm import LocalSwarm, SwarmProcess
 
 pytestmark = pytest.mark.slow
 MiB = 2**20

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.local_swarm import LocalSwarm, SwarmProcess
+from swarm.apps.local_swarm import LocalSwarm, SwarmProcess
 
 pytestmark = pytest.mark.slow
 NAME = "SmolLM2-135M-Instruct"

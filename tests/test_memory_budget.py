@@ -8,7 +8,7 @@ import torch
 from shards import Checkpoint
 from shards.memory import block_cost
 from swarm.client.model import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 from swarm.server.memory_budget import MemoryClaims, memory_size_arg
 
 MB = 2**20

@@ -1,4 +1,4 @@
-"""A server behind a home router's NAT, with real processes in network namespaces (swarm.netns: the DHT peer,
+"""A server behind a home router's NAT, with real processes in network namespaces (swarm.net.netns: the DHT peer,
 its relay, the client and `cocoon status` on the public side, the server behind a masquerading router).
 
 The server finds that nobody can dial it, registers with the relay and says so; the client generates
@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from swarm.local_swarm import LocalSwarm
-from swarm.netns import HOME, PUB, HomeNetwork
+from swarm.apps.local_swarm import LocalSwarm
+from swarm.net.netns import HOME, PUB, HomeNetwork
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 12
@@ -50,7 +50,7 @@ def generate_in_pub(path, ids, swarm) -> dict:
 
 
 def status_in_pub(path, swarm) -> str:
-    done = subprocess.run(["ip", "netns", "exec", PUB, sys.executable, "-m", "swarm.cli", "status", str(path),
+    done = subprocess.run(["ip", "netns", "exec", PUB, sys.executable, "-m", "swarm.apps.cli", "status", str(path),
                            "--initial-peers", *swarm.initial_peers], capture_output=True, text=True, timeout=120)
     return done.stdout
 

@@ -21,8 +21,8 @@ from shards import Checkpoint
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.local_swarm import LocalSwarm
-from swarm.wire import ErrorCode, Payment, RemoteError, SpanRequest
+from swarm.apps.local_swarm import LocalSwarm
+from swarm.wire.messages import ErrorCode, Payment, RemoteError, SpanRequest
 
 pytestmark = pytest.mark.slow
 ETH = 10**18

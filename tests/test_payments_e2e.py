@@ -8,7 +8,7 @@ from incentives.contract import Settlement
 from incentives.devnode import DevNode, anvil_path
 from incentives.wallet import create_wallet
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 ETH = 10**18

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from shards import Checkpoint
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.swarm_client import SwarmClient
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ def signalled_after(args, delay: float, sig: int) -> list[str]:
     if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.DEVNULL,
+        process = subprocess.Popen([sys.executable, "-m", "swarm.apps.cli", *args], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
     finally:
         if ignored:
@@ -70,7 +70,7 @@ def test_cocoon_dht_signalled_at_any_moment_leaves_nothing(sig):
 
 
 def test_cocoon_serve_signalled_while_starting_or_serving_leaves_nothing(checkpoints):
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
     path = str(checkpoints("llama"))
     with LocalSwarm(path) as swarm:
         for delay in (0.2, 2.0, 4.0, 4.8, 5.6, 9.0):
@@ -85,7 +85,7 @@ def group_signalled_at(args, line: str, grace: float, before_signal=None, leave_
     as soon as it prints a line starting with ``line`` (``leave_first``: once it is ready, SIGTERM its main process
     first, then the group when it prints ``line``); (seconds it took to exit, what of it was left, its output)."""
     # stdin stays open (`cocoon chat` would end at once on an empty one, as under CI)
-    process = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "swarm.apps.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True, start_new_session=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
@@ -136,7 +136,7 @@ def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoint
     import torch
 
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
     path = str(checkpoints("llama"))
     grace = 2.0
     with LocalSwarm(path, [(2, 4)]) as swarm:
@@ -174,7 +174,7 @@ def test_cocoon_serve_stops_on_a_process_group_sigterm_in_every_phase(checkpoint
 
 OWNER = """
 import sys, time
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 swarm = LocalSwarm(sys.argv[1], [(0, 2)]).__enter__()
 print("up", flush=True)
 time.sleep(600)
@@ -190,7 +190,7 @@ def test_a_local_swarm_outlives_no_script_that_owns_it(checkpoints):
         assert owner.stdout.readline() == "up\n"
         started = psutil.Process(owner.pid).children(recursive=True)
         commands = [" ".join(p.cmdline()) for p in started]
-        assert any("swarm.cli serve" in c for c in commands) and any("swarm.cli dht" in c for c in commands)
+        assert any("swarm.apps.cli serve" in c for c in commands) and any("swarm.apps.cli dht" in c for c in commands)
         assert any("p2pd" in c for c in commands)
     finally:
         owner.kill()
@@ -205,10 +205,10 @@ def test_a_local_swarm_outlives_no_script_that_owns_it(checkpoints):
 def test_a_command_killed_outright_leaves_no_dht_process(checkpoints):
     """`cocoon serve` killed with SIGKILL (no handler of its own runs): its forked DHT process stops with it, and
     stops its p2p daemon."""
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
     path = str(checkpoints("llama"))
     with LocalSwarm(path) as swarm:
-        process = subprocess.Popen([sys.executable, "-m", "swarm.cli", "serve", path, "--initial-peers",
+        process = subprocess.Popen([sys.executable, "-m", "swarm.apps.cli", "serve", path, "--initial-peers",
                                     *swarm.initial_peers, "--blocks", "0:2", "--host", "127.0.0.1"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -231,7 +231,7 @@ def test_a_command_killed_outright_leaves_no_dht_process(checkpoints):
 def test_every_other_command_stops_on_a_process_group_sigterm_within_10_s(checkpoints):
     """`cocoon api`, `monitor`, `generate` (mid-answer), `chat` and `status`, stopped as `timeout` or systemd stop
     them: the whole process group at once, their DHT processes included."""
-    from swarm.local_swarm import LocalSwarm
+    from swarm.apps.local_swarm import LocalSwarm
     path = str(checkpoints("llama"))
     with LocalSwarm(path, [(0, 4)]) as swarm:
         peers = ["--initial-peers", *swarm.initial_peers]

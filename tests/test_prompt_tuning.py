@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from shards.testing import deep_prompt_hooks
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 PREFIX = 3

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 24

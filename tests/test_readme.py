@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from incentives.contract import Settlement
 from incentives.devnode import DevNode
 from incentives.wallet import create_wallet
-from swarm.local_swarm import LocalSwarm, SwarmProcess
+from swarm.apps.local_swarm import LocalSwarm, SwarmProcess
 
 pytestmark = pytest.mark.slow
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -70,7 +70,7 @@ def test_bfloat16_copy_answers_like_transformers_in_bfloat16(swarm, smollm2):
 
 
 def cocoon(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "swarm.cli", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "swarm.apps.cli", *args], input=stdin, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -87,7 +87,7 @@ def test_cocoon_generate_uses_the_chat_template(swarm, smollm2):
 def chat(swarm, path, turns, kill=None):
     """`cocoon chat` fed one turn at a time on standard input; ``kill`` (a server) dies once the second answer
     has begun to stream (mid-answer). Returns the answers, one a line, and what it logged."""
-    process = subprocess.Popen([sys.executable, "-m", "swarm.cli", "chat", str(path), "--initial-peers",
+    process = subprocess.Popen([sys.executable, "-m", "swarm.apps.cli", "chat", str(path), "--initial-peers",
                                 *swarm.initial_peers, "--exact-wire", "--system", SYSTEM, "--max-new-tokens", "48"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     answers = []

@@ -1,4 +1,4 @@
-"""The relay for servers behind NAT (swarm.relay), in one process on loopback: a registered server is reached
+"""The relay for servers behind NAT (swarm.net.relay), in one process on loopback: a registered server is reached
 through it with both peer ids proven end to end; an unregistered peer, garbage and a relay that splices to
 the wrong server are refused; dial-back checks report what answers. The same over real processes behind a
 real NAT: tests/test_nat.py."""
@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from swarm import relay
-from swarm.dht_validator import peer_id_of, public_key_bytes
-from swarm.direct import DirectServer, HandshakeError
-from swarm.relay import RelayRegistration, RelayService
+from swarm.net import relay
+from swarm.dht.validator import peer_id_of, public_key_bytes
+from swarm.net.direct import DirectServer, HandshakeError
+from swarm.net.relay import RelayRegistration, RelayService
 
 
 def _key():

@@ -12,8 +12,8 @@ from hivemind.proto.runtime_pb2 import ExpertRequest
 from shards import BlockSpan, Checkpoint
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.local_swarm import LocalSwarm
-from swarm.wire import (ErrorCode, InferenceStep, LoraSpec, RemoteError, SpanReply, SpanRequest, pack_metadata,
+from swarm.apps.local_swarm import LocalSwarm
+from swarm.wire.messages import (ErrorCode, InferenceStep, LoraSpec, RemoteError, SpanReply, SpanRequest, pack_metadata,
                         pack_tensor)
 from tests.raw_client import RawStream, info, raw_request
 
@@ -92,9 +92,9 @@ def test_every_bad_inference_input_gets_an_error_and_the_session_survives(swarm)
 
 
 def test_compact_frames_are_checked_like_full_ones(swarm):
-    """swarm.compact's frames: only in a session opened with ``compact``, each checked; a bad one gets a coded
+    """swarm.wire.compact's frames: only in a session opened with ``compact``, each checked; a bad one gets a coded
     error, and the session goes on."""
-    from swarm.compact import HEADER, CompactFrame, pack_step, parse_reply
+    from swarm.wire.compact import HEADER, CompactFrame, pack_step, parse_reply
     _, client, peer, span = swarm
     x = torch.randn(1, 8, HIDDEN, generator=torch.Generator().manual_seed(1))
     first = RawStream(client, peer)  # a compact frame cannot open a session

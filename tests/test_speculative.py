@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 from tests.test_push import KillAfter
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from incentives.vouchers import Verdict, sign
 from incentives.wallet import create_wallet
 from shards import BlockSpan
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 ETH = 10**18
@@ -83,9 +83,9 @@ def test_cheating_server_is_caught_banned_unpaid_and_slashed(checkpoints, tmp_pa
             import os
             import subprocess
             import sys
-            from swarm.evidence import evidence_dir
+            from swarm.client.evidence import evidence_dir
             saved = evidence_dir() / f"{evidence.digest.hex()}.msgpack"
-            verify = subprocess.run([sys.executable, "-m", "swarm.cli", "verify", str(path), str(saved),
+            verify = subprocess.run([sys.executable, "-m", "swarm.apps.cli", "verify", str(path), str(saved),
                                      "--initial-peers", *swarm.initial_peers], capture_output=True, text=True,
                                     timeout=120, env=os.environ)
             assert verify.returncode == 0, verify.stdout + verify.stderr

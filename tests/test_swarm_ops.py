@@ -8,14 +8,14 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
-from swarm.wire import InferenceStep
-from swarm.local_swarm import LocalSwarm
+from swarm.wire.messages import InferenceStep
+from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
 
 def status(swarm, path):
-    result = subprocess.run([sys.executable, "-m", "swarm.cli", "status", str(path), "--initial-peers",
+    result = subprocess.run([sys.executable, "-m", "swarm.apps.cli", "status", str(path), "--initial-peers",
                              *swarm.initial_peers], capture_output=True, text=True, timeout=120)
     return result.returncode, result.stdout
 

@@ -1,4 +1,4 @@
-"""The testbed (swarm/testbed.py) gives the delays, the upload limit and the NAT it was asked for, measured from
+"""The testbed (swarm/net/testbed.py) gives the delays, the upload limit and the NAT it was asked for, measured from
 inside its namespaces: round trips between hosts, a transfer over a limited upload, a dial that NAT refuses."""
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.testbed import Host, Testbed, draw_delays
+from swarm.net.testbed import Host, Testbed, draw_delays
 
 PROBE = str(Path(__file__).with_name("testbed_probe.py"))
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")

@@ -10,8 +10,8 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList
 from swarm.client.failover import ServerFailure, Verdict, judge
-from swarm.framing import read_frame
-from swarm.wire import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InvalidReply, Limits, LoraSpec,
+from swarm.wire.framing import read_frame
+from swarm.wire.messages import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InvalidReply, Limits, LoraSpec,
                         Payment, PayRequest, RemoteError, SpanReply, SpanRequest, WireError, wire_dtype)
 
 HIDDEN = 16
@@ -205,12 +205,12 @@ def test_bans_stay_bounded_after_any_number_of_failures():
     assert not bans.is_banned("peer")
 
 
-# ------------------------------------------------------------------ compact frames (swarm.compact)
+# ------------------------------------------------------------------ compact frames (swarm.wire.compact)
 @SETTINGS
 @given(st.data())
 def test_compact_steps_pushes_and_replies_round_trip(data):
-    from swarm.compact import pack_reply, pack_step, parse_reply, parse_step
-    from swarm.wire import PushStep
+    from swarm.wire.compact import pack_reply, pack_step, parse_reply, parse_step
+    from swarm.wire.messages import PushStep
     dtype = data.draw(st.sampled_from(DTYPES))
     batch, length = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 8))
     hidden = (torch.randn(batch, length, HIDDEN) * 1e3).to(dtype)
@@ -238,8 +238,8 @@ def test_compact_steps_pushes_and_replies_round_trip(data):
 
 
 def test_what_a_compact_frame_cannot_carry_goes_in_full():
-    from swarm.compact import pack_reply, pack_step
-    from swarm.wire import PushStep
+    from swarm.wire.compact import pack_reply, pack_step
+    from swarm.wire.messages import PushStep
     hidden = torch.randn(1, 1, HIDDEN)
     assert pack_step(InferenceStep(hidden, position=3)) is not None
     assert pack_step(PushStep(hidden, position=3, route_id="a" * 32)) is not None
@@ -258,7 +258,7 @@ def test_what_a_compact_frame_cannot_carry_goes_in_full():
 @given(st.binary(max_size=200), st.integers(0, 2), st.integers(0, 4), st.integers(0, 5), st.integers(0, 9),
        st.sampled_from([HIDDEN, HIDDEN - 1, 1 << 31]), st.integers(0, 2**64 - 1), st.sampled_from(["", "nan", "inf"]))
 def test_garbage_compact_frames_get_a_coded_error(data, kind, code, batch, tokens, hidden, position, poison):
-    from swarm.compact import HEADER, parse_reply, parse_step
+    from swarm.wire.compact import HEADER, parse_reply, parse_step
     frames = [data]
     body = torch.randn(batch, tokens, min(hidden, HIDDEN))
     poison = poison if body.numel() else ""

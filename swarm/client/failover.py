@@ -19,7 +19,7 @@ from enum import Enum
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 
 from routing import ChainLink, NoChainError
-from swarm.wire import BUSY, CALLER_ERRORS, ErrorCode, InvalidReply, RemoteError
+from swarm.wire.messages import BUSY, CALLER_ERRORS, ErrorCode, InvalidReply, RemoteError
 
 logger = logging.getLogger(__name__)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 8.0  # seconds to wait when only busy or failed servers hold some blocks

@@ -21,7 +21,7 @@ from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import ServerStream, SwarmClient
-from swarm.wire import InferenceStep, LoraSpec, wire_dtype
+from swarm.wire.messages import InferenceStep, LoraSpec, wire_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _ServerSession:
             request.start, request.end, request.max_length = self.link.start, self.link.end, self.max_length
             request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
             request.lora_spec, request.adapter = self.lora_spec, client.adapter
-            request.compact = True  # later decode steps and their replies in swarm.compact's layout
+            request.compact = True  # later decode steps and their replies in swarm.wire.compact's layout
         if self.pending_reorder is not None:
             # the history follows the rows first: a replacement replaying it then needs no reorder
             order = self.pending_reorder
@@ -219,7 +219,7 @@ class InferenceSession:
         previous = self._sessions[index - 1] if index > 0 else None
         following = self._sessions[index + 1] if index + 1 < len(self._sessions) else None
         accept = {"from": previous.link.peer_id, "id": session.route_id} if previous is not None else {}
-        push = {}  # (only to a server that takes compact frames: its version reads the compact pushes, swarm.compact)
+        push = {}  # (only to a server that takes compact frames: its version reads the compact pushes, swarm.wire.compact)
         if following is not None and following.stream.compact and \
                 following.accepting == {"from": session.link.peer_id, "id": following.route_id}:
             push = {"to": following.link.peer_id, "id": following.route_id,

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Awaitable, Callable, TypeVar
 
-from swarm.event_loop import new_event_loop
+from swarm.net.event_loop import new_event_loop
 
 T = TypeVar("T")
 _lock = threading.Lock()

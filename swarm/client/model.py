@@ -23,7 +23,7 @@ from swarm.client import loop
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_forward
 from swarm.client.swarm_client import SwarmClient
-from swarm.wire import LoraSpec
+from swarm.wire.messages import LoraSpec
 
 logger = logging.getLogger(__name__)
 if _INDUCTOR_DIR is None:  # torch._dynamo, which transformers' generation imports, exports its default cache path

@@ -12,7 +12,7 @@ from incentives.metering import Prices, Receipt
 from incentives.payer import PayerProof
 from incentives.vouchers import Domain
 from routing import ServerInfo
-from swarm.wire import Payment, PayRequest, SpanReply
+from swarm.wire.messages import Payment, PayRequest, SpanReply
 
 logger = logging.getLogger(__name__)
 VOUCHER_EVERY = 16  # requests between in-band vouchers to one server (and one at every settle())

@@ -16,7 +16,7 @@ from swarm.client import loop
 from swarm.client.failover import Failover, Verdict
 from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import SwarmClient
-from swarm.wire import BackwardRequest, ErrorCode, LoraSpec, RemoteError, SpanRequest, wire_dtype
+from swarm.wire.messages import BackwardRequest, ErrorCode, LoraSpec, RemoteError, SpanRequest, wire_dtype
 
 BLOCK_TENSORS = ("prompts", "lora")  # wire order
 

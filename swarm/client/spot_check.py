@@ -23,8 +23,8 @@ from hivemind.utils import get_dht_time
 
 from incentives.verification import Attestation, Evidence, relative_error, tolerance
 from swarm.client.failover import Failover
-from swarm.dht_records import evidence_key, in_dht
-from swarm.wire import SpanReply, SpanRequest, dtype_name
+from swarm.dht.records import evidence_key, in_dht
+from swarm.wire.messages import SpanReply, SpanRequest, dtype_name
 
 logger = logging.getLogger(__name__)
 EVIDENCE_TTL = 7 * 24 * 3600
@@ -230,7 +230,7 @@ class SpotChecker:
                         claimed.float().numpy().tobytes(), error)
 
     async def _publish(self, evidence: Evidence) -> None:
-        from swarm.evidence import save_evidence
+        from swarm.client.evidence import save_evidence
         path = save_evidence(evidence)
         logger.warning(f"evidence against {evidence.peer_id} saved to {path}")
         try:

@@ -11,14 +11,15 @@ from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, NoChainError, ServerState, SwarmState, make_chain
-from swarm import compact, direct, relay
+from swarm.wire import compact
+from swarm.net import direct, relay
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import ServerFailure
-from swarm.compact import CompactFrame
-from swarm.dht_records import fetch_swarm_state_async, make_dht
-from swarm.framing import put_frame, read_frame, write_frame
-from swarm.wire import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
+from swarm.wire.compact import CompactFrame
+from swarm.dht.records import fetch_swarm_state_async, make_dht
+from swarm.wire.framing import put_frame, read_frame, write_frame
+from swarm.wire.messages import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
 
 logger = logging.getLogger(__name__)
 INFO_REPLY_BYTES = 1 << 20
@@ -35,9 +36,9 @@ class ServerStream:
     def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  via: str = "hivemind"):
         self.peer_id, self.reader, self.writer = peer_id, reader, writer
-        self.via = via  # "direct" (swarm.direct) or "hivemind"
+        self.via = via  # "direct" (swarm.net.direct) or "hivemind"
         self.push_differed = False  # it took a pushed step other than ours: the previous server lied to someone
-        self.compact = False  # the server said it takes decode steps in swarm.compact's layout
+        self.compact = False  # the server said it takes decode steps in swarm.wire.compact's layout
 
     async def exchange(self, message: ExpertRequest, timeout: float, max_bytes: int) -> ExpertResponse:
         async with asyncio.timeout(timeout):
@@ -231,7 +232,7 @@ class SwarmClient:
         info = self._state.servers.get(peer_id) if self._state is not None else None
         if info is None or not (info.direct or info.relay) or time.monotonic() < self.direct_failed.get(peer_id, 0.0):
             return None
-        if info.relay:  # behind NAT: through the relay it registered with (swarm.relay)
+        if info.relay:  # behind NAT: through the relay it registered with (swarm.net.relay)
             try:
                 reader, writer = await relay.connect(info.relay.partition("@")[2], peer_id, handler,
                                                      self.dht.private_key)

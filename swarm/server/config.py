@@ -12,11 +12,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarm.limits import Limits, Quotas
+from swarm.wire.limits import Limits, Quotas
 
 
 def direct_address_arg(text: str) -> str:
-    from swarm.wire import DIRECT_ADDRESS
+    from swarm.wire.messages import DIRECT_ADDRESS
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or not DIRECT_ADDRESS.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP literal and port, like 203.0.113.5:31337")
@@ -66,7 +66,7 @@ def positive_int_arg(text: str) -> int:
 
 
 def announce_period_arg(seconds: float) -> float:
-    from swarm.dht_validator import MAX_RECORD_TTL
+    from swarm.dht.validator import MAX_RECORD_TTL
     if not 0 < seconds <= MAX_RECORD_TTL / 3:
         raise argparse.ArgumentTypeError(f"the announce period must lie in (0, {MAX_RECORD_TTL / 3:g}] seconds, got "
                                          f"{seconds:g}: a server's records live 3 periods, and DHT peers refuse "

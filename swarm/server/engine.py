@@ -28,12 +28,12 @@ from shards.decode_paths import DecodePlan, use_plan
 from shards.lora import LoraWeights, applied_lora
 from shards.openmp import release_workers
 from shards.packed_linears import packed_linears
-from swarm.limits import Quotas
+from swarm.wire.limits import Quotas
 from swarm.server import threads
 from swarm.server.batching import can_batch, run_batched
 from swarm.server.scheduler import FairScheduler
 from swarm.server.sessions import SessionTable
-from swarm.wire import BackwardRequest, SpanRequest
+from swarm.wire.messages import BackwardRequest, SpanRequest
 
 MAX_DECODE_TOKENS = 8  # new tokens of a step that still runs as a decode step (a verify step)
 BATCH_TOKENS = 128  # tokens of one batch of steps at most (a batch of prefills runs for ~8 chunks' time)

@@ -2,7 +2,7 @@
 
 ``inference`` (a stream of steps with a KV cache per session) and ``push`` go to the session steps
 (swarm.server.session_steps); stateless ``forward`` and ``backward`` to the engine (swarm.server.engine);
-``info`` and ``pay`` are answered here. Requests are parsed and checked by swarm.wire; the stream loop
+``info`` and ``pay`` are answered here. Requests are parsed and checked by swarm.wire.messages; the stream loop
 (swarm.server.streams) reads them within each peer's quota and answers any failure as a coded error.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from hivemind.proto.runtime_pb2 import ExpertRequest
 
 from shards.lora import LoraWeights
-from swarm.limits import Limits, Quotas
+from swarm.wire.limits import Limits, Quotas
 from swarm.server.billing import Billing
 from swarm.server.engine import Engine
 from swarm.server.lora_cache import LoraCache, request_lora
@@ -22,7 +22,7 @@ from swarm.server.push import PushSender
 from swarm.server.session_steps import SessionSteps, check_mask_length
 from swarm.server.sessions import SessionTable
 from swarm.server.streams import Stream, StreamLoop
-from swarm.wire import BackwardRequest, Bounds, InfoReply, PayReply, PayRequest, SpanReply, SpanRequest
+from swarm.wire.messages import BackwardRequest, Bounds, InfoReply, PayReply, PayRequest, SpanReply, SpanRequest
 
 HANDLERS = ("inference", "push", "forward", "backward", "info", "pay")
 

@@ -13,7 +13,7 @@ import torch
 
 from shards import BlockSpan
 from shards.lora import LoraWeights, content_hash, lora_layout, lora_numel
-from swarm.wire import ErrorCode, SpanRequest, WireError, bad
+from swarm.wire.messages import ErrorCode, SpanRequest, WireError, bad
 
 
 class LoraCache:

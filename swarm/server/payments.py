@@ -20,8 +20,8 @@ from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.ledger_file import ledger_path, read_ledger_json, write_ledger
 from incentives.payer import PayerProof
 from incentives.vouchers import Voucher
-from swarm.codes import ErrorCode, WireError
-from swarm.wire import Payment
+from swarm.wire.codes import ErrorCode, WireError
+from swarm.wire.messages import Payment
 
 logger = logging.getLogger(__name__)
 MAX_ADDRESSES_PER_PEER = 8

@@ -27,10 +27,12 @@ from typing import Awaitable, Callable
 from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
-from swarm import compact, direct, relay
-from swarm.framing import read_frame, write_frame
+from swarm.wire import compact
+
+from swarm.net import direct, relay
+from swarm.wire.framing import read_frame, write_frame
 from routing import ServerInfo, ServerState, SwarmState
-from swarm.wire import InferenceStep, InfoReply, PushStep, RemoteError
+from swarm.wire.messages import InferenceStep, InfoReply, PushStep, RemoteError
 
 logger = logging.getLogger(__name__)
 PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped

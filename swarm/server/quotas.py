@@ -1,10 +1,10 @@
-"""Counting what each peer takes of a server (see swarm.limits.Quotas): open streams and bytes in flight."""
+"""Counting what each peer takes of a server (see swarm.wire.limits.Quotas): open streams and bytes in flight."""
 from __future__ import annotations
 
 import contextlib
 
-from swarm.codes import ErrorCode, WireError
-from swarm.limits import Quotas
+from swarm.wire.codes import ErrorCode, WireError
+from swarm.wire.limits import Quotas
 
 
 class PeerUsage:

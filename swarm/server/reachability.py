@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from swarm.dht_records import announce_relay, fetch_relays
-from swarm.direct import DirectServer, HandshakeError
-from swarm.relay import RelayRegistration, RelayService
+from swarm.dht.records import announce_relay, fetch_relays
+from swarm.net.direct import DirectServer, HandshakeError
+from swarm.net.relay import RelayRegistration, RelayService
 
 RELAYS_TRIED = 3
 

@@ -18,10 +18,10 @@ from shards import BlockSpan, Checkpoint
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
 from shards.decode_paths import DecodePlan, get_plan, use_plan
 from shards.throughput import cached_throughput, get_throughput
-from swarm.dht_records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
+from swarm.dht.records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
                                 fetch_swarm_state_async, make_dht, replicate_p2p)
-from swarm import event_loop
-from swarm.direct import DirectServer
+from swarm.net import event_loop
+from swarm.net.direct import DirectServer
 from swarm.server.config import ServerConfig
 from swarm.server.engine import Engine
 from swarm.server.handler import SpanHandler

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm import compact
-from swarm.compact import CompactFrame
-from swarm.framing import write_frame
+from swarm.wire import compact
+from swarm.wire.compact import CompactFrame
+from swarm.wire.framing import write_frame
 from swarm.server.engine import MAX_DECODE_TOKENS
 from swarm.server.sessions import PushedStep, Session
 from swarm.server.streams import Stream, pack_reply
-from swarm.wire import ErrorCode, InferenceStep, InfoReply, PushStep, SpanReply, WireError, bad
+from swarm.wire.messages import ErrorCode, InferenceStep, InfoReply, PushStep, SpanReply, WireError, bad
 
 if TYPE_CHECKING:
     from swarm.server.handler import SpanHandler
@@ -49,7 +49,7 @@ class SessionSteps:
         if not isinstance(message, CompactFrame):
             step = InferenceStep.parse(message, server.bounds, opening=session is None)
         elif session is None:
-            raise bad("a session opens with a full step (swarm.wire), not a compact frame")
+            raise bad("a session opens with a full step (swarm.wire.messages), not a compact frame")
         else:
             step = compact.parse_step(message, server.bounds, push=False)
         batch = step.hidden.shape[0]

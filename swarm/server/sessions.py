@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from transformers.cache_utils import DynamicCache
 
-from swarm.wire import ErrorCode, WireError
+from swarm.wire.messages import ErrorCode, WireError
 
 
 KEPT_STEPS = 16  # records of the latest steps kept, for truncate
@@ -27,14 +27,14 @@ KEPT_INPUT_TOKENS = 8  # a step of at most this many tokens (a verify step) keep
 class PushedStep:
     """The latest step a session took from a push, until the client's own copy of it arrives."""
     position: int  # where it started
-    digest: str    # of its input, as swarm.wire.InferenceStep.digest computes it
+    digest: str    # of its input, as swarm.wire.messages.InferenceStep.digest computes it
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """One of a session's latest steps, as truncate needs it."""
     chain: bytes      # the session's input chain before the step
-    step: Any = None  # the step itself (swarm.wire.InferenceStep or PushStep) when short, else None
+    step: Any = None  # the step itself (swarm.wire.messages.InferenceStep or PushStep) when short, else None
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Session:
     accept: dict | None = None  # whose pushes to take {from, id}
     pushed: PushedStep | None = None  # the last step taken from a push, until the client's copy arrives
     push_task: Any = None       # the pushed step being computed
-    compact: bool = False       # the client reads replies in swarm.compact's layout
+    compact: bool = False       # the client reads replies in swarm.wire.compact's layout
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's
     steps: dict[int, StepRecord] = field(default_factory=dict)  # the latest steps, by the position they start at
     rolled_back: int = 0  # positions computed and then given up by the client (speculative decoding)

@@ -2,7 +2,7 @@
 
 One loop serves hivemind's streams and direct connections alike. It reads a frame (within the peer's quota
 of bytes in flight and the frame deadline), hands it to the RPC's function, and writes the reply in the
-layout the caller reads (``pack_reply``: swarm.compact for a session whose client asked for it). Any failure
+layout the caller reads (``pack_reply``: swarm.wire.compact for a session whose client asked for it). Any failure
 in handling a request goes back to that caller as a coded error; every other stream goes on. ``inference``
 and ``push`` streams carry many requests; the others one.
 """
@@ -17,13 +17,13 @@ from typing import Any, Awaitable, Callable
 
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
-from swarm import compact
-from swarm.compact import CompactFrame
-from swarm.framing import read_frame, write_frame
-from swarm.limits import Quotas
+from swarm.wire import compact
+from swarm.wire.compact import CompactFrame
+from swarm.wire.framing import read_frame, write_frame
+from swarm.wire.limits import Quotas
 from swarm.server.quotas import PeerUsage
 from swarm.server.sessions import Session
-from swarm.wire import ErrorCode, ErrorReply, SpanReply, WireError, bad
+from swarm.wire.messages import ErrorCode, ErrorReply, SpanReply, WireError, bad
 
 logger = logging.getLogger(__name__)
 LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang up
@@ -96,7 +96,7 @@ class StreamLoop:
         started, code = time.perf_counter(), "ok"
         try:
             if isinstance(request, CompactFrame) and name not in COMPACT_STREAMS:
-                raise bad(f"{name} takes no compact frames: send a protobuf (swarm.wire)")
+                raise bad(f"{name} takes no compact frames: send a protobuf (swarm.wire.messages)")
             reply = await serve(request, stream)
             return None if reply is None else pack_reply(stream.session, reply)
         except WireError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import configargparse
 
-from swarm import event_loop
+from swarm.net import event_loop
 from swarm.processes import exit_on_termination, exit_with_owner, quiet_peer_resets, reap_children, terminating
 from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
 
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("hivemind", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(max(logging.getLogger().level, logging.ERROR))
-    from swarm import cli_chain
-    from swarm import cli_client
+    from swarm.apps import cli_chain
+    from swarm.apps import cli_client
     handlers = {"dht": run_dht, "serve": run_serve, "generate": cli_client.run_generate, "chat": cli_client.run_chat,
                 "status": run_status, "demo": run_demo, "verify": run_verify, "fetch": run_fetch,
                 "api": cli_client.run_api, "monitor": run_monitor}
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as installed
-    from swarm.http import DISTRIBUTION
+    from swarm.apps.http import DISTRIBUTION
     try:
         return installed(DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -108,7 +108,7 @@ def explain(error: Exception) -> tuple[bool, str]:
         return True, f"{text.split(': ', 2)[-1]}: --initial-peers takes multiaddrs such as /ip4/.../tcp/.../p2p/..."
     from routing import NoChainError
     from swarm.client.failover import SwarmError
-    from swarm.wire import RemoteError
+    from swarm.wire.messages import RemoteError
     if isinstance(error, (NoChainError, SwarmError, RemoteError)):
         return False, text
     return False, f"{text} ({type(error).__name__}; details with --log-level DEBUG)"
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", is_config_file=True, metavar="FILE", help="YAML file of options")
     add_server_arguments(serve)
 
-    from swarm import cli_client
+    from swarm.apps import cli_client
     cli_client.add_parsers(commands)
 
     status = commands.add_parser("status", help="which servers hold which blocks")
@@ -171,13 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="What is the capital of France?")
     demo.add_argument("--model", default=None, help="a checkpoint with a chat template (default: SmolLM2-135M-Instruct)")
 
-    from swarm import cli_chain
+    from swarm.apps import cli_chain
     cli_chain.add_parsers(commands)
     return parser
 
 
 def run_dht(args) -> int:
-    from swarm.dht_records import make_dht
+    from swarm.dht.records import make_dht
     ensure_free(args.host, args.port, "--port")
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
@@ -189,8 +189,8 @@ def run_dht(args) -> int:
             import asyncio
 
             from swarm.client import loop
-            from swarm.relay import announce_forever, start_standalone
-            from swarm.dht_records import announce_relay
+            from swarm.net.relay import announce_forever, start_standalone
+            from swarm.dht.records import announce_relay
             relay = loop.run(start_standalone(dht, args.host, args.relay_port))
             announce_relay(dht, str(dht.peer_id), relay.control, relay.splice, 180.0)  # before any server looks
             asyncio.run_coroutine_threadsafe(announce_forever(dht, relay), loop.background_loop())
@@ -238,8 +238,8 @@ def run_serve(args) -> int:
 
 def run_status(args) -> int:
     from shards import Checkpoint
-    from swarm.dht_records import fetch_swarm_state, make_dht
-    from swarm.status import format_status
+    from swarm.dht.records import fetch_swarm_state, make_dht
+    from swarm.apps.status import format_status
     checkpoint = Checkpoint(args.model)
     dht = make_dht(args.initial_peers, client_mode=True)
     model_id = args.model_id or checkpoint.model_id
@@ -250,10 +250,10 @@ def run_status(args) -> int:
 
 
 def run_monitor(args) -> int:
-    from swarm.http import require_api_extras, serve_app
+    from swarm.apps.http import require_api_extras, serve_app
     require_api_extras("cocoon monitor")
-    from swarm.dht_records import make_dht
-    from swarm.monitor import SwarmWatch, create_app
+    from swarm.dht.records import make_dht
+    from swarm.apps.monitor import SwarmWatch, create_app
     dht = make_dht(args.initial_peers, client_mode=True)
     watch = SwarmWatch(dht, args.period)
     try:
@@ -266,7 +266,7 @@ def run_monitor(args) -> int:
 
 
 def run_fetch(args) -> int:
-    from swarm.models import fetch
+    from swarm.apps.models import fetch
     print(fetch(args.name, args.dtype))
     return 0
 
@@ -274,11 +274,11 @@ def run_fetch(args) -> int:
 def run_verify(args) -> int:
     """0 when every piece of evidence proves its server wrong, 1 otherwise."""
     from shards import Checkpoint
-    from swarm.evidence import load_evidence, recheck
+    from swarm.client.evidence import load_evidence, recheck
     checkpoint = Checkpoint(args.model)
     found = [(path, load_evidence(path)) for path in args.evidence]
     if args.initial_peers:
-        from swarm.dht_records import fetch_evidence, make_dht
+        from swarm.dht.records import fetch_evidence, make_dht
         dht = make_dht(args.initial_peers, client_mode=True)
         try:
             published = fetch_evidence(dht, args.model_id or checkpoint.model_id)
@@ -308,7 +308,7 @@ def run_verify(args) -> int:
 
 
 def run_demo(args) -> int:
-    from swarm.demo import run_demo as demo
+    from swarm.apps.demo import run_demo as demo
     return demo(num_servers=args.servers, max_new_tokens=args.max_new_tokens, prompt=args.prompt, model_path=args.model)
 
 

@@ -36,8 +36,8 @@ import torch
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType, ExpertRequest, ExpertResponse
 
-from swarm.codes import BUSY, CALLER_ERRORS, ErrorCode, InvalidReply, RemoteError, WireError, bad  # noqa: F401
-from swarm.limits import Limits
+from swarm.wire.codes import BUSY, CALLER_ERRORS, ErrorCode, InvalidReply, RemoteError, WireError, bad  # noqa: F401
+from swarm.wire.limits import Limits
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64}
@@ -456,7 +456,7 @@ class InferenceStep(SpanRequest):
     id}, or {} to stop). ``position`` is the session's length before the step, so that a step the server
     already took from a push is recognised. A pushed step (kind "push", on a server's ``push`` stream) names
     the receiving session by ``route_id``. ``compact`` (first step only): the client reads replies in
-    swarm.compact's layout, and sends its later decode steps so when the server says it takes them."""
+    swarm.wire.compact's layout, and sends its later decode steps so when the server says it takes them."""
     max_length: int | None = None
     reorder: list[int] | None = None
     position: int | None = None
@@ -466,7 +466,7 @@ class InferenceStep(SpanRequest):
     compact: bool | None = None
 
     kind: ClassVar[str] = "inference"
-    # digest()'s first half, when swarm.compact took it from the frame's bytes (no torch calls); not on the wire
+    # digest()'s first half, when swarm.wire.compact took it from the frame's bytes (no torch calls); not on the wire
     hidden_digest: ClassVar[str | None] = None
 
     @classmethod
@@ -611,7 +611,7 @@ class SpanReply:
     attestation: dict | None = None   # incentives.verification.Attestation, from priced servers
     receipt: dict | None = None       # incentives.metering.Receipt, from priced servers
     digest: str | None = None         # inference: set when computed from a pushed step (InferenceStep.digest)
-    compact: bool | None = None       # inference, first step: the server takes steps in swarm.compact's layout
+    compact: bool | None = None       # inference, first step: the server takes steps in swarm.wire.compact's layout
 
     def pack(self) -> ExpertResponse:
         meta = {k: v for k, v in (("length", self.length), ("attestation", self.attestation),

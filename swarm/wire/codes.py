@@ -1,4 +1,4 @@
-"""What a server's error reply says, and whose problem it is: the codes of swarm.wire's ErrorReply and the
+"""What a server's error reply says, and whose problem it is: the codes of swarm.wire.messages's ErrorReply and the
 exceptions that carry them (no torch here: the command line uses these)."""
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def load_client(args):
     payment = {}
     if args.wallet:
         from incentives.wallet import load_wallet
-        from swarm.cli_chain import passphrase
+        from swarm.apps.cli_chain import passphrase
         if not args.contract or not (args.chain_id or args.chain_rpc):
             raise argparse.ArgumentTypeError("--wallet needs --contract and --chain-id or --chain-rpc")
         chain_id = args.chain_id
@@ -206,9 +206,9 @@ def run_api(args) -> int:
     import os
     from pathlib import Path
 
-    from swarm.http import require_api_extras, serve_app
+    from swarm.apps.http import require_api_extras, serve_app
     require_api_extras("cocoon api")
-    from swarm.api import create_app
+    from swarm.apps.api import create_app
     model, tokenizer = load_client(args)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(model, tokenizer, name, api_key=args.api_key or os.environ.get("COCOON_API_KEY"),

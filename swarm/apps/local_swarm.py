@@ -22,11 +22,11 @@ class SwarmProcess:
     """One child process whose output is collected line by line."""
 
     def __init__(self, args: Sequence[str], name: str, env: dict | None = None, echo: bool = False,
-                 prefix: Sequence[str] = (), module: str = "swarm.cli"):
+                 prefix: Sequence[str] = (), module: str = "swarm.apps.cli"):
         self.name, self.echo = name, echo
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        env = {**os.environ, **(env or {})}  # `cocoon` sets its own defaults (swarm/cli.py), as for a user
+        env = {**os.environ, **(env or {})}  # `cocoon` sets its own defaults (swarm/apps/cli.py), as for a user
         env[processes.OWNER_ENV] = processes.owner_token()  # it stops when this process is gone, however it ends
         self.process = subprocess.Popen([*prefix, sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env,
@@ -122,7 +122,7 @@ class LocalSwarm:
 
     def add_server(self, span: tuple[int, int] | None = None, *extra: str, num_blocks: int | None = None,
                    wait: bool = True, host: str = "127.0.0.1", netns: str | None = None,
-                   module: str = "swarm.cli", env: dict | None = None, model: str | None = None) -> SwarmProcess:
+                   module: str = "swarm.apps.cli", env: dict | None = None, model: str | None = None) -> SwarmProcess:
         """A server for blocks ``span`` (or ``num_blocks`` wherever the swarm needs them) of the swarm's model (or
         of ``model``: one DHT may hold several); ``netns`` runs it inside that network namespace (a host of its
         own, for tests that cut hosts off)."""

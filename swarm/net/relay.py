@@ -2,7 +2,7 @@
 
 A reachable peer (a `cocoon dht` node, a server that others can dial) runs a RelayService: a handler
 ``relay`` on its direct connections, and a plain TCP port for relayed streams, both announced in the DHT
-(swarm.dht_records.announce_relay). A server behind NAT dials out to a relay and keeps that connection:
+(swarm.dht.records.announce_relay). A server behind NAT dials out to a relay and keeps that connection:
 
     server -> relay   (direct connection to "relay", its peer id proven by the handshake)
                       {check: [host:port, ...]}  -> {reachable: [...]}   the relay dials back each address
@@ -12,7 +12,7 @@ A reachable peer (a `cocoon dht` node, a server that others can dial) runs a Rel
     server -> relay   plain TCP: "cocoon-relay/1 accept <token>\\n"
     relay             splices the two TCP connections; "ok\\n" to the client
 
-The client and the server then run the direct-connection handshake (swarm.direct) through the splice: TLS
+The client and the server then run the direct-connection handshake (swarm.net.direct) through the splice: TLS
 from end to end, each proving its peer id, so the relay sees ciphertext only and cannot pose as the server.
 
 libp2p's circuit relays are on too (hivemind's use_auto_relay), for the hivemind fallback; but go-libp2p's
@@ -29,8 +29,8 @@ import socket
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from swarm import direct
-from swarm.direct import DirectCaller, DirectServer, HandshakeError, _receive, _send
+from swarm.net import direct
+from swarm.net.direct import DirectCaller, DirectServer, HandshakeError, _receive, _send
 
 logger = logging.getLogger(__name__)
 PROTOCOL = "cocoon-relay/1"
@@ -248,7 +248,7 @@ async def start_standalone(dht, host: str, port: int) -> RelayService:
 
 async def announce_forever(dht, service: RelayService, period: float = 60.0) -> None:
     """Announce the relay every ``period`` seconds (its caller announced it once already)."""
-    from swarm.dht_records import announce_relay
+    from swarm.dht.records import announce_relay
     while True:
         await asyncio.sleep(period)
         announce_relay(dht, str(dht.peer_id), service.control, service.splice, 3 * period)

@@ -1,5 +1,5 @@
 """Server records in the hivemind DHT: key ``{model_id}.{block}``, subkey = the server's peer id, value =
-{"info": ServerInfo fields, "public_key": the server's libp2p key}, signed by that key (swarm.dht_validator)."""
+{"info": ServerInfo fields, "public_key": the server's libp2p key}, signed by that key (swarm.dht.validator)."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +21,7 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from routing import ServerInfo, SwarmState
-from swarm.dht_validator import ServerRecordValidator, load_identity, parse_peer_id, public_key_bytes
+from swarm.dht.validator import ServerRecordValidator, load_identity, parse_peer_id, public_key_bytes
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +68,7 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
     """A DHT peer of the swarm: it stores and reads server records only when their server signed them. With
     ``sign`` it signs its own (an identity file holds its key: a temporary one unless ``identity_path``)."""
     temporary = identity_path is None
-    if temporary:  # our own file, so that we hold the key behind our peer id (swarm.direct signs with it)
+    if temporary:  # our own file, so that we hold the key behind our peer id (swarm.net.direct signs with it)
         identity_path = _temporary_identity()
         kwargs.setdefault("check_if_identity_free", False)  # fresh: nobody has it (the check starts another daemon)
     key = load_identity(identity_path)
@@ -120,7 +120,7 @@ def fetch_models(dht: DHT) -> dict[str, int]:
     return {model_id: count.most_common(1)[0][0] for model_id, count in counts.items()}
 
 
-RELAYS_KEY = "cocoon.relays"  # subkey = a relay's peer id, value = where (swarm.relay)
+RELAYS_KEY = "cocoon.relays"  # subkey = a relay's peer id, value = where (swarm.net.relay)
 
 
 def announce_relay(dht: DHT, peer_id: str, control: Sequence[str], splice: str, expiration: float) -> None:

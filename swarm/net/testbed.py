@@ -6,7 +6,7 @@
 
 Every host is a namespace with one link, ``eth0``, to a router in a namespace of its own (the "internet").
 - **Delay:** everything a host sends into the internet (TCP and UDP: the DHT's traffic, pushes, replies)
-  waits ``delay_ms`` in swarm/nfqueue.py on the internet's router, so a round trip between hosts A and B
+  waits ``delay_ms`` in swarm/net/nfqueue.py on the internet's router, so a round trip between hosts A and B
   takes delay(A) + delay(B). Loopback inside a host is not delayed. The wait is on the router, not in the
   host: a packet the host's own kernel held would still count against its socket (TCP small queues) and
   throttle a transfer far below its upload.
@@ -122,10 +122,10 @@ class Testbed:
                 "burst", "64kb", "latency", "200ms")
         if host.delay_ms:
             queue = str(index + 1)
-            delay = self.popen("internet", [sys.executable, "-m", "swarm.nfqueue", "--queue", queue,
+            delay = self.popen("internet", [sys.executable, "-m", "swarm.net.nfqueue", "--queue", queue,
                                             "--delay-ms", str(host.delay_ms)], stdout=subprocess.PIPE, text=True)
             if "delay ready" not in delay.stdout.readline():
-                raise RuntimeError(f"the delay of host {host.name} did not start (swarm/nfqueue.py)")
+                raise RuntimeError(f"the delay of host {host.name} did not start (swarm/net/nfqueue.py)")
             # without --queue-bypass: while no delay process listens, the host sends nothing (never undelayed)
             _in(hub, "iptables", "-A", "FORWARD", "-i", port, "-j", "NFQUEUE", "--queue-num", queue)
 

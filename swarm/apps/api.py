@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field, field_validator
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from swarm.sampling import sampling_processors
+from swarm.apps.sampling import sampling_processors
 
 logger = logging.getLogger(__name__)
 MAX_STOPS, MAX_STOP_CHARS = 4, 64

@@ -6,7 +6,7 @@ protobuf with msgpack metadata costs 65 to 110 us, parsing it back 105 to 160 us
 step meets (after milliseconds of compute); this layout takes 20 to 30 us to pack and about 75 us to parse
 (bench/RESULTS.md, "fifth pass"). A step that carries
 anything more (a payment, a route change, a reorder, position ids, a mask) and every reply with an
-attestation or receipt keeps the full format of swarm.wire; both peers agree on compact frames when a session
+attestation or receipt keeps the full format of swarm.wire.messages; both peers agree on compact frames when a session
 opens (InferenceStep.compact, SpanReply.compact). A push is always sent compact: a client sets up pushes only
 to a next server that said it takes compact frames.
 
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy
 import torch
 
-from swarm.wire import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError, bad,
+from swarm.wire.messages import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError, bad,
                         dtype_name, finite_values, hidden_state_digest, tensor_bytes)
 
 HEADER = struct.Struct("<BBHIIQB32s")
@@ -34,7 +34,7 @@ _HAS_DIGEST = 1
 
 
 class CompactFrame(bytes):
-    """A frame's payload in this layout (swarm.framing tells it from a protobuf by its marker byte)."""
+    """A frame's payload in this layout (swarm.wire.framing tells it from a protobuf by its marker byte)."""
 
 
 # ------------------------------------------------------------------ steps and pushes

@@ -51,10 +51,10 @@ def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "What
     from incentives.devnode import DevNode, anvil_path
     from incentives.wallet import create_wallet
     from swarm.client.model import AutoDistributedModelForCausalLM
-    from swarm.dht_records import fetch_swarm_state
-    from swarm.local_swarm import LocalSwarm
-    from swarm.models import fetch
-    from swarm.status import format_status
+    from swarm.dht.records import fetch_swarm_state
+    from swarm.apps.local_swarm import LocalSwarm
+    from swarm.apps.models import fetch
+    from swarm.apps.status import format_status
 
     if model_path is None:
         print("1/5 the model: SmolLM2-135M-Instruct (`cocoon fetch smollm2`, made once)", flush=True)

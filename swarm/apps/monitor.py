@@ -1,6 +1,6 @@
 """`cocoon monitor`: a page of the swarm for the people who run it (FastAPI + uvicorn).
 
-    GET /               the page (swarm.monitor_page): per model, its name as servers announce it, totals, which
+    GET /               the page (swarm.apps.monitor_page): per model, its name as servers announce it, totals, which
                         servers hold which blocks (state, reachability, throughput, sessions, KV cache left,
                         adapters, price), holders per block, gaps marked, servers that left with when they were last
                         seen, recent spot-check evidence, and charts of the last hour; it refreshes itself
@@ -24,8 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from swarm.dht_records import fetch_evidence, fetch_models, fetch_swarm_state
-from swarm.monitor_page import PAGE
+from swarm.dht.records import fetch_evidence, fetch_models, fetch_swarm_state
+from swarm.apps.monitor_page import PAGE
 
 HISTORY_SECONDS = 3600
 DEPARTED_SECONDS = 3600  # how long a server that left stays listed

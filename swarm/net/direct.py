@@ -16,7 +16,7 @@ client knows it reached the server of the DHT record.
     client -> server   hello {public_key, nonce, handler}
     server -> client   {public_key, nonce, signature over (b"server", fingerprint, client nonce, handler)}
     client -> server   {signature over (b"client", fingerprint, server nonce, handler)}
-    server -> client   {ok: true} or {error: "..."}; then the handler's frames (swarm.framing)
+    server -> client   {ok: true} or {error: "..."}; then the handler's frames (swarm.wire.framing)
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 from hivemind.proto import crypto_pb2
 
-from swarm.dht_validator import peer_id_of, public_key_bytes
+from swarm.dht.validator import peer_id_of, public_key_bytes
 
 logger = logging.getLogger(__name__)
 PROTOCOL = b"cocoon-direct/1"
@@ -167,7 +167,7 @@ class DirectServer:
         await handler(caller, reader, writer)
 
     async def accept_socket(self, sock) -> None:
-        """Serve a connection this peer dialled out (to a relay, swarm.relay) as if it had been accepted here:
+        """Serve a connection this peer dialled out (to a relay, swarm.net.relay) as if it had been accepted here:
         this side is the TLS server, and the caller proves its peer id as on any direct connection."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**20)

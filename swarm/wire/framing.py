@@ -1,7 +1,7 @@
 """Frames on a byte stream: hivemind's layout (one marker byte, an 8-byte length, a protobuf), read with a
 size limit, and with a deadline once a frame has begun, so that a peer can make us neither buffer more
-than ``max_bytes`` nor hold a half-sent frame open. A third marker carries a compact frame (swarm.compact)
-instead of a protobuf. What the frames mean is swarm.wire's business."""
+than ``max_bytes`` nor hold a half-sent frame open. A third marker carries a compact frame (swarm.wire.compact)
+instead of a protobuf. What the frames mean is swarm.wire.messages's business."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +11,8 @@ from typing import Callable
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from swarm.compact import CompactFrame
-from swarm.wire import ErrorCode, WireError
+from swarm.wire.compact import CompactFrame
+from swarm.wire.messages import ErrorCode, WireError
 
 MESSAGE, ERROR, COMPACT = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER, b"\x02"
 SMALL_FRAME = 1 << 20

@@ -1,6 +1,6 @@
 """Hold every packet a network namespace sends for D ms: a one-way delay where the kernel has no netem.
 
-    ip netns exec HOST python -m swarm.nfqueue --queue 1 --delay-ms 25
+    ip netns exec HOST python -m swarm.net.nfqueue --queue 1 --delay-ms 25
 
 An iptables rule sends packets to queue 1 (the testbed sends all that a host sends out of its link:
 ``iptables -A OUTPUT -o eth0 -j NFQUEUE --queue-num 1``). The kernel keeps each packet and tells this
