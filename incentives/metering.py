@@ -2,10 +2,12 @@
 backward units, which are priced separately. Both sides count; the server signs its running tally."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_defunct
+from incentives import fields
+from incentives.eip712 import Typed, sign, signer_of
 
 
 def units(tokens: int, blocks: int) -> int:
@@ -39,7 +41,7 @@ class Tally:
 
 
 @dataclass(frozen=True)
-class Receipt:
+class Receipt(Typed):
     """The server's signed statement of what it served this client on this channel, in all."""
     client: str
     server: str
@@ -48,23 +50,25 @@ class Receipt:
     backward_units: int
     signature: bytes = b""
 
-    def _message(self):
-        text = f"cocoon-receipt:{self.client}:{self.server}:{self.channel}:{self.forward_units}:{self.backward_units}"
-        return encode_defunct(text=text.lower())
+    EIP712_NAME = "Receipt"
+    EIP712_FIELDS = (("client", "address"), ("server", "address"), ("channel", "uint256"),
+                     ("forwardUnits", "uint256"), ("backwardUnits", "uint256"))
 
     def signed(self, private_key) -> "Receipt":
-        signature = bytes(Account.sign_message(self._message(), private_key).signature)
-        return Receipt(self.client, self.server, self.channel, self.forward_units, self.backward_units, signature)
+        return dataclasses.replace(self, signature=sign(self, private_key))
 
     def signer(self) -> str:
-        return Account.recover_message(self._message(), signature=self.signature)
+        return signer_of(self, self.signature)
 
     def to_wire(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, record: dict) -> "Receipt":
+    def from_wire(cls, record: Any) -> "Receipt":
         try:
-            return cls(**record)
-        except TypeError as e:
+            record = fields.fields_of(record, "receipt", {f.name for f in dataclasses.fields(cls)})
+            return cls(fields.address(record, "client"), fields.address(record, "server"),
+                       fields.uint(record, "channel"), fields.uint(record, "forward_units", 2**128),
+                       fields.uint(record, "backward_units", 2**128), fields.signature(record))
+        except ValueError as e:
             raise ValueError(f"malformed receipt: {e}") from None

@@ -1,13 +1,14 @@
 """Who pays is proven, not claimed. A client proves to a server that the peer it talks from acts for an
-Ethereum address: it signs (EIP-191) the server's peer id, its own peer id, the address and an expiry.
+Ethereum address: it signs (EIP-712, incentives.eip712) the server's peer id, its own peer id, the address and
+an expiry.
 The proof is bound to both peers, so a server cannot replay it elsewhere and nobody else can use it from
 another peer; libp2p authenticates the peer ids themselves."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from eth_account import Account
-from eth_account.messages import encode_defunct
+from incentives.eip712 import Typed, sign, signer_of
 
 HALF_N = 57896044618658097711785492504343953926418782139537452191302581570759080747168  # secp256k1 n / 2
 
@@ -21,26 +22,25 @@ def canonical_signature(signature: bytes) -> bool:
 
 
 @dataclass(frozen=True)
-class PayerProof:
+class PayerProof(Typed):
     address: str
     server_peer: str
     client_peer: str
     expires: int          # unix time
     signature: bytes = b""
 
-    def _message(self):
-        return encode_defunct(text=f"cocoon-payer:{self.server_peer}:{self.client_peer}:{self.address.lower()}:"
-                                   f"{self.expires}")
+    EIP712_NAME = "PayerProof"
+    EIP712_FIELDS = (("address", "address"), ("serverPeer", "string"), ("clientPeer", "string"),
+                     ("expires", "uint256"))
 
     def signed(self, account) -> "PayerProof":
-        signature = bytes(account.sign_message(self._message()).signature)
-        return PayerProof(self.address, self.server_peer, self.client_peer, self.expires, signature)
+        return dataclasses.replace(self, signature=sign(self, bytes(account.key)))
 
     def valid(self, now: float) -> bool:
         """Signed by ``address``, canonically, and not expired."""
         if self.expires < now or not canonical_signature(self.signature):
             return False
         try:
-            return Account.recover_message(self._message(), signature=self.signature).lower() == self.address.lower()
+            return signer_of(self, self.signature).lower() == self.address.lower()
         except Exception:
             return False

@@ -8,21 +8,24 @@ attestation plus the inputs are ``Evidence`` that anyone holding the same blocks
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
-from eth_account import Account
-from eth_account.messages import encode_defunct
-from eth_keys import keys
+
+from incentives import fields
+from incentives.eip712 import Typed, sign, signer_of
 
 # Relative error (Frobenius norm) two honest computations of the same span may differ by, by the
 # coarsest dtype among the servers' weights and the wire. Measured differences between runs of the same
 # weights are ~1e-6 (float32), ~1e-3 (float16), ~1e-2 (bfloat16); the bounds leave headroom so that an
 # honest server is never flagged, while a perturbation of 1e-2 of the output's scale (float32) is caught.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 8e-2}
+MAX_BLOCKS = 2**16
+MAX_EVIDENCE_STEPS = 4096
+MAX_EVIDENCE_BYTES = 64 << 20  # a session's inputs, float32: what a re-check runs, and what the DHT will carry
 
 
 def tolerance(*dtypes: str) -> float:
@@ -49,7 +52,7 @@ def chain_hash(previous: bytes, array: np.ndarray) -> bytes:
 
 
 @dataclass(frozen=True)
-class Attestation:
+class Attestation(Typed):
     """``server`` says: for blocks [start, end), computing in ``dtype``, input ``input_hash`` gave output
     ``output_hash``, sent in ``wire_dtype`` (the dtypes set the tolerance anyone re-checking it applies)."""
     server: str
@@ -61,14 +64,12 @@ class Attestation:
     wire_dtype: str = "float32"
     signature: bytes = b""
 
-    def _message(self):
-        return encode_defunct(text=f"cocoon-attestation:{self.server.lower()}:{self.start}:{self.end}:"
-                                   f"{self.input_hash.hex()}:{self.output_hash.hex()}:{self.dtype}:{self.wire_dtype}")
+    EIP712_NAME = "Attestation"
+    EIP712_FIELDS = (("server", "address"), ("start", "uint256"), ("end", "uint256"), ("inputHash", "bytes32"),
+                     ("outputHash", "bytes32"), ("dtype", "string"), ("wireDtype", "string"))
 
     def signed(self, private_key) -> "Attestation":
-        # a server signs one of these per response: the parsed key is cached (parsing derives the public key)
-        signature = bytes(Account.sign_message(self._message(), _private_key(bytes(private_key))).signature)
-        return dataclasses.replace(self, signature=signature)
+        return dataclasses.replace(self, signature=sign(self, private_key))
 
     @property
     def tolerance(self) -> float:
@@ -76,7 +77,7 @@ class Attestation:
 
     def valid(self) -> bool:
         try:
-            return Account.recover_message(self._message(), signature=self.signature).lower() == self.server.lower()
+            return signer_of(self, self.signature).lower() == self.server.lower()
         except Exception:
             return False
 
@@ -84,16 +85,22 @@ class Attestation:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, record: dict) -> "Attestation":
+    def from_wire(cls, record: Any) -> "Attestation":
         try:
-            return cls(**record)
-        except TypeError as e:
+            record = fields.fields_of(record, "attestation", {f.name for f in dataclasses.fields(cls)})
+            return cls(fields.address(record, "server"), fields.uint(record, "start", MAX_BLOCKS),
+                       fields.uint(record, "end", MAX_BLOCKS), fields.raw(record, "input_hash", 32),
+                       fields.raw(record, "output_hash", 32), _dtype(record, "dtype"), _dtype(record, "wire_dtype"),
+                       fields.signature(record))
+        except ValueError as e:
             raise ValueError(f"malformed attestation: {e}") from None
 
 
-@functools.lru_cache(maxsize=8)
-def _private_key(key: bytes) -> keys.PrivateKey:
-    return keys.PrivateKey(key)
+def _dtype(record: dict, key: str) -> str:
+    value = fields.text(record, key, 16, default="float32")
+    if value not in TOLERANCE:
+        raise ValueError(f"{key} must be one of {sorted(TOLERANCE)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -143,11 +150,32 @@ class Evidence:
         return record
 
     @classmethod
-    def from_wire(cls, record: dict) -> "Evidence":
+    def from_wire(cls, record: Any) -> "Evidence":
+        """Evidence from the DHT, which anyone may write: every field bounded, the steps' bytes matching their
+        shapes, at most MAX_EVIDENCE_BYTES of inputs in all."""
         try:
-            record = dict(record)
-            record["attestation"] = Attestation.from_wire(record["attestation"])
-            record["shapes"] = [tuple(s) for s in record["shapes"]]
-            return cls(**record)
-        except (KeyError, TypeError) as e:
+            record = fields.fields_of(record, "evidence", {f.name for f in dataclasses.fields(cls)})
+            steps, shapes = record.get("steps"), record.get("shapes")
+            if not isinstance(steps, list) or not isinstance(shapes, list) or not 1 <= len(steps) == len(shapes) \
+                    <= MAX_EVIDENCE_STEPS:
+                raise ValueError(f"steps and shapes must be lists of 1 to {MAX_EVIDENCE_STEPS} entries, as many each")
+            if not all(isinstance(b, bytes) for b in steps) or sum(map(len, steps)) > MAX_EVIDENCE_BYTES:
+                raise ValueError(f"steps must be bytes, at most {MAX_EVIDENCE_BYTES} in all")
+            shapes = [_shape(s) for s in shapes]
+            if any(len(b) != 4 * math.prod(s) for b, s in zip(steps, shapes)):
+                raise ValueError("a step's bytes do not hold float32 of its shape")
+            claimed = fields.raw(record, "claimed", 4 * math.prod(shapes[-1]), max_length=MAX_EVIDENCE_BYTES)
+            error = record.get("reference_error")
+            if type(error) not in (int, float) or not error >= 0:
+                raise ValueError("reference_error must be a number >= 0")
+            return cls(fields.text(record, "model_id", 256), fields.text(record, "peer_id", 64),
+                       Attestation.from_wire(record.get("attestation")), steps, shapes, claimed, float(error))
+        except ValueError as e:
             raise ValueError(f"malformed evidence: {e}") from None
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or \
+            not all(type(d) is int and 0 < d <= MAX_EVIDENCE_BYTES for d in value):
+        raise ValueError("a shape must be [batch, tokens, hidden] of positive integers")
+    return tuple(value)

@@ -1,34 +1,20 @@
-"""EIP-712 typed data of Cocoon: cumulative payment vouchers (client -> server) and fraud verdicts
-(verifiers). The domain binds every signature to one chain id and one settlement contract."""
+"""What the settlement contract checks: cumulative payment vouchers (client -> server) and fraud verdicts
+(verifiers), EIP-712 typed data (incentives.eip712) under a domain that binds every signature to one chain id
+and one settlement contract."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_typed_data
+from incentives import fields
+from incentives.eip712 import Domain, Typed, sign, signer_of
 
-DOMAIN_NAME, DOMAIN_VERSION = "Cocoon", "1"
-_DOMAIN_TYPE = [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"}]
-_VOUCHER_TYPE = [{"name": "client", "type": "address"}, {"name": "server", "type": "address"},
-                 {"name": "channel", "type": "uint256"}, {"name": "totalUnits", "type": "uint256"},
-                 {"name": "totalAmount", "type": "uint256"}]
-_VERDICT_TYPE = [{"name": "server", "type": "address"}, {"name": "evidence", "type": "bytes32"},
-                 {"name": "reporter", "type": "address"}, {"name": "deadline", "type": "uint256"}]
+__all__ = ["Domain", "Verdict", "Voucher", "sign", "signer_of"]
 
 
 @dataclass(frozen=True)
-class Domain:
-    chain_id: int
-    contract: str
-
-    def to_eip712(self) -> dict:
-        return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": self.chain_id,
-                "verifyingContract": self.contract}
-
-
-@dataclass(frozen=True)
-class Voucher:
+class Voucher(Typed):
     """The client owes ``server`` ``total_amount`` wei for ``total_units`` units, in all, on ``channel``."""
     client: str
     server: str
@@ -36,12 +22,9 @@ class Voucher:
     total_units: int
     total_amount: int
 
-    def message(self, domain: Domain):
-        return encode_typed_data(full_message={
-            "types": {"EIP712Domain": _DOMAIN_TYPE, "Voucher": _VOUCHER_TYPE}, "primaryType": "Voucher",
-            "domain": domain.to_eip712(),
-            "message": {"client": self.client, "server": self.server, "channel": self.channel,
-                        "totalUnits": self.total_units, "totalAmount": self.total_amount}})
+    EIP712_NAME = "Voucher"
+    EIP712_FIELDS = (("client", "address"), ("server", "address"), ("channel", "uint256"),
+                     ("totalUnits", "uint256"), ("totalAmount", "uint256"))
 
     def as_tuple(self) -> tuple:
         return (self.client, self.server, self.channel, self.total_units, self.total_amount)
@@ -50,19 +33,18 @@ class Voucher:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, record: dict) -> "Voucher":
+    def from_wire(cls, record: Any) -> "Voucher":
         try:
-            voucher = cls(**{k: record[k] for k in ("client", "server", "channel", "total_units", "total_amount")})
-        except (KeyError, TypeError) as e:
+            record = fields.fields_of(record, "voucher", {f.name for f in dataclasses.fields(cls)})
+            return cls(fields.address(record, "client"), fields.address(record, "server"),
+                       fields.uint(record, "channel"), fields.uint(record, "total_units"),
+                       fields.uint(record, "total_amount"))
+        except ValueError as e:
             raise ValueError(f"malformed voucher: {e}") from None
-        if not all(isinstance(getattr(voucher, k), int) and getattr(voucher, k) >= 0
-                   for k in ("channel", "total_units", "total_amount")):
-            raise ValueError("malformed voucher: channel, total_units and total_amount must be non-negative integers")
-        return voucher
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(Typed):
     """Verifiers' statement that ``server`` computed wrongly, with ``evidence`` the hash of the proof; it can
     be used on chain until ``deadline`` (a unix time)."""
     server: str
@@ -70,18 +52,6 @@ class Verdict:
     reporter: str
     deadline: int
 
-    def message(self, domain: Domain):
-        return encode_typed_data(full_message={
-            "types": {"EIP712Domain": _DOMAIN_TYPE, "Verdict": _VERDICT_TYPE}, "primaryType": "Verdict",
-            "domain": domain.to_eip712(),
-            "message": {"server": self.server, "evidence": self.evidence, "reporter": self.reporter,
-                        "deadline": self.deadline}})
-
-
-def sign(typed, private_key, domain: Domain) -> bytes:
-    """65-byte signature (r, s, v) of a Voucher or Verdict under ``domain``."""
-    return bytes(Account.sign_message(typed.message(domain), private_key).signature)
-
-
-def signer_of(typed, signature: bytes, domain: Domain) -> str:
-    return Account.recover_message(typed.message(domain), signature=signature)
+    EIP712_NAME = "Verdict"
+    EIP712_FIELDS = (("server", "address"), ("evidence", "bytes32"), ("reporter", "address"),
+                     ("deadline", "uint256"))

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from functools import partial
-from typing import Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import hivemind
 from hivemind import DHT
@@ -21,7 +21,12 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from routing import ServerInfo, SwarmState
+from routing.addresses import direct_address
 from swarm.dht.validator import ServerRecordValidator, load_identity, parse_peer_id, public_key_bytes
+from swarm.wire.protocol import PROTOCOL_VERSION, mismatch, protocol_of
+
+if TYPE_CHECKING:
+    from incentives.verification import Evidence
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,7 +106,8 @@ def announce(dht: DHT, model_id: str, peer_id: str, info: ServerInfo, expiration
     values = [{"info": info.to_wire(), "public_key": dht.public_key}] * len(keys)
     if num_blocks is not None:  # and in the index of models, where monitors find them
         keys.append(MODELS_KEY)
-        values.append({"model": {"model_id": model_id, "num_blocks": num_blocks}, "public_key": dht.public_key})
+        values.append({"model": {"model_id": model_id, "num_blocks": num_blocks, "protocol": PROTOCOL_VERSION},
+                       "public_key": dht.public_key})
     store = partial(_store_many, keys=keys, subkey=peer_id, values=values, expiration_time=get_dht_time() + expiration)
     return dht_call(dht, store, timeout) if wait else dht.run_coroutine(store, return_future=True)
 
@@ -115,7 +121,8 @@ def fetch_models(dht: DHT) -> dict[str, int]:
     for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
         model = record.value.get("model") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
         if isinstance(model, dict) and isinstance(model.get("model_id"), str) and len(model["model_id"]) <= 128 \
-                and type(model.get("num_blocks")) is int and 0 < model["num_blocks"] <= 4096:
+                and type(model.get("num_blocks")) is int and 0 < model["num_blocks"] <= 4096 \
+                and protocol_of(model.get("protocol")) == PROTOCOL_VERSION:
             counts.setdefault(model["model_id"], Counter())[model["num_blocks"]] += 1
     return {model_id: count.most_common(1)[0][0] for model_id, count in counts.items()}
 
@@ -125,21 +132,23 @@ RELAYS_KEY = "cocoon.relays"  # subkey = a relay's peer id, value = where (swarm
 
 def announce_relay(dht: DHT, peer_id: str, control: Sequence[str], splice: str, expiration: float) -> None:
     """Offer to relay for servers behind NAT: ``control`` = its direct addresses, ``splice`` = its relay port."""
-    value = {"relay": {"control": list(control)[:4], "splice": splice}, "public_key": dht.public_key}
+    value = {"relay": {"control": list(control)[:4], "splice": splice, "protocol": PROTOCOL_VERSION},
+             "public_key": dht.public_key}
     dht_call(dht, partial(_store_many, keys=[RELAYS_KEY], subkey=peer_id, values=[value],
                           expiration_time=get_dht_time() + expiration))
 
 
 def fetch_relays(dht: DHT) -> dict[str, tuple[list[str], str]]:
     """relay peer id -> (direct addresses, relay port address), of every relay announced (and signed)."""
-    from routing.state import _address
     found = dht_call(dht, partial(_get_many, keys=[RELAYS_KEY])).get(RELAYS_KEY)
     relays = {}
     for peer_id, record in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
         relay = record.value.get("relay") if parse_peer_id(peer_id) and isinstance(record.value, dict) else None
         try:
-            control = [_address(a) for a in relay["control"][:4]]
-            relays[peer_id] = (control, _address(relay["splice"]))
+            if protocol_of(relay.get("protocol")) != PROTOCOL_VERSION:
+                continue  # a relay of another protocol cannot splice this one's handshake
+            control = [direct_address(a) for a in relay["control"][:4]]
+            relays[peer_id] = (control, direct_address(relay["splice"]))
         except (TypeError, KeyError, ValueError):
             continue
     return relays
@@ -152,7 +161,7 @@ def evidence_key(model_id: str) -> str:
 def fetch_evidence(dht: DHT, model_id: str) -> list[tuple[str, "Evidence | str", float]]:
     """(digest, evidence, expiration) of every piece of evidence published against the model's servers; anyone
     may write these, so each is parsed on its own: where it is malformed, the evidence is why (a string)."""
-    from incentives.verification import Evidence
+    from incentives.verification import Evidence  # (eth_account takes 0.5 s to import: only where evidence is read)
     found = dht_call(dht, None, get={"key": evidence_key(model_id), "latest": True})
     records = []
     for digest, item in (found.value.items() if found is not None and isinstance(found.value, dict) else []):
@@ -218,8 +227,20 @@ def _parse_records(found: dict, keys: list[str], num_blocks: int) -> SwarmState:
                 continue
             if not info.start <= block < info.end or info.end > num_blocks:
                 continue  # a record must lie under a block its span covers
+            if info.protocol != PROTOCOL_VERSION:
+                _say_once(peer_id, f"not using server {peer_id}: {mismatch(info.protocol, 'it')}")
+                continue
             state.servers[peer_id] = info
     return state
+
+
+_said: set[str] = set()
+
+
+def _say_once(peer_id: str, text: str) -> None:
+    if peer_id not in _said and len(_said) < 4096:
+        _said.add(peer_id)
+        logger.warning(text)
 
 
 async def _store_many(dht: DHT, node: DHTNode, keys, subkey, values, expiration_time):
