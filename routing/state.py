@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-import ipaddress
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from routing.addresses import MAX_DIRECT_ADDRESSES, direct_address, relay_address
+
+PROTOCOL_VERSION = 2  # what this release speaks on the wire: swarm.wire.protocol says what each version changed
 
 
 class ServerState(str, Enum):
@@ -41,6 +43,7 @@ class ServerInfo:
     model_name: str = ""              # what the server calls its model ("SmolLM2-135M-Instruct"): for people only
     contract: str = ""                # a priced server: the settlement contract it redeems through...
     chain_id: int = 0                 # ...on this chain (a paying client skips servers of another one)
+    protocol: int = PROTOCOL_VERSION  # the wire protocol it speaks (swarm.wire.protocol; a record without: 1)
 
     def to_wire(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -68,9 +71,10 @@ class ServerInfo:
                        price_per_unit=_int(record, "price_per_unit", 0, MAX_PRICE),
                        backward_price_per_unit=_int(record, "backward_price_per_unit", 0, MAX_PRICE),
                        credit_limit=_int(record, "credit_limit", 0, MAX_PRICE),
-                       direct=tuple(_address(a) for a in _list(record, "direct", 4)),
-                       relay=_relay(record.get("relay", "")), model_name=_text(record, "model_name", 96),
-                       contract=_text(record, "contract", 42), chain_id=_int(record, "chain_id", 0, 2**64))
+                       direct=tuple(direct_address(a) for a in _list(record, "direct", MAX_DIRECT_ADDRESSES)),
+                       relay=relay_address(record.get("relay", "")), model_name=_text(record, "model_name", 96),
+                       contract=_text(record, "contract", 42), chain_id=_int(record, "chain_id", 0, 2**64),
+                       protocol=_int(record, "protocol", 1, 2**16))
         except (TypeError, ValueError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not info.start < info.end:
@@ -101,30 +105,6 @@ def _text(record: dict, key: str, length: int) -> str:
     value = record.get(key, "")
     if not isinstance(value, str) or len(value) > length:
         raise ValueError(f"{key} must be a string of at most {length} characters")
-    return value
-
-
-def _address(value: Any) -> str:
-    """An "ip:port" with an IP literal (never a name to resolve) and a port in 1..65535."""
-    if not isinstance(value, str) or len(value) > 64:
-        raise ValueError("direct addresses must be strings of at most 64 characters")
-    host, _, port = value.rpartition(":")
-    ipaddress.ip_address(host.strip("[]"))  # ValueError when it is not an IP
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"direct address {value!r} has no valid port")
-    return value
-
-
-_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58
-
-
-def _relay(value: Any) -> str:
-    if value == "":
-        return value
-    peer, _, address = value.partition("@") if isinstance(value, str) else ("", "", "")
-    if not _PEER_ID.fullmatch(peer):
-        raise ValueError("relay must be 'peer id@ip:port'")
-    _address(address)
     return value
 
 

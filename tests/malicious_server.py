@@ -15,6 +15,7 @@
 $COCOON_ADVERTISE_THROUGHPUT makes it announce that many tokens/s, so that clients pick it first.
 $COCOON_DIRECT_ADDRESS makes it announce that "ip:port" as its direct address (another server's, say).
 """
+import dataclasses
 import os
 import sys
 
@@ -68,7 +69,7 @@ async def _push(self, route, step, output, position, next_block):
     if MISCHIEF == "push_wrong":
         output = output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
     if MISCHIEF == "push_elsewhere":
-        route = {**route, "to": os.environ["COCOON_PUSH_TO"], "direct": []}
+        route = dataclasses.replace(route, to=os.environ["COCOON_PUSH_TO"], direct=())
     return await _honest_push(self, route, step, output, position, next_block)
 
 

@@ -1,5 +1,6 @@
 """The second audit's attacks on `cocoon api` and `cocoon monitor`, against real processes (issue 28's API and
 monitor parts; the push, relay, handshake, tarpit and escrow attacks are not here yet)."""
+import dataclasses
 import http.client
 import json
 import math
@@ -171,7 +172,7 @@ def test_a_push_route_cannot_make_a_server_dial_an_address_no_record_announced(c
     path = checkpoints("llama")
     direct, relayed = Listener(), Listener()
     nobody = "12D3KooWDNeeLMDiDZz3ah8kN1ZJcdo3t6W1ZmSKZcJx6xDtcgdZ"
-    hostile = {"direct": [f"127.0.0.1:{direct.port}"], "relay": f"127.0.0.1:{relayed.port}"}
+    hostile = {"direct": (f"127.0.0.1:{direct.port}",), "relay": f"127.0.0.1:{relayed.port}"}
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     greedy = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
     expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).generate(ids, **greedy)
@@ -185,7 +186,7 @@ def test_a_push_route_cannot_make_a_server_dial_an_address_no_record_announced(c
 
             def to_nobody(self, index):
                 push, accept = route(self, index)
-                return ({**push, "to": nobody} if push else push), accept
+                return (dataclasses.replace(push, to=nobody) if push else push), accept
             InferenceSession._route = to_nobody
             try:
                 assert torch.equal(model.generate(ids, **greedy), expected)

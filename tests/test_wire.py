@@ -11,8 +11,12 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 from routing import BanList
 from swarm.client.failover import ServerFailure, Verdict, judge
 from swarm.wire.framing import read_frame
-from swarm.wire.messages import (BackwardRequest, Bounds, ErrorCode, ErrorReply, InferenceStep, InvalidReply, Limits, LoraSpec,
-                        Payment, PayRequest, RemoteError, SpanReply, SpanRequest, WireError, wire_dtype)
+from swarm.wire.codes import ErrorCode, InvalidReply, RemoteError, WireError
+from swarm.wire.limits import Limits
+from swarm.wire.payloads import Accept, LoraSpec, Payment, Route
+from swarm.wire.replies import ErrorReply, SpanReply
+from swarm.wire.requests import BackwardRequest, Bounds, InferenceStep, PayRequest, SpanRequest
+from swarm.wire.tensors import wire_dtype
 
 HIDDEN = 16
 BOUNDS = Bounds(Limits(max_batch=4, max_tokens_per_request=64, max_length=32), HIDDEN, 2, 6, 64)
@@ -128,7 +132,8 @@ msgpack_values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2*
                               | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
 metadata = st.one_of(st.binary(max_size=200), st.dictionaries(
     st.sampled_from(["tensors", "dtype", "start", "end", "max_length", "reorder", "payment", "lora_spec", "adapter",
-                     "compression", "other"]), msgpack_values, max_size=8).map(
+                     "compression", "push", "accept", "route_id", "position", "compact", "other"]), msgpack_values,
+    max_size=8).map(
     lambda d: __import__("msgpack").packb(d, use_bin_type=True)))
 
 
@@ -210,7 +215,7 @@ def test_bans_stay_bounded_after_any_number_of_failures():
 @given(st.data())
 def test_compact_steps_pushes_and_replies_round_trip(data):
     from swarm.wire.compact import pack_reply, pack_step, parse_reply, parse_step
-    from swarm.wire.messages import PushStep
+    from swarm.wire.requests import PushStep
     dtype = data.draw(st.sampled_from(DTYPES))
     batch, length = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 8))
     hidden = (torch.randn(batch, length, HIDDEN) * 1e3).to(dtype)
@@ -237,14 +242,72 @@ def test_compact_steps_pushes_and_replies_round_trip(data):
         parse_reply(pack_reply(reply), [(tuple(hidden.shape), torch.float64)], "peer")
 
 
+PEER = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+
+@SETTINGS
+@given(st.data())
+def test_push_routes_round_trip_and_garbage_in_them_gets_a_coded_error(data):
+    """The typed records nested in a step (Route, Accept) cross as they were built; any other value in their
+    fields is refused with a code."""
+    route = data.draw(st.sampled_from([Route.STOP, Route(PEER, "a" * 32), Route(PEER, "b" * 32, ("10.0.0.1:5",)),
+                                       Route(PEER, "c" * 32, (), "[::1]:443")]))
+    accept = data.draw(st.sampled_from([Accept.STOP, Accept(PEER, "d" * 32)]))
+    step = InferenceStep(torch.randn(1, 2, HIDDEN), 2, 4, max_length=8, position=0, push=route, accept=accept)
+    parsed = InferenceStep.parse(step.pack(), BOUNDS)
+    assert (parsed.push, parsed.accept) == (route, accept) and bool(parsed.push) == bool(route)
+
+    field = data.draw(st.sampled_from(["to", "id", "direct", "relay", "other"]))
+    garbage = data.draw(msgpack_values)
+    record = {**Route(PEER, "a" * 32).to_wire(), field: garbage}
+    try:
+        parsed = Route.from_wire(record)
+    except WireError as e:
+        assert e.code == ErrorCode.BAD_REQUEST and e.message
+    else:  # only a value that is itself valid gets through
+        value = parsed.to_wire()[field]
+        assert field != "other"
+        assert value == garbage or (field == "direct" and value == list(garbage)) or \
+            (field == "relay" and garbage in (None, "") and value == "")
+
+
+def test_a_field_added_to_a_step_goes_in_full_frames_never_dropped():
+    """A newcomer adds a field to InferenceStep and forgets compact.py: the step goes as a full frame whenever the
+    field is set (its value crosses), compact when it is not. Marking the field compact without teaching the layout
+    to write it is refused outright."""
+    import dataclasses
+    from swarm.wire import compact
+    from swarm.wire.fields import unpack_metadata
+    from swarm.wire.requests import COMPACT
+
+    @dataclasses.dataclass
+    class WithHint(InferenceStep):
+        temperature_hint: float | None = None
+
+    hidden = torch.randn(1, 1, HIDDEN)
+    assert compact.pack_step(WithHint(hidden, position=3)) is not None
+    step = WithHint(hidden, position=3, temperature_hint=0.5)
+    assert compact.pack_step(step) is None
+    assert unpack_metadata(step.pack().metadata)["temperature_hint"] == 0.5
+    with pytest.raises(WireError, match="temperature_hint"):  # a server that does not know it says so
+        InferenceStep.parse(step.pack(), BOUNDS, opening=False)
+
+    @dataclasses.dataclass
+    class MarkedCompact(InferenceStep):
+        temperature_hint: float | None = dataclasses.field(default=None, metadata={COMPACT: ("inference",)})
+
+    with pytest.raises(RuntimeError, match="compact"):
+        compact.check_layout(MarkedCompact)
+
+
 def test_what_a_compact_frame_cannot_carry_goes_in_full():
     from swarm.wire.compact import pack_reply, pack_step
-    from swarm.wire.messages import PushStep
+    from swarm.wire.requests import PushStep
     hidden = torch.randn(1, 1, HIDDEN)
     assert pack_step(InferenceStep(hidden, position=3)) is not None
     assert pack_step(PushStep(hidden, position=3, route_id="a" * 32)) is not None
-    for fields in ({"start": 2, "end": 4, "max_length": 8}, {"position": None}, {"reorder": [0]}, {"push": {}},
-                   {"accept": {}},
+    for fields in ({"start": 2, "end": 4, "max_length": 8}, {"position": None}, {"reorder": [0]}, {"push": Route.STOP},
+                   {"accept": Accept.STOP}, {"compact": True}, {"max_length": 8}, {"end": 4},
                    {"position_ids": torch.zeros(1, 1, dtype=torch.long)}, {"attention_mask": torch.ones(1, 4)},
                    {"payment": Payment("0x" + "1" * 40, 1)}):
         assert pack_step(InferenceStep(hidden, **{"position": 3, **fields})) is None, fields
@@ -252,6 +315,7 @@ def test_what_a_compact_frame_cannot_carry_goes_in_full():
     assert pack_reply(SpanReply([hidden], 4, attestation={"server": "x"})) is None
     assert pack_reply(SpanReply([hidden], 4, receipt={"units": 1})) is None
     assert pack_reply(SpanReply([hidden, hidden], 4)) is None
+    assert pack_reply(SpanReply([hidden], 4, compact=True)) is None  # the first step's reply says so in full
 
 
 @SETTINGS

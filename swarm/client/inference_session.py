@@ -21,7 +21,9 @@ from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import ServerStream, SwarmClient
-from swarm.wire.messages import InferenceStep, LoraSpec, wire_dtype
+from swarm.wire.payloads import Accept, LoraSpec, Route
+from swarm.wire.requests import InferenceStep
+from swarm.wire.tensors import wire_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +43,11 @@ class _ServerSession:
         self.length = 0  # tokens this server has taken
         # server-to-server push: the id under which this session takes pushes, and the route the server knows
         self.route_id = os.urandom(16).hex()
-        self.pushing: dict = {}   # where the server pushes its outputs
-        self.accepting: dict = {}  # whose pushes it takes
+        self.pushing: Route = Route.STOP     # where the server pushes its outputs
+        self.accepting: Accept = Accept.STOP  # whose pushes it takes
 
     async def step(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient,
-                   route: tuple[dict | None, dict | None] = (None, None)) -> torch.Tensor:
+                   route: tuple[Route | None, Accept | None] = (None, None)) -> torch.Tensor:
         """``hidden`` in its wire dtype -> this server's output, in the same dtype. ``route``: (push, accept)
         to tell the server, when they changed (see swarm.server.push)."""
         request = InferenceStep(hidden, **extra, payment=client.payment(self.link.peer_id), position=self.length,
@@ -210,7 +212,7 @@ class InferenceSession:
         self.failovers += 1
         return len(replacement) - 1
 
-    def _route(self, index: int) -> tuple[dict | None, dict | None]:
+    def _route(self, index: int) -> tuple[Route | None, Accept | None]:
         """What the server of session ``index`` must be told about pushes (None: nothing new): take the
         previous server's pushes, and push to the next server once that one has taken the route."""
         if not self.client.push:
@@ -218,12 +220,12 @@ class InferenceSession:
         session = self._sessions[index]
         previous = self._sessions[index - 1] if index > 0 else None
         following = self._sessions[index + 1] if index + 1 < len(self._sessions) else None
-        accept = {"from": previous.link.peer_id, "id": session.route_id} if previous is not None else {}
-        push = {}  # (only to a server that takes compact frames: its version reads the compact pushes, swarm.wire.compact)
+        accept = Accept(previous.link.peer_id, session.route_id) if previous is not None else Accept.STOP
+        push = Route.STOP  # (only to a server that takes compact frames: it reads compact pushes, swarm.wire.compact)
         if following is not None and following.stream.compact and \
-                following.accepting == {"from": session.link.peer_id, "id": following.route_id}:
-            push = {"to": following.link.peer_id, "id": following.route_id,
-                    **self.client.direct_addresses(following.link.peer_id)}
+                following.accepting == Accept(session.link.peer_id, following.route_id):
+            push = Route(following.link.peer_id, following.route_id,
+                         **self.client.direct_addresses(following.link.peer_id))
         return push if push != session.pushing else None, accept if accept != session.accepting else None
 
     async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]],

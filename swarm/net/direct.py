@@ -13,8 +13,8 @@ own certificate, so neither signature would match what the other side sees; a re
 old nonce. The server then knows the caller's peer id (its quotas and payments are per peer id) and the
 client knows it reached the server of the DHT record.
 
-    client -> server   hello {public_key, nonce, handler}
-    server -> client   {public_key, nonce, signature over (b"server", fingerprint, client nonce, handler)}
+    client -> server   hello {public_key, nonce, handler, protocol}   (another protocol: {error} and close)
+    server -> client   {public_key, nonce, protocol, signature over (b"server", fingerprint, client nonce, handler)}
     client -> server   {signature over (b"client", fingerprint, server nonce, handler)}
     server -> client   {ok: true} or {error: "..."}; then the handler's frames (swarm.wire.framing)
 """
@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from hivemind.proto import crypto_pb2
 
 from swarm.dht.validator import peer_id_of, public_key_bytes
+from swarm.wire.protocol import PROTOCOL_VERSION, mismatch, protocol_of
 
 logger = logging.getLogger(__name__)
 PROTOCOL = b"cocoon-direct/1"
@@ -60,13 +61,13 @@ class DirectCaller:
 
 
 # ---------------------------------------------------------------------- messages
-async def _send(writer: asyncio.StreamWriter, message: dict) -> None:
+async def send_message(writer: asyncio.StreamWriter, message: dict) -> None:
     payload = msgpack.packb(message, use_bin_type=True)
     writer.write(len(payload).to_bytes(4, "big") + payload)
     await writer.drain()
 
 
-async def _receive(reader: asyncio.StreamReader) -> dict:
+async def receive_message(reader: asyncio.StreamReader) -> dict:
     length = int.from_bytes(await reader.readexactly(4), "big")
     if length > HELLO_BYTES:
         raise HandshakeError(f"a handshake message of {length} bytes")
@@ -126,7 +127,7 @@ def _server_context() -> tuple[ssl.SSLContext, bytes]:
     return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
-def _client_context() -> ssl.SSLContext:
+def client_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False  # who the server is, is proven by the signed handshake, not by a CA
@@ -182,19 +183,24 @@ class DirectServer:
         await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        hello = await _receive(reader)
+        hello = await receive_message(reader)
+        theirs = protocol_of(hello.get("protocol"))
+        if theirs != PROTOCOL_VERSION:
+            await send_message(writer, {"error": mismatch(theirs, "the client"), "protocol": PROTOCOL_VERSION})
+            raise HandshakeError(mismatch(theirs, "a client"))
         name = _field(hello, "handler", str, 64)
         client_key, client_nonce = _field(hello, "public_key", bytes), _field(hello, "nonce", bytes, 64)
         nonce = os.urandom(32)
-        await _send(writer, {"public_key": self.public_key, "nonce": nonce,
-                             "signature": _sign(self.key, _signed(b"server", self.fingerprint, client_nonce, name))})
-        proof = await _receive(reader)
+        await send_message(writer, {"public_key": self.public_key, "nonce": nonce, "protocol": PROTOCOL_VERSION,
+                                    "signature": _sign(self.key, _signed(b"server", self.fingerprint, client_nonce,
+                                                                         name))})
+        proof = await receive_message(reader)
         peer_id = _verify(client_key, _field(proof, "signature", bytes),
                           _signed(b"client", self.fingerprint, nonce, name))
         if name not in self.handlers:
-            await _send(writer, {"error": f"no handler {name!r} here"})
+            await send_message(writer, {"error": f"no handler {name!r} here"})
             raise HandshakeError(f"unknown handler {name!r}")
-        await _send(writer, {"ok": True})
+        await send_message(writer, {"ok": True})
         return DirectCaller(peer_id), self.handlers[name]
 
     def close(self) -> None:
@@ -208,7 +214,7 @@ async def connect(host: str, port: int, peer_id: str, handler: str,
     """A stream to ``handler`` of the server ``peer_id`` at host:port, once it proved to be that peer."""
     async with asyncio.timeout(CONNECT_SECONDS + HANDSHAKE_SECONDS):
         async with asyncio.timeout(CONNECT_SECONDS):
-            reader, writer = await asyncio.open_connection(host, port, ssl=_client_context(), server_hostname="cocoon",
+            reader, writer = await asyncio.open_connection(host, port, ssl=client_context(), server_hostname="cocoon",
                                                            limit=2**20)
         await prove(reader, writer, f"{host}:{port}", peer_id, handler, key)
     return reader, writer
@@ -221,15 +227,19 @@ async def prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wher
         certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         fingerprint = hashlib.sha256(certificate).digest()
         nonce = os.urandom(32)
-        await _send(writer, {"public_key": public_key_bytes(key), "nonce": nonce, "handler": handler})
-        reply = await _receive(reader)
+        await send_message(writer, {"public_key": public_key_bytes(key), "nonce": nonce, "handler": handler,
+                                    "protocol": PROTOCOL_VERSION})
+        reply = await receive_message(reader)
+        theirs = protocol_of(reply.get("protocol"))
+        if theirs != PROTOCOL_VERSION:
+            raise HandshakeError(mismatch(theirs, f"server {peer_id} at {where}"))
         server = _verify(_field(reply, "public_key", bytes), _field(reply, "signature", bytes),
                          _signed(b"server", fingerprint, nonce, handler))
         if server != peer_id:
             raise HandshakeError(f"{where} is {server}, not {peer_id}")
-        await _send(writer, {"signature": _sign(key, _signed(b"client", fingerprint,
-                                                             _field(reply, "nonce", bytes, 64), handler))})
-        verdict = await _receive(reader)
+        await send_message(writer, {"signature": _sign(key, _signed(b"client", fingerprint,
+                                                                    _field(reply, "nonce", bytes, 64), handler))})
+        verdict = await receive_message(reader)
         if verdict.get("ok") is not True:
             raise HandshakeError(f"{peer_id} refused: {str(verdict.get('error'))[:200]}")
     except BaseException:

@@ -29,8 +29,10 @@ import socket
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from routing.addresses import split_address
+
 from swarm.net import direct
-from swarm.net.direct import DirectCaller, DirectServer, HandshakeError, _receive, _send
+from swarm.net.direct import DirectCaller, DirectServer, HandshakeError, receive_message, send_message
 
 logger = logging.getLogger(__name__)
 PROTOCOL = "cocoon-relay/1"
@@ -39,11 +41,6 @@ CHECK_SECONDS = 4.0       # to reach one address when checking reachability
 MAX_CHECKED = 4           # addresses checked per request
 MAX_REGISTERED = 256      # servers relayed at once
 MAX_WAITING = 256         # client connections waiting for their server to dial back
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -79,18 +76,18 @@ class RelayService:
         peer = caller.peer_id
         try:
             while True:
-                message = await _receive(reader)
+                message = await receive_message(reader)
                 if "check" in message:
                     addresses = message["check"]
                     if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
                         break
-                    await _send(writer, {"reachable": await self.dial_back(peer, addresses[:MAX_CHECKED])})
+                    await send_message(writer, {"reachable": await self.dial_back(peer, addresses[:MAX_CHECKED])})
                 elif message.get("register") is True:
                     if len(self.registered) >= MAX_REGISTERED and peer not in self.registered:
-                        await _send(writer, {"error": "this relay is full: try another"})
+                        await send_message(writer, {"error": "this relay is full: try another"})
                         break
                     self.registered[peer] = writer
-                    await _send(writer, {"registered": True})
+                    await send_message(writer, {"registered": True})
                 else:
                     break
         except (HandshakeError, asyncio.IncompleteReadError, ConnectionError):
@@ -104,7 +101,7 @@ class RelayService:
         """The addresses at which ``peer_id`` answers a direct connection (its handshake proves it is that peer)."""
         async def works(address: str) -> bool:
             try:
-                host, port = _address(address)
+                host, port = split_address(address)
                 async with asyncio.timeout(CHECK_SECONDS):
                     _, writer = await direct.connect(host, port, peer_id, "info", self.key)
                 writer.close()
@@ -141,7 +138,7 @@ class RelayService:
         token = os.urandom(16).hex()
         self.waiting[token] = future = asyncio.get_running_loop().create_future()
         try:
-            await _send(registration, {"incoming": token})
+            await send_message(registration, {"incoming": token})
             async with asyncio.timeout(DIAL_BACK_SECONDS):
                 server_reader, server_writer = await future
         except (TimeoutError, ConnectionError):
@@ -164,21 +161,21 @@ class RelayRegistration:
         self.task: asyncio.Task | None = None
 
     async def open(self) -> None:
-        host, port = _address(self.control)
+        host, port = split_address(self.control)
         self.reader, self.writer = await direct.connect(host, port, self.relay_peer, "relay", self.key)
 
     async def check(self, addresses: list[str]) -> list[str]:
         """The addresses at which the relay could reach this server directly."""
-        await _send(self.writer, {"check": list(addresses)[:MAX_CHECKED]})
+        await send_message(self.writer, {"check": list(addresses)[:MAX_CHECKED]})
         async with asyncio.timeout(CHECK_SECONDS * 2):
-            reply = await _receive(self.reader)
+            reply = await receive_message(self.reader)
         reachable = reply.get("reachable")
         return [a for a in reachable if isinstance(a, str)] if isinstance(reachable, list) else []
 
     async def register(self, direct_server: DirectServer) -> None:
         """Be reachable through this relay: each client that connects there is dialled back and served."""
-        await _send(self.writer, {"register": True})
-        reply = await _receive(self.reader)
+        await send_message(self.writer, {"register": True})
+        reply = await receive_message(self.reader)
         if reply.get("registered") is not True:
             raise HandshakeError(f"the relay refused: {str(reply.get('error'))[:200]}")
         self.task = asyncio.create_task(self._serve(direct_server))
@@ -186,7 +183,7 @@ class RelayRegistration:
     async def _serve(self, direct_server: DirectServer) -> None:
         try:
             while True:
-                token = (await _receive(self.reader)).get("incoming")
+                token = (await receive_message(self.reader)).get("incoming")
                 if isinstance(token, str) and len(token) == 32:
                     asyncio.create_task(self._dial_back(token, direct_server))
         except (HandshakeError, asyncio.IncompleteReadError, ConnectionError) as e:
@@ -194,7 +191,7 @@ class RelayRegistration:
                            f"server through it any more")
 
     async def _dial_back(self, token: str, direct_server: DirectServer) -> None:
-        host, port = _address(self.splice)
+        host, port = split_address(self.splice)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -218,7 +215,7 @@ class RelayRegistration:
 async def connect(splice: str, peer_id: str, handler: str, key: rsa.RSAPrivateKey
                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A stream to ``handler`` of the server ``peer_id`` through the relay at ``splice``."""
-    host, port = _address(splice)
+    host, port = split_address(splice)
     async with asyncio.timeout(direct.CONNECT_SECONDS + DIAL_BACK_SECONDS + direct.HANDSHAKE_SECONDS):
         reader, writer = await asyncio.open_connection(host, port, limit=2**20)
         try:
@@ -226,7 +223,7 @@ async def connect(splice: str, peer_id: str, handler: str, key: rsa.RSAPrivateKe
             line = await reader.readuntil(b"\n")
             if line != b"ok\n":
                 raise HandshakeError(f"relay {splice}: {line.decode(errors='replace').strip()[:200]}")
-            await writer.start_tls(direct._client_context(), server_hostname="cocoon")
+            await writer.start_tls(direct.client_context(), server_hostname="cocoon")
         except BaseException:
             writer.close()
             raise

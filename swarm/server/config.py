@@ -12,15 +12,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from routing.addresses import direct_address
 from swarm.wire.limits import Limits, Quotas
 
 
 def direct_address_arg(text: str) -> str:
-    from swarm.wire.messages import DIRECT_ADDRESS
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or not DIRECT_ADDRESS.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP literal and port, like 203.0.113.5:31337")
-    return text
+    try:
+        return direct_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def decode_path_arg(text: str) -> str:

@@ -2,7 +2,7 @@
 
 ``inference`` (a stream of steps with a KV cache per session) and ``push`` go to the session steps
 (swarm.server.session_steps); stateless ``forward`` and ``backward`` to the engine (swarm.server.engine);
-``info`` and ``pay`` are answered here. Requests are parsed and checked by swarm.wire.messages; the stream loop
+``info`` and ``pay`` are answered here. Requests are parsed and checked by swarm.wire.requests; the stream loop
 (swarm.server.streams) reads them within each peer's quota and answers any failure as a coded error.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ from swarm.server.push import PushSender
 from swarm.server.session_steps import SessionSteps, check_mask_length
 from swarm.server.sessions import SessionTable
 from swarm.server.streams import Stream, StreamLoop
-from swarm.wire.messages import BackwardRequest, Bounds, InfoReply, PayReply, PayRequest, SpanReply, SpanRequest
+from swarm.wire.payloads import Accept
+from swarm.wire.replies import InfoReply, PayReply, SpanReply
+from swarm.wire.requests import BackwardRequest, Bounds, PayRequest, SpanRequest
 
 HANDLERS = ("inference", "push", "forward", "backward", "info", "pay")
 
@@ -66,7 +68,7 @@ class SpanHandler:
     def _closed(self, stream: Stream) -> None:
         if stream.session is not None:
             self.sessions.close(stream.session.session_id)
-            self.steps.set_accept(stream.session, {})
+            self.steps.set_accept(stream.session, Accept.STOP)
 
     def lora(self, request: SpanRequest) -> LoraWeights | None:
         return request_lora(self.engine.span, self.adapters, self.lora_cache, request)

@@ -24,15 +24,17 @@ import time
 from collections import OrderedDict
 from typing import Awaitable, Callable
 
-from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
 from swarm.wire import compact
 
-from swarm.net import direct, relay
+from swarm.net.connector import Connector
 from swarm.wire.framing import read_frame, write_frame
 from routing import ServerInfo, ServerState, SwarmState
-from swarm.wire.messages import InferenceStep, InfoReply, PushStep, RemoteError
+from swarm.wire.codes import InvalidReply, RemoteError
+from swarm.wire.payloads import Route
+from swarm.wire.replies import PushRefusal
+from swarm.wire.requests import InferenceStep, PushStep
 
 logger = logging.getLogger(__name__)
 PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped
@@ -93,13 +95,12 @@ class _PushStream:
                 if response is None:
                     break
                 try:
-                    ack = InfoReply.parse(response, self.peer_id).info
-                except RemoteError as e:
+                    refusal = PushRefusal.parse(response, self.peer_id)
+                except (RemoteError, InvalidReply) as e:
                     logger.info(f"{self.peer_id} rejected a pushed step: {e}")
                     continue
-                if ack.get("accepted") is False:
-                    refused.add(str(ack.get("route"))[:32])
-                    logger.info(f"{self.peer_id} refused a pushed step: {str(ack.get('reason'))[:200]}")
+                refused.add(refusal.route)
+                logger.info(f"{self.peer_id} refused a pushed step: {refusal.reason[:200]}")
         self.writer.close()
 
     def close(self) -> None:
@@ -111,33 +112,33 @@ class PushSender:
     """The push streams of one server to the next servers of its clients' chains."""
 
     def __init__(self, p2p, key, directory: PushDirectory):
-        self.p2p, self.key, self.directory = p2p, key, directory
+        self.connector, self.directory = Connector(p2p, key), directory
         self.streams: OrderedDict[str, _PushStream] = OrderedDict()
         self.refused: set[str] = set()  # route ids the next server refused (the route is dropped)
         self._opening: dict[str, asyncio.Lock] = {}
 
-    async def send(self, route: dict, step: InferenceStep, output, position: int, next_block: int) -> bool:
+    async def send(self, route: Route, step: InferenceStep, output, position: int, next_block: int) -> bool:
         """Push ``output`` (this server's output for ``step``) along ``route``, to a peer that serves
         ``next_block``; False when the route is dead or names a peer the swarm does not show there."""
-        if route["id"] in self.refused:
-            self.refused.discard(route["id"])
+        if route.id in self.refused:
+            self.refused.discard(route.id)
             return False
-        info = await self.directory.find(route["to"], next_block)
+        info = await self.directory.find(route.to, next_block)
         if info is None:
-            logger.info(f"not pushing to {route['to']}: this server's view of the swarm does not show it serving "
+            logger.info(f"not pushing to {route.to}: this server's view of the swarm does not show it serving "
                         f"block {next_block}")
             return False
         pushed = PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
-                          reorder=step.reorder, position=position, route_id=route["id"])
+                          reorder=step.reorder, position=position, route_id=route.id)
         try:
             async with asyncio.timeout(PUSH_SECONDS):
-                stream = await self._stream(route["to"], info)
+                stream = await self._stream(route.to, info)
                 async with stream.lock:
                     await write_frame(stream.writer, compact.pack_step(pushed) or pushed.pack())
             return True
         except Exception as e:  # the next server is gone or slow: the client finds out and fails over
-            logger.info(f"push to {route['to']} failed ({type(e).__name__}: {e}); not pushing on that route")
-            stream = self.streams.pop(route["to"], None)
+            logger.info(f"push to {route.to} failed ({type(e).__name__}: {e}); not pushing on that route")
+            stream = self.streams.pop(route.to, None)
             if stream is not None:
                 stream.close()
             return False
@@ -148,26 +149,13 @@ class PushSender:
             if stream is not None and not stream.acks.done():
                 self.streams.move_to_end(peer_id)
                 return stream
-            reader, writer = await self._connect(peer_id, info.direct, info.relay.partition("@")[2])
-            self.streams[peer_id] = stream = _PushStream(peer_id, reader, writer, self.refused)
+            connection = await self.connector.connect(peer_id, "push", info)
+            self.streams[peer_id] = stream = _PushStream(peer_id, connection.reader, connection.writer, self.refused)
             while len(self.streams) > MAX_STREAMS:
                 self.streams.popitem(last=False)[1].close()
             if len(self._opening) > 4 * MAX_STREAMS:
                 self._opening = {p: lock for p, lock in self._opening.items() if lock.locked() or p in self.streams}
             return stream
-
-    async def _connect(self, peer_id: str, addresses, relayed: str) -> tuple[asyncio.StreamReader,
-                                                                             asyncio.StreamWriter]:
-        if relayed:  # the next server is behind NAT: through its relay
-            return await relay.connect(relayed, peer_id, "push", self.key)
-        for address in addresses:
-            host, _, port = address.rpartition(":")
-            try:
-                return await direct.connect(host.strip("[]"), int(port), peer_id, "push", self.key)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, direct.HandshakeError, ValueError) as e:
-                logger.debug(f"no direct push connection to {peer_id} at {address}: {e}")
-        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), "cocoon.push")
-        return reader, writer
 
     def close(self) -> None:
         for stream in self.streams.values():

@@ -15,26 +15,45 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from shards.lora import LoraWeights
 from swarm.wire import compact
 from swarm.wire.compact import CompactFrame
 from swarm.wire.framing import write_frame
-from swarm.server.engine import MAX_DECODE_TOKENS
-from swarm.server.sessions import PushedStep, Session
+from swarm.server.billing import Billing
+from swarm.server.engine import MAX_DECODE_TOKENS, Engine
+from swarm.server.push import PushSender
+from swarm.server.sessions import PushedStep, Session, SessionTable
 from swarm.server.streams import Stream, pack_reply
-from swarm.wire.messages import ErrorCode, InferenceStep, InfoReply, PushStep, SpanReply, WireError, bad
-
-if TYPE_CHECKING:
-    from swarm.server.handler import SpanHandler
+from swarm.wire.codes import ErrorCode, WireError, bad
+from swarm.wire.payloads import Accept
+from swarm.wire.replies import PushRefusal, SpanReply
+from swarm.wire.requests import Bounds, InferenceStep, PushStep, SpanRequest
 
 logger = logging.getLogger(__name__)
 
 
+class StepServer(Protocol):
+    """What a session's steps need of the span handler that owns them (swarm.server.handler.SpanHandler)."""
+    engine: Engine
+    sessions: SessionTable
+    billing: Billing
+    pushes: PushSender | None
+    accepting: bool
+
+    @property
+    def bounds(self) -> Bounds: ...
+
+    def lora(self, request: SpanRequest) -> LoraWeights | None: ...
+
+    def count(self, rpc: str, hidden: torch.Tensor, blocks: int) -> None: ...
+
+
 class SessionSteps:
-    def __init__(self, server: SpanHandler):
+    def __init__(self, server: StepServer):
         self.server = server  # its engine, sessions, billing, LoRA weights and metrics
         self.routes: dict[str, Session] = {}  # route id -> the session that takes pushes under it
         # steps pushed on, taken from a push, answered from a push, pushed steps refused, differing from the client's
@@ -49,7 +68,7 @@ class SessionSteps:
         if not isinstance(message, CompactFrame):
             step = InferenceStep.parse(message, server.bounds, opening=session is None)
         elif session is None:
-            raise bad("a session opens with a full step (swarm.wire.messages), not a compact frame")
+            raise bad("a session opens with a full step (swarm.wire.requests), not a compact frame")
         else:
             step = compact.parse_step(message, server.bounds, push=False)
         batch = step.hidden.shape[0]
@@ -158,17 +177,17 @@ class SessionSteps:
         return True
 
     # ------------------------------------------------------------------ push (swarm.server.push)
-    def set_accept(self, session: Session, accept: dict) -> None:
-        if session.accept is not None and self.routes.get(session.accept["id"]) is session:
-            del self.routes[session.accept["id"]]
+    def set_accept(self, session: Session, accept: Accept) -> None:
+        if session.accept is not None and self.routes.get(session.accept.id) is session:
+            del self.routes[session.accept.id]
         session.accept = accept or None
         if accept:
-            if self.routes.get(accept["id"], session) is not session:
+            if self.routes.get(accept.id, session) is not session:
                 session.accept = None
-                raise bad(f"route id {accept['id']} is taken: pick another")
-            self.routes[accept["id"]] = session
+                raise bad(f"route id {accept.id} is taken: pick another")
+            self.routes[accept.id] = session
 
-    async def push(self, message, stream: Stream) -> InfoReply | None:
+    async def push(self, message, stream: Stream) -> PushRefusal | None:
         """A step pushed by the previous server of a session's chain: computed and answered to the client. Only a
         refusal is answered on the push stream: acknowledging every step would wake the pusher once more per token."""
         server = self.server
@@ -177,11 +196,10 @@ class SessionSteps:
         else:
             step = PushStep.parse(message, server.bounds, opening=False)
         session = self.routes.get(step.route_id)
-        if session is None or session.accept["from"] != stream.peer or \
+        if session is None or session.accept.sender != stream.peer or \
                 session.session_id not in server.sessions.sessions:
             self.push_counts["refused"] += 1
-            return InfoReply({"route": step.route_id, "accepted": False,
-                              "reason": f"no session here takes pushes from you under route {step.route_id}"})
+            return PushRefusal(step.route_id, f"no session here takes pushes from you under route {step.route_id}")
         if step.hidden.shape[0] != session.batch_size:
             raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
         if step.position <= session.length and (session.push_task is None or session.push_task.done()):

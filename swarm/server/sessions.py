@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from transformers.cache_utils import DynamicCache
 
-from swarm.wire.messages import ErrorCode, WireError
+from swarm.wire.codes import ErrorCode, WireError
+from swarm.wire.payloads import Accept, Route
 
 
 KEPT_STEPS = 16  # records of the latest steps kept, for truncate
@@ -27,14 +28,14 @@ KEPT_INPUT_TOKENS = 8  # a step of at most this many tokens (a verify step) keep
 class PushedStep:
     """The latest step a session took from a push, until the client's own copy of it arrives."""
     position: int  # where it started
-    digest: str    # of its input, as swarm.wire.messages.InferenceStep.digest computes it
+    digest: str    # of its input, as swarm.wire.requests.InferenceStep.digest computes it
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """One of a session's latest steps, as truncate needs it."""
     chain: bytes      # the session's input chain before the step
-    step: Any = None  # the step itself (swarm.wire.messages.InferenceStep or PushStep) when short, else None
+    step: Any = None  # the step itself (swarm.wire.requests.InferenceStep or PushStep) when short, else None
 
 
 @dataclass
@@ -53,8 +54,8 @@ class Session:
     # server-to-server push (swarm.server.push)
     writer: Any = None        # the client's stream: where a step computed from a push is answered
     payment: Any = None       # the client's latest payment, without its voucher: who pays for pushed steps
-    push: dict | None = None    # where to push this session's outputs {to, id, direct}
-    accept: dict | None = None  # whose pushes to take {from, id}
+    push: Route | None = None    # where to push this session's outputs
+    accept: Accept | None = None  # whose pushes to take
     pushed: PushedStep | None = None  # the last step taken from a push, until the client's copy arrives
     push_task: Any = None       # the pushed step being computed
     compact: bool = False       # the client reads replies in swarm.wire.compact's layout

@@ -23,7 +23,8 @@ from swarm.wire.framing import read_frame, write_frame
 from swarm.wire.limits import Quotas
 from swarm.server.quotas import PeerUsage
 from swarm.server.sessions import Session
-from swarm.wire.messages import ErrorCode, ErrorReply, SpanReply, WireError, bad
+from swarm.wire.codes import ErrorCode, WireError, bad
+from swarm.wire.replies import ErrorReply, SpanReply
 
 logger = logging.getLogger(__name__)
 LINGER_SECONDS = 10.0  # how long a finished stream waits for its caller to hang up
@@ -96,7 +97,7 @@ class StreamLoop:
         started, code = time.perf_counter(), "ok"
         try:
             if isinstance(request, CompactFrame) and name not in COMPACT_STREAMS:
-                raise bad(f"{name} takes no compact frames: send a protobuf (swarm.wire.messages)")
+                raise bad(f"{name} takes no compact frames: send a protobuf (swarm.wire.requests)")
             reply = await serve(request, stream)
             return None if reply is None else pack_reply(stream.session, reply)
         except WireError as e:
@@ -114,7 +115,7 @@ class StreamLoop:
 
 def pack_reply(session: Session | None, reply) -> ExpertResponse | CompactFrame:
     """A step's reply in the compact layout when the session's client reads it and the reply fits it."""
-    if session is not None and session.compact and isinstance(reply, SpanReply) and reply.compact is None:
+    if session is not None and session.compact and isinstance(reply, SpanReply):
         frame = compact.pack_reply(reply)
         if frame is not None:
             return frame

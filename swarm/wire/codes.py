@@ -1,4 +1,4 @@
-"""What a server's error reply says, and whose problem it is: the codes of swarm.wire.messages's ErrorReply and the
+"""What a server's error reply says, and whose problem it is: the codes of swarm.wire.replies.ErrorReply and the
 exceptions that carry them (no torch here: the command line uses these)."""
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "shutting_down"        # the server is leaving: try another holder
     DEADLINE = "deadline"                  # a frame did not arrive in time
     INTERNAL = "internal"                  # the server failed: it is to blame
+    VERSION_MISMATCH = "version_mismatch"  # the peers speak different protocols (swarm.wire.protocol): try another
 
 
 CALLER_ERRORS = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.PAYMENT_REQUIRED})
 BUSY = frozenset({ErrorCode.SERVER_FULL, ErrorCode.QUOTA_EXCEEDED, ErrorCode.SHUTTING_DOWN})
+# not this server, for reasons that are nobody's fault: skip it for this request, ban nobody
+SKIP = BUSY | {ErrorCode.VERSION_MISMATCH}
 
 
 class WireError(ValueError):

@@ -1,12 +1,11 @@
 """Compact frames: the steady-state decode step, its push and its reply in a fixed binary layout.
 
 After a session's first step, almost every step of a generation is the same record: the hidden states of one
-new token, the position they go to, and (pushed on, or answered) a length and a digest. Packing that as a
-protobuf with msgpack metadata costs 65 to 110 us, parsing it back 105 to 160 us, on the cold caches a decode
-step meets (after milliseconds of compute); this layout takes 20 to 30 us to pack and about 75 us to parse
-(bench/RESULTS.md, "fifth pass"). A step that carries
+new token, the position they go to, and (pushed on, or answered) a length and a digest. This fixed layout packs
+and parses in a fraction of the time a protobuf with msgpack metadata takes on the cold caches a decode step
+meets (bench/RESULTS.md, "fifth pass"). A step that carries
 anything more (a payment, a route change, a reorder, position ids, a mask) and every reply with an
-attestation or receipt keeps the full format of swarm.wire.messages; both peers agree on compact frames when a session
+attestation or receipt keeps the full format (swarm.wire.requests, replies); both peers agree on compact frames when a session
 opens (InferenceStep.compact, SpanReply.compact). A push is always sent compact: a client sets up pushes only
 to a next server that said it takes compact frames.
 
@@ -16,14 +15,17 @@ to a next server that said it takes compact frames.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Sequence
 
 import numpy
 import torch
 
-from swarm.wire.messages import (Bounds, ErrorCode, InferenceStep, InvalidReply, PushStep, SpanReply, WireError, bad,
-                        dtype_name, finite_values, hidden_state_digest, tensor_bytes)
+from swarm.wire.codes import ErrorCode, InvalidReply, WireError, bad
+from swarm.wire.replies import SpanReply
+from swarm.wire.requests import COMPACT, Bounds, InferenceStep, PushStep, hidden_state_digest
+from swarm.wire.tensors import dtype_name, finite_values, tensor_bytes
 
 HEADER = struct.Struct("<BBHIIQB32s")
 STEP, PUSH, REPLY = 0, 1, 2
@@ -37,14 +39,43 @@ class CompactFrame(bytes):
     """A frame's payload in this layout (swarm.wire.framing tells it from a protobuf by its marker byte)."""
 
 
+# ------------------------------------------------------------------ what the layout carries
+def _carried(record: type) -> dict[str, set[str]]:
+    """Per kind, the fields this layout carries: those whose metadata names the kind (swarm.wire.requests.COMPACT).
+    Any other field set sends the record as a full frame: a field added to a record goes in full frames until
+    this layout learns it, never dropped."""
+    carried: dict[str, set[str]] = {}
+    for f in dataclasses.fields(record):
+        for kind in f.metadata.get(COMPACT, ()):
+            carried.setdefault(kind, set()).add(f.name)
+    return carried
+
+
+_LAYOUT = {"inference": {"hidden", "position"}, "push": {"hidden", "position", "route_id"},
+           "reply": {"outputs", "length", "digest"}}  # what pack_step and pack_reply below write
+
+
+def check_layout(step: type = InferenceStep, reply: type = SpanReply) -> dict[str, set[str]]:
+    """The fields the records mark as compact, when they are exactly those this layout writes; a field marked
+    that the layout does not write would be lost, so the import fails instead."""
+    carried = {**_carried(step), **_carried(reply)}
+    if carried != _LAYOUT:
+        raise RuntimeError(f"swarm.wire.compact writes {_LAYOUT} but the records mark {carried} as compact")
+    return carried
+
+
+CARRIED = check_layout()
+
+
+def _only_carried(record, kind: str) -> bool:
+    return all(getattr(record, f.name) is None for f in dataclasses.fields(record) if f.name not in CARRIED[kind])
+
+
 # ------------------------------------------------------------------ steps and pushes
 def pack_step(step: InferenceStep) -> CompactFrame | None:
     """``step`` in this layout, or None when it carries more than a steady-state decode step does."""
-    if (step.kind not in ("inference", "push") or step.start is not None or step.position is None
-            or step.position_ids is not None or step.attention_mask is not None or step.reorder is not None
-            or step.payment is not None or step.push is not None or step.accept is not None
-            or step.prompts is not None or step.lora is not None or step.lora_spec is not None
-            or step.adapter is not None or not _fits(step.hidden)):
+    if step.kind not in ("inference", "push") or step.position is None or not _only_carried(step, step.kind) \
+            or not _fits(step.hidden):
         return None
     kind, route = (PUSH, bytes.fromhex(step.route_id)) if step.kind == "push" else (STEP, b"")
     batch, tokens, hidden_size = step.hidden.shape
@@ -75,7 +106,7 @@ def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
 # ------------------------------------------------------------------ replies
 def pack_reply(reply: SpanReply) -> CompactFrame | None:
     """An inference step's ``reply`` in this layout, or None when it carries an attestation or a receipt."""
-    if reply.attestation is not None or reply.receipt is not None or len(reply.outputs) != 1 or reply.length is None:
+    if not _only_carried(reply, "reply") or len(reply.outputs) != 1 or reply.length is None:
         return None
     output = reply.outputs[0]
     if not _fits(output):

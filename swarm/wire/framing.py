@@ -1,7 +1,7 @@
 """Frames on a byte stream: hivemind's layout (one marker byte, an 8-byte length, a protobuf), read with a
 size limit, and with a deadline once a frame has begun, so that a peer can make us neither buffer more
 than ``max_bytes`` nor hold a half-sent frame open. A third marker carries a compact frame (swarm.wire.compact)
-instead of a protobuf. What the frames mean is swarm.wire.messages's business."""
+instead of a protobuf. What the frames mean is the business of swarm.wire's records."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +12,7 @@ from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from swarm.wire.compact import CompactFrame
-from swarm.wire.messages import ErrorCode, WireError
+from swarm.wire.codes import ErrorCode, WireError
 
 MESSAGE, ERROR, COMPACT = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER, b"\x02"
 SMALL_FRAME = 1 << 20
@@ -28,8 +28,8 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
     if not marker:
         return None
     try:
-        # no timer for a frame that has all arrived (a decode step's, nearly always): one costs 8 us hot (a
-        # uvloop timer handle made and cancelled), more on a step's cold caches, and a step meets three such reads
+        # no timer for a frame that has all arrived (a decode step's, nearly always): a uvloop timer handle made and
+        # cancelled per read is a measurable part of a step, which meets three such reads (bench/RESULTS.md)
         async with contextlib.nullcontext() if _buffered_whole(reader) else asyncio.timeout(deadline):
             header = await reader.readexactly(P2P.HEADER_LEN)
             length = int.from_bytes(header, P2P.BYTEORDER)
