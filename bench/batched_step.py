@@ -70,8 +70,8 @@ def main():
                                              ("16-token prompts", 8, 0, 16)):
             run = batch(sessions, past, tokens)
             with contextlib.ExitStack() as stack:
-                stack.callback(setattr, span, "_packed_linears", copies)
-                span._packed_linears = {}  # MKL, as before the packed copies
+                stack.callback(setattr, span, "packed_linears", copies)
+                span.packed_linears = {}  # MKL, as before the packed copies
                 mkl = timed(run)
             if sessions > 1 or tokens == 1:
                 packed = timed(lambda: _packed(span, run))  # as the engine runs decode steps on the packed path

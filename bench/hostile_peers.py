@@ -44,7 +44,9 @@ def main():
     from swarm.client import loop
     from swarm.client.swarm_client import SwarmClient
     from swarm.apps.local_swarm import LocalSwarm
-    from swarm.wire.messages import InferenceStep, RemoteError, SpanRequest, pack_tensor
+    from swarm.wire.codes import RemoteError
+    from swarm.wire.requests import InferenceStep, SpanRequest
+    from swarm.wire.tensors import pack_tensor
 
     directory = tempfile.TemporaryDirectory()  # removed when main() returns
     tmp = directory.name

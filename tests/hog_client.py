@@ -10,7 +10,8 @@ import torch
 from shards import Checkpoint
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
-from swarm.wire.messages import ErrorCode, RemoteError, SpanRequest
+from swarm.wire.codes import ErrorCode, RemoteError
+from swarm.wire.requests import SpanRequest
 
 
 def main(path: str, peer: str, seconds: str, hidden: str, *initial_peers: str) -> None:

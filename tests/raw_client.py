@@ -6,7 +6,10 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from swarm.client import loop
 from swarm.wire.framing import read_frame, write_frame
-from swarm.wire.messages import InferenceStep, InfoReply, SpanReply, pack_metadata, pack_tensor
+from swarm.wire.fields import pack_metadata
+from swarm.wire.replies import InfoReply, SpanReply
+from swarm.wire.requests import InferenceStep
+from swarm.wire.tensors import pack_tensor
 
 
 class RawStream:
@@ -55,7 +58,7 @@ def info(client, peer) -> dict:
 
 def reply_error(response: ExpertResponse):
     """(code, message) of an error reply."""
-    from swarm.wire.messages import RemoteError
+    from swarm.wire.codes import RemoteError
     try:
         InfoReply.parse(response)
     except RemoteError as e:

@@ -19,7 +19,7 @@ from swarm.wire.limits import Quotas
 from swarm.apps.local_swarm import LocalSwarm
 from swarm.server.engine import Engine
 from swarm.server.sessions import SessionTable
-from swarm.wire.messages import InferenceStep
+from swarm.wire.requests import InferenceStep
 
 
 def test_a_decode_path_on_the_command_line_fixes_what_it_names():

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.failover import SwarmError
 from swarm.apps.local_swarm import LocalSwarm
-from swarm.wire.messages import ErrorCode, RemoteError
+from swarm.wire.codes import ErrorCode, RemoteError
 
 pytestmark = pytest.mark.slow
 

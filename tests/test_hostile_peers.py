@@ -26,7 +26,11 @@ from swarm.client.swarm_client import SwarmClient
 from swarm.dht.records import announce, block_key, fetch_swarm_state, make_dht
 from swarm.wire.framing import read_frame
 from swarm.apps.local_swarm import LocalSwarm
-from swarm.wire.messages import ErrorCode, RemoteError, SpanReply, SpanRequest, pack_metadata, pack_tensor
+from swarm.wire.codes import ErrorCode, RemoteError
+from swarm.wire.fields import pack_metadata
+from swarm.wire.replies import SpanReply
+from swarm.wire.requests import SpanRequest
+from swarm.wire.tensors import pack_tensor
 from tests.raw_client import RawStream, raw_request
 
 pytestmark = pytest.mark.slow

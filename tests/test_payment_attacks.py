@@ -22,7 +22,9 @@ from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
 from swarm.apps.local_swarm import LocalSwarm
-from swarm.wire.messages import ErrorCode, Payment, RemoteError, SpanRequest
+from swarm.wire.codes import ErrorCode, RemoteError
+from swarm.wire.payloads import Payment
+from swarm.wire.requests import SpanRequest
 
 pytestmark = pytest.mark.slow
 ETH = 10**18

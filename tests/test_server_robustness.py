@@ -13,8 +13,12 @@ from shards import BlockSpan, Checkpoint
 from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
 from swarm.apps.local_swarm import LocalSwarm
-from swarm.wire.messages import (ErrorCode, InferenceStep, LoraSpec, RemoteError, SpanReply, SpanRequest, pack_metadata,
-                        pack_tensor)
+from swarm.wire.codes import ErrorCode, RemoteError
+from swarm.wire.fields import pack_metadata
+from swarm.wire.payloads import LoraSpec
+from swarm.wire.replies import SpanReply
+from swarm.wire.requests import InferenceStep, SpanRequest
+from swarm.wire.tensors import pack_tensor
 from tests.raw_client import RawStream, info, raw_request
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
-from swarm.wire.messages import InferenceStep
+from swarm.wire.requests import InferenceStep
 from swarm.apps.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow

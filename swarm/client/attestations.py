@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from incentives.verification import Attestation, array_hash, chain_hash
-from swarm.wire.messages import InvalidReply
+from swarm.wire.codes import InvalidReply
 
 
 class BadAttestation(InvalidReply):

@@ -11,7 +11,8 @@ import torch
 
 from incentives.verification import Attestation, array_hash, chain_hash
 from swarm.server.payments import ServerPayments
-from swarm.wire.messages import Payment, dtype_name
+from swarm.wire.payloads import Payment
+from swarm.wire.tensors import dtype_name
 
 
 class Billing:

@@ -33,7 +33,7 @@ from swarm.server import threads
 from swarm.server.batching import can_batch, run_batched
 from swarm.server.scheduler import FairScheduler
 from swarm.server.sessions import SessionTable
-from swarm.wire.messages import BackwardRequest, SpanRequest
+from swarm.wire.requests import BackwardRequest, SpanRequest
 
 MAX_DECODE_TOKENS = 8  # new tokens of a step that still runs as a decode step (a verify step)
 BATCH_TOKENS = 128  # tokens of one batch of steps at most (a batch of prefills runs for ~8 chunks' time)

@@ -13,7 +13,8 @@ import torch
 
 from shards import BlockSpan
 from shards.lora import LoraWeights, content_hash, lora_layout, lora_numel
-from swarm.wire.messages import ErrorCode, SpanRequest, WireError, bad
+from swarm.wire.codes import ErrorCode, WireError, bad
+from swarm.wire.requests import SpanRequest
 
 
 class LoraCache:

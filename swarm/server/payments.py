@@ -21,7 +21,7 @@ from incentives.ledger_file import ledger_path, read_ledger_json, write_ledger
 from incentives.payer import PayerProof
 from incentives.vouchers import Voucher
 from swarm.wire.codes import ErrorCode, WireError
-from swarm.wire.messages import Payment
+from swarm.wire.payloads import Payment
 
 logger = logging.getLogger(__name__)
 MAX_ADDRESSES_PER_PEER = 8

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from swarm.wire.messages import ErrorCode, WireError
+from swarm.wire.codes import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
 WINDOWS_AT_MOST = 4  # a batch waits a window after its latest step, and this many windows after its first at most
