@@ -12,6 +12,7 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from shards import Checkpoint, ClientModules
 from swarm.client.remote_sequential import remote_forward
+from swarm.client.config import ClientConfig
 from swarm.client.swarm_client import SwarmClient
 
 
@@ -72,7 +73,7 @@ class AutoDistributedModelForSequenceClassification:
         else:
             nn.init.normal_(score.weight, std=getattr(config, "initializer_range", 0.02))
         score = score.to(device=client_modules.embed_tokens.weight.device, dtype=client_modules.embed_tokens.weight.dtype)
-        swarm = SwarmClient(initial_peers, model_id or checkpoint.model_id, config.num_hidden_layers,
-                            request_timeout=request_timeout)
+        swarm = SwarmClient(ClientConfig(initial_peers=initial_peers, request_timeout=request_timeout),
+                            model_id or checkpoint.model_id, config.num_hidden_layers)
         return DistributedModelForSequenceClassification(config, client_modules, score, swarm,
                                                          exact_wire=exact_wire).eval()

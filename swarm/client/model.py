@@ -20,10 +20,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from shards import Checkpoint, ClientModules
 from swarm.client import loop
+from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_forward
 from swarm.client.swarm_client import SwarmClient
-from swarm.wire.messages import LoraSpec
+from swarm.wire.payloads import LoraSpec
 
 logger = logging.getLogger(__name__)
 if _INDUCTOR_DIR is None:  # torch._dynamo, which transformers' generation imports, exports its default cache path
@@ -287,37 +288,25 @@ class AutoDistributedModelForCausalLM:
         """
         if active_adapter is not None and tuning_mode == "lora":
             raise ValueError("use either a served adapter (active_adapter) or train your own (tuning_mode='lora')")
+        config = ClientConfig(initial_peers=initial_peers, request_timeout=request_timeout,
+                              active_adapter=active_adapter, push=push, wallet=wallet, contract=contract,
+                              chain_id=chain_id, chain_rpc=chain_rpc, spot_check_rate=spot_check_rate,
+                              spot_check_seed=spot_check_seed, spot_check_local=spot_check_local)
         checkpoint = Checkpoint(model, **hub_kwargs)
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
-        swarm = SwarmClient(initial_peers, model_id or checkpoint.model_id, checkpoint.config.num_hidden_layers,
-                            request_timeout=request_timeout)
-        swarm.adapter, swarm.push = active_adapter, push
-        if wallet is not None:
-            from incentives.vouchers import Domain
-            from swarm.client.payments import Payments
-            if contract is None or (chain_id is None and chain_rpc is None):
-                raise ValueError("paying servers needs the settlement contract address, and its chain id or a node "
-                                 "of its chain (chain_rpc)")
-            settlement = None
-            if chain_rpc is not None:
-                from web3 import Web3
-
-                from incentives.contract import Settlement
-                settlement = Settlement(Web3(Web3.HTTPProvider(chain_rpc, request_kwargs={"timeout": 10})), contract)
-                chain_id = settlement.w3.eth.chain_id if chain_id is None else chain_id
-            swarm.payments = Payments(wallet, Domain(chain_id, contract), str(swarm.p2p.peer_id))
-            swarm.payments.settlement = settlement
-        if spot_check_rate > 0:
-            from swarm.client.spot_check import LocalBlocks, SpotChecker
-            local = LocalBlocks(checkpoint) if spot_check_local is not False else None
+        local_blocks = None
+        if spot_check_rate > 0 and spot_check_local is not False:
+            from swarm.client.spot_check import LocalBlocks
             if spot_check_local and checkpoint.local_dir is None:
                 raise ValueError("spot_check_local=True needs the checkpoint's block files on this machine")
-            swarm.spot_checker = SpotChecker(swarm, spot_check_rate, spot_check_seed, local)
+            local_blocks = LocalBlocks(checkpoint)
+        swarm = SwarmClient(config, model_id or checkpoint.model_id, checkpoint.config.num_hidden_layers,
+                            local_blocks=local_blocks)
         distributed = DistributedModelForCausalLM(checkpoint.config, client_modules, swarm, exact_wire=exact_wire,
                                                   tuning_mode=tuning_mode, pre_seq_len=pre_seq_len,
                                                   lora_config=lora_config)
         try:
-            distributed.generation_config = GenerationConfig.from_pretrained(checkpoint._file("config.json").parent)
+            distributed.generation_config = GenerationConfig.from_pretrained(checkpoint.file("config.json").parent)
         except OSError:
             pass  # no generation_config.json: keep the one derived from config.json
         return distributed.eval()

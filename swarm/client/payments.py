@@ -12,7 +12,10 @@ from incentives.metering import Prices, Receipt
 from incentives.payer import PayerProof
 from incentives.vouchers import Domain
 from routing import ServerInfo
-from swarm.wire.messages import Payment, PayRequest, SpanReply
+from swarm.client.config import ClientConfig
+from swarm.wire.payloads import Payment
+from swarm.wire.replies import SpanReply
+from swarm.wire.requests import PayRequest
 
 logger = logging.getLogger(__name__)
 VOUCHER_EVERY = 16  # requests between in-band vouchers to one server (and one at every settle())
@@ -20,7 +23,7 @@ PROOF_LIFETIME = 3600  # seconds a proof that this peer pays for the wallet's ad
 
 
 class Payments:
-    def __init__(self, account: LocalAccount, domain: Domain, client_peer: str):
+    def __init__(self, account: LocalAccount, domain: Domain, client_peer: str, settlement=None):
         self.account, self.domain, self.client_peer = account, domain, client_peer
         self.channel_id = random.getrandbits(63)  # one channel per client run; vouchers are cumulative in it
         self.channels: dict[str, ClientChannel] = {}  # by peer id
@@ -28,8 +31,21 @@ class Payments:
         self._requests: dict[str, int] = {}
         self._proofs: dict[str, PayerProof] = {}
         self.stopped: set[str] = set()
-        self.settlement = None  # incentives.contract.Settlement, when this client reads the chain
+        self.settlement = settlement  # incentives.contract.Settlement, when this client reads the chain
         self._stakes: dict[str, tuple[int, float]] = {}
+
+    @classmethod
+    def from_config(cls, config: ClientConfig, client_peer: str) -> "Payments":
+        """The wallet's payments in the config's contract, reading the chain when the config names a node."""
+        settlement, chain_id = None, config.chain_id
+        if config.chain_rpc is not None:
+            from web3 import Web3
+
+            from incentives.contract import Settlement
+            settlement = Settlement(Web3(Web3.HTTPProvider(config.chain_rpc, request_kwargs={"timeout": 10})),
+                                    config.contract)
+            chain_id = settlement.w3.eth.chain_id if chain_id is None else chain_id
+        return cls(config.wallet, Domain(chain_id, config.contract), client_peer, settlement)
 
     def stake_of(self, payout: str) -> int | None:
         """A server's stake, when this client reads the chain (``settlement`` set), cached for ten minutes."""

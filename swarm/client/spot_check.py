@@ -22,17 +22,15 @@ import torch
 from hivemind.utils import get_dht_time
 
 from incentives.verification import Attestation, Evidence, relative_error, tolerance
-from swarm.client.failover import Failover
+from swarm.client.failover import Failover, WrongOutputError
 from swarm.dht.records import evidence_key, in_dht
-from swarm.wire.messages import SpanReply, SpanRequest, dtype_name
+from swarm.wire.replies import SpanReply
+from swarm.wire.requests import SpanRequest
+from swarm.wire.tensors import dtype_name
 
 logger = logging.getLogger(__name__)
 EVIDENCE_TTL = 7 * 24 * 3600
 QUORUM = 3
-
-
-class WrongOutputError(RuntimeError):
-    """A server's output was proven wrong: it was convicted and replaced."""
 
 
 class LocalBlocks:
@@ -149,7 +147,7 @@ class SpotChecker:
     def _pick(self, link, exclude: set[str]) -> str | None:
         """A random online server holding all of [start, end), of an identity not in ``exclude``, weighted
         by stake when stakes are known."""
-        state = self.client._state
+        state = self.client.known_state
         if state is None:
             return None
         banned = self.client.bans.banned()
@@ -163,7 +161,7 @@ class SpotChecker:
         return self.rng.choices(candidates, weights=weights)[0]
 
     def _servers(self) -> dict:
-        return self.client._state.servers if self.client._state else {}
+        return self.client.known_state.servers if self.client.known_state else {}
 
     def _identity(self, peer_id: str) -> str:
         """Servers paid to the same address are one party; a free server is its own."""

@@ -2,30 +2,35 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from typing import Sequence
 
-from hivemind.p2p import PeerID
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList, ChainLink, NoChainError, ServerState, SwarmState, make_chain
 from swarm.wire import compact
-from swarm.net import direct, relay
+from swarm.net.connector import Connector
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
+from swarm.client.config import ClientConfig
 from swarm.client.failover import ServerFailure
+from swarm.client.payments import Payments
+from swarm.client.spot_check import SpotChecker
 from swarm.wire.compact import CompactFrame
 from swarm.dht.records import fetch_swarm_state_async, make_dht
 from swarm.wire.framing import put_frame, read_frame, write_frame
-from swarm.wire.messages import (InfoReply, InvalidReply, Payment, PayReply, PayRequest, SpanReply, SpanRequest, WireError)
+from swarm.wire.codes import InvalidReply, WireError
+from swarm.wire.payloads import Payment
+from swarm.wire.replies import InfoReply, PayReply, SpanReply
+from swarm.wire.requests import PayRequest, SpanRequest
 
 logger = logging.getLogger(__name__)
 INFO_REPLY_BYTES = 1 << 20
 RTT_MAX_AGE = 60.0       # seconds before a server's round trip is measured again
 RTT_PROBES = 32          # servers probed at most per refresh
-DIRECT_RETRY_SECONDS = 60.0  # after a direct connection failed, hivemind is used for this long
 STALE_SECONDS = 30.0     # a snapshot up to this much older than state_ttl serves while a fresh one is fetched
 
 
@@ -89,12 +94,22 @@ class ServerStream:
 
 
 class SwarmClient:
-    def __init__(self, initial_peers: Sequence[str], model_id: str, num_blocks: int, *,
-                 request_timeout: float = 60.0, state_ttl: float = 5.0, max_retries: int = 8):
-        self.model_id, self.num_blocks = model_id, num_blocks
-        self.request_timeout, self.state_ttl, self.max_retries = request_timeout, state_ttl, max_retries
-        self.dht = make_dht(initial_peers, client_mode=True)
+    """The client's view of one model's swarm: its servers (swarm state, round trips, chain choice), the
+    connections to them, and what it pays and checks, all built from a ClientConfig (or a list of initial
+    peers, for the defaults)."""
+
+    def __init__(self, config: ClientConfig | Sequence[str], model_id: str, num_blocks: int, *,
+                 local_blocks=None, state_ttl: float | None = None):
+        config = config if isinstance(config, ClientConfig) else ClientConfig(initial_peers=config)
+        if state_ttl is not None:
+            config = dataclasses.replace(config, state_ttl=state_ttl)
+        self.config, self.model_id, self.num_blocks = config, model_id, num_blocks
+        self.request_timeout, self.state_ttl, self.max_retries = config.request_timeout, config.state_ttl, \
+            config.max_retries
+        self.adapter, self.push = config.active_adapter, config.push
+        self.dht = make_dht(config.initial_peers, client_mode=True)
         self.p2p = loop.run(self.dht.replicate_p2p())
+        self.connector = Connector(self.p2p, self.dht.private_key)
         self.bans = BanList()
         self.rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self.block_seconds: dict[str, float] = {}  # peer -> seconds per token per block of its decode steps
@@ -102,15 +117,19 @@ class SwarmClient:
         self._state_time = 0.0
         self._refreshing: asyncio.Task | None = None  # a fetch of the swarm state in the background
         self.rng = random.Random()
-        self.payments = None  # swarm.client.payments.Payments when this client pays servers
-        self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
-        self.adapter: str | None = None  # a LoRA adapter served by the servers: only its holders are used
         self.lora_sent: dict[str, list[str]] = {}  # peer -> hashes of LoRA weights it has (latest last)
-        self.direct_failed: dict[str, float] = {}  # peer -> until when its direct addresses are not tried
-        self.push = True  # servers of a chain push their outputs to the next server (swarm.server.push)
         self._foreign: set[str] = set()  # priced servers of another settlement contract, skipped (logged once)
+        self.payments = Payments.from_config(config, str(self.p2p.peer_id)) if config.wallet is not None else None
+        self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
+        if config.spot_check_rate > 0:
+            self.spot_checker = SpotChecker(self, config.spot_check_rate, config.spot_check_seed, local_blocks)
 
     # ------------------------------------------------------------------ the swarm snapshot
+    @property
+    def known_state(self) -> SwarmState | None:
+        """The latest snapshot of the swarm this client has, without fetching one (None before the first)."""
+        return self._state
+
     def swarm_state(self, refresh: bool = False) -> SwarmState:
         return loop.run(self.state(refresh))
 
@@ -211,45 +230,20 @@ class SwarmClient:
 
     # ------------------------------------------------------------------ calls
     async def open_stream(self, peer_id: str, handler: str) -> ServerStream:
-        """A stream to a server's handler: over a direct connection when the server offers one and this client
-        can reach it, else through hivemind."""
-        direct = await self._open_direct(peer_id, handler)
-        if direct is not None:
-            return direct
+        """A stream to a server's handler: through its relay or at its direct addresses when it offers them and
+        this client can reach it, else through hivemind (swarm.net.connector)."""
+        info = self._state.servers.get(peer_id) if self._state is not None else None
         async with asyncio.timeout(self.request_timeout):
-            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
-                                                                          f"cocoon.{handler}")
-        return ServerStream(peer_id, reader, writer)
+            connection = await self.connector.connect(peer_id, handler, info)
+        return ServerStream(peer_id, connection.reader, connection.writer, via=connection.via)
 
     def direct_addresses(self, peer_id: str) -> dict:
-        """Where a server takes direct connections: {"direct": [ip:port]}, or {"relay": ip:port} of its relay."""
+        """Where a server takes direct connections: {"direct": (ip:port, ...)}, or {"relay": ip:port} of its relay
+        (the keywords of a push Route)."""
         info = self._state.servers.get(peer_id) if self._state is not None else None
         if info is not None and info.relay:
-            return {"direct": [], "relay": info.relay.partition("@")[2]}
-        return {"direct": list(info.direct) if info is not None else []}
-
-    async def _open_direct(self, peer_id: str, handler: str) -> ServerStream | None:
-        info = self._state.servers.get(peer_id) if self._state is not None else None
-        if info is None or not (info.direct or info.relay) or time.monotonic() < self.direct_failed.get(peer_id, 0.0):
-            return None
-        if info.relay:  # behind NAT: through the relay it registered with (swarm.net.relay)
-            try:
-                reader, writer = await relay.connect(info.relay.partition("@")[2], peer_id, handler,
-                                                     self.dht.private_key)
-                return ServerStream(peer_id, reader, writer, via="relay")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    direct.HandshakeError) as e:
-                logger.debug(f"no relayed connection to {peer_id} through {info.relay}: {e}")
-        for address in info.direct:
-            host, _, port = address.rpartition(":")
-            try:
-                reader, writer = await direct.connect(host.strip("[]"), int(port), peer_id, handler,
-                                                      self.dht.private_key)
-                return ServerStream(peer_id, reader, writer, via="direct")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, direct.HandshakeError) as e:
-                logger.debug(f"no direct connection to {peer_id} at {address}: {e}")
-        self.direct_failed[peer_id] = time.monotonic() + DIRECT_RETRY_SECONDS  # hivemind meanwhile
-        return None
+            return {"direct": (), "relay": info.relay.partition("@")[2]}
+        return {"direct": tuple(info.direct) if info is not None else ()}
 
     async def call_span(self, peer_id: str, handler: str, request: SpanRequest,
                         lora_shape: tuple[int, ...] | None = None) -> SpanReply:
