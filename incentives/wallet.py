@@ -9,6 +9,10 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 
+class WalletError(ValueError):
+    """A wallet that cannot be opened; the message says what to do."""
+
+
 def create_wallet(path: str | os.PathLike, passphrase: str, private_key: str | None = None) -> LocalAccount:
     path = Path(path)
     if path.exists():
@@ -24,8 +28,8 @@ def load_wallet(path: str | os.PathLike, passphrase: str) -> LocalAccount:
     try:
         keystore = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot read the wallet {path}: {e}. Create one with `cocoon wallet create {path}`.")
+        raise WalletError(f"cannot read the wallet {path}: {e}. Create one with `cocoon wallet create {path}`.")
     try:
         return Account.from_key(Account.decrypt(keystore, passphrase))
     except ValueError:
-        raise SystemExit(f"wrong passphrase for {path} (set COCOON_PASSPHRASE)") from None
+        raise WalletError(f"wrong passphrase for {path} (set COCOON_PASSPHRASE)") from None

@@ -33,12 +33,12 @@ class Checkpoint:
         self.name_or_path = str(name_or_path)
         self.revision, self.cache_dir, self.token = revision, cache_dir, token
         self.local_dir = _resolve_local_dir(Path(name_or_path), revision)
-        config_path = self._file("config.json")
+        config_path = self.file("config.json")
         self.config: PretrainedConfig = AutoConfig.from_pretrained(config_path.parent)
         self.weight_map = self._read_weight_map()
 
     # ---------------------------------------------------------------- files
-    def _file(self, filename: str, required: bool = True) -> Path | None:
+    def file(self, filename: str, required: bool = True) -> Path | None:
         """Path of one file of the checkpoint, downloading it from the hub if this is a repo id."""
         if self.local_dir is not None:
             path = self.local_dir / filename
@@ -77,10 +77,10 @@ class Checkpoint:
                 f"({e}). Check the repo id, your network, or HF_HUB_OFFLINE.") from None
 
     def _read_weight_map(self) -> dict[str, str]:
-        index = self._file(INDEX_FILE, required=False)
+        index = self.file(INDEX_FILE, required=False)
         if index is not None:
             return dict(json.loads(index.read_text())["weight_map"])
-        single = self._file(SINGLE_FILE, required=False)
+        single = self.file(SINGLE_FILE, required=False)
         if single is None:
             raise MissingWeightsError(
                 f"{self.name_or_path!r} has neither {INDEX_FILE} nor {SINGLE_FILE}: only safetensors "
@@ -121,7 +121,7 @@ class Checkpoint:
             by_file[self.weight_map[name]].append(name)
         tensors = {}
         for filename, file_names in by_file.items():
-            path = self._file(filename)
+            path = self.file(filename)
             try:
                 with safe_open(path, framework="pt") as f:
                     for name in file_names:

@@ -60,8 +60,8 @@ def block_cost(checkpoint: Checkpoint | PretrainedConfig, *, dtype: str = "auto"
 
 
 def _packing_ops() -> bool:
-    from shards.packed_linears import _private_ops_present
-    return _private_ops_present()
+    from shards.packed_linears import packing_ops_present
+    return packing_ops_present()
 
 
 def gb(size: float) -> str:

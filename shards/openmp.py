@@ -1,13 +1,13 @@
 """Releasing this thread's OpenMP workers while it waits, so that they do not spin on cores another process needs.
 
 After each parallel region, the OpenMP runtime torch ships (libgomp on Linux) keeps its workers spinning for a
-while (about 8 ms on the 2-core development machine) so that the next region starts at once. Along a chain the
+while so that the next region starts at once. Along a chain the
 client and the servers take turns: while one waits for the next, its spinning workers take the cores the next
 one computes on. ``OMP_WAIT_POLICY=PASSIVE`` would stop that for the whole process, and slows every parallel
-region of it (2x on a decode step of hidden 512), including a user's own torch code when a library sets it.
+region of it, including a user's own torch code when a library sets it.
 ``omp_pause_resource_all`` (OpenMP 5.0) instead frees the calling thread's workers once, right before a wait;
 the next parallel region starts them again. It changes no setting of the process, but starting them again is
-not free: 3 to 5 ms on the 2-core development machine. So a server releases its workers only where its decode
+not free (bench/RESULTS.md, "Figures moved out of comments"). So a server releases its workers only where its decode
 plan measured that this pays (shards.decode_paths), and `cocoon` processes shorten the spin instead
 (GOMP_SPINCOUNT, swarm/apps/cli.py).
 """

@@ -1,11 +1,9 @@
 """Decode steps on a CPU through copies of the linear weights that oneDNN packed once.
 
 A decode step multiplies a few rows by every weight matrix of the span, and on a CPU that is bound by
-reading the weights. oneDNN's packed layout reads them faster than MKL's path through the plain matrix:
-on the 2-core development machine the 28 GEMVs of 4 Llama blocks (hidden 512, intermediate 1024, one row)
-took 1.25 ms packed against 2.2 ms through MKL, with the caches cold between steps as on a chain. For a
-batch of rows MKL also packs the whole matrix on every call: 8 sessions of 4 blocks (hidden 2048,
-intermediate 5632) took 105 ms as one batch through MKL, 49 ms packed, 42 ms for one session alone.
+reading the weights. oneDNN's packed layout can read them faster than MKL's path through the plain matrix,
+and for a batch of rows MKL also packs the whole matrix on every call (bench/RESULTS.md, "Figures moved out
+of comments", has what was measured).
 Outputs differ from MKL's by float32 rounding (about 1e-6 relative), as a GEMM of a different number of rows
 does. The copies double the memory of the linear weights, so they are made only when the machine has that
 much memory free; otherwise steps use the plain weights. Prefill, forward and backward always do.
@@ -33,7 +31,8 @@ PACKED_FOR_ROWS = 8  # oneDNN lays packed weights out for about this many rows (
 TORCH_VERSIONS = ((2, 4), (3, 0))  # the private ops below have had these signatures in these releases
 
 
-def _private_ops_present() -> bool:
+def packing_ops_present() -> bool:
+    """Whether this torch has the private oneDNN ops that pack linear weights (CPU decode steps)."""
     version = tuple(int(part) for part in torch.__version__.split(".")[:2])
     if not TORCH_VERSIONS[0] <= version < TORCH_VERSIONS[1] or not torch.backends.mkldnn.is_available():
         return False
@@ -51,7 +50,7 @@ def packing_possible(span: BlockSpan) -> bool:
     """float32 linear layers on a CPU, torch with the private ops, and memory for a second copy of the weights."""
     linears = _linears(span)
     if span.device.type != "cpu" or not linears or any(m.weight.dtype != torch.float32 for m in linears) or \
-            not _private_ops_present():
+            not packing_ops_present():
         return False
     return psutil.virtual_memory().available > 2 * sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
@@ -60,7 +59,7 @@ def packing_possible(span: BlockSpan) -> bool:
 def packed_linears(span: BlockSpan) -> Iterator[None]:
     """Within this block, the span's linear layers compute with their packed copies, where its decode plan made
     them (shards.decode_paths.use_plan); otherwise this changes nothing."""
-    packed = getattr(span, "_packed_linears", None) or {}
+    packed = span.packed_linears or {}
     try:
         for linear, forward in packed.items():
             linear.forward = forward
@@ -73,20 +72,20 @@ def packed_linears(span: BlockSpan) -> Iterator[None]:
 def packed_forwards(span: BlockSpan) -> dict[nn.Linear, functools.partial]:
     """Each linear layer's forward through its packed copy, made on first use and kept: a decode step only
     swaps them in ({} where the copies are not used)."""
-    packed = getattr(span, "_packed_linears", None)
+    packed = span.packed_linears
     if packed is None:
         packed = {}
         if packing_possible(span):
             logger.info("packing the linear weights for decode steps (oneDNN)")
             packed = {m: functools.partial(_packed_forward, m, torch.ops.mkldnn._reorder_linear_weight(
                 m.weight.detach(), PACKED_FOR_ROWS)) for m in _linears(span)}
-        span._packed_linears = packed
+        span.packed_linears = packed
     return packed
 
 
 def drop_packed_forwards(span: BlockSpan) -> None:
     """Free the packed copies and use none from now on (the decode plan took another path)."""
-    span._packed_linears = {}
+    span.packed_linears = {}
 
 
 def _packed_forward(linear: nn.Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class BlockSpan(nn.Module):
         self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (shards.decode_graphs)
         self.lora_hooks = 0  # LoRA applied through forward hooks (shards.lora), which graphs would not run
         self.decode_plan = None  # how its decode steps run on this machine (shards.decode_paths.use_plan)
+        self.packed_linears: dict | None = None  # linear -> its forward through oneDNN-packed weights (None: not made)
 
     # ------------------------------------------------------------------ loading
     @classmethod

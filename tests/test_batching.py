@@ -46,7 +46,7 @@ def test_a_batch_of_sessions_of_different_lengths_equals_each_alone(checkpoints,
         for a, b in zip(own.layers, shared.layers):
             assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
             assert torch.allclose(a.values, b.values, atol=1e-5)
-    assert bool(span._packed_linears) == (path == "packed")  # the copies exist only where the plan chose them
+    assert bool(span.packed_linears) == (path == "packed")  # the copies exist only where the plan chose them
 
 
 def test_a_lone_decode_step_through_the_packed_weights_equals_the_plain_step(checkpoints):
@@ -62,9 +62,9 @@ def test_a_lone_decode_step_through_the_packed_weights_equals_the_plain_step(che
         span(prompt, cache=packed_cache)
         plain = span(step, cache=plain_cache)
         with packed_linears(span):
-            assert all("forward" in m.__dict__ for m in span._packed_linears)
+            assert all("forward" in m.__dict__ for m in span.packed_linears)
             packed = span(step, cache=packed_cache)
-    assert len(span._packed_linears) == 4 * 7  # q, k, v, o, gate, up, down of each block
+    assert len(span.packed_linears) == 4 * 7  # q, k, v, o, gate, up, down of each block
     assert not any("forward" in m.__dict__ for m in span.modules())
     assert torch.allclose(packed, plain, rtol=0, atol=1e-5) and plain.abs().max() > 0.1
     assert torch.allclose(packed_cache.layers[3].keys, plain_cache.layers[3].keys, rtol=0, atol=1e-5)

@@ -16,38 +16,24 @@ body size, prompt + max_tokens against the swarm's max_length), and one caller's
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, Field, field_validator
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from swarm.apps.api_schema import (APIError, ChatRequest, CompletionRequest, Result, Sampling, TokenLogprob, chunk,
+                                   completion, event)
 from swarm.apps.sampling import sampling_processors
 
 logger = logging.getLogger(__name__)
-MAX_STOPS, MAX_STOP_CHARS = 4, 64
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
 
 
 class Gate:
@@ -79,105 +65,6 @@ class Gate:
                 return APIError(413, f"the request body is {int(length)} bytes; at most {self.max_request_bytes} are "
                                      f"accepted", code="request_too_large")
         return None
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]  # OpenAI's own form: a list of parts (only text ones here)
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-class Sampling(BaseModel):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None  # OpenAI's limits: up to 4 strings (transformers builds a table per string)
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = False
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    # what clients send with neutral values is accepted; anything else they ask is refused, never ignored
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-    logprobs: bool | int | None = None  # chat: true/false; completions: how many alternatives (0-5)
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def at_most_four_short_stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > MAX_STOPS or any(len(text) > MAX_STOP_CHARS for text in stops):
-            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
-        return stop
-
-    def alternatives(self) -> int | None:
-        """None: no logprobs asked; otherwise how many of the likeliest tokens to list beside each chosen one."""
-        if self.logprobs is None or self.logprobs is False:
-            return None
-        if self.logprobs is True:
-            return self.top_logprobs or 0
-        if not 0 <= self.logprobs <= 20:
-            raise APIError(400, f"logprobs must lie in [0, 20], got {self.logprobs}", param="logprobs")
-        return int(self.logprobs)
-
-    def refuse_unsupported(self) -> None:
-        unsupported = {"tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none", "auto"),
-                       "logit_bias": bool(self.logit_bias)}
-        for name, asked in unsupported.items():
-            if asked:
-                raise APIError(400, f"{name} is not supported by this server (cocoon api): leave it out", param=name)
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str]
-
-
-@dataclass
-class Result:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" or "length"
-    predictions: tuple[int, int] | None = None  # speculative decoding: drafted tokens (accepted, rejected)
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token, its log-probability under the model (before sampling's changes), and the likeliest."""
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-    @staticmethod
-    def of(tokenizer, new_ids: list[int], logits: tuple[torch.Tensor, ...], alternatives: int) -> list:
-        found = []
-        for token_id, step_logits in zip(new_ids, logits):
-            logprobs = torch.log_softmax(step_logits[0].float(), dim=-1)
-            top = torch.topk(logprobs, alternatives) if alternatives else None
-            found.append(TokenLogprob(tokenizer.decode([token_id]), logprobs[token_id].item(),
-                                      [(tokenizer.decode([i]), v) for i, v in
-                                       zip(top.indices.tolist(), top.values.tolist())] if top else []))
-        return found
-
-    def chat(self) -> dict:
-        entry = lambda token, logprob: {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-        return {**entry(self.token, self.logprob), "top_logprobs": [entry(t, lp) for t, lp in self.top]}
 
 
 class Cancelled(StoppingCriteria):
@@ -362,7 +249,7 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
                 result = future.result()
             except Exception as e:
                 raise _as_api_error(e) from None
-            return _completion(model_name, identity, created, chat, result)
+            return completion(model_name, identity, created, chat, result)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         return StreamingResponse(_events(identity, created, chat, pieces, future, cancel),
                                  media_type="text/event-stream")
@@ -373,16 +260,16 @@ def create_app(model, tokenizer, model_name: str, *, api_key: str | None = None,
         deadline = time.monotonic() + timeout
         try:
             if chat:
-                yield _event(_chunk(model_name, identity, created, chat, {"role": "assistant", "content": ""}))
+                yield event(chunk(model_name, identity, created, chat, {"role": "assistant", "content": ""}))
             while (piece := await asyncio.wait_for(pieces.get(), max(deadline - time.monotonic(), 0.01))) is not None:
-                yield _event(_chunk(model_name, identity, created, chat, {"content": piece} if chat else piece))
+                yield event(chunk(model_name, identity, created, chat, {"content": piece} if chat else piece))
             result = await future
-            yield _event(_chunk(model_name, identity, created, chat, {} if chat else "", result.finish_reason, result))
+            yield event(chunk(model_name, identity, created, chat, {} if chat else "", result.finish_reason, result))
         except asyncio.TimeoutError:
             cancel.set()
-            yield _event(APIError(504, f"no answer within {timeout:.0f} s", "timeout", "timeout").response().body)
+            yield event(APIError(504, f"no answer within {timeout:.0f} s", "timeout", "timeout").response().body)
         except Exception as e:
-            yield _event(_as_api_error(e).response().body)
+            yield event(_as_api_error(e).response().body)
         finally:
             cancel.set()  # (a finished generation ignores it; one still running stops at its next token)
         yield "data: [DONE]\n\n"
@@ -457,55 +344,3 @@ def _as_api_error(error: Exception) -> APIError:
         return APIError(400, str(error))
     logger.exception("a request failed")
     return APIError(500, f"{type(error).__name__}: {error}", "server_error")
-
-
-def _usage(result: Result) -> dict:
-    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-             "total_tokens": result.prompt_tokens + result.completion_tokens}
-    if result.predictions is not None:  # OpenAI's fields for predicted outputs
-        accepted, rejected = result.predictions
-        usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
-                                              "rejected_prediction_tokens": rejected}
-    return usage
-
-
-def _logprobs(result: Result | None, chat: bool) -> dict | None:
-    """OpenAI's two forms: chat's list of entries, completions' parallel lists."""
-    if result is None or result.logprobs is None:
-        return None
-    if chat:
-        return {"content": [entry.chat() for entry in result.logprobs], "refusal": None}
-    offsets, at = [], 0
-    for entry in result.logprobs:
-        offsets.append(at)
-        at += len(entry.token)
-    return {"tokens": [e.token for e in result.logprobs], "token_logprobs": [e.logprob for e in result.logprobs],
-            "top_logprobs": [dict(e.top) for e in result.logprobs], "text_offset": offsets}
-
-
-def _completion(model: str, identity: str, created: int, chat: bool, result: Result) -> dict:
-    choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": _logprobs(result, chat)}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice.update(text=result.text)
-    return {"id": identity, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": _usage(result)}
-
-
-def _chunk(model: str, identity: str, created: int, chat: bool, delta, finish_reason: str | None = None,
-           result: Result | None = None) -> dict:
-    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": _logprobs(result, chat)}  # (with the last)
-    if chat:
-        choice["delta"] = delta
-    else:
-        choice.update(text=delta)
-    chunk = {"id": identity, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-             "model": model, "choices": [choice]}
-    if result is not None:
-        chunk["usage"] = _usage(result)
-    return chunk
-
-
-def _event(data) -> str:
-    return f"data: {data.decode() if isinstance(data, bytes) else json.dumps(data)}\n\n"

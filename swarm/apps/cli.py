@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     # with its DHT process through torch's shared memory, and its default strategy (file_system) starts a
     # torch_shm_manager process; a signal during that start leaves torch spinning with the GIL held.
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
-    # torch's OpenMP workers (libgomp) spin ~8 ms after each parallel region: along a chain whose processes share a
-    # machine that spinning takes the cores the next process computes on, and releasing the workers instead costs
-    # 3-5 ms to start them again (bench/RESULTS.md, "The server's engine"). A short spin, set before torch loads,
-    # in this process only: then they sleep within ~0.1 ms of going idle and wake in microseconds.
+    # torch's OpenMP workers (libgomp) spin for a while after each parallel region: along a chain whose processes
+    # share a machine that spinning takes the cores the next process computes on, and releasing the workers instead
+    # costs milliseconds to start them again (bench/RESULTS.md, "The server's engine"). A short spin, set before
+    # torch loads, in this process only: then they soon sleep when idle and wake in microseconds.
     os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     exit_on_termination()
     exit_with_owner()
@@ -106,10 +106,12 @@ def explain(error: Exception) -> tuple[bool, str]:
                        "the peer is running and that this machine can connect to it")
     if isinstance(error, P2PDaemonError) and "multiaddr" in text:
         return True, f"{text.split(': ', 2)[-1]}: --initial-peers takes multiaddrs such as /ip4/.../tcp/.../p2p/..."
+    from incentives.wallet import WalletError
     from routing import NoChainError
     from swarm.client.failover import SwarmError
-    from swarm.wire.messages import RemoteError
-    if isinstance(error, (NoChainError, SwarmError, RemoteError)):
+    from swarm.server.loading import ServerStartError
+    from swarm.wire.codes import RemoteError
+    if isinstance(error, (NoChainError, SwarmError, RemoteError, WalletError, ServerStartError)):
         return False, text
     return False, f"{text} ({type(error).__name__}; details with --log-level DEBUG)"
 

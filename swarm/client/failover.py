@@ -19,7 +19,8 @@ from enum import Enum
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 
 from routing import ChainLink, NoChainError
-from swarm.wire.messages import BUSY, CALLER_ERRORS, ErrorCode, InvalidReply, RemoteError
+from swarm.client.attestations import BadAttestation
+from swarm.wire.codes import CALLER_ERRORS, SKIP, ErrorCode, InvalidReply, RemoteError
 
 logger = logging.getLogger(__name__)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 8.0  # seconds to wait when only busy or failed servers hold some blocks
@@ -40,6 +41,10 @@ class Verdict(Enum):
     RETRY = "retry"
 
 
+class WrongOutputError(RuntimeError):
+    """A server's output was proven wrong (swarm.client.spot_check): it was convicted and replaced."""
+
+
 SERVER_FAILURES = (InvalidReply, ServerFailure, TimeoutError, ConnectionError, asyncio.IncompleteReadError,
                    P2PDaemonError, P2PHandlerError, OSError)
 
@@ -48,12 +53,11 @@ def judge(error: BaseException) -> Verdict:
     if isinstance(error, RemoteError):
         if error.code in CALLER_ERRORS:
             return Verdict.RAISE
-        if error.code in BUSY:
+        if error.code in SKIP:
             return Verdict.SKIP
         if error.code in (ErrorCode.SESSION_EXPIRED, ErrorCode.LORA_NOT_CACHED):
             return Verdict.RETRY
         return Verdict.BAN  # internal errors, deadlines
-    from swarm.client.spot_check import WrongOutputError
     if isinstance(error, (*SERVER_FAILURES, WrongOutputError)):
         return Verdict.BAN
     return Verdict.RAISE  # a bug or a bad argument on this side: not a server's fault
@@ -75,7 +79,6 @@ class Failover:
         if verdict is Verdict.RAISE:
             raise error
         self.failures.append((peer_id, error))
-        from swarm.client.attestations import BadAttestation
         if isinstance(error, BadAttestation):  # a priced server that will not say what it did: never again
             self.client.bans.ban_forever(peer_id)
             if self.client.payments is not None:

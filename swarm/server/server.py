@@ -3,30 +3,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
 import random
 import signal
-import time
+
+from hivemind import DHT
 
 import swarm
 from routing import ServerInfo, ServerState
 from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
+from shards.decode_paths import DecodePlan
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
-from shards.decode_paths import DecodePlan, get_plan, use_plan
-from shards.throughput import cached_throughput, get_throughput
+from shards.throughput import Throughput, cached_throughput, get_throughput
 from swarm.dht.records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
                                 fetch_swarm_state_async, make_dht, replicate_p2p)
 from swarm.net import event_loop
 from swarm.net.direct import DirectServer
+from swarm.net.relay import RelayService
 from swarm.server.config import ServerConfig
 from swarm.server.engine import Engine
 from swarm.server.handler import SpanHandler
 from swarm.server.push import PushDirectory, PushSender
+from swarm.server.loading import ServerStartError, blocks_that_fit, load_span, model_name, return_freed_buffers
 from swarm.server.lora_cache import LoraCache
+from swarm.server.memory_budget import MemoryClaims
 from swarm.server.payments import ServerPayments
 from swarm.server.sessions import SessionTable
 from swarm.processes import exit_on_termination, reap_children
@@ -38,34 +41,41 @@ LEAVING_DHT_SECONDS = 3.0
 LEAVING_CHAIN_SECONDS = 6.0
 
 
-def model_name(name_or_path: str) -> str:
-    """What people call a checkpoint: a repo id as it is, a hub cache directory (models--org--name) as its repo
-    id, a directory by its name (its snapshot's repo for a snapshot directory)."""
-    from pathlib import Path
-    path = Path(name_or_path)
-    if not path.exists():
-        return name_or_path[:96]
-    parts = path.resolve().parts
-    for part in reversed(parts):
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/")[:96]
-    return path.resolve().name[:96]
-
-
 class Server:
+    """A server's life: ``_start`` (in the calling thread: join the DHT, load and measure a span) sets what it
+    serves; ``_serve`` (on the event loop) sets how it serves it, until it stops."""
+
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.memory_claims = None
+        # set by _start
+        self.dht: DHT | None = None
+        self.memory_claims: MemoryClaims | None = None  # --num-blocks auto: memory held until the span is loaded
+        self.checkpoint: Checkpoint | None = None
+        self.model_id = self.peer_id = ""
+        self.info: ServerInfo | None = None  # what it announces
+        self.span: BlockSpan | None = None
+        self.plan: DecodePlan | None = None
+        self.adapters: dict[str, LoraWeights] = {}
+        self.per_block: Throughput | None = None  # measured throughput, per block
+        self.sessions: SessionTable | None = None
+        self.payments: ServerPayments | None = None
+        # set by _serve
+        self.stop: asyncio.Event | None = None
+        self.engine: Engine | None = None
+        self.handler: SpanHandler | None = None
+        self.metrics = None
+        self.p2p = None
+        self.direct: DirectServer | None = None
+        self.relaying = None  # its relay service (reachable: it relays for others) or registration (behind NAT)
 
     def run(self) -> None:
         """Start (SIGTERM or SIGINT abort this part at once: swarm.processes), then serve until SIGTERM or SIGINT,
         which stop the server gracefully: announce offline, let open sessions finish, redeem, leave."""
-        self.dht = None
         try:
             self._start()
             event_loop.run(self._serve())
         except DHTStopped:
-            if not getattr(self, "stop", None) or not self.stop.is_set():
+            if self.stop is None or not self.stop.is_set():
                 raise
             print("Server stopped (signalled while starting)", flush=True)  # the group's signal stopped the DHT first
         finally:
@@ -76,7 +86,7 @@ class Server:
     def _start(self) -> None:
         """Load the span, measure it, set up payments; announce the server as joining."""
         config = self.config
-        _return_freed_buffers()
+        return_freed_buffers()
         self.checkpoint = checkpoint = Checkpoint(config.model, revision=config.revision, token=config.token)
         self.model_id = config.model_id or checkpoint.model_id
         total_blocks = checkpoint.config.num_hidden_layers
@@ -87,7 +97,7 @@ class Server:
         announce_maddrs = list(config.announce_maddrs)
         if config.public_ip and not announce_maddrs:
             if not config.port or (config.direct and not config.direct_port):
-                raise SystemExit("--public-ip needs --port and --direct-port: the ports forwarded to this machine")
+                raise ServerStartError("--public-ip needs --port and --direct-port: the ports forwarded to this machine")
             announce_maddrs = [f"/ip4/{config.public_ip}/tcp/{config.port}"]
         print(f"Joining the swarm through {len(config.initial_peers)} DHT peer(s)", flush=True)
         self.dht = make_dht(config.initial_peers, identity_path=config.identity_path, sign=True,
@@ -95,16 +105,17 @@ class Server:
                             announce_maddrs=announce_maddrs or None, use_relay=config.relay,
                             use_auto_relay=config.relay)
         self.peer_id = str(self.dht.peer_id)
-        num_blocks = config.num_blocks if config.blocks or config.num_blocks else \
-            self._blocks_that_fit(checkpoint, total_blocks)
+        if config.blocks or config.num_blocks:
+            num_blocks = config.num_blocks
+        else:  # --num-blocks auto: the memory of the blocks it chose stays claimed until they are loaded
+            num_blocks, self.memory_claims = blocks_that_fit(config, checkpoint, total_blocks)
         start, end = config.blocks or self._choose_span(total_blocks, num_blocks)
         self.info = ServerInfo(ServerState.JOINING, start, end, throughput=0.0, version=swarm.__version__,
                                public_name=config.public_name, max_sessions=config.max_sessions,
                                model_name=model_name(config.model))
         announce(self.dht, self.model_id, self.peer_id, self.info, expiration=3 * config.announce_period)
-        self.plan: DecodePlan | None = None
         print(f"Loading blocks [{start}, {end}) of {total_blocks}", flush=True)
-        self.span = self._load_span(checkpoint, start, end)
+        self.span, self.plan = load_span(config, checkpoint, start, end, plan=None)
         if self.memory_claims is not None:  # loaded: what is left to allocate is the KV budget
             self.memory_claims.update(self.span.cache_bytes_per_token() * config.cache_tokens)
         self.adapters = self._load_adapters(self.span)
@@ -184,7 +195,7 @@ class Server:
         if found.status == "unreachable":
             self.info.state = ServerState.OFFLINE
             self._announce()
-            raise SystemExit(1)
+            raise ServerStartError("nobody can reach this server: see the line above for what to try")
         if found.status == "relay":
             self.info.direct, self.info.relay = (), found.relay
             return found.registration
@@ -192,27 +203,6 @@ class Server:
             return None
         return await reachability.offer_relay(self.dht, self.peer_id, self.direct, list(self.info.direct),
                                               self.config.host, 3 * self.config.announce_period)
-
-    def _blocks_that_fit(self, checkpoint: Checkpoint, total_blocks: int) -> int:
-        """``--num-blocks auto``: claims the memory of the blocks it chose until they are loaded."""
-        from shards.memory import block_cost
-        from swarm.server.memory_budget import MemoryClaims, measure
-        config = self.config
-        cost = block_cost(checkpoint, dtype=config.dtype, quant=config.quant, device=config.device,
-                          cache_tokens=config.cache_tokens)
-        self.memory_claims, budget = MemoryClaims(), None
-
-        def decide(claimed: int) -> int:
-            nonlocal budget
-            budget = measure(config.device, config.max_memory, claimed)
-            return min(budget.blocks(cost), total_blocks) * cost.total
-        self.memory_claims.choose(decide)
-        print(budget.describe(cost, total_blocks), flush=True)
-        if budget.blocks(cost) < 1:
-            raise SystemExit(f"not even one block fits in {budget.where}: free memory, give --max-memory, lower "
-                             f"--cache-tokens ({config.cache_tokens}), or serve smaller blocks (--quant nf4 or int8 "
-                             f"on CUDA, --dtype bfloat16)")
-        return min(budget.blocks(cost), total_blocks)
 
     def _choose_span(self, total_blocks: int, num_blocks: int | None) -> tuple[int, int]:
         num_blocks = min(num_blocks or total_blocks, total_blocks)
@@ -239,7 +229,7 @@ class Server:
         if config.price == 0:
             return None
         if not (config.wallet and config.chain_rpc and config.contract):
-            raise SystemExit("a priced server needs --payout, --chain-rpc and --contract (see `cocoon chain deploy`)")
+            raise ServerStartError("a priced server needs --payout, --chain-rpc and --contract (see `cocoon chain deploy`)")
         from web3 import Web3
 
         from incentives.contract import Settlement
@@ -295,7 +285,7 @@ class Server:
               flush=True)
         self.info.state = ServerState.JOINING
         await asyncio.to_thread(self._announce, self._snapshot())  # old span, no longer usable: clients fail over
-        new_span = self._load_span(checkpoint, start, end)
+        new_span, _ = load_span(self.config, checkpoint, start, end, self.plan)
 
         new_adapters = self._load_adapters(new_span)
 
@@ -316,28 +306,6 @@ class Server:
         await asyncio.to_thread(self._announce, self._snapshot())
         print(f"Server ready: blocks [{start}, {end}) of {self.model_id} as peer {self.peer_id}", flush=True)
 
-    def _load_span(self, checkpoint: Checkpoint, start: int, end: int) -> BlockSpan:
-        config = self.config
-        span = BlockSpan.from_pretrained(checkpoint, start, end, dtype=config.dtype, quant=config.quant,
-                                         device=config.device, progress=True)
-        if self.plan is None:  # the first span: how this machine runs its decode steps fastest
-            self.plan = self._choose_plan(span)
-        use_plan(span, self.plan)  # packed copies made now, not at the first client's first decode step
-        if span.decode_graphs is not None:  # the first client's first token should not wait for the capture
-            started = time.perf_counter()
-            span.decode_graphs.prepare(1, range(end - start), span.dtype_)
-            print(f"Captured the CUDA graphs of a decode step in {time.perf_counter() - started:.1f} s", flush=True)
-        return span
-
-    def _choose_plan(self, span: BlockSpan) -> DecodePlan:
-        fixed = DecodePlan.parse(self.config.decode_path)
-        started = time.perf_counter()
-        plan, measured = get_plan(span, fixed)
-        how = f"measured in {time.perf_counter() - started:.1f} s" if measured else \
-            "as --decode-path says" if plan == DecodePlan(**fixed) else "measured before on this machine"
-        print(f"Decode steps: {plan} ({how})", flush=True)
-        return plan
-
     def _set_throughput(self) -> None:
         span = self.per_block.for_blocks(self.info.end - self.info.start)
         self.info.throughput = span.decode_tokens_per_s
@@ -346,7 +314,7 @@ class Server:
     def describe(self) -> dict:
         self.info.sessions = len(self.sessions.sessions)
         self.info.cache_tokens_left = self.sessions.tokens_left
-        serving = hasattr(self, "handler")
+        serving = self.handler is not None
         batches = self.engine.scheduler.batches if serving else {}  # tasks per batch: how many ran
         return {"model_id": self.model_id, "peer_id": self.peer_id, **self.info.to_wire(),
                 "cache_tokens": self.config.cache_tokens, "max_length": self.config.limits.max_length,
@@ -375,7 +343,7 @@ class Server:
         fails or has stopped is logged: serving goes on, and so does a shutdown."""
         info = info if info is not None else self._snapshot()
         try:
-            if getattr(self, "relaying", None) is not None and hasattr(self.relaying, "splice"):  # a RelayService
+            if isinstance(self.relaying, RelayService):
                 announce_relay(self.dht, self.peer_id, self.relaying.control, self.relaying.splice,
                                3 * self.config.announce_period)
             announce(self.dht, self.model_id, self.peer_id, info, expiration=3 * self.config.announce_period,
@@ -412,13 +380,3 @@ class Server:
                       "(`cocoon redeem`, or the next start of this server)", flush=True)
         await self.p2p.shutdown()
         print("Server stopped", flush=True)
-
-
-def _return_freed_buffers() -> None:
-    """Frames and activations of 128 KiB and more get pages of their own, unmapped when freed. glibc raises
-    this threshold after every large free by default, after which a burst of large frames (a peer's, up to
-    its quota) stays in the heap, interleaved with tensors, long after it is gone."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
