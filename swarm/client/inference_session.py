@@ -20,7 +20,8 @@ from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
-from swarm.client.swarm_client import ServerStream, SwarmClient
+from swarm.client.server_stream import ServerStream
+from swarm.client.swarm_client import SwarmClient
 from swarm.wire.payloads import Accept, LoraSpec, Route
 from swarm.wire.requests import InferenceStep
 from swarm.wire.tensors import wire_dtype
