@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import torch
@@ -20,6 +19,7 @@ from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
+from swarm.client.push import new_route_id, route_changes
 from swarm.client.server_stream import ServerStream
 from swarm.client.swarm_client import SwarmClient
 from swarm.wire.payloads import Accept, LoraSpec, Route
@@ -43,7 +43,7 @@ class _ServerSession:
         self.reordered = False  # the server's attestations name inputs in an older row order than history
         self.length = 0  # tokens this server has taken
         # server-to-server push: the id under which this session takes pushes, and the route the server knows
-        self.route_id = os.urandom(16).hex()
+        self.route_id = new_route_id()
         self.pushing: Route = Route.STOP     # where the server pushes its outputs
         self.accepting: Accept = Accept.STOP  # whose pushes it takes
 
@@ -214,20 +214,14 @@ class InferenceSession:
         return len(replacement) - 1
 
     def _route(self, index: int) -> tuple[Route | None, Accept | None]:
-        """What the server of session ``index`` must be told about pushes (None: nothing new): take the
-        previous server's pushes, and push to the next server once that one has taken the route."""
+        """What the server of session ``index`` must be told about pushes (swarm.client.push; None: nothing new)."""
         if not self.client.push:
             return None, None
-        session = self._sessions[index]
-        previous = self._sessions[index - 1] if index > 0 else None
-        following = self._sessions[index + 1] if index + 1 < len(self._sessions) else None
-        accept = Accept(previous.link.peer_id, session.route_id) if previous is not None else Accept.STOP
-        push = Route.STOP  # (only to a server that takes compact frames: it reads compact pushes, swarm.wire.compact)
-        if following is not None and following.stream.compact and \
-                following.accepting == Accept(session.link.peer_id, following.route_id):
-            push = Route(following.link.peer_id, following.route_id,
-                         **self.client.direct_addresses(following.link.peer_id))
-        return push if push != session.pushing else None, accept if accept != session.accepting else None
+        session, sessions = self._sessions[index], self._sessions
+        previous = sessions[index - 1] if index > 0 else None
+        following = sessions[index + 1] if index + 1 < len(sessions) else None
+        addresses = self.client.direct_addresses(following.link.peer_id) if following is not None else {}
+        return route_changes(session, previous, following, addresses)
 
     async def _open_chain(self, start: int, end: int, history: list[tuple[torch.Tensor, dict]],
                           failover: Failover) -> list[_ServerSession]:
