@@ -1,7 +1,7 @@
-"""Frames on a byte stream: hivemind's layout (one marker byte, an 8-byte length, a protobuf), read with a
+"""Frames on a byte stream: hivemind's layout (one marker byte, an 8-byte length, a payload), read with a
 size limit, and with a deadline once a frame has begun, so that a peer can make us neither buffer more
-than ``max_bytes`` nor hold a half-sent frame open. A third marker carries a compact frame (swarm.wire.compact)
-instead of a protobuf. What the frames mean is the business of swarm.wire's records."""
+than ``max_bytes`` nor hold a half-sent frame open. Frames are opaque here: swarm.wire.codecs says what each
+marker's payload is (a protobuf, an error, a compact frame)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +9,9 @@ import contextlib
 from typing import Callable
 
 from hivemind.p2p import P2P
-from hivemind.proto.p2pd_pb2 import RPCError
 
-from swarm.wire.compact import CompactFrame
+from swarm.wire import codecs
 from swarm.wire.codes import ErrorCode, WireError
-
-MESSAGE, ERROR, COMPACT = P2P.MESSAGE_MARKER, P2P.ERROR_MARKER, b"\x02"
 SMALL_FRAME = 1 << 20
 
 
@@ -41,25 +38,7 @@ async def read_frame(reader: asyncio.StreamReader, message_type, max_bytes: int,
             payload = await reader.readexactly(length)
     except TimeoutError:
         raise WireError(ErrorCode.DEADLINE, f"a frame did not arrive within {deadline} s of its first byte") from None
-    if marker == COMPACT:
-        return CompactFrame(payload)
-    if marker == ERROR:
-        error = RPCError()
-        try:
-            error.ParseFromString(payload)
-        except Exception:
-            raise WireError(ErrorCode.BAD_REQUEST, "garbage on the stream: an unreadable error frame") from None
-        if not error.message:  # hivemind's END_OF_STREAM is an empty error frame
-            return None
-        raise WireError(ErrorCode.BAD_REQUEST, f"the peer sent an error frame: {error.message[:200]}")
-    if marker != MESSAGE:
-        raise WireError(ErrorCode.BAD_REQUEST, "garbage on the stream: unknown frame marker")
-    message = message_type()
-    try:
-        message.ParseFromString(payload)
-    except Exception:
-        raise WireError(ErrorCode.BAD_REQUEST, "garbage on the stream: the frame is not a valid protobuf") from None
-    return message
+    return codecs.decode(marker, payload, message_type)
 
 
 def _buffered_whole(reader: asyncio.StreamReader) -> bool:
@@ -77,10 +56,7 @@ async def write_frame(writer: asyncio.StreamWriter, message) -> None:
 
 def put_frame(writer: asyncio.StreamWriter, message) -> None:
     """write_frame without waiting for the transport's buffer to drain (the caller awaits ``writer.drain()``)."""
-    if isinstance(message, CompactFrame):
-        payload, marker = message, COMPACT
-    else:
-        payload, marker = message.SerializeToString(), ERROR if isinstance(message, RPCError) else MESSAGE
+    marker, payload = codecs.encode(message)
     head = marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
     if len(payload) <= SMALL_FRAME:  # one write: one TLS record and one send on a direct connection, not three
         writer.write(head + payload)
