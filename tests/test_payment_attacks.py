@@ -23,7 +23,7 @@ from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
 from swarm.apps.local_swarm import LocalSwarm
 from swarm.wire.codes import ErrorCode, RemoteError
-from swarm.wire.payloads import Payment
+from swarm.wire.payloads import PayerSignature, Payment, SignedVoucher
 from swarm.wire.requests import SpanRequest
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_credit_is_proven_per_address_and_backed_by_escrow(chain, checkpoints, m
                 proven = PayerProof(account.address, server, proof_peer or str(client.p2p.peer_id),
                                     int(time.time()) + 600).signed(account)
                 payment = Payment(account.address, channel, voucher,
-                                  {"expires": proven.expires, "signature": proven.signature} if proof else None)
+                                  PayerSignature(proven.expires, proven.signature) if proof else None)
                 return loop.run(client.call_span(server, "forward", SpanRequest(x, 0, 4, payment=payment)))
 
             rotator, rich = peers[0], paying_client(chain, ETH)
@@ -150,9 +150,9 @@ def test_credit_is_proven_per_address_and_backed_by_escrow(chain, checkpoints, m
             malleated = r + (2 * HALF_N + 1 - s).to_bytes(32, "big") + bytes([55 - v])  # ecrecover takes it
             for bad in (malleated, signature[:64] + bytes([v - 27])):
                 with pytest.raises(RemoteError, match="not canonical") as error:
-                    forward(peers[2], honest, 5, voucher={**voucher.to_wire(), "signature": bad})
+                    forward(peers[2], honest, 5, voucher=SignedVoucher(**voucher.to_wire(), signature=bad))
                 assert error.value.code == ErrorCode.PAYMENT_REQUIRED
-            forward(peers[2], honest, 5, voucher={**voucher.to_wire(), "signature": signature})
+            forward(peers[2], honest, 5, voucher=SignedVoucher(**voucher.to_wire(), signature=signature))
         finally:
             for client in peers:
                 client.shutdown()

@@ -10,10 +10,11 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from routing import BanList
 from swarm.client.failover import ServerFailure, Verdict, judge
+from swarm.wire.fields import unpack_metadata
 from swarm.wire.framing import read_frame
 from swarm.wire.codes import ErrorCode, InvalidReply, RemoteError, WireError
 from swarm.wire.limits import Limits
-from swarm.wire.payloads import Accept, LoraSpec, Payment, Route
+from swarm.wire.payloads import Accept, LoraSpec, PayerSignature, Payment, Route, SignedVoucher
 from swarm.wire.replies import ErrorReply, SpanReply
 from swarm.wire.requests import BackwardRequest, Bounds, InferenceStep, PayRequest, SpanRequest
 from swarm.wire.tensors import wire_dtype
@@ -71,10 +72,12 @@ def span_requests(draw, cls=SpanRequest, opening=True):
     if draw(st.booleans()):
         voucher = None
         if draw(st.booleans()):
-            voucher = {"client": draw(ADDRESS), "server": draw(ADDRESS), "channel": draw(st.integers(0, 2**256 - 1)),
-                       "total_units": draw(st.integers(0, 2**70)), "total_amount": draw(st.integers(0, 2**255)),
-                       "signature": draw(st.binary(min_size=65, max_size=65))}
-        fields["payment"] = Payment(draw(ADDRESS), draw(st.integers(0, 2**64 - 1)), voucher)
+            voucher = SignedVoucher(draw(ADDRESS), draw(ADDRESS), draw(st.integers(0, 2**256 - 1)),
+                                    draw(st.integers(0, 2**70)), draw(st.integers(0, 2**255)),
+                                    draw(st.binary(min_size=65, max_size=65)))
+        proof = PayerSignature(draw(st.integers(0, 2**40)), draw(st.binary(min_size=65, max_size=65))) \
+            if draw(st.booleans()) else None
+        fields["payment"] = Payment(draw(ADDRESS), draw(st.integers(0, 2**64 - 1)), voucher, proof)
     return cls(hidden, **fields)
 
 
@@ -269,6 +272,34 @@ def test_push_routes_round_trip_and_garbage_in_them_gets_a_coded_error(data):
         assert field != "other"
         assert value == garbage or (field == "direct" and value == list(garbage)) or \
             (field == "relay" and garbage in (None, "") and value == "")
+
+
+@SETTINGS
+@given(st.sampled_from(["payment", "payment.voucher", "payment.proof", "lora_spec"]), st.data())
+def test_garbage_in_a_nested_record_of_a_request_gets_a_coded_error(where, data):
+    """Payment, its voucher and proof, and the LoRA layout are typed records: any value in any of their fields
+    that is not what the field holds is refused with a code, never a crash, never let through changed."""
+    voucher = SignedVoucher("0x" + "1" * 40, "0x" + "2" * 40, 3, 4, 5, b"s" * 65)
+    payment = Payment("0x" + "3" * 40, 7, voucher, PayerSignature(1_900_000_000, b"p" * 65))
+    step = InferenceStep(torch.randn(1, 2, HIDDEN), 2, 4, max_length=8, payment=payment,
+                         lora_spec=LoraSpec(["q_proj"], 2, 4.0, "ab" * 16))
+    message = step.pack()
+    meta = unpack_metadata(message.metadata)
+    record = meta
+    for key in where.split("."):
+        record = record[key]
+    field = data.draw(st.sampled_from(sorted(record) + ["other"]))
+    record[field] = data.draw(msgpack_values)
+    message.metadata = __import__("msgpack").packb(meta, use_bin_type=True)
+    try:
+        parsed = InferenceStep.parse(message, BOUNDS)
+    except WireError as e:
+        assert e.code == ErrorCode.BAD_REQUEST and e.message
+    else:  # only a value the field holds got through (None: the field is absent), and it crosses unchanged
+        assert field != "other"
+        present = lambda d: {k: present(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+        top = where.split(".")[0]
+        assert present(unpack_metadata(parsed.pack().metadata)[top]) == present(meta[top])
 
 
 def test_a_field_added_to_a_step_goes_in_full_frames_never_dropped():

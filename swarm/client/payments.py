@@ -13,7 +13,7 @@ from incentives.payer import PayerProof
 from incentives.vouchers import Domain
 from routing import ServerInfo
 from swarm.client.config import ClientConfig
-from swarm.wire.payloads import Payment
+from swarm.wire.payloads import PayerSignature, Payment, SignedVoucher
 from swarm.wire.replies import SpanReply
 from swarm.wire.requests import PayRequest
 
@@ -86,14 +86,14 @@ class Payments:
         voucher = self._voucher(channel) if due else None
         return Payment(self.account.address, self.channel_id, voucher, self._proof(peer_id))
 
-    def _proof(self, peer_id: str) -> dict:
+    def _proof(self, peer_id: str) -> PayerSignature:
         """That this client's peer pays for its address, bound to this server (signed once an hour)."""
         proof = self._proofs.get(peer_id)
         if proof is None or proof.expires < time.time() + 60:
             proof = PayerProof(self.account.address, peer_id, self.client_peer,
                                int(time.time()) + PROOF_LIFETIME).signed(self.account)
             self._proofs[peer_id] = proof
-        return {"expires": proof.expires, "signature": proof.signature}
+        return PayerSignature(proof.expires, proof.signature)
 
     def record(self, peer_id: str, reply: SpanReply, tokens: int, blocks: int, backward: bool = False) -> None:
         channel = self.channels.get(peer_id)
@@ -118,9 +118,9 @@ class Payments:
         return requests
 
     @staticmethod
-    def _voucher(channel: ClientChannel) -> dict | None:
+    def _voucher(channel: ClientChannel) -> SignedVoucher | None:
         signed = channel.voucher()
         if signed is None:
             return None
         voucher, signature = signed
-        return {**voucher.to_wire(), "signature": signature}
+        return SignedVoucher(**voucher.to_wire(), signature=signature)

@@ -58,10 +58,10 @@ class ServerPayments:
         client = payment.client.lower()
         self._check_proof(peer, client, payment)
         if payment.voucher is not None:
-            record = dict(payment.voucher)
-            signature = record.pop("signature")
+            signed = payment.voucher
+            voucher = Voucher(signed.client, signed.server, signed.channel, signed.total_units, signed.total_amount)
             try:
-                self.ledger.accept_voucher(Voucher.from_wire(record), signature)
+                self.ledger.accept_voucher(voucher, signed.signature)
             except (InvalidVoucher, ValueError, CreditLimitExceeded) as e:
                 raise payment_required(f"invalid voucher: {e}") from None
             if self.metrics is not None:
@@ -90,14 +90,14 @@ class ServerPayments:
         if proof is None:
             raise payment_required(f"prove that your peer pays for {payment.client}: send 'proof' (see "
                                    f"incentives.payer)")
-        if not PayerProof(client, self.peer_id, peer, proof["expires"], proof["signature"]).valid(now):
+        if not PayerProof(client, self.peer_id, peer, proof.expires, proof.signature).valid(now):
             raise payment_required(f"the proof that your peer pays for {payment.client} is invalid or expired")
         addresses = self.addresses.setdefault(peer, [])
         if client not in addresses:
             if len(addresses) >= MAX_ADDRESSES_PER_PEER:
                 raise payment_required(f"your peer already pays from {len(addresses)} addresses here")
             addresses.append(client)
-        self.proven[(peer, client)] = proof["expires"]
+        self.proven[(peer, client)] = proof.expires
         while len(self.proven) > MAX_PROOFS:
             self.proven.popitem(last=False)
 

@@ -27,6 +27,8 @@ class LoraSpec:
 
     @classmethod
     def from_wire(cls, record: dict, max_rank: int) -> "LoraSpec":
+        if set(record) - {"targets", "rank", "alpha", "hash"}:
+            raise bad("metadata 'lora_spec' takes only targets, rank, alpha and hash")
         targets = record.get("targets")
         if not (isinstance(targets, list) and 1 <= len(targets) <= 16
                 and all(isinstance(t, str) and 0 < len(t) <= 64 for t in targets)):
@@ -38,51 +40,87 @@ class LoraSpec:
         return cls(list(targets), rank, float(alpha), read_str(record, "hash", HASH, required=False))
 
 
+@dataclass(frozen=True)
+class SignedVoucher:
+    """A voucher (incentives.vouchers.Voucher's fields) and the client's 65-byte signature of it. Its integers
+    are uint256 and msgpack's end at 2**64: they cross as 32 big-endian bytes."""
+    client: str
+    server: str
+    channel: int
+    total_units: int
+    total_amount: int
+    signature: bytes
+
+    def to_wire(self) -> dict:
+        return {**{k: getattr(self, k) for k in ("client", "server", "signature")},
+                **{k: getattr(self, k).to_bytes(32, "big") for k in _UINT256_FIELDS}}
+
+    @classmethod
+    def from_wire(cls, record: dict) -> "SignedVoucher":
+        if set(record) - {"client", "server", "signature", *_UINT256_FIELDS}:
+            raise bad("metadata 'voucher' takes only client, server, channel, total_units, total_amount, signature")
+        numbers = {}
+        for key in _UINT256_FIELDS:
+            value = record.get(key)
+            if not isinstance(value, bytes) or len(value) != 32:
+                raise bad(f"metadata voucher {key!r} must be a uint256 as 32 big-endian bytes")
+            numbers[key] = int.from_bytes(value, "big")
+        return cls(read_str(record, "client", ETH_ADDRESS), read_str(record, "server", ETH_ADDRESS), **numbers,
+                   signature=_signature(record, "voucher"))
+
+
+@dataclass(frozen=True)
+class PayerSignature:
+    """The client's proof that the requesting peer pays for its address (incentives.payer.PayerProof): when it
+    expires (unix time) and its 65-byte signature; the peers and the address it covers are the request's."""
+    expires: int
+    signature: bytes
+
+    def to_wire(self) -> dict:
+        return {"expires": self.expires, "signature": self.signature}
+
+    @classmethod
+    def from_wire(cls, record: dict) -> "PayerSignature":
+        if set(record) - {"expires", "signature"}:
+            raise bad("metadata 'proof' takes only 'expires' and 'signature'")
+        return cls(read_int(record, "expires", 0, 2**40), _signature(record, "proof"))
+
+
 @dataclass
 class Payment:
-    """Who pays for a request: ``client``, an address the requesting peer proves it acts for with ``proof``
-    ({expires, signature}: incentives.payer.PayerProof), and maybe a voucher (incentives.vouchers.Voucher
-    fields + a 65-byte signature). A voucher's integers are uint256 and msgpack's end at 2**64: they cross
-    as 32 big-endian bytes."""
+    """Who pays for a request: ``client``, an address the requesting peer proves it acts for with ``proof``, on
+    payment channel ``channel``, and now and then a voucher for all the work on that channel so far."""
     client: str
     channel: int
-    voucher: dict | None = None
-    proof: dict | None = None
+    voucher: SignedVoucher | None = None
+    proof: PayerSignature | None = None
 
     def to_wire(self) -> dict:
         record = {"client": self.client, "channel": self.channel}
         if self.proof is not None:
-            record["proof"] = self.proof
+            record["proof"] = self.proof.to_wire()
         if self.voucher is not None:
-            record["voucher"] = {k: v.to_bytes(32, "big") if k in _UINT256_FIELDS else v
-                                 for k, v in self.voucher.items()}
+            record["voucher"] = self.voucher.to_wire()
         return record
 
     @classmethod
     def from_wire(cls, record: dict) -> "Payment":
-        voucher = read_map(record, "voucher")
-        if voucher is not None:
-            parsed = {"client": read_str(voucher, "client", ETH_ADDRESS), "server": read_str(voucher, "server", ETH_ADDRESS)}
-            for key in _UINT256_FIELDS:
-                value = voucher.get(key)
-                if not isinstance(value, bytes) or len(value) != 32:
-                    raise bad(f"metadata voucher {key!r} must be a uint256 as 32 big-endian bytes")
-                parsed[key] = int.from_bytes(value, "big")
-            signature = voucher.get("signature")
-            if not isinstance(signature, bytes) or len(signature) != 65:
-                raise bad("metadata voucher 'signature' must be 65 bytes (r, s, v)")
-            parsed["signature"] = signature
-            voucher = parsed
-        proof = read_map(record, "proof")
-        if proof is not None:
-            signature = proof.get("signature")
-            if not isinstance(signature, bytes) or len(signature) != 65:
-                raise bad("metadata proof 'signature' must be 65 bytes (r, s, v)")
-            proof = {"expires": read_int(proof, "expires", 0, 2**40), "signature": signature}
-        return cls(read_str(record, "client", ETH_ADDRESS), read_int(record, "channel", 0, 2**64 - 1), voucher, proof)
+        if set(record) - {"client", "channel", "voucher", "proof"}:
+            raise bad("metadata 'payment' takes only client, channel, voucher and proof")
+        voucher, proof = read_map(record, "voucher"), read_map(record, "proof")
+        return cls(read_str(record, "client", ETH_ADDRESS), read_int(record, "channel", 0, 2**64 - 1),
+                   SignedVoucher.from_wire(voucher) if voucher is not None else None,
+                   PayerSignature.from_wire(proof) if proof is not None else None)
 
 
 _UINT256_FIELDS = ("channel", "total_units", "total_amount")
+
+
+def _signature(record: dict, what: str) -> bytes:
+    signature = record.get("signature")
+    if not isinstance(signature, bytes) or len(signature) != 65:
+        raise bad(f"metadata {what} 'signature' must be 65 bytes (r, s, v)")
+    return signature
 
 
 @dataclass(frozen=True)
