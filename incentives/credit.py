@@ -102,7 +102,7 @@ class ServerLedger:
             account.voucher, account.signature = voucher, signature
 
     def record(self, client: str, channel: int, tokens: int, blocks: int, backward: bool = False) -> Receipt:
-        """Count the work; every RECEIPT_EVERY-th receipt of a channel is signed (a signature is 0.2 ms)."""
+        """Count the work; every RECEIPT_EVERY-th receipt of a channel is signed (signatures are not free: bench/incentives_overhead.py)."""
         account = self.account(client, channel)
         account.tally.add(tokens, blocks, backward)
         account.requests += 1

@@ -54,7 +54,7 @@ class ServerStream:
         put_frame(self.writer, (self.compact and compact.pack_step(request)) or request.pack())  # sent: then the timer
         async with asyncio.timeout(timeout):
             await self.writer.drain()
-            # what a decode step answered from a push must match, computed while the server works (~50 us cold)
+            # what a decode step answered from a push must match, computed while the server works
             digest = request.digest() if position is not None and request.hidden.shape[1] == 1 else None
             while True:
                 message = await self._read(max_bytes)

@@ -74,7 +74,7 @@ class SwarmClient:
     async def state(self, refresh: bool = False) -> SwarmState:
         """The latest snapshot of the swarm, with this client's round-trip times to its servers. One older than
         ``state_ttl`` (by less than STALE_SECONDS) is used while a fresh one is fetched in the background: a
-        generate() does not wait for the DHT and for pings (15 to 40 ms on loopback) every ``state_ttl``."""
+        generate() does not wait for the DHT and for pings every ``state_ttl``."""
         age = time.monotonic() - self._state_time
         if not refresh and self._state is not None and 0 < self.state_ttl < age <= self.state_ttl + STALE_SECONDS:
             if self._refreshing is None or self._refreshing.done():

@@ -161,7 +161,7 @@ class Server:
             except asyncio.TimeoutError:
                 for session_id in self.sessions.expire():
                     logger.info(f"session {session_id} expired")
-                # the DHT's round trips (16 ms on loopback, seconds where a peer does not answer) and the process
+                # the DHT's round trips (milliseconds, seconds where a peer does not answer) and the process
                 # count run in a worker thread: the sessions served here do not wait for them
                 if self.metrics is not None:
                     self.metrics.evidence.set(await asyncio.to_thread(self._evidence_against_me))
