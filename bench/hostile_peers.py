@@ -1,10 +1,15 @@
-"""An honest client's decode-step latency on a server under attack by another peer, against its latency alone.
+"""An honest client's decode-step latency on a server under attack by another peer, against its latency alone;
+and a new client's first generate() beside tarpit servers, against the same swarm without them.
 
     python bench/hostile_peers.py
 
 One server (tiny random Llama, 4 blocks, `cocoon serve` with its default quotas), an honest client and an
 attacker, each a peer of its own, on this machine. Each attack runs while the honest client takes 32
 one-token steps; the table shows the median and 90th percentile.
+
+Tarpits: 3 servers (tests/malicious_server.py, COCOON_MISCHIEF=tarpit) announce all 4 blocks as the fastest in
+the swarm, answer pings and never answer a step. Each run is a new client with default settings (request
+timeout 60 s) timing generate() of 4 new tokens, first with the tarpits stopped, then beside them.
 """
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import msgpack
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -115,6 +119,7 @@ def main():
         honest.shutdown()
         attacker.shutdown()
 
+    tarpit_rows = tarpits(tmp)
     alone = statistics.median(rows[0][1])
     print("\n| attack by another peer | honest step median ms | p90 ms | median / alone |")
     print("|---|---|---|---|")
@@ -122,6 +127,37 @@ def main():
         times = sorted(times)
         median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
         print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.1f}x |")
+    print("\n| a new client's generate() of 4 tokens, default settings | median s | max s | tarpits tried (max) |")
+    print("|---|---|---|---|")
+    for name, times, tried in tarpit_rows:
+        print(f"| {name} | {statistics.median(times):.2f} | {max(times):.2f} | {max(tried)} |")
+
+
+def tarpits(checkpoint: str, runs: int = 5) -> list[tuple[str, list[float], list[int]]]:
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.apps.local_swarm import LocalSwarm
+
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def timed(swarm) -> tuple[float, int]:
+        model = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        seconds, tried = time.perf_counter() - started, len(model.swarm.bans.banned())
+        model.shutdown()
+        return seconds, tried
+
+    rows = []
+    with LocalSwarm(checkpoint, [(0, 4)]) as swarm:
+        alone = [timed(swarm) for _ in range(runs)]
+        rows.append(("one honest server", [s for s, _ in alone], [t for _, t in alone]))
+        env = {"COCOON_MISCHIEF": "tarpit", "COCOON_ADVERTISE_THROUGHPUT": "100000"}
+        pits = [swarm.add_server((0, 4), wait=False, module="tests.malicious_server", env=env) for _ in range(3)]
+        for pit in pits:
+            pit.wait_for("Server ready", 180)
+        beside = [timed(swarm) for _ in range(runs)]
+        rows.append(("beside 3 tarpits", [s for s, _ in beside], [t for _, t in beside]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ class BanList:
         self._until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
 
-    def ban(self, peer_id: str) -> float:
-        """Record a failure; returns how many seconds the peer is banned for."""
+    def ban(self, peer_id: str, at_least: float = 0.0) -> float:
+        """Record a failure; returns how many seconds the peer is banned for (``at_least`` that long)."""
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
-        seconds = min(self.base * 2.0 ** min(failures - 1, 60), self.max)  # a bounded exponent: no overflow
+        seconds = min(max(self.base * 2.0 ** min(failures - 1, 60), at_least), self.max)  # (a bounded exponent)
         self._until[peer_id] = max(self._until.get(peer_id, 0.0), self.clock() + seconds)  # forever stays forever
         return seconds
 

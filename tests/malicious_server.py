@@ -11,6 +11,7 @@
   bad_attestation    a priced server whose attestations name another output
   push_wrong         answers the client honestly, pushes a perturbed output to the next server
   push_elsewhere     pushes its outputs to the server $COCOON_PUSH_TO instead of the one the client named
+  tarpit             announces its blocks and answers pings, but never answers a step
 
 $COCOON_ADVERTISE_THROUGHPUT makes it announce that many tokens/s, so that clients pick it first.
 $COCOON_DIRECT_ADDRESS makes it announce that "ip:port" as its direct address (another server's, say).
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-from swarm.server import billing, engine, push, server, streams
+from swarm.server import billing, engine, push, server, session_steps, streams
 
 MISCHIEF = os.environ.get("COCOON_MISCHIEF", "perturb")
 _honest_execute = engine.Engine._execute
@@ -78,6 +79,12 @@ engine.Engine._execute = _execute
 billing.Billing.attest = _attest
 if MISCHIEF == "huge":
     streams.write_frame = _huge_frame
+if MISCHIEF == "tarpit":
+    async def _never(self, message, stream):
+        import asyncio
+        await asyncio.sleep(3600)
+
+    session_steps.SessionSteps.inference = _never
 if "COCOON_ADVERTISE_THROUGHPUT" in os.environ:
     _honest_set_throughput = server.Server._set_throughput
 

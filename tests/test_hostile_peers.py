@@ -287,3 +287,36 @@ def test_chunked_forwards_and_prefills_equal_one_pass(guarded, checkpoints):
     decoded = stream.step(x[:, 1000:1001])
     stream.close()
     assert torch.allclose(torch.cat([prefill, decoded], 1), expected[:, :1001], atol=1e-5)
+
+
+def test_tarpits_cost_seconds_not_the_request_timeout(checkpoints):
+    """3 servers announce every block, answer pings and never answer a step. With default settings, a new client
+    gives each one it tries a budget from its round trip and announced work (not the 60 s request timeout), bans
+    it at least that long, and generates what transformers generates through the honest server."""
+    import time
+    path = checkpoints("llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    expected = local.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    with LocalSwarm(path) as swarm:
+        fast = {"COCOON_MISCHIEF": "tarpit", "COCOON_ADVERTISE_THROUGHPUT": "100000"}  # chosen first
+        tarpits = [swarm.add_server((0, 4), wait=False, module="tests.malicious_server", env=fast) for _ in range(3)]
+        honest = swarm.add_server((0, 4), wait=False)
+        for server in [*tarpits, honest]:
+            server.wait_for("Server ready", 180)
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                exact_wire=True)
+        try:
+            assert model.swarm.request_timeout == 60.0  # the default
+            started = time.perf_counter()
+            with model.inference_session(max_length=16) as session:
+                output = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+                assert session.chain[0].peer_id == honest.peer_id
+            seconds = time.perf_counter() - started
+            assert torch.equal(output, expected)
+            tried = model.swarm.bans.banned()
+            assert tried and tried <= {t.peer_id for t in tarpits}  # each one tried is banned, the honest one never
+            assert seconds < len(tried) * 10  # (bench/hostile_peers.py times it; a 60 s timeout per tarpit fails this)
+            print(f"generate() beside 3 tarpits: {seconds:.2f} s, {len(tried)} tried")
+        finally:
+            model.shutdown()

@@ -144,6 +144,8 @@ def test_ban_backoff_doubles_and_expires():
     assert not bans.is_banned("x") and bans.banned() == set()
     bans.succeeded("x")
     assert bans.ban("x") == 2
+    assert bans.ban("y", at_least=7.5) == 7.5 and bans.ban("y", at_least=1) == 4  # a tarpit's budget, at least
+    assert bans.ban("z", at_least=60) == 10  # still capped
 
 
 def test_chain_for_1000_servers_is_fast():

@@ -184,7 +184,9 @@ class InferenceSession:
                 self._sessions.extend(await self._open_chain(block, self.client.num_blocks, [], failover))
             session = self._sessions[index]
             try:
-                output = await session.step(hidden, extra, timeout=self.client.request_timeout, client=self.client,
+                timeout = self.client.step_timeout(session.link.peer_id, hidden.shape[0] * hidden.shape[1],
+                                                   session.link.end - session.link.start)
+                output = await session.step(hidden, extra, timeout=timeout, client=self.client,
                                             route=self._route(index))
                 self.client.bans.succeeded(session.link.peer_id)
             except Exception as e:
@@ -237,7 +239,9 @@ class InferenceSession:
             try:
                 session = self._new_session(link, await self.client.open_stream(link.peer_id, "inference"))
                 if replay is not None:
-                    output = await session.step(*replay, timeout=self.client.request_timeout, client=self.client)
+                    timeout = self.client.step_timeout(link.peer_id, replay[0].shape[0] * replay[0].shape[1],
+                                                       link.end - link.start)
+                    output = await session.step(*replay, timeout=timeout, client=self.client)
                     replay = (output, replay[1])
             except Exception as e:
                 if session is not None:

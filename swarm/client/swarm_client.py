@@ -11,7 +11,7 @@ from typing import Sequence
 
 from hivemind.proto.runtime_pb2 import ExpertRequest
 
-from routing import BanList, ChainLink, NoChainError, ServerState, SwarmState, make_chain
+from routing import BanList, ChainLink, NoChainError, ServerInfo, ServerState, SwarmState, make_chain
 from swarm.net.connector import Connector
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
@@ -29,6 +29,9 @@ INFO_REPLY_BYTES = 1 << 20
 RTT_MAX_AGE = 60.0       # seconds before a server's round trip is measured again
 RTT_PROBES = 32          # servers probed at most per refresh
 STALE_SECONDS = 30.0     # a snapshot up to this much older than state_ttl serves while a fresh one is fetched
+# a server this client has not measured yet gets this long for a step, plus margins on its round trip and on the
+# work it announces, not the whole request timeout: a tarpit that announces blocks and never answers costs seconds
+FIRST_STEP_SECONDS = 1.5
 
 
 class SwarmClient:
@@ -57,6 +60,7 @@ class SwarmClient:
         self.rng = random.Random()
         self.lora_sent: dict[str, list[str]] = {}  # peer -> hashes of LoRA weights it has (latest last)
         self._foreign: set[str] = set()  # priced servers of another settlement contract, skipped (logged once)
+        self._budgets: dict[str, float] = {}  # peer -> the budget of its last step before it was measured
         self.payments = Payments.from_config(config, str(self.p2p.peer_id)) if config.wallet is not None else None
         self.spot_checker = None  # swarm.client.spot_check.SpotChecker when this client re-checks steps
         if config.spot_check_rate > 0:
@@ -160,8 +164,31 @@ class SwarmClient:
         previous = self.block_seconds.get(peer_id)
         self.block_seconds[peer_id] = per_block if previous is None else 0.8 * previous + 0.2 * per_block
 
+    def step_timeout(self, peer_id: str, tokens: int, blocks: int) -> float:
+        """How long an inference step of ``tokens`` tokens through ``blocks`` of a server's blocks may take: the
+        request timeout once this client has measured the server's decode steps; before that, a budget from its
+        round trip and the work it announces, at the swarm's typical speed where it announces less (a server
+        cannot buy itself a longer budget by announcing itself slow)."""
+        if peer_id in self.block_seconds:
+            return self.request_timeout
+        state = self._state
+        info = state.servers.get(peer_id) if state is not None else None
+        work = 0.0
+        if info is not None:
+            speeds = sorted(_block_speed(i, tokens) for i in state.online().values())
+            typical = speeds[len(speeds) // 2] if speeds else 0.0
+            speed = max(_block_speed(info, tokens), typical)  # tokens x blocks per second
+            work = tokens * blocks / speed if speed > 0 else self.request_timeout
+        budget = FIRST_STEP_SECONDS + 4 * self.rtt.get(peer_id, (0.0, 0.0))[0] + 4 * work
+        budget = min(budget, self.request_timeout)
+        if len(self._budgets) > 4096:
+            self._budgets.clear()
+        self._budgets[peer_id] = budget
+        return budget
+
     def report_failure(self, peer_id: str, error: BaseException) -> None:
-        seconds = self.bans.ban(peer_id)
+        # a ban at least as long as the step's budget: tarpits cannot take turns at holding a client up
+        seconds = self.bans.ban(peer_id, at_least=self._budgets.get(peer_id, 0.0))
         self._state_time = 0.0  # the next choice reads the swarm again: the server may have left (then it is forgiven)
         logger.warning(f"server {peer_id} failed ({type(error).__name__}: {error}); banned for {seconds:.0f}s, "
                        f"finding a replacement")
@@ -250,3 +277,9 @@ class SwarmClient:
             loop.call_soon(self._refreshing.cancel)
         loop.run(self.p2p.shutdown())
         self.dht.shutdown()
+
+
+def _block_speed(info: ServerInfo, tokens: int) -> float:
+    """Tokens x blocks per second a server announces: its prefill throughput for a prefill, else its decode."""
+    per_span = info.prefill_throughput if tokens > 1 and info.prefill_throughput > 0 else info.throughput
+    return per_span * (info.end - info.start)
