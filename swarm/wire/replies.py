@@ -20,14 +20,20 @@ from swarm.wire.requests import COMPACT
 from swarm.wire.tensors import all_finite, dtype_name, pack_tensor, unpack_tensor
 
 
-def raise_for_error(meta: dict, peer_id: str | None) -> None:
+def reply_metadata(message: ExpertResponse, peer_id: str | None) -> dict:
+    """A reply's metadata, bounded; RemoteError when it is an error reply, InvalidReply when it is garbage."""
+    try:
+        meta = unpack_metadata(message.metadata)
+    except WireError as e:
+        raise InvalidReply(f"server {peer_id}: {e.message}") from None
     if "error" in meta:
-        code, message = meta.get("error"), meta.get("message")
+        code, text = meta.get("error"), meta.get("message")
         try:
             code = ErrorCode(code)
         except ValueError:
             raise InvalidReply(f"server {peer_id} answered an error with unknown code {short(code)}") from None
-        raise RemoteError(code, message if isinstance(message, str) else "", peer_id)
+        raise RemoteError(code, text if isinstance(text, str) else "", peer_id)
+    return meta
 
 
 @dataclass
@@ -61,11 +67,7 @@ class SpanReply:
               peer_id: str | None = None) -> "SpanReply":
         """Check a server's reply against the shapes and dtypes it must have; raises InvalidReply (or
         RemoteError for an error reply)."""
-        try:
-            meta = unpack_metadata(message.metadata)
-        except WireError as e:
-            raise InvalidReply(f"server {peer_id}: {e.message}") from None
-        raise_for_error(meta, peer_id)
+        meta = reply_metadata(message, peer_id)
         if len(message.tensors) != len(expected):
             raise InvalidReply(f"server {peer_id} returned {len(message.tensors)} tensors, expected {len(expected)}")
         outputs = []
@@ -104,12 +106,7 @@ class InfoReply:
 
     @classmethod
     def parse(cls, message: ExpertResponse, peer_id: str | None = None) -> "InfoReply":
-        try:
-            meta = unpack_metadata(message.metadata)
-        except WireError as e:
-            raise InvalidReply(f"server {peer_id}: {e.message}") from None
-        raise_for_error(meta, peer_id)
-        return cls(meta)
+        return cls(reply_metadata(message, peer_id))
 
 
 @dataclass
@@ -138,11 +135,7 @@ class PushRefusal:
 
     @classmethod
     def parse(cls, message: ExpertResponse, peer_id: str | None = None) -> "PushRefusal":
-        try:
-            meta = unpack_metadata(message.metadata)
-        except WireError as e:
-            raise InvalidReply(f"server {peer_id}: {e.message}") from None
-        raise_for_error(meta, peer_id)
+        meta = reply_metadata(message, peer_id)
         try:
             if meta.get("accepted") is not False:
                 raise WireError(ErrorCode.BAD_REQUEST, "a push is answered only to refuse it ('accepted': false)")
