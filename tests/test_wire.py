@@ -8,6 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
+from incentives.metering import Receipt
+from incentives.verification import Attestation
 from routing import BanList
 from swarm.client.failover import ServerFailure, Verdict, judge
 from swarm.wire.fields import unpack_metadata
@@ -106,9 +108,13 @@ def test_replies_round_trip(data):
     shapes = data.draw(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 8)), min_size=1,
                                 max_size=3))
     outputs = [torch.randn(*shape).to(dtype) for shape in shapes]
-    reply = SpanReply(outputs, data.draw(st.none() | st.integers(1, 1000)),
-                      data.draw(st.none() | st.fixed_dictionaries({"server": ADDRESS})),
-                      data.draw(st.none() | st.fixed_dictionaries({"forward_units": st.integers(0, 2**40)})))
+    attestation = st.builds(Attestation, ADDRESS, st.integers(0, 100), st.integers(1, 100), st.binary(min_size=32,
+                            max_size=32), st.binary(min_size=32, max_size=32), st.sampled_from(["float32", "bfloat16"]),
+                            st.sampled_from(["float32", "bfloat16"]), st.just(b"") | st.binary(min_size=65, max_size=65))
+    receipt = st.builds(Receipt, ADDRESS, ADDRESS, st.integers(0, 2**256 - 1), st.integers(0, 2**40),
+                        st.integers(0, 2**40), st.just(b"") | st.binary(min_size=65, max_size=65))
+    reply = SpanReply(outputs, data.draw(st.none() | st.integers(1, 1000)), data.draw(st.none() | attestation),
+                      data.draw(st.none() | receipt))
     message = ExpertResponse.FromString(reply.pack().SerializeToString())
     parsed = SpanReply.parse(message, [(tuple(s), dtype) for s in shapes])
     assert all(tensors_equal(a, b) for a, b in zip(outputs, parsed.outputs))
@@ -302,6 +308,27 @@ def test_garbage_in_a_nested_record_of_a_request_gets_a_coded_error(where, data)
         assert present(unpack_metadata(parsed.pack().metadata)[top]) == present(meta[top])
 
 
+@SETTINGS
+@given(st.sampled_from(["attestation", "receipt"]), st.data())
+def test_garbage_in_a_replys_signed_records_is_the_servers_failure(where, data):
+    """A reply's attestation and receipt are read with bounds: garbage in any of their fields is an InvalidReply
+    (a BadAttestation for the attestation: the client bans a priced server for good), never let through."""
+    from swarm.wire.codes import BadAttestation
+    attestation = Attestation("0x" + "1" * 40, 0, 4, b"i" * 32, b"o" * 32, signature=b"s" * 65)
+    reply = SpanReply([torch.ones(1, 1, HIDDEN)], 3, attestation, Receipt("0x" + "2" * 40, "0x" + "1" * 40, 5, 4, 0))
+    message = reply.pack()
+    meta = unpack_metadata(message.metadata)
+    field = data.draw(st.sampled_from(sorted(meta[where]) + ["other"]))
+    meta[where][field] = data.draw(msgpack_values)
+    message.metadata = __import__("msgpack").packb(meta, use_bin_type=True)
+    try:
+        parsed = SpanReply.parse(message, [((1, 1, HIDDEN), torch.float32)], "peer")
+    except InvalidReply as e:
+        assert isinstance(e, BadAttestation) == (where == "attestation")
+    else:
+        assert field != "other" and getattr(parsed, where).to_wire() == meta[where]
+
+
 def test_a_field_added_to_a_step_goes_in_full_frames_never_dropped():
     """A newcomer adds a field to InferenceStep and forgets compact.py: the step goes as a full frame whenever the
     field is set (its value crosses), compact when it is not. Marking the field compact without teaching the layout
@@ -343,8 +370,9 @@ def test_what_a_compact_frame_cannot_carry_goes_in_full():
                    {"payment": Payment("0x" + "1" * 40, 1)}):
         assert pack_step(InferenceStep(hidden, **{"position": 3, **fields})) is None, fields
     assert pack_step(SpanRequest(hidden)) is None
-    assert pack_reply(SpanReply([hidden], 4, attestation={"server": "x"})) is None
-    assert pack_reply(SpanReply([hidden], 4, receipt={"units": 1})) is None
+    assert pack_reply(SpanReply([hidden], 4, attestation=Attestation("0x" + "1" * 40, 0, 4, b"i" * 32, b"o" * 32))) \
+        is None
+    assert pack_reply(SpanReply([hidden], 4, receipt=Receipt("0x" + "1" * 40, "0x" + "2" * 40, 1, 2, 0))) is None
     assert pack_reply(SpanReply([hidden, hidden], 4)) is None
     assert pack_reply(SpanReply([hidden], 4, compact=True)) is None  # the first step's reply says so in full
 

@@ -7,21 +7,18 @@ from __future__ import annotations
 import torch
 
 from incentives.verification import Attestation, array_hash, chain_hash
-from swarm.wire.codes import InvalidReply
+from swarm.wire.codes import BadAttestation
+
+__all__ = ["BadAttestation", "check_attestation"]
 
 
-class BadAttestation(InvalidReply):
-    """A priced server's reply came without a valid attestation of its input and output."""
-
-
-def check_attestation(reply_attestation: dict | None, payout: str, start: int, end: int, input_chain: bytes,
+def check_attestation(attestation: Attestation | None, payout: str, start: int, end: int, input_chain: bytes,
                       wire_input: torch.Tensor, wire_output: torch.Tensor, dtype: str | None = None) -> bytes:
     """The session's input chain after this step; raises BadAttestation unless the server signed exactly what
     crossed the wire, with its payout key, for these blocks, in the dtype it advertises (``dtype``)."""
     chain = chain_hash(input_chain, wire_input.float().numpy())
     try:
-        attestation = Attestation.from_wire(reply_attestation)
-        valid = (isinstance(attestation.server, str) and attestation.server.lower() == payout.lower()
+        valid = (attestation is not None and attestation.server.lower() == payout.lower()
                  and (attestation.start, attestation.end) == (start, end) and attestation.input_hash == chain
                  and attestation.output_hash == array_hash(wire_output.float().numpy())
                  and attestation.wire_dtype == str(wire_output.dtype).removeprefix("torch.")

@@ -21,7 +21,7 @@ import random
 import torch
 from hivemind.utils import get_dht_time
 
-from incentives.verification import Attestation, Evidence, relative_error, tolerance
+from incentives.verification import Evidence, relative_error, tolerance
 from swarm.client.failover import Failover, WrongOutputError
 from swarm.dht.records import evidence_key, in_dht
 from swarm.wire.replies import SpanReply
@@ -200,7 +200,7 @@ class SpotChecker:
                                                                                  payment=self.client.payment(peer)))
                 claimed = reply.outputs[0].float()[:, -reference.shape[1]:]
                 if not _agree(claimed, reference, limit):
-                    evidence = Evidence(self.client.model_id, peer, Attestation.from_wire(reply.attestation),
+                    evidence = Evidence(self.client.model_id, peer, reply.attestation,
                                         [inputs.float().numpy().tobytes()], [tuple(inputs.shape)],
                                         reply.outputs[0].float().numpy().tobytes(),
                                         relative_error(claimed.numpy(), reference.numpy()))
@@ -223,7 +223,7 @@ class SpotChecker:
             # the order it received them, not the reordered history: banned by this client, no public evidence
             return None
         steps = [h.float().numpy() for h, _ in session.history]
-        return Evidence(self.client.model_id, session.link.peer_id, Attestation.from_wire(reply.attestation),
+        return Evidence(self.client.model_id, session.link.peer_id, reply.attestation,
                         [s.tobytes() for s in steps], [tuple(s.shape) for s in steps],
                         claimed.float().numpy().tobytes(), error)
 

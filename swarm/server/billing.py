@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from incentives.metering import Receipt
 from incentives.verification import Attestation, array_hash, chain_hash
 from swarm.server.payments import ServerPayments
 from swarm.wire.payloads import Payment
@@ -27,7 +28,7 @@ class Billing:
         return await self.payments.admit(peer, payment, check_credit)
 
     def attest(self, chain: bytes, wire_input: torch.Tensor, wire_output: torch.Tensor, start: int, end: int
-               ) -> tuple[bytes, dict | None]:
+               ) -> tuple[bytes, Attestation | None]:
         """(the input chain with this input, the signed attestation); servers with no payout key sign nothing."""
         if self.payments is None:
             return chain, None
@@ -35,7 +36,7 @@ class Billing:
         chain = self.rechain(chain, wire_input)
         attestation = Attestation(ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()),
                                   dtype_name(self.span_dtype), dtype_name(wire_output.dtype))
-        return chain, attestation.signed(ledger.signer.key).to_wire()
+        return chain, attestation.signed(ledger.signer.key)
 
     @staticmethod
     def rechain(chain: bytes, wire_input: torch.Tensor) -> bytes:
@@ -43,7 +44,7 @@ class Billing:
         chains the part of its input kept, as the client does)."""
         return chain_hash(chain, wire_input.float().numpy())
 
-    def receipt(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> dict | None:
+    def receipt(self, payer, hidden: torch.Tensor, start: int, end: int, backward: bool = False) -> Receipt | None:
         if payer is None:
             return None
         return self.payments.record(payer, hidden.shape[0] * hidden.shape[1], end - start, backward)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from incentives.credit import CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.ledger_file import ledger_path, read_ledger_json, write_ledger
 from incentives.payer import PayerProof
+from incentives.metering import Receipt
 from incentives.vouchers import Voucher
 from swarm.wire.codes import ErrorCode, WireError
 from swarm.wire.payloads import Payment
@@ -101,8 +102,8 @@ class ServerPayments:
         while len(self.proven) > MAX_PROOFS:
             self.proven.popitem(last=False)
 
-    def record(self, payer: tuple[str, int], tokens: int, blocks: int, backward: bool = False) -> dict:
-        return self.ledger.record(*payer, tokens=tokens, blocks=blocks, backward=backward).to_wire()
+    def record(self, payer: tuple[str, int], tokens: int, blocks: int, backward: bool = False) -> Receipt:
+        return self.ledger.record(*payer, tokens=tokens, blocks=blocks, backward=backward)
 
     # ------------------------------------------------------------------ the chain
     async def _chain(self, fn, *args):

@@ -53,3 +53,8 @@ class RemoteError(RuntimeError):
 
 class InvalidReply(RuntimeError):
     """A server's reply broke the contract (size, shape, dtype, non-finite values): the server failed."""
+
+
+class BadAttestation(InvalidReply):
+    """A priced server's reply came without a valid attestation of its input and output (swarm.client.attestations):
+    the client bans it for good and pays it no further."""

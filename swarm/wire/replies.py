@@ -12,7 +12,9 @@ import torch
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
 from routing.addresses import ROUTE_ID
-from swarm.wire.codes import ErrorCode, InvalidReply, RemoteError, WireError
+from incentives.metering import Receipt
+from incentives.verification import Attestation
+from swarm.wire.codes import BadAttestation, ErrorCode, InvalidReply, RemoteError, WireError
 from swarm.wire.fields import MAX_METADATA_BYTES, MAX_STR_LEN, pack_metadata, read_int, read_map, read_str, short, \
     unpack_metadata
 from swarm.wire.payloads import HASH
@@ -50,16 +52,16 @@ class SpanReply:
     """The span's output (forward, inference) or the gradients (backward), with the server's accounting."""
     outputs: list[torch.Tensor] = field(metadata={COMPACT: ("reply",)})
     length: int | None = field(default=None, metadata={COMPACT: ("reply",)})  # inference: the session's length now
-    attestation: dict | None = None   # incentives.verification.Attestation, from priced servers
-    receipt: dict | None = None       # incentives.metering.Receipt, from priced servers
+    attestation: Attestation | None = None  # what a priced server signs of its input and output
+    receipt: Receipt | None = None          # what a priced server counts of its work for this client
     # inference: set when computed from a pushed step (InferenceStep.digest)
     digest: str | None = field(default=None, metadata={COMPACT: ("reply",)})
     compact: bool | None = None       # inference, first step: the server takes steps in swarm.wire.compact's layout
 
     def pack(self) -> ExpertResponse:
-        meta = {k: v for k, v in (("length", self.length), ("attestation", self.attestation),
-                                  ("receipt", self.receipt), ("digest", self.digest), ("compact", self.compact))
-                if v is not None}
+        meta = {k: v for k, v in (("length", self.length), ("digest", self.digest), ("compact", self.compact),
+                                  ("attestation", self.attestation and self.attestation.to_wire()),
+                                  ("receipt", self.receipt and self.receipt.to_wire())) if v is not None}
         return ExpertResponse(tensors=[pack_tensor(t) for t in self.outputs], metadata=pack_metadata(meta))
 
     @classmethod
@@ -85,7 +87,8 @@ class SpanReply:
             outputs.append(tensor)
         try:
             length = read_int(meta, "length", 1, 1 << 40, required=False)
-            return cls(outputs, length, read_map(meta, "attestation"), read_map(meta, "receipt"),
+            attestation, receipt = read_map(meta, "attestation"), read_map(meta, "receipt")
+            return cls(outputs, length, _signed(Attestation, attestation, peer_id), _signed(Receipt, receipt, peer_id),
                        read_str(meta, "digest", HASH, required=False), meta.get("compact") is True)
         except WireError as e:
             raise InvalidReply(f"server {peer_id}: {e.message}") from None
@@ -94,6 +97,17 @@ class SpanReply:
     def max_bytes(expected: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> int:
         """The largest frame a reply of these tensors can take (so a client buffers no more than that)."""
         return MAX_METADATA_BYTES + 1024 + sum(math.prod(shape) * dtype.itemsize + 64 for shape, dtype in expected)
+
+
+def _signed(record_type, record: dict | None, peer_id: str | None):
+    """A signed record of a reply, read with bounds; a garbage attestation is a BadAttestation."""
+    if record is None:
+        return None
+    try:
+        return record_type.from_wire(record)
+    except ValueError as e:
+        error = BadAttestation if record_type is Attestation else InvalidReply
+        raise error(f"server {peer_id}: {e}") from None
 
 
 @dataclass
