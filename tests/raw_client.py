@@ -7,6 +7,7 @@ from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 from swarm.client import loop
 from swarm.wire.framing import read_frame, write_frame
 from swarm.wire.fields import pack_metadata
+from swarm.wire.protocol import PROTOCOL_VERSION
 from swarm.wire.replies import InfoReply, SpanReply
 from swarm.wire.requests import InferenceStep
 from swarm.wire.tensors import pack_tensor
@@ -48,7 +49,7 @@ class RawStream:
 
 def raw_request(tensors: dict, meta: dict) -> ExpertRequest:
     """A request exactly as given: tensors packed as they are, metadata as is (names added if absent)."""
-    meta = {"tensors": list(tensors), "dtype": "float32", **meta}
+    meta = {"protocol": PROTOCOL_VERSION, "tensors": list(tensors), "dtype": "float32", **meta}
     return ExpertRequest(tensors=[pack_tensor(t) for t in tensors.values()], metadata=pack_metadata(meta))
 
 

@@ -28,6 +28,7 @@ from swarm.wire.framing import read_frame
 from swarm.apps.local_swarm import LocalSwarm
 from swarm.wire.codes import ErrorCode, RemoteError
 from swarm.wire.fields import pack_metadata
+from swarm.wire.protocol import PROTOCOL_VERSION
 from swarm.wire.replies import SpanReply
 from swarm.wire.requests import SpanRequest
 from swarm.wire.tensors import pack_tensor
@@ -167,16 +168,16 @@ def test_metadata_and_integer_bombs_get_coded_errors_with_memory_flat(guarded):
                                                                                 "total_amount")}}
     bombs = {
         ErrorCode.TOO_LARGE: [msgpack.packb([[]] * (4 << 20)),  # 4 MiB of empty arrays
-                              pack_metadata({"tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
+                              pack_metadata({"protocol": PROTOCOL_VERSION, "tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
                                              "payment": {"client": "0x" + "a" * (4 << 20), "channel": 1}})],
         ErrorCode.BAD_REQUEST: [
-            pack_metadata({"tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
+            pack_metadata({"protocol": PROTOCOL_VERSION, "tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
                            "payment": {"client": address, "channel": 1,
                                        "voucher": {**voucher, "signature": signature}}})
             for signature in (800_000_000, 2**62, -1, "x" * 65)] + [
-            pack_metadata({"tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
+            pack_metadata({"protocol": PROTOCOL_VERSION, "tensors": ["hidden"], "dtype": "float32", "start": 0, "end": 4,
                            "payment": {"client": address, "channel": 1, "voucher": {**voucher, "server": 7}}}),
-            pack_metadata({"tensors": ["hidden"], "dtype": "float32", "start": 2**62, "end": 4}),
+            pack_metadata({"protocol": PROTOCOL_VERSION, "tensors": ["hidden"], "dtype": "float32", "start": 2**62, "end": 4}),
             b"\x91" * 60_000 + b"\xc0",  # nesting far deeper than anything msgpack should follow
         ],
     }
