@@ -33,11 +33,13 @@ NAME, SHAPE = "512x8", dict(hidden_size=512, num_hidden_layers=8, num_attention_
 def child(checkpoint: str, servers: int, new_tokens: int) -> None:
     """In the tree under test (PYTHONPATH): a swarm, a client, two timed generations; prints one JSON line."""
     import torch
-    try:
+    if (Path.cwd() / "swarm" / "apps").is_dir():
         from swarm.apps.local_swarm import LocalSwarm
-    except ImportError:  # the base tree, before swarm.apps
+    else:  # the base tree, before swarm.apps (an import that fails here would find this tree's, installed editable)
         from swarm.local_swarm import LocalSwarm
     from swarm import AutoDistributedModelForCausalLM
+    import swarm
+    assert Path(swarm.__file__).resolve().parent.parent == Path.cwd().resolve(), swarm.__file__
 
     ids = torch.randint(3, SHAPE["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     blocks = SHAPE["num_hidden_layers"]
