@@ -99,3 +99,41 @@ def test_generate_uses_direct_connections_and_falls_back_to_hivemind(checkpoints
         assert torch.equal(output, local.generate(ids, max_new_tokens=6, do_sample=False))
         assert impostor.peer_id in model.swarm.connector.direct_failed and not model.swarm.bans.is_banned(impostor.peer_id)
         model.shutdown()
+
+
+def test_the_client_proves_itself_before_the_server_signs_anything_and_a_busy_server_says_so():
+    """A caller that proves nothing gets no signature (an RSA signature costs the server a millisecond of CPU);
+    a server with too many handshakes under way answers 'busy', which the client tells from a failure."""
+    from swarm.dht.validator import public_key_bytes
+    from swarm.net import direct
+    from swarm.net.direct import ServerBusy, receive_message, send_message
+    from swarm.wire.protocol import PROTOCOL_VERSION
+    server_key, client_key = _key(), _key()
+
+    async def main():
+        server = DirectServer(server_key, {"inference": lambda caller, reader, writer: writer.close()})
+        port = await server.start("127.0.0.1", 0)
+        signed = []
+        honest_sign = direct._sign
+        direct._sign = lambda key, data: signed.append(data) or honest_sign(key, data)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=_insecure(), server_hostname="x")
+            await send_message(w, {"public_key": public_key_bytes(client_key), "nonce": b"n" * 32,
+                                   "handler": "inference", "protocol": PROTOCOL_VERSION})
+            reply = await receive_message(r)
+            assert set(reply) == {"nonce", "protocol"}  # no signature, no key: nothing that cost the server
+            await send_message(w, {"signature": b"\0" * 256})  # a proof that does not verify
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            assert signed == []
+            server.handshaking = direct.MAX_HANDSHAKES  # as under a flood of silent connections
+            with pytest.raises(ServerBusy):
+                await connect("127.0.0.1", port, _peer(server_key), "inference", client_key)
+            server.handshaking = 0
+            reader, writer = await connect("127.0.0.1", port, _peer(server_key), "inference", client_key)
+            writer.close()
+            assert len(signed) == 2  # the client's proof and the server's, for the one caller that proved itself
+        finally:
+            direct._sign = honest_sign
+            server.close()
+
+    asyncio.run(main())

@@ -46,10 +46,16 @@ class Connector:
                 try:
                     return Connection(*await direct.connect(*split_address(address), peer_id, handler, self.key),
                                       "direct")
+                except direct.ServerBusy as e:  # a refusal for load: hivemind this time, the direct path next time
+                    logger.debug(f"{e}; through hivemind this time")
+                    return await self._through_hivemind(peer_id, handler)
                 except CONNECT_ERRORS as e:
                     logger.debug(f"no direct connection to {peer_id} at {address}: {e}")
             if len(self.direct_failed) > 4096:  # (peer ids are free to make: forget the oldest)
                 self.direct_failed = dict(list(self.direct_failed.items())[2048:])
             self.direct_failed[peer_id] = time.monotonic() + DIRECT_RETRY_SECONDS
+        return await self._through_hivemind(peer_id, handler)
+
+    async def _through_hivemind(self, peer_id: str, handler: str) -> Connection:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), f"cocoon.{handler}")
         return Connection(reader, writer, "hivemind")

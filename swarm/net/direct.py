@@ -13,10 +13,18 @@ own certificate, so neither signature would match what the other side sees; a re
 old nonce. The server then knows the caller's peer id (its quotas and payments are per peer id) and the
 client knows it reached the server of the DHT record.
 
-    client -> server   hello {public_key, nonce, handler, protocol}   (another protocol: {error} and close)
-    server -> client   {public_key, nonce, protocol, signature over (b"server", fingerprint, client nonce, handler)}
+The client proves itself first: a server signs (an RSA signature, a millisecond of CPU, made off its serving
+loop) only for a caller that has already signed, so handshakes cost whoever starts them at least as much as the
+server. A server with too many handshakes under way says it is busy, and the client goes through hivemind for
+that stream only, not for the next minute.
+
+    client -> server   hello {public_key, nonce, handler, protocol}   (another protocol: {error}; too many: {busy})
+    server -> client   {nonce, protocol}
     client -> server   {signature over (b"client", fingerprint, server nonce, handler)}
-    server -> client   {ok: true} or {error: "..."}; then the handler's frames (swarm.wire.framing)
+    server -> client   {ok: true, public_key, signature over (b"server", fingerprint, client nonce, handler)} or
+                       {error: "..."}
+    client -> server   {ok: true} once the server proved to be the peer it dialled, sent with its first frame;
+                       then the handler's frames (swarm.wire.framing)
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ logger = logging.getLogger(__name__)
 PROTOCOL = b"cocoon-direct/1"
 HELLO_BYTES = 4096          # a handshake message is a key, a nonce and a signature: well under this
 HANDSHAKE_SECONDS = 10.0    # a connection that has not proven its peer id by then is closed
+HELLO_SECONDS = 2.0         # ...and one that has not said hello by then
 MAX_HANDSHAKES = 256        # connections still proving who they are, at once (beyond: closed at once)
 CONNECT_SECONDS = 2.0       # a client gives up on a direct address after this and uses hivemind
 
@@ -54,6 +63,10 @@ class HandshakeError(Exception):
     pass
 
 
+class ServerBusy(HandshakeError):
+    """The server has too many handshakes under way: try this stream another way, and its direct address later."""
+
+
 @dataclass(frozen=True)
 class DirectCaller:
     """What a stream handler learns about its caller (the same attribute as hivemind's StreamInfo)."""
@@ -62,9 +75,13 @@ class DirectCaller:
 
 # ---------------------------------------------------------------------- messages
 async def send_message(writer: asyncio.StreamWriter, message: dict) -> None:
-    payload = msgpack.packb(message, use_bin_type=True)
-    writer.write(len(payload).to_bytes(4, "big") + payload)
+    writer.write(_message_bytes(message))
     await writer.drain()
+
+
+def _message_bytes(message: dict) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    return len(payload).to_bytes(4, "big") + payload
 
 
 async def receive_message(reader: asyncio.StreamReader) -> dict:
@@ -153,6 +170,7 @@ class DirectServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.handshaking >= MAX_HANDSHAKES:
+            writer.write(_message_bytes({"busy": True}))
             writer.close()
             return
         self.handshaking += 1
@@ -183,7 +201,8 @@ class DirectServer:
         await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        hello = await receive_message(reader)
+        async with asyncio.timeout(HELLO_SECONDS):
+            hello = await receive_message(reader)
         theirs = protocol_of(hello.get("protocol"))
         if theirs != PROTOCOL_VERSION:
             await send_message(writer, {"error": mismatch(theirs, "the client"), "protocol": PROTOCOL_VERSION})
@@ -191,16 +210,17 @@ class DirectServer:
         name = _field(hello, "handler", str, 64)
         client_key, client_nonce = _field(hello, "public_key", bytes), _field(hello, "nonce", bytes, 64)
         nonce = os.urandom(32)
-        await send_message(writer, {"public_key": self.public_key, "nonce": nonce, "protocol": PROTOCOL_VERSION,
-                                    "signature": _sign(self.key, _signed(b"server", self.fingerprint, client_nonce,
-                                                                         name))})
+        await send_message(writer, {"nonce": nonce, "protocol": PROTOCOL_VERSION})
         proof = await receive_message(reader)
         peer_id = _verify(client_key, _field(proof, "signature", bytes),
                           _signed(b"client", self.fingerprint, nonce, name))
         if name not in self.handlers:
             await send_message(writer, {"error": f"no handler {name!r} here"})
             raise HandshakeError(f"unknown handler {name!r}")
-        await send_message(writer, {"ok": True})
+        signature = await asyncio.to_thread(_sign, self.key, _signed(b"server", self.fingerprint, client_nonce, name))
+        await send_message(writer, {"ok": True, "public_key": self.public_key, "signature": signature})
+        if (await receive_message(reader)).get("ok") is not True:  # the client found us to be whom it dialled
+            raise HandshakeError("the client did not confirm the server's proof")
         return DirectCaller(peer_id), self.handlers[name]
 
     def close(self) -> None:
@@ -230,18 +250,21 @@ async def prove(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wher
         await send_message(writer, {"public_key": public_key_bytes(key), "nonce": nonce, "handler": handler,
                                     "protocol": PROTOCOL_VERSION})
         reply = await receive_message(reader)
+        if reply.get("busy") is True:
+            raise ServerBusy(f"{peer_id} at {where} has too many handshakes under way")
         theirs = protocol_of(reply.get("protocol"))
         if theirs != PROTOCOL_VERSION:
             raise HandshakeError(mismatch(theirs, f"server {peer_id} at {where}"))
-        server = _verify(_field(reply, "public_key", bytes), _field(reply, "signature", bytes),
-                         _signed(b"server", fingerprint, nonce, handler))
-        if server != peer_id:
-            raise HandshakeError(f"{where} is {server}, not {peer_id}")
         await send_message(writer, {"signature": _sign(key, _signed(b"client", fingerprint,
                                                                     _field(reply, "nonce", bytes, 64), handler))})
         verdict = await receive_message(reader)
         if verdict.get("ok") is not True:
             raise HandshakeError(f"{peer_id} refused: {str(verdict.get('error'))[:200]}")
+        server = _verify(_field(verdict, "public_key", bytes), _field(verdict, "signature", bytes),
+                         _signed(b"server", fingerprint, nonce, handler))
+        if server != peer_id:
+            raise HandshakeError(f"{where} is {server}, not {peer_id}")
+        writer.write(_message_bytes({"ok": True}))  # (goes out with the first frame: no round trip more)
     except BaseException:
         writer.close()
         raise
