@@ -10,6 +10,9 @@ from incentives import fields
 from incentives.eip712 import Typed, sign, signer_of
 
 
+UINT64 = 2**64 - 1  # a receipt crosses in msgpack, whose integers end here (channels are 63-bit ids)
+
+
 def units(tokens: int, blocks: int) -> int:
     return tokens * blocks
 
@@ -68,7 +71,7 @@ class Receipt(Typed):
         try:
             record = fields.fields_of(record, "receipt", {f.name for f in dataclasses.fields(cls)})
             return cls(fields.address(record, "client"), fields.address(record, "server"),
-                       fields.uint(record, "channel"), fields.uint(record, "forward_units", 2**128),
-                       fields.uint(record, "backward_units", 2**128), fields.signature(record))
+                       fields.uint(record, "channel", UINT64), fields.uint(record, "forward_units", UINT64),
+                       fields.uint(record, "backward_units", UINT64), fields.signature(record))
         except ValueError as e:
             raise ValueError(f"malformed receipt: {e}") from None

@@ -22,7 +22,7 @@ DOMAIN = Domain(31337, "0x" + "cd" * 20)
 RECORDS = [
     (Voucher(ACCOUNT.address, OTHER, 7, 100, 10**20), DOMAIN),
     (Verdict(OTHER, b"\x07" * 32, ACCOUNT.address, 1_900_000_000), DOMAIN),
-    (Receipt(OTHER, ACCOUNT.address, 2**200, 5, 6), None),
+    (Receipt(OTHER, ACCOUNT.address, 2**63 - 5, 5, 6), None),
     (Attestation(ACCOUNT.address, 2, 6, b"\x01" * 32, b"\x02" * 32, "bfloat16", "float16"), None),
     (PayerProof(ACCOUNT.address, "QmServer", "QmClient", 1_900_000_000), None),
 ]

@@ -111,7 +111,7 @@ def test_replies_round_trip(data):
     attestation = st.builds(Attestation, ADDRESS, st.integers(0, 100), st.integers(1, 100), st.binary(min_size=32,
                             max_size=32), st.binary(min_size=32, max_size=32), st.sampled_from(["float32", "bfloat16"]),
                             st.sampled_from(["float32", "bfloat16"]), st.just(b"") | st.binary(min_size=65, max_size=65))
-    receipt = st.builds(Receipt, ADDRESS, ADDRESS, st.integers(0, 2**256 - 1), st.integers(0, 2**40),
+    receipt = st.builds(Receipt, ADDRESS, ADDRESS, st.integers(0, 2**64 - 1), st.integers(0, 2**40),
                         st.integers(0, 2**40), st.just(b"") | st.binary(min_size=65, max_size=65))
     reply = SpanReply(outputs, data.draw(st.none() | st.integers(1, 1000)), data.draw(st.none() | attestation),
                       data.draw(st.none() | receipt))
