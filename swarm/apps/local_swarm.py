@@ -70,10 +70,13 @@ class SwarmProcess:
             else:
                 self.process.send_signal(sig)
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = 15.0, signalled: bool = False) -> int:
+        """SIGTERM (unless ``signalled`` already: a second one tells a `cocoon` process to stop at once, before a
+        server has redeemed its vouchers), then SIGKILL after ``timeout`` seconds."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        self.signal(signal.SIGTERM)
+        if not signalled:
+            self.signal(signal.SIGTERM)
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -143,10 +146,10 @@ class LocalSwarm:
 
     def close(self) -> None:
         processes = self.servers + ([self.dht] if self.dht else [])
-        for process in processes:  # all at once: each takes a moment to leave the DHT
+        for process in processes:  # all at once: each takes a moment to leave the DHT (and servers, to redeem)
             process.signal(signal.SIGTERM)
         for process in processes:
-            process.stop()
+            process.stop(timeout=20.0, signalled=True)
         self._tmp.cleanup()
 
     def __exit__(self, *exc) -> None:
