@@ -18,8 +18,9 @@ from eth_account.messages import SignableMessage
 from eth_keys import keys
 from eth_utils import keccak
 
+from routing.addresses import ETH_ADDRESS
+
 DOMAIN_NAME, DOMAIN_VERSION = "Cocoon", "1"
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _domain_separator(domain: Domain | None) -> bytes:
 
 
 def _encode(kind: str, value: Any, name: str) -> bytes:
-    if kind == "address" and isinstance(value, str) and _ADDRESS.fullmatch(value):
+    if kind == "address" and isinstance(value, str) and ETH_ADDRESS.fullmatch(value):
         return bytes(12) + bytes.fromhex(value[2:])
     if kind == "uint256" and type(value) is int and 0 <= value < 2**256:
         return value.to_bytes(32, "big")

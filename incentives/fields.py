@@ -2,10 +2,9 @@
 each field by its type and size, no field beyond those the record has. Raises ValueError saying which field."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+from routing.addresses import ETH_ADDRESS
 
 
 def fields_of(record: Any, kind: str, allowed: set[str]) -> dict:
@@ -19,7 +18,7 @@ def fields_of(record: Any, kind: str, allowed: set[str]) -> dict:
 
 def address(record: dict, key: str) -> str:
     value = record.get(key)
-    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
+    if not isinstance(value, str) or not ETH_ADDRESS.fullmatch(value):
         raise ValueError(f"{key} must be an address (0x and 40 hex digits)")
     return value
 

@@ -16,6 +16,7 @@ to a next server that said it takes compact frames.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from typing import Sequence
 
@@ -68,7 +69,14 @@ CARRIED = check_layout()
 
 
 def _only_carried(record, kind: str) -> bool:
-    return all(getattr(record, f.name) is None for f in dataclasses.fields(record) if f.name not in CARRIED[kind])
+    return all(getattr(record, name) is None for name in _not_carried(type(record), kind))
+
+
+@functools.lru_cache(maxsize=32)
+def _not_carried(record_type: type, kind: str) -> tuple[str, ...]:
+    """The fields of ``record_type`` this layout does not carry for ``kind`` (per class, once: every decode step
+    asks)."""
+    return tuple(f.name for f in dataclasses.fields(record_type) if f.name not in CARRIED[kind])
 
 
 # ------------------------------------------------------------------ steps and pushes
