@@ -34,13 +34,15 @@ _PR_SET_PDEATHSIG = 1
 def quiet_peer_resets() -> None:
     """A helper process (the DHT's) that dies while handing this one a file descriptor (torch's file_descriptor
     sharing goes through multiprocessing's resource_sharer thread, which reports errors to sys.excepthook) makes
-    that thread raise ConnectionError: the process group is being stopped, and the traceback would only alarm.
+    that thread raise ConnectionError, or EOFError when the helper dies before its request arrives: the process
+    group is being stopped, and the traceback would only alarm.
     Set by the `cocoon` command only."""
     default = sys.excepthook
 
     def hook(kind, error, trace) -> None:
         frames = traceback.extract_tb(trace) if trace else []
-        if issubclass(kind, ConnectionError) and any(f.filename.endswith("resource_sharer.py") for f in frames):
+        if issubclass(kind, (ConnectionError, EOFError)) and \
+                any(f.filename.endswith("resource_sharer.py") for f in frames):
             return
         default(kind, error, trace)
     sys.excepthook = hook
