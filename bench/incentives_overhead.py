@@ -42,7 +42,7 @@ def _price_args(priced: bool, index: int, tmp: str, node, settlement) -> list[st
 def main():
     from incentives.contract import Settlement
     from incentives.devnode import DevNode
-    from incentives.vouchers import Verdict, Voucher, sign
+    from incentives.vouchers import Reservation, Verdict, Voucher, sign
     from shards.testing import save_random_checkpoint
     from swarm import AutoDistributedModelForCausalLM
     from swarm.apps.local_swarm import LocalSwarm
@@ -93,6 +93,9 @@ def main():
         settlement.register(server, ETH)
         settlement.add_verifier(owner, verifier.address)
         gas = {}
+        reservation = Reservation(client.address, server.address, 42, 10**13)
+        receipt = settlement.reserve(server, reservation, sign(reservation, client.key, settlement.domain))
+        gas["reserve (first on a channel)"] = receipt.gasUsed
         for i, amount in enumerate((10**12, 2 * 10**12)):
             voucher = Voucher(client.address, server.address, 42, amount, amount)
             receipt = settlement.redeem(server, voucher, sign(voucher, client.key, settlement.domain))

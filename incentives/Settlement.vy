@@ -1,10 +1,15 @@
 # pragma version ^0.4.0
 """
 @title Cocoon settlement
-@notice Client escrow, server stakes, redemption of EIP-712 cumulative vouchers, and slashing of a
-        server's stake on a fraud verdict signed by a threshold of registered verifiers.
+@notice Client escrow, reservations of it per server, server stakes, redemption of EIP-712 cumulative
+        vouchers, and slashing of a server's stake on a fraud verdict signed by a threshold of registered
+        verifiers.
+        A reservation says "set aside up to `total` of my escrow, in all, for server on channel"; anyone may
+        submit it (the server does before giving credit), and it moves escrow into that channel at once.
         A voucher says "client owes server `total_amount` in all on channel `channel`"; redeeming pays
-        only the increase over what that channel was already paid, capped by the client's escrow.
+        only the increase over what that channel was already paid, from that channel's reservation alone.
+        So every wei a server is paid was set aside for it: servers sharing one escrow cannot all be owed it.
+        A client takes back what a channel still holds by a release request that matures like a withdrawal.
         Withdrawal and unstake requests mature after `withdrawal_delay` and lapse `request_window` later,
         so a request made long ago cannot be used to front-run a redemption or a slash at any moment; a
         server with a pending unstake cannot redeem (it stays slashable until it leaves). Slashed funds
@@ -17,6 +22,12 @@ struct Voucher:
     channel: uint256
     total_units: uint256
     total_amount: uint256
+
+struct Reservation:
+    client: address
+    server: address
+    channel: uint256
+    total: uint256
 
 event Deposited:
     client: indexed(address)
@@ -52,6 +63,25 @@ event Redeemed:
     amount: uint256
     total_paid: uint256
 
+event Reserved:
+    client: indexed(address)
+    server: indexed(address)
+    channel: uint256
+    amount: uint256
+    reserved: uint256
+
+event ReleaseRequested:
+    client: indexed(address)
+    server: indexed(address)
+    channel: uint256
+    available_at: uint256
+
+event Released:
+    client: indexed(address)
+    server: indexed(address)
+    channel: uint256
+    amount: uint256
+
 event VerifierAdded:
     verifier: indexed(address)
 
@@ -68,6 +98,8 @@ event Slashed:
 
 VOUCHER_TYPEHASH: constant(bytes32) = keccak256(
     "Voucher(address client,address server,uint256 channel,uint256 totalUnits,uint256 totalAmount)")
+RESERVATION_TYPEHASH: constant(bytes32) = keccak256(
+    "Reservation(address client,address server,uint256 channel,uint256 total)")
 VERDICT_TYPEHASH: constant(bytes32) = keccak256(
     "Verdict(address server,bytes32 evidence,address reporter,uint256 deadline)")
 DOMAIN_TYPEHASH: constant(bytes32) = keccak256(
@@ -89,6 +121,9 @@ withdrawal_time: public(HashMap[address, uint256])
 stake: public(HashMap[address, uint256])
 unstake_time: public(HashMap[address, uint256])
 paid: public(HashMap[bytes32, uint256])           # keccak(client, server, channel) -> total paid
+reserved: public(HashMap[bytes32, uint256])       # channel key -> escrow set aside for its server, not yet paid
+reserved_total: public(HashMap[bytes32, uint256]) # channel key -> all ever set aside (what reservations count)
+release_time: public(HashMap[bytes32, uint256])   # channel key -> when the client may take it back (0: held)
 is_verifier: public(HashMap[address, bool])
 used_evidence: public(HashMap[bytes32, bool])
 treasury: public(uint256)
@@ -142,9 +177,25 @@ def _voucher_digest(v: Voucher) -> bytes32:
 
 
 @view
+@internal
+def _key(client: address, server: address, channel: uint256) -> bytes32:
+    return keccak256(abi_encode(client, server, channel))
+
+
+@view
+@external
+def backing(client: address, server: address, channel: uint256) -> uint256:
+    """What vouchers on this channel can still be paid from: its reservation, or 0 while a release is pending."""
+    key: bytes32 = self._key(client, server, channel)
+    if self.release_time[key] != 0:
+        return 0
+    return self.reserved[key]
+
+
+@view
 @external
 def channel_key(client: address, server: address, channel: uint256) -> bytes32:
-    return keccak256(abi_encode(client, server, channel))
+    return self._key(client, server, channel)
 
 
 # ---------------------------------------------------------------- clients
@@ -175,6 +226,50 @@ def withdraw():
     self.escrow[msg.sender] -= amount
     send(msg.sender, amount)
     log Withdrawn(client=msg.sender, amount=amount)
+
+
+@external
+def reserve(r: Reservation, signature: Bytes[65]) -> uint256:
+    """Move escrow into the channel, up to the cumulative total the client signed (as much as the escrow
+    holds; the rest when it holds more). Returns the amount moved."""
+    struct_hash: bytes32 = keccak256(abi_encode(RESERVATION_TYPEHASH, r.client, r.server, r.channel, r.total))
+    digest: bytes32 = keccak256(concat(b"\x19\x01", self._domain_separator(), struct_hash))
+    assert self._recover(digest, signature) == r.client, "reservation not signed by its client"
+    key: bytes32 = self._key(r.client, r.server, r.channel)
+    assert self.release_time[key] == 0, "the client is releasing this channel's reservation"
+    already: uint256 = self.reserved_total[key]
+    assert r.total > already, "reservation already applied"
+    amount: uint256 = min(r.total - already, self.escrow[r.client])
+    assert amount > 0, "client escrow is empty"
+    self.escrow[r.client] -= amount
+    self.reserved[key] += amount
+    self.reserved_total[key] = already + amount
+    log Reserved(client=r.client, server=r.server, channel=r.channel, amount=amount, reserved=self.reserved[key])
+    return amount
+
+
+@external
+def request_release(server: address, channel: uint256):
+    """Stop new credit on the channel; its server may still redeem until the delay has passed."""
+    key: bytes32 = self._key(msg.sender, server, channel)
+    assert self.reserved[key] > 0, "nothing reserved on this channel"
+    self.release_time[key] = block.timestamp + self.withdrawal_delay
+    log ReleaseRequested(client=msg.sender, server=server, channel=channel,
+                         available_at=block.timestamp + self.withdrawal_delay)
+
+
+@external
+def release(server: address, channel: uint256):
+    """Return what the channel still holds to the client's escrow."""
+    key: bytes32 = self._key(msg.sender, server, channel)
+    assert self.release_time[key] != 0, "no release requested"
+    assert block.timestamp >= self.release_time[key], "release delay has not passed"
+    assert block.timestamp <= self.release_time[key] + self.request_window, "release request lapsed: request again"
+    amount: uint256 = self.reserved[key]
+    self.reserved[key] = 0
+    self.release_time[key] = 0
+    self.escrow[msg.sender] += amount
+    log Released(client=msg.sender, server=server, channel=channel, amount=amount)
 
 
 # ---------------------------------------------------------------- servers
@@ -213,13 +308,13 @@ def redeem(v: Voucher, signature: Bytes[65]) -> uint256:
     assert self.stake[v.server] >= self.min_stake and self.stake[v.server] > 0, "server is not registered"
     assert self.unstake_time[v.server] == 0, "server is unstaking: it cannot redeem (register again to cancel)"
     assert self._recover(self._voucher_digest(v), signature) == v.client, "voucher not signed by its client"
-    key: bytes32 = keccak256(abi_encode(v.client, v.server, v.channel))
+    key: bytes32 = self._key(v.client, v.server, v.channel)
     already: uint256 = self.paid[key]
     assert v.total_amount > already, "voucher already redeemed"
-    payment: uint256 = min(v.total_amount - already, self.escrow[v.client])
-    assert payment > 0, "client escrow is empty"
+    payment: uint256 = min(v.total_amount - already, self.reserved[key])
+    assert payment > 0, "nothing reserved on this channel"
     self.paid[key] = already + payment
-    self.escrow[v.client] -= payment
+    self.reserved[key] -= payment
     send(v.server, payment)
     log Redeemed(client=v.client, server=v.server, channel=v.channel, amount=payment, total_paid=already + payment)
     return payment

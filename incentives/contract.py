@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -9,7 +10,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
-from incentives.vouchers import Domain, Voucher
+from incentives.vouchers import Domain, Reservation, Voucher
 
 SOURCE = Path(__file__).with_name("Settlement.vy")
 
@@ -52,6 +53,17 @@ class Settlement:
     def withdraw(self, client: LocalAccount):
         return send(self.w3, client, self.contract.functions.withdraw())
 
+    def reserve(self, sender: LocalAccount, reservation: Reservation, signature: bytes):
+        r = reservation
+        call = self.contract.functions.reserve((_address(r.client), _address(r.server), r.channel, r.total), signature)
+        return send(self.w3, sender, call)
+
+    def request_release(self, client: LocalAccount, server: str, channel: int):
+        return send(self.w3, client, self.contract.functions.request_release(_address(server), channel))
+
+    def release(self, client: LocalAccount, server: str, channel: int):
+        return send(self.w3, client, self.contract.functions.release(_address(server), channel))
+
     def register(self, server: LocalAccount, stake: int):
         return send(self.w3, server, self.contract.functions.register(), value=stake)
 
@@ -82,6 +94,14 @@ class Settlement:
     def escrow(self, client: str) -> int:
         return self.contract.functions.escrow(_address(client)).call()
 
+    def backing(self, client: str, server: str, channel: int) -> int:
+        """What the channel's vouchers can still be paid from (0 while the client is releasing it)."""
+        return self.contract.functions.backing(_address(client), _address(server), channel).call()
+
+    def reserved(self, client: str, server: str, channel: int) -> int:
+        key = self.contract.functions.channel_key(_address(client), _address(server), channel).call()
+        return self.contract.functions.reserved(key).call()
+
     def stake(self, server: str) -> int:
         return self.contract.functions.stake(_address(server)).call()
 
@@ -103,8 +123,20 @@ def _address(address: str) -> str:
     return Web3.to_checksum_address(address)
 
 
+_senders: dict[str, threading.Lock] = {}
+_senders_lock = threading.Lock()
+
+
 def send(w3: Web3, account: LocalAccount, call, value: int = 0):
-    """Sign locally, send, wait; a revert becomes a ChainError carrying the contract's reason."""
+    """Sign locally, send, wait; a revert becomes a ChainError carrying the contract's reason. One transaction
+    of an account at a time in this process: two threads would take the same nonce."""
+    with _senders_lock:
+        lock = _senders.setdefault(account.address, threading.Lock())
+    with lock:
+        return _send(w3, account, call, value)
+
+
+def _send(w3: Web3, account: LocalAccount, call, value: int):
     try:
         tx = call.build_transaction({"from": account.address, "value": value,
                                      "nonce": w3.eth.get_transaction_count(account.address, "pending")})

@@ -2,9 +2,11 @@
 the client's own count from which it signs cumulative vouchers (never for more than it counted).
 
 Credit is per client address, whatever channels it uses: the work a client has not yet covered by a voucher
-stays within the server's credit limit, and the work not yet redeemed on chain stays within what the
-client's escrow can pay (its escrow less its pending withdrawal, read from the chain). A voucher is kept only
-if the contract would pay it: a canonical signature by its client, for this server, in this domain.
+stays within the server's credit limit. And the work not yet redeemed on a channel stays within what the
+client has reserved for this server on that channel (the contract's `backing`, read from the chain): escrow
+that no other server can be paid from, so servers sharing one client's escrow are never owed more than it
+held. A voucher is kept only if the contract would pay it: a canonical signature by its client, for this
+server, in this domain.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from eth_account.signers.local import LocalAccount
 
 from incentives.metering import Prices, Receipt, Tally
 from incentives.payer import canonical_signature
-from incentives.vouchers import Domain, Voucher, sign, signer_of
+from incentives.vouchers import Domain, Reservation, Voucher, sign, signer_of
 
 RECEIPT_EVERY = 16
 MAX_CHANNELS_PER_CLIENT = 64
@@ -30,10 +32,12 @@ class InvalidVoucher(ValueError):
 
 @dataclass
 class ClientAccount:
-    """What one client owes this server on one channel, and the best voucher it has given for it."""
+    """What one client owes this server on one channel, and the best voucher and reservation it has given for it."""
     tally: Tally = field(default_factory=Tally)
     voucher: Voucher | None = None
     signature: bytes = b""
+    reservation: Reservation | None = None
+    reservation_signature: bytes = b""
     requests: int = 0
     redeemed: int = 0  # wei the contract has paid on this channel
 
@@ -49,7 +53,7 @@ class ServerLedger:
         self.payout, self.prices, self.domain = payout, prices, domain
         self.credit_limit, self.signer = credit_limit, signer
         self.accounts: dict[tuple[str, int], ClientAccount] = {}
-        self.backing: dict[str, int] = {}  # client -> escrow less pending withdrawal, as last read from the chain
+        self.backing: dict[tuple[str, int], int] = {}  # (client, channel) -> its reservation, as last read
 
     def account(self, client: str, channel: int) -> ClientAccount:
         key = (client.lower(), channel)
@@ -68,21 +72,41 @@ class ServerLedger:
         """Wei of work no voucher covers yet."""
         return sum(max(a.tally.amount(self.prices) - a.covered, 0) for a in self._channels(client))
 
-    def unredeemed(self, client: str) -> int:
-        """Wei of work the contract has not paid yet (covered by vouchers or not)."""
-        return sum(a.tally.amount(self.prices) - a.redeemed for a in self._channels(client))
+    def unredeemed(self, client: str, channel: int) -> int:
+        """Wei of work on the channel that the contract has not paid yet (covered by vouchers or not)."""
+        account = self.accounts.get((client.lower(), channel))
+        return account.tally.amount(self.prices) - account.redeemed if account else 0
 
-    def check_credit(self, client: str, same_peer: tuple[str, ...] = ()) -> None:
-        """Raise CreditLimitExceeded unless more work may be done for ``client`` (``same_peer``: the other
-        addresses the same peer pays from, which share its credit limit)."""
+    def check_credit(self, client: str, channel: int, same_peer: tuple[str, ...] = (), cost: int = 0) -> None:
+        """Raise CreditLimitExceeded unless work costing ``cost`` may be done for ``client`` on ``channel``
+        (``same_peer``: the other addresses the same peer pays from, which share its credit limit)."""
         unvouchered = sum(self.unvouchered(c) for c in {client.lower(), *(c.lower() for c in same_peer)})
         if unvouchered > self.credit_limit:
             raise CreditLimitExceeded(f"credit limit reached: {unvouchered} wei of work not covered by a voucher "
                                       f"(limit {self.credit_limit}); send a newer voucher")
-        backing = self.backing.get(client.lower())
-        if backing is not None and self.unredeemed(client) > backing:
-            raise CreditLimitExceeded(f"{self.unredeemed(client)} wei of work not yet paid exceeds what the escrow of "
-                                      f"{client} can pay ({backing} wei: escrow less pending withdrawal); deposit more")
+        backing = self.backing.get((client.lower(), channel))
+        unpaid = self.unredeemed(client, channel) + cost
+        if backing is not None and (backing == 0 or unpaid > backing):
+            raise CreditLimitExceeded(f"{unpaid} wei of work not yet paid on channel {channel} (with this request) and {backing} wei "
+                                      f"reserved for this server there: send a larger reservation (and deposit "
+                                      f"more if the escrow is empty)")
+
+    def accept_reservation(self, client: str, channel: int, total: int, signature: bytes) -> None:
+        """Keep the client's reservation for this server's channel if the contract would take it and it is for
+        more than the one we hold (verified only then: resending the same one costs nothing)."""
+        account = self.account(client, channel)
+        if account.reservation is not None and total <= account.reservation.total:
+            return
+        reservation = Reservation(client, self.payout, channel, total)
+        try:
+            valid = canonical_signature(signature) and signer_of(reservation, signature, self.domain).lower() == \
+                client.lower()
+        except Exception:
+            valid = False
+        if not valid:
+            raise InvalidVoucher("reservation not signed canonically by the paying client over Reservation(client, "
+                                 "this server's payout address, channel, total)")
+        account.reservation, account.reservation_signature = reservation, signature
 
     def accept_voucher(self, voucher: Voucher, signature: bytes) -> None:
         """Keep the voucher if the contract would pay it and it is newer than the one we hold."""
@@ -125,7 +149,9 @@ class ServerLedger:
                 "channels": [{"client": client, "channel": channel, "forward_units": a.tally.forward_units,
                               "backward_units": a.tally.backward_units, "owed": a.tally.amount(self.prices),
                               "redeemed": a.redeemed, "voucher": a.voucher.to_wire() if a.voucher else None,
-                              "signature": a.signature.hex()} for (client, channel), a in self.accounts.items()]}
+                              "signature": a.signature.hex(),
+                              "reservation": [a.reservation.total, a.reservation_signature.hex()] if a.reservation
+                              else None} for (client, channel), a in self.accounts.items()]}
 
     def load(self, data: dict) -> None:
         """Take back the accounts of a ledger written before (by a server with the same payout address)."""
@@ -138,6 +164,10 @@ class ServerLedger:
             if channel.get("voucher"):
                 account.voucher = Voucher.from_wire(channel["voucher"])
                 account.signature = bytes.fromhex(channel["signature"])
+            if channel.get("reservation"):
+                total, signature = channel["reservation"]
+                account.reservation = Reservation(channel["client"], self.payout, channel["channel"], total)
+                account.reservation_signature = bytes.fromhex(signature)
 
 
 class ClientChannel:

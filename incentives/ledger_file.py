@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from incentives.credit import ServerLedger
-from incentives.vouchers import Voucher
+from incentives.vouchers import Reservation, Voucher
 
 
 def ledger_path(payout: str) -> Path:
@@ -29,10 +29,14 @@ def read_ledger_json(path: str | os.PathLike) -> dict:
 
 
 def read_ledger(path: str | os.PathLike) -> dict:
-    """The ledger with its vouchers parsed (for `cocoon earnings` and `cocoon redeem`)."""
+    """The ledger with its vouchers and reservations parsed (for `cocoon earnings` and `cocoon redeem`)."""
     data = read_ledger_json(path)
     for channel in data["channels"]:
         if channel["voucher"]:
             channel["voucher"] = Voucher.from_wire(channel["voucher"])
             channel["signature"] = bytes.fromhex(channel["signature"])
+        if channel.get("reservation"):
+            total, signature = channel["reservation"]
+            channel["reservation"] = (Reservation(channel["client"], data["payout"], channel["channel"], total),
+                                      bytes.fromhex(signature))
     return data

@@ -1,5 +1,5 @@
-"""What the settlement contract checks: cumulative payment vouchers (client -> server) and fraud verdicts
-(verifiers), EIP-712 typed data (incentives.eip712) under a domain that binds every signature to one chain id
+"""What the settlement contract checks: cumulative reservations of escrow and payment vouchers (client ->
+server), and fraud verdicts (verifiers), EIP-712 typed data (incentives.eip712) under a domain that binds every signature to one chain id
 and one settlement contract."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from incentives import fields
 from incentives.eip712 import Domain, Typed, sign, signer_of
 
-__all__ = ["Domain", "Verdict", "Voucher", "sign", "signer_of"]
+__all__ = ["Domain", "Reservation", "Verdict", "Voucher", "sign", "signer_of"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,22 @@ class Voucher(Typed):
                        fields.uint(record, "total_amount"))
         except ValueError as e:
             raise ValueError(f"malformed voucher: {e}") from None
+
+
+@dataclass(frozen=True)
+class Reservation(Typed):
+    """The client sets aside up to ``total`` wei of its escrow, in all, for ``server`` on ``channel``: the only
+    money that channel's vouchers are paid from."""
+    client: str
+    server: str
+    channel: int
+    total: int
+
+    EIP712_NAME = "Reservation"
+    EIP712_FIELDS = (("client", "address"), ("server", "address"), ("channel", "uint256"), ("total", "uint256"))
+
+    def as_tuple(self) -> tuple:
+        return (self.client, self.server, self.channel, self.total)
 
 
 @dataclass(frozen=True)

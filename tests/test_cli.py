@@ -131,7 +131,7 @@ def test_dht_identity_gives_a_stable_peer_id(tmp_path):
     assert maddrs[0].split("/p2p/")[1] == maddrs[1].split("/p2p/")[1]
 
 
-def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
+def test_wallet_deploy_deposit_stake_earnings_redeem_release(tmp_path):
     env = {"COCOON_PASSPHRASE": "secret"}
     with DevNode() as node:
         for name in ("owner", "client", "server"):
@@ -141,7 +141,7 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
         assert "balance 10000000000000000000 wei" in cocoon("wallet", "show", str(tmp_path / "server.json"),
                                                             "--chain-rpc", node.url, env=env)
         out = cocoon("chain", "deploy", "--chain-rpc", node.url, "--wallet", str(tmp_path / "owner.json"),
-                     "--min-stake", "1000", env=env)
+                     "--min-stake", "1000", "--withdrawal-delay", "0", env=env)
         contract = out.split()[2]
         common = ["--chain-rpc", node.url, "--contract", contract]
         assert "escrow" in cocoon("deposit", "5000000", *common, "--wallet", str(tmp_path / "client.json"), env=env)
@@ -152,7 +152,7 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
         from incentives.credit import ServerLedger
         from incentives.ledger_file import write_ledger
         from incentives.metering import Prices
-        from incentives.vouchers import Voucher, sign
+        from incentives.vouchers import Reservation, Voucher, sign
         from incentives.wallet import load_wallet
         client, server = (load_wallet(tmp_path / f"{n}.json", "secret") for n in ("client", "server"))
         settlement = Settlement(node.w3, contract)
@@ -160,6 +160,8 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
         ledger.record(client.address, 3, tokens=30, blocks=4)
         voucher = Voucher(client.address, server.address, 3, 120, 12000)
         ledger.accept_voucher(voucher, sign(voucher, client.key, settlement.domain))
+        reservation = Reservation(client.address, server.address, 3, 20000)  # the server never submitted it
+        ledger.accept_reservation(client.address, 3, 20000, sign(reservation, client.key, settlement.domain))
         ledger_file = write_ledger(ledger)  # under COCOON_CACHE_DIR, a temporary directory in tests
         before = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env)
         assert "120" in before and "12000" in before
@@ -167,6 +169,10 @@ def test_wallet_deploy_deposit_stake_earnings_redeem(tmp_path):
                                                  str(tmp_path / "server.json"), env=env)
         row = cocoon("earnings", str(ledger_file), "--chain-rpc", node.url, env=env).splitlines()[-1].split()
         assert row[-3:] == ["12000", "12000", "0"]  # owed, paid, pending
+        client_wallet = ["--wallet", str(tmp_path / "client.json")]
+        assert "asked for the 8000 wei reserved" in cocoon("release", *common, *client_wallet, env=env)
+        out = cocoon("release", *common, *client_wallet, env=env)  # the delay is 0 s on this contract
+        assert "released 8000 wei" in out and f"escrow of {client.address}: {5000000 - 12000} wei" in out
 
 
 def test_serve_options_from_a_yaml_file_environment_variables_and_the_command_line(checkpoints, tmp_path):

@@ -23,46 +23,50 @@ def test_server_serves_within_credit_and_client_signs_only_what_it_counted():
     ledger = ServerLedger(server.address, Prices(10, 20), DOMAIN, credit_limit=1000, signer=server)
     channel = ClientChannel(client, server.address, 7, Prices(10, 20), DOMAIN)
     for step in range(RECEIPT_EVERY):
-        ledger.check_credit(client.address)
+        ledger.check_credit(client.address, 7)
         receipt = ledger.record(client.address, 7, tokens=1, blocks=4)
         channel.record(tokens=1, blocks=4)
         assert channel.check_receipt(receipt)
     assert receipt.signature and receipt.signer() == server.address  # every RECEIPT_EVERY-th is signed
     ledger.record(client.address, 7, tokens=25, blocks=4)  # owed 640 + 1000 > limit
     with pytest.raises(CreditLimitExceeded, match="credit limit reached"):
-        ledger.check_credit(client.address)
+        ledger.check_credit(client.address, 7)
     channel.record(tokens=25, blocks=4)
     voucher, signature = channel.voucher()
     assert voucher.total_amount == 10 * 4 * (RECEIPT_EVERY + 25) and voucher.total_units == 4 * (RECEIPT_EVERY + 25)
     assert channel.voucher() is None  # nothing new to sign
     ledger.accept_voucher(voucher, signature)
-    ledger.check_credit(client.address)  # paid up: served again
+    ledger.check_credit(client.address, 7)  # paid up: served again
 
     inflated = ledger.record(client.address, 7, tokens=1000, blocks=4)  # a server claiming work not asked for
     assert not channel.check_receipt(inflated)
 
 
-def test_credit_is_per_address_whatever_the_channel_and_backed_by_escrow():
+def test_credit_is_per_address_whatever_the_channel_and_backed_by_its_reservation():
     server, client, other = Account.create(), Account.create(), Account.create()
     ledger = ServerLedger(server.address, Prices(10, 10), DOMAIN, credit_limit=1000, signer=server)
     served = 0
     with pytest.raises(CreditLimitExceeded, match="credit limit reached"):
         for channel in range(100):  # a new channel for every request: the same credit
-            ledger.check_credit(client.address)
+            ledger.check_credit(client.address, channel)
             ledger.record(client.address, channel, tokens=10, blocks=1)
             served += 1
     assert served * 100 <= 1000 + 100  # one request beyond the limit at most
-    ledger.check_credit(other.address)  # another address has its own
+    ledger.check_credit(other.address, 0)  # another address has its own
     with pytest.raises(CreditLimitExceeded, match="credit limit reached"):
-        ledger.check_credit(other.address, same_peer=(client.address,))  # ... unless the same peer pays from both
+        ledger.check_credit(other.address, 0, same_peer=(client.address,))  # ... unless the same peer pays from both
 
-    ledger.backing[client.address.lower()] = 0  # an empty escrow backs nothing, vouchers or not
     voucher = Voucher(client.address, server.address, 0, 1000, served * 100)
     ledger.accept_voucher(voucher, sign(voucher, client.key, DOMAIN))
-    with pytest.raises(CreditLimitExceeded, match="deposit more"):
-        ledger.check_credit(client.address)
-    ledger.backing[client.address.lower()] = 10**18
-    ledger.check_credit(client.address)
+    ledger.check_credit(client.address, 0)  # covered by a voucher; no reservation read: not checked
+    ledger.backing[(client.address.lower(), 0)] = 0  # nothing reserved backs nothing, vouchers or not
+    with pytest.raises(CreditLimitExceeded, match="send a larger reservation"):
+        ledger.check_credit(client.address, 0)
+    ledger.backing[(client.address.lower(), 0)] = 99  # less than the 100 wei this channel owes
+    with pytest.raises(CreditLimitExceeded, match="100 wei of work not yet paid on channel 0 .* and 99 wei reserved"):
+        ledger.check_credit(client.address, 0)
+    ledger.backing[(client.address.lower(), 0)] = 100
+    ledger.check_credit(client.address, 0)
 
 
 def test_ledger_refuses_signatures_the_contract_would_refuse():

@@ -1,5 +1,6 @@
 """Cheaters on both sides and an unlucky operator, against real priced servers and the settlement contract on
-anvil: rotating channels gets no extra credit; an empty escrow gets one request; a payer must prove its key;
+anvil: rotating channels gets no extra credit; nothing reserved gets no request; servers sharing one escrow
+are never owed more than it holds; a payer must prove its key;
 signatures the contract would refuse are refused; a priced server without valid attestations is banned and
 paid no further; two colluders cannot convict an honest server; a chain that errors or hangs stops neither
 serving nor announcing, and once it is back every voucher is redeemed in full."""
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from incentives.contract import Settlement
 from incentives.devnode import DevNode
 from incentives.payer import HALF_N, PayerProof
-from incentives.vouchers import Voucher, sign
+from incentives.vouchers import Reservation, Voucher, sign
 from incentives.wallet import create_wallet
 from shards import Checkpoint
 from swarm import AutoDistributedModelForCausalLM
@@ -23,7 +24,7 @@ from swarm.client import loop
 from swarm.client.swarm_client import SwarmClient
 from swarm.apps.local_swarm import LocalSwarm
 from swarm.wire.codes import ErrorCode, RemoteError
-from swarm.wire.payloads import PayerSignature, Payment, SignedVoucher
+from swarm.wire.payloads import PayerSignature, Payment, SignedReservation, SignedVoucher
 from swarm.wire.requests import SpanRequest
 
 pytestmark = pytest.mark.slow
@@ -113,11 +114,14 @@ def test_credit_is_proven_per_address_and_backed_by_escrow(chain, checkpoints, m
         try:
             (server,) = peers[0].swarm_state().online()
 
-            def forward(client, account, channel, proof=True, voucher=None, proof_peer=None):
+            def forward(client, account, channel, proof=True, voucher=None, proof_peer=None, reserve=10**9):
                 proven = PayerProof(account.address, server, proof_peer or str(client.p2p.peer_id),
                                     int(time.time()) + 600).signed(account)
+                reservation = Reservation(account.address, payout, channel, reserve)
                 payment = Payment(account.address, channel, voucher,
-                                  PayerSignature(proven.expires, proven.signature) if proof else None)
+                                  PayerSignature(proven.expires, proven.signature) if proof else None,
+                                  SignedReservation(reserve, sign(reservation, account.key, settlement.domain))
+                                  if reserve else None)
                 return loop.run(client.call_span(server, "forward", SpanRequest(x, 0, 4, payment=payment)))
 
             rotator, rich = peers[0], paying_client(chain, ETH)
@@ -136,11 +140,16 @@ def test_credit_is_proven_per_address_and_backed_by_escrow(chain, checkpoints, m
             with pytest.raises(RemoteError, match="credit limit reached"):  # nor from another address of its own
                 forward(rotator, paying_client(chain, ETH), 1)
 
-            empty = paying_client(chain, 0)
-            forward(peers[1], empty, 1)  # the first request of a client with no escrow ...
-            with pytest.raises(RemoteError, match="escrow .* can pay \\(0 wei") as error:
-                forward(peers[1], empty, 1)  # ... is its last
+            empty = paying_client(chain, 0)  # a client with no escrow: its reservation moves nothing
+            with pytest.raises(RemoteError, match="0 wei reserved for this server") as error:
+                forward(peers[1], empty, 1)
             assert error.value.code == ErrorCode.PAYMENT_REQUIRED
+            with pytest.raises(RemoteError, match="this request carried none"):  # nor without a reservation
+                forward(peers[1], paying_client(chain, ETH), 2, reserve=0)
+            small = paying_client(chain, ETH)  # 50,000 wei reserved: one request of 40,000 and no more
+            forward(peers[1], small, 3, reserve=50_000)
+            with pytest.raises(RemoteError, match="80000 wei of work not yet paid on channel 3 .* 50000 wei"):
+                forward(peers[1], small, 3, reserve=50_000)
 
             honest = paying_client(chain, ETH)
             forward(peers[2], honest, 5)

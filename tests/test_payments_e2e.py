@@ -6,9 +6,11 @@ from transformers import AutoModelForCausalLM
 
 from incentives.contract import Settlement
 from incentives.devnode import DevNode, anvil_path
+from incentives.ledger_file import ledger_path, read_ledger_json
 from incentives.wallet import create_wallet
 from swarm import AutoDistributedModelForCausalLM
 from swarm.apps.local_swarm import LocalSwarm
+from swarm.wire.codes import ErrorCode, RemoteError
 
 pytestmark = pytest.mark.slow
 ETH = 10**18
@@ -60,7 +62,8 @@ def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_pa
         gas = gas_spent(node.w3, payouts[span], first_block)  # the server sent its redemptions itself
         assert node.w3.eth.get_balance(payouts[span]) - before[span] == units * price - gas
     total = sum(tokens * (b - a) * price for (a, b), price in PRICES.items())
-    assert settlement.escrow(client.address) == 10 * ETH - total
+    reserved = sum(settlement.reserved(client.address, payouts[span], channel) for span in PRICES)
+    assert settlement.escrow(client.address) + reserved == 10 * ETH - total  # the rest is held for each server
 
 
 def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(node, checkpoints, tmp_path,
@@ -91,6 +94,52 @@ def test_a_speculative_session_pays_every_position_computed_rolled_back_or_not(n
     for span, price in PRICES.items():
         units = computed * (span[1] - span[0])
         assert settlement.paid(client.address, payouts[span], channel) == units * price
+
+
+def test_servers_sharing_one_escrow_are_never_owed_more_than_it_holds(node, checkpoints, tmp_path, monkeypatch):
+    """The second audit's attack: one escrow, three priced servers of one chain at once. Each server works only
+    against escrow the client reserved for it, so when the escrow is spent the chain stops, and what the
+    servers did (their own ledgers) is what the contract paid them, to within 1% of the escrow."""
+    path = checkpoints("llama")
+    monkeypatch.setenv("COCOON_PASSPHRASE", "test passphrase")
+    monkeypatch.setenv("COCOON_CACHE_DIR", str(tmp_path / "cache"))  # the servers' ledgers, read below
+    escrow, price = 10**6, 1000  # about 8 generations of 30 tokens x 4 blocks
+    owner, client = node.new_account(), node.new_account()
+    settlement = Settlement.deploy(node.w3, owner, withdrawal_delay=3600, min_stake=ETH, verdict_threshold=2)
+    settlement.deposit(client, escrow)
+    spans, payouts, servers = [(0, 1), (1, 2), (2, 4)], [], []
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with LocalSwarm(path) as swarm:
+        for span in spans:
+            keystore = tmp_path / f"shared-{span[0]}.json"
+            account = create_wallet(keystore, "test passphrase")
+            node.fund(account.address, 2 * ETH)
+            settlement.register(account, ETH)
+            payouts.append(account.address)
+            servers.append(swarm.add_server(span, "--price", str(price), "--credit-limit", "10000", "--payout",
+                                            str(keystore), "--chain-rpc", node.url, "--contract", settlement.address,
+                                            "--redeem-period", "1", wait=False))
+        for server in servers:
+            server.wait_for("Server ready", 180)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, wallet=client, contract=settlement.address,
+            chain_id=node.w3.eth.chain_id)
+        with pytest.raises(RemoteError, match="reserved for this server") as refused:
+            for _ in range(30):
+                model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
+        assert refused.value.code == ErrorCode.PAYMENT_REQUIRED
+        channel = model.swarm.payments.channel_id
+        model.shutdown()  # sends final vouchers
+        for server in servers:
+            server.stop()  # redeems what it holds
+    served = sum(c["owed"] for payout in payouts for c in read_ledger_json(ledger_path(payout))["channels"])
+    paid = sum(settlement.paid(client.address, payout, channel) for payout in payouts)
+    assert paid <= escrow and served - paid <= escrow // 100  # every wei of the work was paid, or 1% at most
+    # The chain stops when the first server's reservation runs dry, while the others still hold some (641,000
+    # of 1,000,000 wei worked on the first run): what is left stays the client's, to release.
+    assert served > escrow // 2
+    assert settlement.escrow(client.address) + sum(settlement.reserved(client.address, p, channel)
+                                                   for p in payouts) == escrow - paid
 
 
 def funded_client(node):

@@ -16,7 +16,7 @@ from swarm.wire.fields import unpack_metadata
 from swarm.wire.framing import read_frame
 from swarm.wire.codes import ErrorCode, InvalidReply, RemoteError, WireError
 from swarm.wire.limits import Limits
-from swarm.wire.payloads import Accept, LoraSpec, PayerSignature, Payment, Route, SignedVoucher
+from swarm.wire.payloads import Accept, LoraSpec, PayerSignature, Payment, Route, SignedReservation, SignedVoucher
 from swarm.wire.replies import ErrorReply, SpanReply
 from swarm.wire.requests import BackwardRequest, Bounds, InferenceStep, PayRequest, SpanRequest
 from swarm.wire.tensors import wire_dtype
@@ -79,7 +79,9 @@ def span_requests(draw, cls=SpanRequest, opening=True):
                                     draw(st.binary(min_size=65, max_size=65)))
         proof = PayerSignature(draw(st.integers(0, 2**40)), draw(st.binary(min_size=65, max_size=65))) \
             if draw(st.booleans()) else None
-        fields["payment"] = Payment(draw(ADDRESS), draw(st.integers(0, 2**64 - 1)), voucher, proof)
+        reservation = SignedReservation(draw(st.integers(0, 2**256 - 1)), draw(st.binary(min_size=65, max_size=65))) \
+            if draw(st.booleans()) else None
+        fields["payment"] = Payment(draw(ADDRESS), draw(st.integers(0, 2**64 - 1)), voucher, proof, reservation)
     return cls(hidden, **fields)
 
 
@@ -281,12 +283,14 @@ def test_push_routes_round_trip_and_garbage_in_them_gets_a_coded_error(data):
 
 
 @SETTINGS
-@given(st.sampled_from(["payment", "payment.voucher", "payment.proof", "lora_spec"]), st.data())
+@given(st.sampled_from(["payment", "payment.voucher", "payment.proof", "payment.reservation", "lora_spec"]),
+       st.data())
 def test_garbage_in_a_nested_record_of_a_request_gets_a_coded_error(where, data):
     """Payment, its voucher and proof, and the LoRA layout are typed records: any value in any of their fields
     that is not what the field holds is refused with a code, never a crash, never let through changed."""
     voucher = SignedVoucher("0x" + "1" * 40, "0x" + "2" * 40, 3, 4, 5, b"s" * 65)
-    payment = Payment("0x" + "3" * 40, 7, voucher, PayerSignature(1_900_000_000, b"p" * 65))
+    payment = Payment("0x" + "3" * 40, 7, voucher, PayerSignature(1_900_000_000, b"p" * 65),
+                      SignedReservation(10**18, b"r" * 65))
     step = InferenceStep(torch.randn(1, 2, HIDDEN), 2, 4, max_length=8, payment=payment,
                          lora_spec=LoraSpec(["q_proj"], 2, 4.0, "ab" * 16))
     message = step.pack()

@@ -1,6 +1,7 @@
-"""`cocoon wallet|chain|deposit|stake|earnings|redeem`: keys and settlement from the command line."""
+"""`cocoon wallet|chain|deposit|stake|release|earnings|redeem`: keys and settlement from the command line."""
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 
@@ -26,6 +27,9 @@ def add_parsers(commands) -> None:
         parser.add_argument("amount", type=int, help="wei")
         _chain_args(parser)
 
+    release = commands.add_parser("release", help="take back the escrow reserved for servers: the first run asks, "
+                                  "a run after the withdrawal delay returns it to your escrow")
+    _chain_args(release)
     earnings = commands.add_parser("earnings", help="units served, paid and pending per client")
     earnings.add_argument("ledger", help="the server's ledger file (printed by `cocoon serve`)")
     earnings.add_argument("--chain-rpc", required=True)
@@ -49,7 +53,7 @@ def passphrase() -> str:
 def run(args) -> int:
     from web3 import Web3
 
-    from incentives.contract import Settlement
+    from incentives.contract import ChainError, Settlement
     from incentives.wallet import create_wallet, load_wallet
     w3 = Web3(Web3.HTTPProvider(args.chain_rpc)) if getattr(args, "chain_rpc", None) else None
     if args.command == "wallet":
@@ -68,6 +72,8 @@ def run(args) -> int:
         else:
             settlement.register(account, args.amount)
             print(f"stake of {account.address}: {settlement.stake(account.address)} wei")
+    elif args.command == "release":
+        release(Settlement(w3, args.contract), load_wallet(args.wallet, passphrase()))
     elif args.command == "earnings":
         print(format_earnings(args.ledger, w3))
     elif args.command == "redeem":
@@ -76,10 +82,35 @@ def run(args) -> int:
         for channel in read_ledger(args.ledger)["channels"]:
             voucher = channel["voucher"]
             if voucher and voucher.total_amount > settlement.paid(voucher.client, voucher.server, voucher.channel):
+                if channel.get("reservation"):
+                    with contextlib.suppress(ChainError):  # already applied, or the escrow is empty
+                        settlement.reserve(account, *channel["reservation"])
                 settlement.redeem(account, voucher, channel["signature"])
                 print(f"redeemed {voucher.client} channel {voucher.channel}: "
                       f"{settlement.paid(voucher.client, voucher.server, voucher.channel)} wei paid in all")
     return 0
+
+
+def release(settlement, account) -> None:
+    """Every channel of this client that still holds reserved escrow: ask for it back, or take it back once the
+    delay has passed (the servers redeem what they are owed meanwhile)."""
+    from incentives.contract import ChainError
+    logs = settlement.contract.events.Reserved.get_logs(argument_filters={"client": account.address}, from_block=0)
+    for server, channel in sorted({(log.args.server, log.args.channel) for log in logs}):
+        held = settlement.reserved(account.address, server, channel)
+        if held == 0:
+            continue
+        try:
+            settlement.release(account, server, channel)
+            print(f"released {held} wei reserved for {server} on channel {channel}: back in your escrow")
+        except ChainError as e:
+            if "no release requested" not in str(e):
+                print(f"{held} wei reserved for {server} on channel {channel}: {e}")
+                continue
+            settlement.request_release(account, server, channel)
+            print(f"asked for the {held} wei reserved for {server} on channel {channel}: run `cocoon release` again "
+                  f"after the withdrawal delay ({settlement.contract.functions.withdrawal_delay().call()} s)")
+    print(f"escrow of {account.address}: {settlement.escrow(account.address)} wei")
 
 
 def format_earnings(ledger_file: str, w3) -> str:

@@ -121,6 +121,8 @@ def run_demo(num_servers: int = 3, max_new_tokens: int = 48, prompt: str = "What
             for i, (span, payout) in enumerate(zip(spans, payouts)):
                 paid = settlement.paid(client.address, payout, channel)
                 print(f"{'server' + str(i):<9} {f'{span[0]}:{span[1]}':<7} {tokens * (span[1] - span[0]):>24} {paid:>20}")
-            print(f"\nclient escrow left: {settlement.escrow(client.address)} of {ETH} wei")
+            reserved = sum(settlement.reserved(client.address, payout, channel) for payout in payouts)
+            print(f"\nclient escrow left: {settlement.escrow(client.address)} of {ETH} wei, and {reserved} wei "
+                  f"still reserved for the servers (`cocoon release` takes it back)")
     print("done", flush=True)
     return 0

@@ -1,4 +1,11 @@
-"""The client's wallet across the swarm: one payment channel per priced server, vouchers sent in-band."""
+"""The client's wallet across the swarm: one payment channel per priced server, with a reservation of escrow for
+it and vouchers, both signed and sent in-band.
+
+A server gives credit only against escrow reserved for it (incentives/Settlement.vy), which it moves on chain
+itself from the reservation this client signs. The first reservation for a server is RESERVE_CREDITS of its
+credit limits (its DHT record says), and each next one doubles it once half is owed, so a long session costs
+a few transactions and the escrow set aside stays within twice what was used (plus the first reservation).
+"""
 from __future__ import annotations
 
 import logging
@@ -10,16 +17,17 @@ from eth_account.signers.local import LocalAccount
 from incentives.credit import ClientChannel
 from incentives.metering import Prices
 from incentives.payer import PayerProof
-from incentives.vouchers import Domain
+from incentives.vouchers import Domain, Reservation, sign
 from routing import ServerInfo
 from swarm.client.config import ClientConfig
-from swarm.wire.payloads import PayerSignature, Payment, SignedVoucher
+from swarm.wire.payloads import PayerSignature, Payment, SignedReservation, SignedVoucher
 from swarm.wire.replies import SpanReply
 from swarm.wire.requests import PayRequest
 
 logger = logging.getLogger(__name__)
 VOUCHER_EVERY = 16  # requests between in-band vouchers to one server (and one at every settle())
 PROOF_LIFETIME = 3600  # seconds a proof that this peer pays for the wallet's address holds
+RESERVE_CREDITS = 16  # a server's first reservation, in its credit limits
 
 
 class Payments:
@@ -30,6 +38,7 @@ class Payments:
         self.credit: dict[str, int] = {}  # peer id -> the server's credit limit (its record says)
         self._requests: dict[str, int] = {}
         self._proofs: dict[str, PayerProof] = {}
+        self._reservations: dict[str, SignedReservation] = {}  # peer id -> the latest reservation signed for it
         self.stopped: set[str] = set()
         self.settlement = settlement  # incentives.contract.Settlement, when this client reads the chain
         self._stakes: dict[str, tuple[int, float]] = {}
@@ -84,7 +93,19 @@ class Payments:
         self._requests[peer_id] = self._requests.get(peer_id, 0) + 1
         due = self._requests[peer_id] % VOUCHER_EVERY == 0 or 2 * channel.unsigned > self.credit.get(peer_id, 0)
         voucher = self._voucher(channel) if due else None
-        return Payment(self.account.address, self.channel_id, voucher, self._proof(peer_id))
+        return Payment(self.account.address, self.channel_id, voucher, self._proof(peer_id),
+                       self._reservation(peer_id, channel))
+
+    def _reservation(self, peer_id: str, channel: ClientChannel) -> SignedReservation:
+        """The escrow to set aside for this server: more, signed anew, once half of the last one is owed."""
+        owed = channel.tally.amount(channel.prices)
+        latest = self._reservations.get(peer_id)
+        if latest is None or 2 * owed >= latest.total:
+            total = max(2 * latest.total if latest else 0, RESERVE_CREDITS * self.credit.get(peer_id, 0), 4 * owed, 1)
+            reservation = Reservation(self.account.address, channel.server, self.channel_id, total)
+            latest = SignedReservation(total, sign(reservation, self.account.key, self.domain))
+            self._reservations[peer_id] = latest
+        return latest
 
     def _proof(self, peer_id: str) -> PayerSignature:
         """That this client's peer pays for its address, bound to this server (signed once an hour)."""
@@ -117,7 +138,8 @@ class Payments:
             voucher = self._voucher(channel)
             if voucher is not None:
                 requests.append((peer_id, PayRequest(Payment(self.account.address, self.channel_id, voucher,
-                                                             self._proof(peer_id)))))
+                                                             self._proof(peer_id),
+                                                             self._reservation(peer_id, channel)))))
         return requests
 
     @staticmethod

@@ -21,11 +21,17 @@ class Billing:
         self.payments = payments  # None: this server works for free
         self.span_dtype = span_dtype
 
-    async def admit(self, peer: str, payment: Payment | None, check_credit: bool = True):
-        """Who pays for this request; None on a free server."""
+    async def admit(self, peer: str, payment: Payment | None, hidden: torch.Tensor | None = None, blocks: int = 0,
+                    backward: bool = False):
+        """Who pays for this request, which computes ``hidden``'s tokens through ``blocks`` blocks (no credit is
+        checked without them: a payment alone); None on a free server."""
         if self.payments is None:
             return None
-        return await self.payments.admit(peer, payment, check_credit)
+        if hidden is None:
+            return await self.payments.admit(peer, payment, check_credit=False)
+        prices = self.payments.ledger.prices
+        cost = hidden.shape[0] * hidden.shape[1] * blocks * (prices.backward if backward else prices.forward)
+        return await self.payments.admit(peer, payment, cost=cost)
 
     def attest(self, chain: bytes, wire_input: torch.Tensor, wire_output: torch.Tensor, start: int, end: int
                ) -> tuple[bytes, Attestation | None]:

@@ -84,7 +84,7 @@ class SpanHandler:
         request = SpanRequest.parse(message, self.bounds)
         check_mask_length(request, 0)
         lora = self.lora(request)
-        payer = await self.billing.admit(stream.peer, request.payment)
+        payer = await self.billing.admit(stream.peer, request.payment, request.hidden, request.end - request.start)
         blocks = (request.start, request.end)
         output = await self.engine.span_output(stream.peer, request, None, blocks, lora, past=0)
         self.count("forward", request.hidden, blocks[1] - blocks[0])
@@ -95,7 +95,8 @@ class SpanHandler:
         request = BackwardRequest.parse(message, self.bounds)
         check_mask_length(request, 0)
         lora = self.lora(request)
-        payer = await self.billing.admit(stream.peer, request.payment)
+        payer = await self.billing.admit(stream.peer, request.payment, request.hidden, request.end - request.start,
+                                         backward=True)
         blocks = (request.start, request.end)
         grads = await self.engine.backward(stream.peer, request, blocks, lora)
         self.count("backward", request.hidden, blocks[1] - blocks[0])
@@ -105,5 +106,5 @@ class SpanHandler:
         return InfoReply(self.describe())
 
     async def pay(self, message: ExpertRequest, stream: Stream) -> PayReply:
-        await self.billing.admit(stream.peer, PayRequest.parse(message).payment, check_credit=False)
+        await self.billing.admit(stream.peer, PayRequest.parse(message).payment)
         return PayReply(True)

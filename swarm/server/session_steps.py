@@ -72,7 +72,8 @@ class SessionSteps:
         else:
             step = compact.parse_step(message, server.bounds, push=False)
         batch = step.hidden.shape[0]
-        payer = await server.billing.admit(stream.peer, step.payment)  # before a session opens: no free ride
+        blocks = session.end - session.start if session is not None else step.end - step.start
+        payer = await server.billing.admit(stream.peer, step.payment, step.hidden, blocks)  # before a session opens
         if session is None:
             if not server.accepting:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "server is shutting down: open the session elsewhere")
@@ -224,7 +225,8 @@ class SessionSteps:
             if step.position == session.length:
                 self._count_drafts(session, step.position)
             try:
-                payer = await self.server.billing.admit(session.peer, session.payment)
+                payer = await self.server.billing.admit(session.peer, session.payment, step.hidden,
+                                                        session.end - session.start)
                 reply = await self.step(session, step, session.peer, payer, digest=digest)
             except Exception as e:  # the client's own copy of the step will meet the error
                 logger.info(f"a pushed step failed ({type(e).__name__}: {e}); waiting for the client's")

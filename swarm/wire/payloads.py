@@ -86,31 +86,53 @@ class PayerSignature:
         return cls(read_int(record, "expires", 0, 2**40), _signature(record, "proof"))
 
 
+@dataclass(frozen=True)
+class SignedReservation:
+    """The client's signed incentives.vouchers.Reservation of escrow for the receiving server on the request's
+    channel: ``total`` wei in all; the client, server and channel it covers are the request's."""
+    total: int
+    signature: bytes
+
+    def to_wire(self) -> dict:
+        return {"total": self.total.to_bytes(32, "big"), "signature": self.signature}
+
+    @classmethod
+    def from_wire(cls, record: dict) -> "SignedReservation":
+        if set(record) - {"total", "signature"}:
+            raise bad("metadata 'reservation' takes only 'total' and 'signature'")
+        total = record.get("total")
+        if not isinstance(total, bytes) or len(total) != 32:
+            raise bad("metadata reservation 'total' must be a uint256 as 32 big-endian bytes")
+        return cls(int.from_bytes(total, "big"), _signature(record, "reservation"))
+
+
 @dataclass
 class Payment:
     """Who pays for a request: ``client``, an address the requesting peer proves it acts for with ``proof``, on
-    payment channel ``channel``, and now and then a voucher for all the work on that channel so far."""
+    payment channel ``channel``; the escrow reserved for this server on that channel, and now and then a
+    voucher for all the work on that channel so far."""
     client: str
     channel: int
     voucher: SignedVoucher | None = None
     proof: PayerSignature | None = None
+    reservation: SignedReservation | None = None
 
     def to_wire(self) -> dict:
         record = {"client": self.client, "channel": self.channel}
-        if self.proof is not None:
-            record["proof"] = self.proof.to_wire()
-        if self.voucher is not None:
-            record["voucher"] = self.voucher.to_wire()
+        for key in ("proof", "voucher", "reservation"):
+            if getattr(self, key) is not None:
+                record[key] = getattr(self, key).to_wire()
         return record
 
     @classmethod
     def from_wire(cls, record: dict) -> "Payment":
-        if set(record) - {"client", "channel", "voucher", "proof"}:
-            raise bad("metadata 'payment' takes only client, channel, voucher and proof")
-        voucher, proof = read_map(record, "voucher"), read_map(record, "proof")
+        if set(record) - {"client", "channel", "voucher", "proof", "reservation"}:
+            raise bad("metadata 'payment' takes only client, channel, voucher, proof and reservation")
+        voucher, proof, reservation = (read_map(record, key) for key in ("voucher", "proof", "reservation"))
         return cls(read_str(record, "client", ETH_ADDRESS), read_int(record, "channel", 0, 2**64 - 1),
                    SignedVoucher.from_wire(voucher) if voucher is not None else None,
-                   PayerSignature.from_wire(proof) if proof is not None else None)
+                   PayerSignature.from_wire(proof) if proof is not None else None,
+                   SignedReservation.from_wire(reservation) if reservation is not None else None)
 
 
 _UINT256_FIELDS = ("channel", "total_units", "total_amount")
