@@ -11,6 +11,8 @@
   bad_attestation    a priced server whose attestations name another output
   push_wrong         answers the client honestly, pushes a perturbed output to the next server
   push_elsewhere     pushes its outputs to the server $COCOON_PUSH_TO instead of the one the client named
+  push_tokens        answers the client honestly, pushes each output twice over (2 tokens for 1) to the next server
+  frame_pusher       answers every step it took from a push with a digest that contradicts the pusher's
   tarpit             announces its blocks and answers pings, but never answers a step
 
 $COCOON_ADVERTISE_THROUGHPUT makes it announce that many tokens/s, so that clients pick it first.
@@ -71,10 +73,23 @@ async def _push(self, route, step, output, position, next_block):
         output = output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
     if MISCHIEF == "push_elsewhere":
         route = dataclasses.replace(route, to=os.environ["COCOON_PUSH_TO"], direct=())
+    if MISCHIEF == "push_tokens":
+        output = torch.cat([output, output], dim=1)
     return await _honest_push(self, route, step, output, position, next_block)
 
 
+_honest_step = session_steps.SessionSteps.step
+
+
+async def _step(self, session, step, peer, payer, digest=None):
+    reply = await _honest_step(self, session, step, peer, payer, digest=digest)
+    if MISCHIEF == "frame_pusher" and reply.digest is not None:
+        reply.digest = "0" * 32 + reply.digest[32:]  # "the previous server pushed me something else"
+    return reply
+
+
 push.PushSender.send = _push
+session_steps.SessionSteps.step = _step
 engine.Engine._execute = _execute
 billing.Billing.attest = _attest
 if MISCHIEF == "huge":

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from routing.bans import BanList
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import loop
 from swarm.apps.local_swarm import LocalSwarm
@@ -99,6 +100,33 @@ def test_a_lying_middle_server_is_caught_and_replaced(six_blocks, mischief):
         assert liar.peer_id in model.swarm.bans.banned()
         if mischief == "push_wrong":
             assert pushes(model, last)["differed"] >= 1  # the next server saw the lie and computed the client's
+        model.shutdown()
+
+
+@pytest.mark.parametrize("liar_span, mischief", [((4, 6), "frame_pusher"), ((2, 4), "push_tokens")])
+def test_pushes_are_proven_so_only_the_liar_is_blamed(six_blocks, liar_span, mischief, caplog):
+    """The second audit's push framing, both ways. A next server that claims its pusher pushed something else
+    cannot show the pusher's proof of it, and is replaced; a pusher that pushes a step of another shape than the
+    client's is proven so by its own proof, and is replaced. The honest side is never banned."""
+    path, ids, _, expected = six_blocks
+    spans = [(0, 2), (2, 4), (4, 6)]
+    with LocalSwarm(path, [span for span in spans if span != liar_span]) as swarm:
+        liar = swarm.add_server(liar_span, wait=False, module="tests.malicious_server",  # picked first
+                                env={"COCOON_MISCHIEF": mischief, "COCOON_ADVERTISE_THROUGHPUT": "100000"})
+        swarm.add_server(liar_span, wait=False, module="tests.malicious_server",  # picked next
+                         env={"COCOON_MISCHIEF": "none", "COCOON_ADVERTISE_THROUGHPUT": "1"})
+        for server in swarm.servers[-2:]:
+            server.wait_for("Server ready", 180)
+        honest = [server.peer_id for server in swarm.servers if server is not liar]
+        model = client(path, swarm)
+        for _ in range(3):  # sessions, as the audit ran them
+            with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+                assert torch.equal(model.generate(ids, **GREEDY), expected)
+                assert liar.peer_id not in [l.peer_id for l in session.chain]
+            model.swarm.bans = BanList()  # the next session may meet the liar again
+        failed = [r.getMessage() for r in caplog.records if " failed (" in r.getMessage()]  # each ban's line
+        assert any(liar.peer_id in line for line in failed)
+        assert not any(peer in line for peer in honest for line in failed)
         model.shutdown()
 
 

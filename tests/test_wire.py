@@ -225,7 +225,7 @@ def test_bans_stay_bounded_after_any_number_of_failures():
 @SETTINGS
 @given(st.data())
 def test_compact_steps_pushes_and_replies_round_trip(data):
-    from swarm.wire.compact import pack_reply, pack_step, parse_reply, parse_step
+    from swarm.wire.compact import pack_reply, pack_step, parse_reply, parse_step, reply_from_push
     from swarm.wire.requests import PushStep
     dtype = data.draw(st.sampled_from(DTYPES))
     batch, length = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 8))
@@ -233,20 +233,25 @@ def test_compact_steps_pushes_and_replies_round_trip(data):
     position = data.draw(st.integers(0, 32))
     push = data.draw(st.booleans())
     route = data.draw(st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
-    step = PushStep(hidden, position=position, route_id=route) if push else InferenceStep(hidden, position=position)
+    proof = data.draw(st.none() | st.binary(min_size=48, max_size=48)) if push else None
+    step = PushStep(hidden, position=position, route_id=route, push_proof=proof) if push else \
+        InferenceStep(hidden, position=position)
     parsed = parse_step(pack_step(step), BOUNDS, push=push)
     assert type(parsed) is type(step) and tensors_equal(parsed.hidden, hidden) and parsed.position == position
-    assert parsed.route_id == (route if push else None)
+    assert parsed.route_id == (route if push else None) and parsed.push_proof == proof
     full = type(step).parse(ExpertRequest.FromString(step.pack().SerializeToString()), BOUNDS, opening=False)
     # a push answered from either format matches the client's copy
-    assert parsed.digest() == full.digest() == step.digest()
+    assert parsed.digest() == full.digest() == step.digest() and full.push_proof == proof
     with pytest.raises(WireError):  # a step where a push belongs, and the other way round
         parse_step(pack_step(step), BOUNDS, push=not push)
 
     digest = data.draw(st.none() | st.from_regex(r"[0-9a-f]{64}", fullmatch=True))
-    reply = SpanReply([hidden], position + length, digest=digest)
+    reply = SpanReply([hidden], position + length, digest=digest, push_proof=proof)
     parsed = parse_reply(pack_reply(reply), [(tuple(hidden.shape), dtype)], "peer")
     assert tensors_equal(parsed.outputs[0], hidden) and (parsed.length, parsed.digest) == (reply.length, digest)
+    assert parsed.push_proof == proof and reply_from_push(pack_reply(reply)) == (digest, proof)
+    full = SpanReply.parse(ExpertResponse.FromString(reply.pack().SerializeToString()), [(tuple(hidden.shape), dtype)])
+    assert (full.digest, full.push_proof) == (digest, proof)
     with pytest.raises(InvalidReply):  # any other shape or dtype than expected is the server's failure
         parse_reply(pack_reply(reply), [((batch, length + 1, HIDDEN), dtype)], "peer")
     with pytest.raises(InvalidReply):
@@ -262,13 +267,13 @@ def test_push_routes_round_trip_and_garbage_in_them_gets_a_coded_error(data):
     """The typed records nested in a step (Route, Accept) cross as they were built; any other value in their
     fields is refused with a code."""
     route = data.draw(st.sampled_from([Route.STOP, Route(PEER, "a" * 32), Route(PEER, "b" * 32, ("10.0.0.1:5",)),
-                                       Route(PEER, "c" * 32, (), "[::1]:443")]))
+                                       Route(PEER, "c" * 32, (), "[::1]:443"), Route(PEER, "e" * 32, key=b"k" * 16)]))
     accept = data.draw(st.sampled_from([Accept.STOP, Accept(PEER, "d" * 32)]))
     step = InferenceStep(torch.randn(1, 2, HIDDEN), 2, 4, max_length=8, position=0, push=route, accept=accept)
     parsed = InferenceStep.parse(step.pack(), BOUNDS)
     assert (parsed.push, parsed.accept) == (route, accept) and bool(parsed.push) == bool(route)
 
-    field = data.draw(st.sampled_from(["to", "id", "direct", "relay", "other"]))
+    field = data.draw(st.sampled_from(["to", "id", "direct", "relay", "key", "other"]))
     garbage = data.draw(msgpack_values)
     record = {**Route(PEER, "a" * 32).to_wire(), field: garbage}
     try:
@@ -411,3 +416,19 @@ def test_garbage_compact_frames_get_a_coded_error(data, kind, code, batch, token
             assert str(e)
         else:
             assert not poison and reply.outputs[0].shape == (batch, tokens, HIDDEN)
+
+
+def test_a_push_proof_blames_only_whom_it_proves_wrong():
+    """swarm.wire.push_proof: the pusher by its own proof for the client's input; the receiver when the proof is
+    not the pusher's for this step (forged, altered, or of another position); nobody for another input."""
+    from swarm.wire.push_proof import Blame, judge, make, new_key
+    key, route = new_key(), "ab" * 16
+    ours, theirs, pushed, other = ("1" * 64), ("2" * 64), ("3" * 64), ("4" * 64)
+    proof = make(key, route, 5, ours, pushed)
+    assert judge(proof, key, route, 5, pushed, ours) is Blame.PUSHER  # it pushed that for what we sent it
+    assert judge(proof, key, route, 5, other, ours) is Blame.RECEIVER  # a digest the pusher never proved
+    assert judge(proof, key, route, 6, pushed, ours) is Blame.RECEIVER  # a proof of another position
+    assert judge(proof, new_key(), route, 5, pushed, ours) is Blame.RECEIVER  # made without the pusher's key
+    assert judge(None, key, route, 5, pushed, ours) is Blame.RECEIVER
+    assert judge(proof[:-1] + bytes([proof[-1] ^ 1]), key, route, 5, pushed, ours) is Blame.RECEIVER
+    assert judge(make(key, route, 5, theirs, pushed), key, route, 5, pushed, ours) is Blame.NOBODY  # stale input

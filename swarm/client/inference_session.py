@@ -19,9 +19,10 @@ from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
 from swarm.client.inputs import block_slice, optional_inputs
-from swarm.client.push import new_route_id, route_changes
+from swarm.client.push import PushOrigin, new_route_id, route_changes
 from swarm.client.server_stream import ServerStream
 from swarm.client.swarm_client import SwarmClient
+from swarm.wire import push_proof
 from swarm.wire.payloads import Accept, LoraSpec, Route
 from swarm.wire.requests import InferenceStep
 from swarm.wire.tensors import wire_dtype
@@ -43,14 +44,16 @@ class _ServerSession:
         self.reordered = False  # the server's attestations name inputs in an older row order than history
         self.length = 0  # tokens this server has taken
         # server-to-server push: the id under which this session takes pushes, and the route the server knows
-        self.route_id = new_route_id()
+        self.route_id, self.route_key = new_route_id(), push_proof.new_key()
+        self.last_step: InferenceStep | None = None  # the step last sent here (a pushed reply is judged by it)
         self.pushing: Route = Route.STOP     # where the server pushes its outputs
         self.accepting: Accept = Accept.STOP  # whose pushes it takes
 
     async def step(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient,
-                   route: tuple[Route | None, Accept | None] = (None, None)) -> torch.Tensor:
+                   route: tuple[Route | None, Accept | None] = (None, None), origin: PushOrigin | None = None
+                   ) -> torch.Tensor:
         """``hidden`` in its wire dtype -> this server's output, in the same dtype. ``route``: (push, accept)
-        to tell the server, when they changed (see swarm.server.push)."""
+        to tell the server, when they changed (see swarm.server.push); ``origin``: the push it may answer from."""
         request = InferenceStep(hidden, **extra, payment=client.payment(self.link.peer_id), position=self.length,
                                 push=route[0], accept=route[1])
         if not self.opened:
@@ -65,7 +68,8 @@ class _ServerSession:
                             for h, e in self.history]
             request.reorder, self.pending_reorder, self.reordered = order, None, True
         started = time.perf_counter()
-        reply = await self.stream.span(request, timeout)
+        self.last_step = request
+        reply = await self.stream.span(request, timeout, origin=origin)
         if self.opened and hidden.shape[1] == 1:
             client.measured_step(self.link.peer_id, time.perf_counter() - started, self.link.end - self.link.start)
         self.opened, self.length = True, reply.length
@@ -187,7 +191,7 @@ class InferenceSession:
                 timeout = self.client.step_timeout(session.link.peer_id, hidden.shape[0] * hidden.shape[1],
                                                    session.link.end - session.link.start)
                 output = await session.step(hidden, extra, timeout=timeout, client=self.client,
-                                            route=self._route(index))
+                                            route=self._route(index), origin=self._origin(index))
                 self.client.bans.succeeded(session.link.peer_id)
             except Exception as e:
                 failover.failed(session.link.peer_id, e)  # raises the caller's errors and gives up in the end
@@ -214,6 +218,16 @@ class InferenceSession:
         self._sessions[index:index + 1] = replacement
         self.failovers += 1
         return len(replacement) - 1
+
+    def _origin(self, index: int) -> PushOrigin | None:
+        """The push the server of session ``index`` may answer its next step from: the previous session's, when
+        that server was told to push there."""
+        if index == 0:
+            return None
+        session, pusher = self._sessions[index], self._sessions[index - 1]
+        if pusher.pushing.to != session.link.peer_id or pusher.last_step is None:
+            return None
+        return PushOrigin(session.route_id, session.route_key, pusher.last_step)
 
     def _route(self, index: int) -> tuple[Route | None, Accept | None]:
         """What the server of session ``index`` must be told about pushes (swarm.client.push; None: nothing new)."""

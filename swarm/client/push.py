@@ -6,10 +6,13 @@ server its own copy of each step and checks every reply."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 from routing import ChainLink
+from swarm.wire import push_proof
 from swarm.wire.payloads import Accept, Route
+from swarm.wire.requests import InferenceStep
 
 
 def new_route_id() -> str:
@@ -20,9 +23,22 @@ class PushingSession(Protocol):
     """What the client knows of its session on one server of the chain."""
     link: ChainLink
     route_id: str      # under which this session takes pushes
+    route_key: bytes   # what its pusher proves its pushes with (swarm.wire.push_proof)
     pushing: Route     # what its server was last told: where to push
     accepting: Accept  # and whose pushes to take
     stream: object     # its ServerStream (``.compact``: the server reads compact frames)
+
+
+@dataclass(frozen=True)
+class PushOrigin:
+    """What the client knows of the push a server may answer a step from: the session's route and its key, and
+    the client's own step to the pusher at the same position."""
+    route_id: str
+    key: bytes
+    pusher_step: InferenceStep
+
+    def judge(self, position: int, pushed_digest: str, proof: bytes | None) -> push_proof.Blame:
+        return push_proof.judge(proof, self.key, self.route_id, position, pushed_digest, self.pusher_step.digest())
 
 
 def route_changes(session: PushingSession, previous: PushingSession | None, following: PushingSession | None,
@@ -34,5 +50,5 @@ def route_changes(session: PushingSession, previous: PushingSession | None, foll
     push = Route.STOP
     if following is not None and following.stream.compact and \
             following.accepting == Accept(session.link.peer_id, following.route_id):
-        push = Route(following.link.peer_id, following.route_id, **next_addresses)
+        push = Route(following.link.peer_id, following.route_id, key=following.route_key, **next_addresses)
     return push if push != session.pushing else None, accept if accept != session.accepting else None

@@ -1,6 +1,7 @@
 """An open stream to one server's handler, as the client uses it: one reply per request, each bounded in size by
 what the request expects before a byte of it is buffered; decode steps and their replies in the compact layout
-once the server said it takes them; a reply computed from a pushed step checked against the step's digest."""
+once the server said it takes them; a reply computed from a pushed step checked against the step's digest,
+and when it differs, judged by the pusher's proof (swarm.wire.push_proof)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,13 @@ import asyncio
 from hivemind.proto.runtime_pb2 import ExpertRequest, ExpertResponse
 
 from swarm.client.failover import ServerFailure
+from swarm.client.push import PushOrigin
 from swarm.wire import compact
-from swarm.wire.codes import InvalidReply, WireError
+from swarm.wire.codes import InvalidReply, RemoteError, WireError
+from swarm.wire.push_proof import Blame
 from swarm.wire.compact import CompactFrame
 from swarm.wire.framing import put_frame, read_frame, write_frame
-from swarm.wire.replies import SpanReply
+from swarm.wire.replies import SpanReply, reply_metadata
 from swarm.wire.requests import SpanRequest
 
 
@@ -24,7 +27,7 @@ class ServerStream:
                  via: str = "hivemind"):
         self.peer_id, self.reader, self.writer = peer_id, reader, writer
         self.via = via  # "direct" (swarm.net.direct) or "hivemind"
-        self.push_differed = False  # it took a pushed step other than ours: the previous server lied to someone
+        self.push_differed = False  # it took a pushed step other than ours, proven the previous server's doing
         self.compact = False  # the server said it takes decode steps in swarm.wire.compact's layout
 
     async def exchange(self, message: ExpertRequest, timeout: float, max_bytes: int) -> ExpertResponse:
@@ -44,10 +47,12 @@ class ServerStream:
             raise ServerFailure(f"server {self.peer_id} closed the stream")
         return response
 
-    async def span(self, request: SpanRequest, timeout: float, lora_shape: tuple[int, ...] | None = None) -> SpanReply:
+    async def span(self, request: SpanRequest, timeout: float, lora_shape: tuple[int, ...] | None = None,
+                   origin: PushOrigin | None = None) -> SpanReply:
         """The server's reply to ``request``. An inference step the server took from a push (swarm.server.push)
         may have been answered before it was sent: that answer counts when it was computed from the same input
-        (its digest); else the server computes the client's step and answers again."""
+        (its digest); else the server computes the client's step and answers again, and the differing answer
+        is judged (``origin``: the push the client set up for this server; see swarm.wire.push_proof)."""
         expected = request.expected_reply(lora_shape)
         max_bytes = SpanReply.max_bytes(expected)
         position = getattr(request, "position", None)
@@ -58,6 +63,12 @@ class ServerStream:
             digest = request.digest() if position is not None and request.hidden.shape[1] == 1 else None
             while True:
                 message = await self._read(max_bytes)
+                if position is not None:
+                    pushed, proof = compact.reply_from_push(message) if isinstance(message, CompactFrame) else \
+                        _reply_from_push(message)
+                    if pushed is not None and pushed != (digest := digest or request.digest()):
+                        self._judge(origin, position, pushed, proof, digest)
+                        continue  # it computes ours next and answers again
                 if isinstance(message, CompactFrame):
                     reply = compact.parse_reply(message, expected, self.peer_id)
                 else:
@@ -66,10 +77,31 @@ class ServerStream:
                 if position is not None and reply.length != position + request.hidden.shape[1]:
                     raise InvalidReply(f"server {self.peer_id} answered for length {reply.length}, expected "
                                        f"{position + request.hidden.shape[1]}")
-                if reply.digest is None or reply.digest == (digest := digest or request.digest()):
-                    return reply
-                # it then computes ours and answers again; a different hidden state is the previous server's doing
-                self.push_differed = self.push_differed or reply.digest[:32] != digest[:32]
+                return reply
+
+    def _judge(self, origin: PushOrigin | None, position: int, pushed: str, proof: bytes | None, own: str) -> None:
+        """A reply computed from a push other than our step: the pusher is to blame when its own proof says it
+        pushed that for the input we sent it (and the hidden states differ, not only the extras every server
+        gets from us); this server when it cannot show the pusher's proof; nobody for a stale push."""
+        if origin is None:
+            return  # no push was set up here (a route just changed): the server computes ours next
+        blame = origin.judge(position, pushed, proof)
+        if blame is Blame.RECEIVER:
+            raise InvalidReply(f"server {self.peer_id} answered a pushed step without the previous server's proof "
+                               f"of it")
+        if blame is Blame.PUSHER and pushed[:32] != own[:32]:
+            self.push_differed = True
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _reply_from_push(message: ExpertResponse) -> tuple[str | None, bytes | None]:
+    """A full-format reply's digest and push proof, read before its tensors are checked (an error reply is left
+    for SpanReply.parse to raise)."""
+    try:
+        meta = reply_metadata(message, None)
+    except (RemoteError, InvalidReply, WireError):
+        return None, None
+    digest, proof = meta.get("digest"), meta.get("push_proof")
+    return (digest if isinstance(digest, str) else None), (proof if isinstance(proof, bytes) else None)

@@ -9,7 +9,9 @@ a pushed step to the client at once (with the digest of the input it used), and 
 own copy of each step: when the digests agree the server has nothing more to do, when they differ (the
 previous server pushed something other than what it gave the client) the server undoes the pushed step and
 computes the client's. So a wrong push costs time, never a wrong token, and the client keeps every
-server's input history for failover and spot checks as before.
+server's input history for failover and spot checks as before. Each pushed step carries the pusher's proof
+of what it pushed for which input (swarm.wire.push_proof), which the next server returns with its reply: the
+client blames the pusher only on that proof, and the next server when it cannot show one.
 
 A route names a peer, never where to dial: a server pushes only to a peer that its own view of the DHT shows
 serving the next block, at the addresses and relay that peer's signed record announces (PushDirectory). A client
@@ -26,7 +28,7 @@ from typing import Awaitable, Callable
 
 from hivemind.proto.runtime_pb2 import ExpertResponse
 
-from swarm.wire import compact
+from swarm.wire import compact, push_proof
 
 from swarm.net.connector import Connector
 from swarm.wire.framing import read_frame, write_frame
@@ -130,6 +132,8 @@ class PushSender:
             return False
         pushed = PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
                           reorder=step.reorder, position=position, route_id=route.id)
+        if route.key:  # what the client will hold this server to, should the next server answer otherwise
+            pushed.push_proof = push_proof.make(route.key, route.id, position, step.digest(), pushed.digest())
         try:
             async with asyncio.timeout(PUSH_SECONDS):
                 stream = await self._stream(route.to, info)

@@ -234,6 +234,7 @@ class SessionSteps:
                     session.truncate(step.position)
                 return
             session.pushed = PushedStep(step.position, digest)
+            reply.push_proof = step.push_proof  # the pusher's words on what it pushed, for the client to judge
             self.push_counts["taken"] += 1
             with contextlib.suppress(ConnectionError):
                 await write_frame(session.writer, pack_reply(session, reply))

@@ -11,6 +11,7 @@ to a next server that said it takes compact frames.
 
     header  <BBHIIQB32s: kind, dtype, batch, tokens, hidden size, position (a step) or length (a reply),
             flags, 32 bytes (a push: its route id in the first 16; a reply: its digest when flags & 1)
+    then    when flags & 2 (a push, or a reply computed from one): the push proof (swarm.wire.push_proof)
     then    the hidden states (or the output), batch x tokens x hidden size, little-endian, as the dtype says
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy
 import torch
 
 from swarm.wire.codes import ErrorCode, InvalidReply, WireError, bad
+from swarm.wire.push_proof import PROOF_BYTES
 from swarm.wire.replies import SpanReply
 from swarm.wire.requests import COMPACT, Bounds, InferenceStep, PushStep, hidden_state_digest
 from swarm.wire.tensors import dtype_name, finite_values, tensor_bytes
@@ -33,7 +35,7 @@ STEP, PUSH, REPLY = 0, 1, 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
 _NUMPY = (numpy.float32, numpy.int16, numpy.int16)  # numpy has no bfloat16: 16-bit floats are read as bits
-_HAS_DIGEST = 1
+_HAS_DIGEST, _HAS_PROOF = 1, 2
 
 
 class CompactFrame(bytes):
@@ -52,8 +54,8 @@ def _carried(record: type) -> dict[str, set[str]]:
     return carried
 
 
-_LAYOUT = {"inference": {"hidden", "position"}, "push": {"hidden", "position", "route_id"},
-           "reply": {"outputs", "length", "digest"}}  # what pack_step and pack_reply below write
+_LAYOUT = {"inference": {"hidden", "position"}, "push": {"hidden", "position", "route_id", "push_proof"},
+           "reply": {"outputs", "length", "digest", "push_proof"}}  # what pack_step and pack_reply below write
 
 
 def check_layout(step: type = InferenceStep, reply: type = SpanReply) -> dict[str, set[str]]:
@@ -87,13 +89,15 @@ def pack_step(step: InferenceStep) -> CompactFrame | None:
         return None
     kind, route = (PUSH, bytes.fromhex(step.route_id)) if step.kind == "push" else (STEP, b"")
     batch, tokens, hidden_size = step.hidden.shape
-    return CompactFrame(HEADER.pack(kind, _CODES[step.hidden.dtype], batch, tokens, hidden_size, step.position, 0,
-                                    route) + tensor_bytes(step.hidden))
+    proof = step.push_proof or b""
+    return CompactFrame(HEADER.pack(kind, _CODES[step.hidden.dtype], batch, tokens, hidden_size, step.position,
+                                    _HAS_PROOF if proof else 0, route) + proof + tensor_bytes(step.hidden))
 
 
 def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
     """An untrusted step (``push``: a pushed step) in this layout, checked as InferenceStep.parse checks one."""
-    kind, code, batch, tokens, hidden_size, position, _, tail = _header(frame, PUSH if push else STEP)
+    kind, code, batch, tokens, hidden_size, position, flags, tail = _header(frame, PUSH if push else STEP)
+    proof, offset = _proof(frame, flags)
     limits = bounds.limits
     if hidden_size != bounds.hidden_size or tokens < 1:
         raise bad(f"hidden must have shape [batch, tokens, {bounds.hidden_size}], got {[batch, tokens, hidden_size]}")
@@ -103,11 +107,13 @@ def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
         raise bad(f"{batch * tokens} tokens in one request exceed the limit of {limits.max_tokens_per_request}")
     if position > limits.max_length:
         raise bad(f"metadata 'position' must lie in [0, {limits.max_length}]")
-    hidden = _tensor(frame, code, (batch, tokens, hidden_size), bounds.max_numel, "hidden")
+    hidden = _tensor(frame, code, (batch, tokens, hidden_size), bounds.max_numel, "hidden", offset)
     if push:  # (the next server answers a push with its digest: from the frame's bytes, no torch calls)
-        step = PushStep(hidden, position=position, route_id=tail[:16].hex())
-        step.hidden_digest = hidden_state_digest(DTYPES[code], hidden.shape, memoryview(frame)[HEADER.size:])
+        step = PushStep(hidden, position=position, route_id=tail[:16].hex(), push_proof=proof)
+        step.hidden_digest = hidden_state_digest(DTYPES[code], hidden.shape, memoryview(frame)[offset:])
         return step
+    if proof is not None:
+        raise bad("a client's step carries no push proof")
     return InferenceStep(hidden, position=position)
 
 
@@ -120,8 +126,20 @@ def pack_reply(reply: SpanReply) -> CompactFrame | None:
     if not _fits(output):
         return None
     digest = bytes.fromhex(reply.digest) if reply.digest is not None else b""
-    return CompactFrame(HEADER.pack(REPLY, _CODES[output.dtype], *output.shape, reply.length,
-                                    _HAS_DIGEST if digest else 0, digest) + tensor_bytes(output))
+    proof = reply.push_proof or b""
+    flags = (_HAS_DIGEST if digest else 0) | (_HAS_PROOF if proof else 0)
+    return CompactFrame(HEADER.pack(REPLY, _CODES[output.dtype], *output.shape, reply.length, flags, digest) + proof
+                        + tensor_bytes(output))
+
+
+def reply_from_push(frame: bytes) -> tuple[str | None, bytes | None]:
+    """A reply's digest (set when it was computed from a pushed step) and push proof, read before its tensor is
+    checked: such a reply answers what was pushed, which may not be the client's step."""
+    try:
+        _, _, _, _, _, _, flags, tail = _header(frame, REPLY)
+        return (tail.hex() if flags & _HAS_DIGEST else None), _proof(frame, flags)[0]
+    except WireError:
+        return None, None  # parse_reply says what is wrong with it
 
 
 def parse_reply(frame: bytes, expected: Sequence[tuple[tuple[int, ...], torch.dtype]],
@@ -129,16 +147,17 @@ def parse_reply(frame: bytes, expected: Sequence[tuple[tuple[int, ...], torch.dt
     """A server's reply in this layout, checked as SpanReply.parse checks one; raises InvalidReply."""
     try:
         _, code, batch, tokens, hidden_size, length, flags, tail = _header(frame, REPLY)
+        proof, offset = _proof(frame, flags)
         if len(expected) != 1 or (batch, tokens, hidden_size) != tuple(expected[0][0]) \
                 or DTYPES[code] != expected[0][1]:
             raise bad(f"returned {dtype_name(DTYPES[code])} {[batch, tokens, hidden_size]}, expected "
                       f"{[(dtype_name(dtype), list(shape)) for shape, dtype in expected]}")
-        output = _tensor(frame, code, (batch, tokens, hidden_size), batch * tokens * hidden_size, "output")
+        output = _tensor(frame, code, (batch, tokens, hidden_size), batch * tokens * hidden_size, "output", offset)
     except WireError as e:
         raise InvalidReply(f"server {peer_id}: {e.message}") from None
     if not 1 <= length < 1 << 40:
         raise InvalidReply(f"server {peer_id} answered for length {length}")
-    return SpanReply([output], length, digest=tail.hex() if flags & _HAS_DIGEST else None)
+    return SpanReply([output], length, digest=tail.hex() if flags & _HAS_DIGEST else None, push_proof=proof)
 
 
 # ------------------------------------------------------------------ both
@@ -158,17 +177,29 @@ def _header(frame: bytes, kind: int) -> tuple:
     return fields
 
 
-def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int, name: str) -> torch.Tensor:
-    """The frame's tensor, once its size and its values are checked (in numpy: cheaper than torch per call)."""
+def _proof(frame: bytes, flags: int) -> tuple[bytes | None, int]:
+    """The push proof after the header when flags say so, and where the tensor starts."""
+    if not flags & _HAS_PROOF:
+        return None, HEADER.size
+    end = HEADER.size + PROOF_BYTES
+    if len(frame) < end:
+        raise bad(f"a compact frame of {len(frame)} bytes is too short for its push proof")
+    return bytes(frame[HEADER.size:end]), end
+
+
+def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int, name: str,
+            offset: int = HEADER.size) -> torch.Tensor:
+    """The frame's tensor from ``offset`` on, once its size and its values are checked (in numpy: cheaper than
+    torch per call)."""
     dtype, numel = DTYPES[code], shape[0] * shape[1] * shape[2]
     if numel > max_numel:
         raise WireError(ErrorCode.TOO_LARGE, f"tensor {name!r} has {numel} elements; the limit is {max_numel}")
-    if len(frame) - HEADER.size != numel * dtype.itemsize:
-        raise bad(f"a compact frame of {len(frame) - HEADER.size} bytes does not hold "
+    if len(frame) - offset != numel * dtype.itemsize:
+        raise bad(f"a compact frame of {len(frame) - offset} bytes does not hold "
                   f"{dtype_name(dtype)} {list(shape)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    values = numpy.frombuffer(bytearray(memoryview(frame)[HEADER.size:]), _NUMPY[code])  # a copy torch may write
+    values = numpy.frombuffer(bytearray(memoryview(frame)[offset:]), _NUMPY[code])  # a copy torch may write
     if not finite_values(values, dtype):
         raise bad(f"{name} contains NaN or inf")
     tensor = torch.from_numpy(values.reshape(shape))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from routing.addresses import ETH_ADDRESS, MAX_DIRECT_ADDRESSES, PEER_ID, ROUTE_ID, direct_address
 from swarm.wire.codes import bad
 from swarm.wire.fields import read_int, read_map, read_str
+from swarm.wire.push_proof import KEY_BYTES
 
 HASH = re.compile(r"[0-9a-f]{1,64}")
 
@@ -149,12 +150,13 @@ def _signature(record: dict, what: str) -> bytes:
 class Route:
     """Where a server pushes a session's output (swarm.server.push): to peer ``to``, the next server of the
     client's chain, which takes the session's input under route id ``id``; it is reached at ``direct``
-    addresses or through the relay at ``relay`` (host:port). ``Route.STOP`` (``{}`` on the wire) stops
-    pushing; it is falsy."""
+    addresses or through the relay at ``relay`` (host:port). ``key``: what the pusher proves its pushes with
+    (swarm.wire.push_proof). ``Route.STOP`` (``{}`` on the wire) stops pushing; it is falsy."""
     to: str
     id: str
     direct: tuple[str, ...] = ()
     relay: str = ""
+    key: bytes = b""
 
     def __bool__(self) -> bool:
         return bool(self.to)
@@ -162,14 +164,17 @@ class Route:
     def to_wire(self) -> dict:
         if not self:
             return {}
-        return {"to": self.to, "id": self.id, "direct": list(self.direct), "relay": self.relay}
+        return {"to": self.to, "id": self.id, "direct": list(self.direct), "relay": self.relay, "key": self.key}
 
     @classmethod
     def from_wire(cls, record: dict) -> "Route":
         if not record:
             return cls.STOP
-        if set(record) - {"to", "id", "direct", "relay"}:
-            raise bad("metadata 'push' takes only 'to', 'id', 'direct' and 'relay'")
+        if set(record) - {"to", "id", "direct", "relay", "key"}:
+            raise bad("metadata 'push' takes only 'to', 'id', 'direct', 'relay' and 'key'")
+        key = record.get("key", b"")
+        if not isinstance(key, bytes) or len(key) not in (0, KEY_BYTES):
+            raise bad(f"metadata 'push.key' must be {KEY_BYTES} bytes")
         direct = record.get("direct", [])
         try:
             if not isinstance(direct, list) or len(direct) > MAX_DIRECT_ADDRESSES:
@@ -182,7 +187,7 @@ class Route:
             relay and direct_address(relay)
         except ValueError:
             raise bad("metadata 'push.relay' must be the ip:port of the next server's relay") from None
-        return cls(read_str(record, "to", PEER_ID), read_str(record, "id", ROUTE_ID), direct, relay)
+        return cls(read_str(record, "to", PEER_ID), read_str(record, "id", ROUTE_ID), direct, relay, key)
 
 
 Route.STOP = Route("", "")

@@ -14,6 +14,7 @@ from hivemind.proto.runtime_pb2 import ExpertResponse
 from routing.addresses import ROUTE_ID
 from incentives.metering import Receipt
 from incentives.verification import Attestation
+from swarm.wire import push_proof
 from swarm.wire.codes import BadAttestation, ErrorCode, InvalidReply, RemoteError, WireError
 from swarm.wire.fields import MAX_METADATA_BYTES, MAX_STR_LEN, pack_metadata, read_int, read_map, read_str, short, \
     unpack_metadata
@@ -57,9 +58,12 @@ class SpanReply:
     # inference: set when computed from a pushed step (InferenceStep.digest)
     digest: str | None = field(default=None, metadata={COMPACT: ("reply",)})
     compact: bool | None = None       # inference, first step: the server takes steps in swarm.wire.compact's layout
+    # inference, computed from a pushed step: the pusher's proof that came with it (swarm.wire.push_proof)
+    push_proof: bytes | None = field(default=None, metadata={COMPACT: ("reply",)})
 
     def pack(self) -> ExpertResponse:
         meta = {k: v for k, v in (("length", self.length), ("digest", self.digest), ("compact", self.compact),
+                                  ("push_proof", self.push_proof),
                                   ("attestation", self.attestation and self.attestation.to_wire()),
                                   ("receipt", self.receipt and self.receipt.to_wire())) if v is not None}
         return ExpertResponse(tensors=[pack_tensor(t) for t in self.outputs], metadata=pack_metadata(meta))
@@ -89,7 +93,8 @@ class SpanReply:
             length = read_int(meta, "length", 1, 1 << 40, required=False)
             attestation, receipt = read_map(meta, "attestation"), read_map(meta, "receipt")
             return cls(outputs, length, _signed(Attestation, attestation, peer_id), _signed(Receipt, receipt, peer_id),
-                       read_str(meta, "digest", HASH, required=False), meta.get("compact") is True)
+                       read_str(meta, "digest", HASH, required=False), meta.get("compact") is True,
+                       push_proof.read(meta))
         except WireError as e:
             raise InvalidReply(f"server {peer_id}: {e.message}") from None
 

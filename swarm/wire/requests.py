@@ -22,6 +22,7 @@ import torch
 from hivemind.proto.runtime_pb2 import ExpertRequest
 
 from routing.addresses import ROUTE_ID
+from swarm.wire import push_proof
 from swarm.wire.codes import bad
 from swarm.wire.fields import pack_metadata, read_int, read_map, read_str, short, unpack_metadata
 from swarm.wire.limits import Limits
@@ -238,6 +239,8 @@ class InferenceStep(SpanRequest):
     accept: Accept | None = None
     route_id: str | None = field(default=None, metadata={COMPACT: ("push",)})
     compact: bool | None = None
+    # a pushed step: the pusher's proof of what it pushed, for which of its inputs (swarm.wire.push_proof)
+    push_proof: bytes | None = field(default=None, metadata={COMPACT: ("push",)})
 
     kind: ClassVar[str] = "inference"
     # digest()'s first half, when swarm.wire.compact took it from the frame's bytes (no torch calls); not on the wire
@@ -261,6 +264,7 @@ class InferenceStep(SpanRequest):
             self.reorder = order
         self.position = read_int(meta, "position", 0, bounds.limits.max_length, required=False)
         self.route_id = read_str(meta, "route_id", ROUTE_ID, required=False)
+        self.push_proof = push_proof.read(meta)
         push, accept = read_map(meta, "push"), read_map(meta, "accept")
         self.push = Route.from_wire(push) if push is not None else None
         self.accept = Accept.from_wire(accept) if accept is not None else None
@@ -295,7 +299,7 @@ class PushStep(InferenceStep):
     """A step pushed by the previous server of a client's chain, onto the session that took route ``route_id``."""
     kind: ClassVar[str] = "push"
     ALLOWED: ClassVar[frozenset[str]] = frozenset({"hidden", "position_ids", "attention_mask", "reorder", "position",
-                                                   "route_id"})
+                                                   "route_id", "push_proof"})
     REQUIRED: ClassVar[frozenset[str]] = frozenset({"hidden", "position", "route_id"})
     LATER_ALLOWED: ClassVar[frozenset[str]] = ALLOWED
     LATER_REQUIRED: ClassVar[frozenset[str]] = REQUIRED
