@@ -10,6 +10,11 @@ one-token steps; the table shows the median and 90th percentile.
 Tarpits: 3 servers (tests/malicious_server.py, COCOON_MISCHIEF=tarpit) announce all 4 blocks as the fastest in
 the swarm, answer pings and never answer a step. Each run is a new client with default settings (request
 timeout 60 s) timing generate() of 4 new tokens, first with the tarpits stopped, then beside them.
+
+Handshake floods (as root: network namespaces, swarm/net/netns.py): the server and the victim client at
+10.78.0.1, the attacker at 10.78.0.3 (tests/handshake_flood.py) opening 200 connections a second that finish TLS
+and say nothing ("silent", 300 at once), or that say hello and answer the server's nonce with a proof of nobody
+("loops"). The rate is fixed so that the attacker's own CPU on these 2 cores does not decide the figure.
 """
 from __future__ import annotations
 
@@ -120,6 +125,7 @@ def main():
         attacker.shutdown()
 
     tarpit_rows = tarpits(tmp)
+    flood_rows = handshake_floods(tmp)
     alone = statistics.median(rows[0][1])
     print("\n| attack by another peer | honest step median ms | p90 ms | median / alone |")
     print("|---|---|---|---|")
@@ -131,6 +137,14 @@ def main():
     print("|---|---|---|---|")
     for name, times, tried in tarpit_rows:
         print(f"| {name} | {statistics.median(times):.2f} | {max(times):.2f} | {max(tried)} |")
+    if flood_rows:
+        alone = statistics.median(flood_rows[0][1])
+        print("\n| victim at 10.78.0.1, attacker at 10.78.0.3 | step median ms | p90 ms | median / alone |")
+        print("|---|---|---|---|")
+        for name, times in flood_rows:
+            times = sorted(times)
+            median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
+            print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.2f}x |")
 
 
 def tarpits(checkpoint: str, runs: int = 5) -> list[tuple[str, list[float], list[int]]]:
@@ -160,5 +174,61 @@ def tarpits(checkpoint: str, runs: int = 5) -> list[tuple[str, list[float], list
     return rows
 
 
+def handshake_floods(checkpoint: str, runs: int = 3) -> list[tuple[str, list[float]]]:
+    """The victim's decode steps alone and under each flood (see the module's doc); [] without root."""
+    import json
+    import subprocess
+
+    from swarm.apps.local_swarm import LocalSwarm, SwarmProcess
+    from swarm.net.netns import PUB, PUBLIC_IP, SECOND_PUBLIC_IP, HomeNetwork
+    try:
+        network = HomeNetwork().__enter__()
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        print(f"handshake floods skipped: network namespaces need root and iproute2 ({e})")
+        return []
+    rows = []
+    try:
+        with LocalSwarm(checkpoint, dht_host=PUBLIC_IP, dht_netns=PUB) as swarm:
+            server = swarm.add_server((0, 4), host=PUBLIC_IP, netns=PUB, wait=False)
+            address = server.wait_for("Reachability:", 120).split("reachable directly at ")[1].split(",")[0].strip()
+            server.wait_for("Server ready", 180)
+
+            def victim() -> list[float]:
+                done = subprocess.run(["ip", "netns", "exec", PUB, sys.executable, __file__, "victim", checkpoint,
+                                       *swarm.initial_peers], capture_output=True, text=True, timeout=300)
+                return json.loads(done.stdout.strip().splitlines()[-1])
+
+            for name, flood in [("alone", None), ("silent TLS connections, 200/s", "silent"),
+                                ("handshakes proving nobody, 200/s", "loops")]:
+                attacker = None if flood is None else SwarmProcess(
+                    [flood, SECOND_PUBLIC_IP, address, "300" if flood == "silent" else "32", "200"], flood,
+                    prefix=["ip", "netns", "exec", PUB], module="tests.handshake_flood")
+                try:
+                    if attacker is not None:
+                        attacker.wait_for("flooding", 60)
+                    rows.append((name, [t for _ in range(runs) for t in victim()]))
+                finally:
+                    if attacker is not None:
+                        attacker.process.kill()
+                        attacker.process.wait(10)
+                print(f"  {name}: {1000 * statistics.median(rows[-1][1]):.1f} ms", flush=True)
+    finally:
+        network.__exit__()
+    return rows
+
+
+def victim(checkpoint: str, *initial_peers: str) -> None:
+    """Inside the namespace: a client's 32 decode steps, as JSON seconds."""
+    import json
+
+    from swarm import AutoDistributedModelForCausalLM
+    model = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=list(initial_peers))
+    print(json.dumps(step_times(model)), flush=True)
+    model.shutdown()
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["victim"]:
+        victim(*sys.argv[2:])
+    else:
+        main()

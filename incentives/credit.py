@@ -87,9 +87,9 @@ class ServerLedger:
         backing = self.backing.get((client.lower(), channel))
         unpaid = self.unredeemed(client, channel) + cost
         if backing is not None and (backing == 0 or unpaid > backing):
-            raise CreditLimitExceeded(f"{unpaid} wei of work not yet paid on channel {channel} (with this request) and {backing} wei "
-                                      f"reserved for this server there: send a larger reservation (and deposit "
-                                      f"more if the escrow is empty)")
+            raise CreditLimitExceeded(f"{unpaid} wei of work not yet paid on channel {channel} (with this request) "
+                                      f"and {backing} wei reserved for this server there: send a larger reservation "
+                                      f"(and deposit more if the escrow is empty)")
 
     def accept_reservation(self, client: str, channel: int, total: int, signature: bytes) -> None:
         """Keep the client's reservation for this server's channel if the contract would take it and it is for

@@ -1,6 +1,6 @@
 """What the settlement contract checks: cumulative reservations of escrow and payment vouchers (client ->
-server), and fraud verdicts (verifiers), EIP-712 typed data (incentives.eip712) under a domain that binds every signature to one chain id
-and one settlement contract."""
+server), and fraud verdicts (verifiers), EIP-712 typed data (incentives.eip712) under a domain that binds
+every signature to one chain id and one settlement contract."""
 from __future__ import annotations
 
 import dataclasses

@@ -39,13 +39,22 @@ async def _relay_and_server(relay_key, server_key):
     return service, server, registration, f"127.0.0.1:{splice_port}", f"127.0.0.1:{direct_port}"
 
 
-def test_a_registered_server_is_reached_through_the_relay_and_nothing_else_is():
+def test_a_registered_server_is_reached_through_the_relay_and_nothing_else_is(monkeypatch):
     relay_key, server_key, client_key, other_key = _key(), _key(), _key(), _key()
 
     async def main():
         service, server, registration, splice, direct_address = await _relay_and_server(relay_key, server_key)
         # reachability: the relay dials back what answers as this peer, and nothing else
         assert await registration.check([direct_address, "127.0.0.1:1"]) == [direct_address]
+        with pytest.raises(HandshakeError, match="only a server that this relay could not dial back registers"):
+            await registration.register(server)  # reachable: it needs no relay, and takes no slot
+        with pytest.raises(HandshakeError, match="checked less than 10 s ago"):
+            await registration.check(["127.0.0.1:1"])
+        monkeypatch.setattr(relay, "CHECK_EVERY", 0.0)
+        registration = RelayRegistration(registration.relay_peer, registration.control, registration.splice,
+                                         server_key)
+        await registration.open()
+        assert await registration.check(["127.0.0.1:1"]) == []  # (a privileged port: not even dialled)
         await registration.register(server)
         assert list(service.registered) == [_peer(server_key)]
 
@@ -74,6 +83,52 @@ def test_a_registered_server_is_reached_through_the_relay_and_nothing_else_is():
                 break
             await asyncio.sleep(0.01)
         assert _peer(server_key) not in service.registered
+        service.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_relay_dials_back_only_the_checking_address_and_registers_few_of_it(monkeypatch):
+    """The second audit's open dialer and relay slots: a check dials only the IP address it came from (another
+    listener on another address, a name or a privileged port is never dialled), and one address registers at
+    most MAX_PER_IP peers, each only after its own check failed."""
+    monkeypatch.setattr(relay, "CHECK_EVERY", 0.0)
+    relay_key, server_key = _key(), _key()
+
+    async def main():
+        service, server, registration, splice, direct_address = await _relay_and_server(relay_key, server_key)
+        elsewhere = DirectServer(server_key, {"info": _echo})  # the same peer, on another loopback address
+        other_port = await elsewhere.start("127.0.0.2", 0)
+        dialled = []
+        honest_connect = relay.direct.connect
+
+        async def watched(host, port, *args, **kwargs):
+            dialled.append(f"{host}:{port}")
+            return await honest_connect(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(relay.direct, "connect", watched)
+        assert await service.dial_back(_peer(server_key), [f"127.0.0.2:{other_port}", "localhost:80", "127.0.0.1:22",
+                                                           direct_address], "127.0.0.1") == [direct_address]
+        assert dialled == [direct_address]
+        monkeypatch.setattr(relay.direct, "connect", honest_connect)
+
+        keys = [_key() for _ in range(relay.MAX_PER_IP + 1)]
+        accepted = []
+        for key in keys:
+            other = RelayRegistration(registration.relay_peer, registration.control, registration.splice, key)
+            await other.open()
+            assert await other.check([]) == []
+            try:
+                await other.register(server)
+                accepted.append(other)
+            except HandshakeError as e:
+                assert "registrations from 127.0.0.1" in str(e)
+                other.close()
+        assert len(accepted) == relay.MAX_PER_IP and len(service.registered) == relay.MAX_PER_IP
+        for other in accepted:
+            other.close()
+        elsewhere.close()
         service.close()
         server.close()
 

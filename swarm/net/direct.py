@@ -54,6 +54,7 @@ HELLO_BYTES = 4096          # a handshake message is a key, a nonce and a signat
 HANDSHAKE_SECONDS = 10.0    # a connection that has not proven its peer id by then is closed
 HELLO_SECONDS = 2.0         # ...and one that has not said hello by then
 MAX_HANDSHAKES = 256        # connections still proving who they are, at once (beyond: closed at once)
+MAX_HANDSHAKES_PER_IP = 16  # ...of them from one IP address, so that one flooding address leaves room for others
 CONNECT_SECONDS = 2.0       # a client gives up on a direct address after this and uses hivemind
 
 Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -162,6 +163,7 @@ class DirectServer:
         self.context, self.fingerprint = _server_context()
         self.server: asyncio.Server | None = None
         self.handshaking = 0
+        self.handshaking_from: dict[str, int] = {}  # IP address -> its connections still handshaking
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._accept, host, port, ssl=self.context,
@@ -169,11 +171,14 @@ class DirectServer:
         return self.server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.handshaking >= MAX_HANDSHAKES:
+        peername = writer.get_extra_info("peername")
+        ip = str(peername[0]) if peername else ""
+        if self.handshaking >= MAX_HANDSHAKES or self.handshaking_from.get(ip, 0) >= MAX_HANDSHAKES_PER_IP:
             writer.write(_message_bytes({"busy": True}))
             writer.close()
             return
         self.handshaking += 1
+        self.handshaking_from[ip] = self.handshaking_from.get(ip, 0) + 1
         try:
             async with asyncio.timeout(HANDSHAKE_SECONDS):
                 caller, handler = await self._handshake(reader, writer)
@@ -183,6 +188,9 @@ class DirectServer:
             return
         finally:
             self.handshaking -= 1
+            self.handshaking_from[ip] -= 1
+            if not self.handshaking_from[ip]:
+                del self.handshaking_from[ip]
         await handler(caller, reader, writer)
 
     async def accept_socket(self, sock) -> None:

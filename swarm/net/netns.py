@@ -1,6 +1,7 @@
 """A home network behind NAT, in Linux network namespaces (root only), for tests and benchmarks:
 
-    cn-pub    10.78.0.1                     the public side: DHT peer, relay, clients
+    cn-pub    10.78.0.1, 10.78.0.3          the public side: DHT peer, relays, clients (two addresses: two
+                                            independent relays, or an attacker beside them)
     cn-router 10.78.0.2 | 192.168.78.1      masquerades 192.168.78.0/24: nothing on the public side can dial in
     cn-home   192.168.78.2                  a home server
 
@@ -13,6 +14,7 @@ import subprocess
 
 PUB, ROUTER, HOME = "cn-pub", "cn-router", "cn-home"
 PUBLIC_IP, ROUTER_IP, HOME_IP = "10.78.0.1", "10.78.0.2", "192.168.78.2"
+SECOND_PUBLIC_IP = "10.78.0.3"
 
 
 def _run(*command: str) -> None:
@@ -38,6 +40,7 @@ class HomeNetwork:
                                         (ROUTER, "cn-rhome", "192.168.78.1/24"), (HOME, "cn-home0", f"{HOME_IP}/24")]:
                 run_in(ns, "ip", "addr", "add", address, "dev", device)
                 run_in(ns, "ip", "link", "set", device, "up")
+            run_in(PUB, "ip", "addr", "add", f"{SECOND_PUBLIC_IP}/24", "dev", "cn-pub0")
             for ns in (PUB, ROUTER, HOME):
                 run_in(ns, "ip", "link", "set", "lo", "up")
             run_in(HOME, "ip", "route", "add", "default", "via", "192.168.78.1")

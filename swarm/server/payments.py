@@ -7,8 +7,8 @@ and redemption that never loses a voucher.
   ``backing``), read from the chain before the channel's first request and again when the reading is older
   than ``escrow_ttl``. The client signs reservations in-band; the server submits one when the channel needs
   it: before a request that would overrun the backing, in the background once half of it is owed. It tries
-  the same total once per ``escrow_ttl``, so a client cannot make it spend gas at will. Reserved escrow pays this server only: servers sharing
-  one client's escrow are never owed more than it held.
+  the same total once per ``escrow_ttl``, so a client cannot make it spend gas at will. Reserved escrow pays
+  this server only: servers sharing one client's escrow are never owed more than it held.
 - The ledger is written to disk before every redemption and reloaded at start. Chain calls run in a thread
   with a timeout; a chain that errors or hangs delays redemption (retried with backoff), never serving or
   announcing. A client whose unpaid work nears its escrow is redeemed early.

@@ -15,7 +15,7 @@ RELAYS_TRIED = 3
 
 @dataclass
 class Reachability:
-    status: str  # "direct", "relay", "unreachable" or "unchecked"
+    status: str  # "direct", "relay", "relay and direct", "unreachable" or "unchecked"
     line: str
     relay: str = ""  # "peer id@ip:port" of the relay it registered with
     registration: RelayRegistration | None = None
@@ -28,37 +28,79 @@ def _advice(port: int) -> str:
 
 async def check(dht, peer_id: str, direct: DirectServer, addresses: list[str], port: int,
                 relay: bool) -> Reachability:
-    """Ask up to 3 relays to dial ``addresses`` (this server's direct addresses) back; register with one when
-    none could and ``relay`` allows."""
+    """Ask relays on up to 3 IP addresses to dial ``addresses`` (this server's direct addresses) back; register
+    with one when none could and ``relay`` allows.
+
+    Relays lie (a sybil answers every check with "unreachable"), so one IP address is one opinion however many
+    relays announce it, and only 2 or more that agree make this server drop its direct address ("relay") or,
+    with --no-relay, leave. One opinion alone ("relay and direct": the demo's single relay, a private swarm) keeps
+    the direct address announced beside the relay, and clients try both; a relay that refuses or fails to answer
+    is no opinion at all."""
     relays = [(p, r) for p, r in fetch_relays(dht).items() if p != peer_id]
     if not relays:
         return Reachability("unchecked", "Reachability: not checked (no relay in the swarm yet to dial back)")
-    failures = []
-    for relay_peer, (control, splice) in random.sample(relays, min(RELAYS_TRIED, len(relays))):
+    by_ip: dict[str, tuple[str, list[str], str]] = {}
+    for relay_peer, (control, splice) in random.sample(relays, len(relays)):
+        by_ip.setdefault(control[0].rpartition(":")[0] if control else "", (relay_peer, control, splice))
+    unreachable, failures = [], []  # registrations open with the relays that could not dial us back
+    for relay_peer, control, splice in list(by_ip.values())[:RELAYS_TRIED]:
         for address in control:
             registration = RelayRegistration(relay_peer, address, splice, dht.private_key)
             try:
                 await registration.open()
                 reachable = await registration.check(addresses)
-                if reachable:
-                    registration.close()
-                    return Reachability("direct", f"Reachability: reachable directly at {', '.join(reachable)}")
-                if not relay:
-                    registration.close()
-                    return Reachability("unreachable", f"Reachability: unreachable: no peer could connect to "
-                                                       f"{', '.join(addresses) or 'this server'} and relaying is off "
-                                                       f"(--no-relay): drop --no-relay, or {_advice(port)}")
-                await registration.register(direct)
-                return Reachability(
-                    "relay", f"Reachability: reachable only through relay {relay_peer} at {splice} (slower: each "
-                             f"step crosses the relay; for direct connections {_advice(port)})",
-                    relay=f"{relay_peer}@{splice}", registration=registration)
             except (OSError, TimeoutError, HandshakeError, ValueError) as e:
                 registration.close()
                 failures.append(f"{address}: {type(e).__name__} {e}".strip())
-    return Reachability("unreachable", f"Reachability: unreachable: no relay of the swarm answered "
-                                       f"({'; '.join(failures)[:300]}): check this machine's connection and "
-                                       f"firewall, or {_advice(port)}")
+                continue
+            if reachable:
+                for _, _, other in unreachable + [(relay_peer, splice, registration)]:
+                    other.close()
+                return Reachability("direct", f"Reachability: reachable directly at {', '.join(reachable)}")
+            unreachable.append((relay_peer, splice, registration))
+            break
+    if not unreachable:
+        return Reachability("unchecked", f"Reachability: not checked: no relay answered "
+                                         f"({'; '.join(failures)[:300]}); announcing {', '.join(addresses)}")
+    return await _register(unreachable, direct, addresses, port, relay, agreed=len(unreachable) >= 2)
+
+
+async def _register(unreachable: list, direct: DirectServer, addresses: list[str], port: int, relay: bool,
+                    agreed: bool) -> Reachability:
+    """After relays (``agreed``: on 2 IP addresses or more) could not dial this server: register with one of
+    them, or say what to do."""
+    registered = None
+    for relay_peer, splice, registration in unreachable:
+        if relay and registered is None:
+            try:
+                await registration.register(direct)
+                registered = (relay_peer, splice, registration)
+                continue
+            except (OSError, TimeoutError, HandshakeError, ValueError):
+                pass
+        registration.close()
+    nobody = f"no peer could connect to {', '.join(addresses) or 'this server'}"
+    if registered is None:
+        if agreed or not relay:
+            if agreed:
+                return Reachability("unreachable", f"Reachability: unreachable: {nobody}" + (
+                    f" and relaying is off (--no-relay): drop --no-relay, or {_advice(port)}" if not relay else
+                    f" and no relay took it: {_advice(port)}"))
+            return Reachability("direct", f"Reachability: one relay could not dial {', '.join(addresses)} back, "
+                                          f"which one relay's word does not settle: announcing it (if clients cannot "
+                                          f"reach this server, {_advice(port)})")
+        return Reachability("unchecked", f"Reachability: {nobody}, and the relay did not take it: announcing "
+                                         f"{', '.join(addresses)}")
+    relay_peer, splice, registration = registered
+    if agreed:
+        return Reachability("relay", f"Reachability: reachable only through relay {relay_peer} at {splice} (slower: "
+                                     f"each step crosses the relay; for direct connections {_advice(port)})",
+                            relay=f"{relay_peer}@{splice}", registration=registration)
+    return Reachability("relay and direct",
+                        f"Reachability: reachable through relay {relay_peer} at {splice}; one relay could not dial "
+                        f"{', '.join(addresses)} back, which one relay's word does not settle, so that stays announced "
+                        f"too and clients try both (for direct connections {_advice(port)})",
+                        relay=f"{relay_peer}@{splice}", registration=registration)
 
 
 async def offer_relay(dht, peer_id: str, direct: DirectServer, control: list[str], host: str,

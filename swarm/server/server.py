@@ -196,8 +196,10 @@ class Server:
             self.info.state = ServerState.OFFLINE
             self._announce()
             raise ServerStartError("nobody can reach this server: see the line above for what to try")
-        if found.status == "relay":
-            self.info.direct, self.info.relay = (), found.relay
+        if found.status in ("relay", "relay and direct"):
+            self.info.relay = found.relay
+            if found.status == "relay":
+                self.info.direct = ()
             return found.registration
         if not self.config.relay or not self.info.direct:
             return None
