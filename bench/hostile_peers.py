@@ -227,8 +227,25 @@ def victim(checkpoint: str, *initial_peers: str) -> None:
     model.shutdown()
 
 
+def floods_only() -> None:
+    """`python bench/hostile_peers.py floods`: the handshake floods' table alone."""
+    from shards.testing import save_random_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8)
+        rows = handshake_floods(tmp)
+    alone = statistics.median(rows[0][1])
+    print("\n| victim at 10.78.0.1, attacker at 10.78.0.3 | step median ms | p90 ms | median / alone |")
+    print("|---|---|---|---|")
+    for name, times in rows:
+        times = sorted(times)
+        median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
+        print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.2f}x |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["victim"]:
         victim(*sys.argv[2:])
+    elif sys.argv[1:2] == ["floods"]:
+        floods_only()
     else:
         main()

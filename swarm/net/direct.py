@@ -33,8 +33,10 @@ import datetime
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -55,6 +57,7 @@ HANDSHAKE_SECONDS = 10.0    # a connection that has not proven its peer id by th
 HELLO_SECONDS = 2.0         # ...and one that has not said hello by then
 MAX_HANDSHAKES = 256        # connections still proving who they are, at once (beyond: closed at once)
 MAX_HANDSHAKES_PER_IP = 16  # ...of them from one IP address, so that one flooding address leaves room for others
+HANDSHAKE_RATE_PER_IP = 20.0  # new connections a second from one IP address (a burst of twice that), before TLS
 CONNECT_SECONDS = 2.0       # a client gives up on a direct address after this and uses hivemind
 
 Handler = Callable[["DirectCaller", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -161,30 +164,80 @@ class DirectServer:
         self.key, self.handlers = key, handlers
         self.public_key = public_key_bytes(key)
         self.context, self.fingerprint = _server_context()
-        self.server: asyncio.Server | None = None
+        self.listener: socket.socket | None = None
         self.handshaking = 0
         self.handshaking_from: dict[str, int] = {}  # IP address -> its connections still handshaking
+        self.allowance: dict[str, tuple[float, float]] = {}  # IP address -> (connections it may open, when)
+        self.tasks: set[asyncio.Task] = set()  # connections being served
+        self.accepting: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._accept, host, port, ssl=self.context,
-                                                 ssl_handshake_timeout=HANDSHAKE_SECONDS, limit=2**20)
-        return self.server.sockets[0].getsockname()[1]
+        """Listen, and take connections: an address over its limits is closed before TLS costs anything."""
+        self.listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                             backlog=1024)
+        self.listener.setblocking(False)
+        self.accepting = asyncio.create_task(self._take_connections(self.listener))
+        return self.listener.getsockname()[1]
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        ip = str(peername[0]) if peername else ""
-        if self.handshaking >= MAX_HANDSHAKES or self.handshaking_from.get(ip, 0) >= MAX_HANDSHAKES_PER_IP:
-            writer.write(_message_bytes({"busy": True}))
-            writer.close()
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _take_connections(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except OSError as e:  # out of file descriptors, say: the flood passes, this server stays
+                logger.warning(f"accepting a direct connection failed: {e}")
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            ip = str(address[0])
+            if self.handshaking_from.get(ip, 0) >= MAX_HANDSHAKES_PER_IP or not self._allowed(ip):
+                sock.close()  # before TLS: a flooding address costs this server next to nothing
+                continue
+            self._spawn(self.accept_socket(sock))
+
+    def _allowed(self, ip: str) -> bool:
+        """A token bucket per IP address: HANDSHAKE_RATE_PER_IP new connections a second."""
+        now = time.monotonic()
+        tokens, since = self.allowance.get(ip, (2 * HANDSHAKE_RATE_PER_IP, now))
+        tokens = min(2 * HANDSHAKE_RATE_PER_IP, tokens + (now - since) * HANDSHAKE_RATE_PER_IP)
+        if len(self.allowance) > 4096:  # (addresses a peer can have many of: forget the oldest)
+            self.allowance = dict(list(self.allowance.items())[2048:])
+        self.allowance[ip] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
+        return tokens >= 1
+
+    async def accept_socket(self, sock) -> None:
+        """Serve an accepted connection, or one this peer dialled out (to a relay, swarm.net.relay) as if it had
+        been accepted here: this side is the TLS server, and the caller proves its peer id."""
+        try:
+            peername = sock.getpeername()
+        except OSError:
+            sock.close()
             return
+        ip = str(peername[0]) if isinstance(peername, tuple) else ""
+        busy = self.handshaking >= MAX_HANDSHAKES
         self.handshaking += 1
         self.handshaking_from[ip] = self.handshaking_from.get(ip, 0) + 1
+        writer = None
         try:
             async with asyncio.timeout(HANDSHAKE_SECONDS):
+                reader, writer = await self._tls(sock)
+                if busy:
+                    writer.write(_message_bytes({"busy": True}))
+                    writer.close()
+                    return
                 caller, handler = await self._handshake(reader, writer)
-        except (HandshakeError, TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
+        except (HandshakeError, TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError,
+                ssl.SSLError) as e:
             logger.debug(f"direct connection refused: {e}")
-            writer.close()
+            if writer is not None:
+                writer.close()
+            else:
+                sock.close()
             return
         finally:
             self.handshaking -= 1
@@ -193,20 +246,13 @@ class DirectServer:
                 del self.handshaking_from[ip]
         await handler(caller, reader, writer)
 
-    async def accept_socket(self, sock) -> None:
-        """Serve a connection this peer dialled out (to a relay, swarm.net.relay) as if it had been accepted here:
-        this side is the TLS server, and the caller proves its peer id as on any direct connection."""
+    async def _tls(self, sock) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**20)
         protocol = asyncio.StreamReaderProtocol(reader)
-        try:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock, ssl=self.context,
-                                                              ssl_handshake_timeout=HANDSHAKE_SECONDS)
-        except (OSError, ssl.SSLError, TimeoutError) as e:
-            logger.debug(f"relayed connection failed its TLS handshake: {e}")
-            sock.close()
-            return
-        await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock, ssl=self.context,
+                                                          ssl_handshake_timeout=HANDSHAKE_SECONDS)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         async with asyncio.timeout(HELLO_SECONDS):
@@ -232,8 +278,10 @@ class DirectServer:
         return DirectCaller(peer_id), self.handlers[name]
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.accepting is not None:
+            self.accepting.cancel()
+        if self.listener is not None:
+            self.listener.close()
 
 
 # ---------------------------------------------------------------------- client
