@@ -119,6 +119,21 @@ def test_a_forwarded_port_makes_it_reachable_directly(nat, model_and_expected):
         assert "direct" in line
 
 
+def test_a_relayed_server_goes_direct_once_its_port_is_forwarded(nat, model_and_expected):
+    """Reachability is checked again (--recheck-period): a port forwarded after start-up makes it direct."""
+    path, ids, expected = model_and_expected
+    with LocalSwarm(path, dht_host="10.78.0.1", dht_netns=PUB) as swarm, MoreRelays(swarm):
+        home = swarm.add_server((0, 4), "--public-ip", "10.78.0.2", "--direct-port", "40125", "--port", "40126",
+                                "--recheck-period", "5", "--announce-period", "2", host="192.168.78.2", netns=HOME,
+                                wait=False)
+        assert "reachable only through relay" in reachability(home)
+        home.wait_for("Server ready", 180)
+        nat.forward(40125)
+        assert "reachable directly at 10.78.0.2:40125" in home.wait_for("Reachability:", 90)
+        result = generate_in_pub(path, ids, swarm)
+        assert result["ids"] == expected[0].tolist() and result["via"] == ["direct"]
+
+
 def test_a_server_nobody_can_reach_says_so_and_leaves(nat, model_and_expected):
     path, _, _ = model_and_expected
     with LocalSwarm(path, dht_host="10.78.0.1", dht_netns=PUB) as swarm, MoreRelays(swarm):

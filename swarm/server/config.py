@@ -152,6 +152,8 @@ class ServerConfig:
     balance_threshold: float = option(1.1, "move only when the swarm's throughput would grow by more than this "
                                            "factor")
     shutdown_grace: float = option(5.0, "seconds open sessions may finish after SIGTERM")
+    recheck_period: float = option(600.0, "seconds between reachability checks of a relayed server (it goes direct "
+                                          "once relays can dial it, and registers again if its relay left)")
     adapters: list[str] = option(list, "peft LoRA adapter directories or hub repo ids; clients pick one by name "
                                        "(a directory's last component, or the repo id) with active_adapter=",
                                  nargs="+", metavar="PATH")

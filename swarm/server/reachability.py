@@ -15,7 +15,7 @@ RELAYS_TRIED = 3
 
 @dataclass
 class Reachability:
-    status: str  # "direct", "relay", "relay and direct", "unreachable" or "unchecked"
+    status: str  # "direct", "relay", "relay and direct", "unreachable", "unsettled" or "unchecked"
     line: str
     relay: str = ""  # "peer id@ip:port" of the relay it registered with
     registration: RelayRegistration | None = None
@@ -86,7 +86,7 @@ async def _register(unreachable: list, direct: DirectServer, addresses: list[str
                 return Reachability("unreachable", f"Reachability: unreachable: {nobody}" + (
                     f" and relaying is off (--no-relay): drop --no-relay, or {_advice(port)}" if not relay else
                     f" and no relay took it: {_advice(port)}"))
-            return Reachability("direct", f"Reachability: one relay could not dial {', '.join(addresses)} back, "
+            return Reachability("unsettled", f"Reachability: one relay could not dial {', '.join(addresses)} back, "
                                           f"which one relay's word does not settle: announcing it (if clients cannot "
                                           f"reach this server, {_advice(port)})")
         return Reachability("unchecked", f"Reachability: {nobody}, and the relay did not take it: announcing "
@@ -114,3 +114,22 @@ async def offer_relay(dht, peer_id: str, direct: DirectServer, control: list[str
     direct.handlers["relay"] = service.handle
     announce_relay(dht, peer_id, service.control, service.splice, expiration)
     return service
+
+
+async def recheck(server) -> bool:
+    """A relayed server's reachability again (every --recheck-period): once a relay can dial it (a router's port
+    was forwarded since) it drops its relay and goes direct; if its relay went away it registers again. A
+    recheck never makes a server leave. Returns whether what it announces changed."""
+    registration, addresses = server.relaying, list(server.direct_addresses)
+    alive = registration.task is not None and not registration.task.done()
+    port = int(addresses[0].rpartition(":")[2]) if addresses else server.config.direct_port
+    found = await check(server.dht, server.peer_id, server.direct, addresses, port, relay=not alive)
+    if found.status == "direct" or (found.registration is not None and not alive):
+        print(found.line, flush=True)
+        registration.close()
+        server.relaying, server.info.relay = found.registration, found.relay
+        server.info.direct = tuple(addresses) if found.status in ("direct", "relay and direct") else ()
+        return True
+    if found.registration is not None:
+        found.registration.close()
+    return False

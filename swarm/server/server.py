@@ -26,6 +26,7 @@ from swarm.net.relay import RelayService
 from swarm.server.config import ServerConfig
 from swarm.server.engine import Engine
 from swarm.server.handler import SpanHandler
+from swarm.server import reachability
 from swarm.server.push import PushDirectory, PushSender
 from swarm.server.loading import ServerStartError, blocks_that_fit, load_span, model_name, return_freed_buffers
 from swarm.server.lora_cache import LoraCache
@@ -67,6 +68,7 @@ class Server:
         self.p2p = None
         self.direct: DirectServer | None = None
         self.relaying = None  # its relay service (reachable: it relays for others) or registration (behind NAT)
+        self.direct_addresses: tuple[str, ...] = ()  # where it takes direct connections, announced or not
 
     def run(self) -> None:
         """Start (SIGTERM or SIGINT abort this part at once: swarm.processes), then serve until SIGTERM or SIGINT,
@@ -147,12 +149,13 @@ class Server:
         self.handler.pushes = PushSender(self.p2p, self.dht.private_key, PushDirectory(
             lambda: fetch_swarm_state_async(self.dht, self.model_id, total)))
         self.direct = await self._start_direct() if config.direct else None
+        self.direct_addresses = self.info.direct
         self.relaying = await self._check_reachability() if config.direct else None
         self.info.state = ServerState.ONLINE
         self._announce()
         print(f"Server ready: blocks [{self.info.start}, {self.info.end}) of {self.model_id}, {self.plan}, "
               f"as peer {self.peer_id}", flush=True)
-        next_balance = loop.time() + self._balance_delay()
+        next_balance, next_recheck = loop.time() + self._balance_delay(), loop.time() + config.recheck_period
         # redemption runs on its own: a chain that fails or hangs never holds up serving or announcing
         redeeming = asyncio.create_task(self.payments.redeem_forever()) if self.payments else None
         while not self.stop.is_set():
@@ -165,6 +168,11 @@ class Server:
                 # count run in a worker thread: the sessions served here do not wait for them
                 if self.metrics is not None:
                     self.metrics.evidence.set(await asyncio.to_thread(self._evidence_against_me))
+                if self.relaying is not None and not isinstance(self.relaying, RelayService) and \
+                        loop.time() >= next_recheck:
+                    next_recheck = loop.time() + config.recheck_period
+                    if await reachability.recheck(self):
+                        self._announce()
                 if config.blocks is None and loop.time() >= next_balance:
                     await self._maybe_move(self.checkpoint)
                     next_balance = loop.time() + self._balance_delay()
@@ -187,7 +195,6 @@ class Server:
     async def _check_reachability(self):
         """Ask a relay to dial this server back; print what it found. Unreachable: say what to try, and leave.
         Returns this server's relay service (when it relays for others) or registration (when relayed)."""
-        from swarm.server import reachability
         port = int(self.info.direct[0].rpartition(":")[2]) if self.info.direct else self.config.direct_port
         found = await reachability.check(self.dht, self.peer_id, self.direct, list(self.info.direct), port,
                                          self.config.relay)
