@@ -31,6 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+FLOODS = "victim at 10.78.0.1, attacker at 10.78.0.3 |"
+
+
 def step_times(honest, steps: int = 32) -> list[float]:
     hidden = honest.config.hidden_size
     x = torch.randn(1, steps + 1, hidden)
@@ -126,25 +129,24 @@ def main():
 
     tarpit_rows = tarpits(tmp)
     flood_rows = handshake_floods(tmp)
-    alone = statistics.median(rows[0][1])
-    print("\n| attack by another peer | honest step median ms | p90 ms | median / alone |")
-    print("|---|---|---|---|")
-    for name, times in rows:
-        times = sorted(times)
-        median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
-        print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.1f}x |")
+    print_steps("attack by another peer | honest", rows, ".1f")
     print("\n| a new client's generate() of 4 tokens, default settings | median s | max s | tarpits tried (max) |")
     print("|---|---|---|---|")
     for name, times, tried in tarpit_rows:
         print(f"| {name} | {statistics.median(times):.2f} | {max(times):.2f} | {max(tried)} |")
     if flood_rows:
-        alone = statistics.median(flood_rows[0][1])
-        print("\n| victim at 10.78.0.1, attacker at 10.78.0.3 | step median ms | p90 ms | median / alone |")
-        print("|---|---|---|---|")
-        for name, times in flood_rows:
-            times = sorted(times)
-            median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
-            print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.2f}x |")
+        print_steps(FLOODS, flood_rows, ".2f")
+
+
+def print_steps(header: str, rows: list[tuple[str, list[float]]], ratio: str) -> None:
+    """A table of step times (seconds), the first row the one the others are divided by."""
+    alone = statistics.median(rows[0][1])
+    print(f"\n| {header} step median ms | p90 ms | median / alone |")
+    print("|---|---|---|---|")
+    for name, times in rows:
+        times = sorted(times)
+        median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
+        print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:{ratio}}x |")
 
 
 def tarpits(checkpoint: str, runs: int = 5) -> list[tuple[str, list[float], list[int]]]:
@@ -233,13 +235,8 @@ def floods_only() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, "llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8)
         rows = handshake_floods(tmp)
-    alone = statistics.median(rows[0][1])
-    print("\n| victim at 10.78.0.1, attacker at 10.78.0.3 | step median ms | p90 ms | median / alone |")
-    print("|---|---|---|---|")
-    for name, times in rows:
-        times = sorted(times)
-        median, p90 = statistics.median(times), times[int(0.9 * len(times)) - 1]
-        print(f"| {name} | {1000 * median:.1f} | {1000 * p90:.1f} | {median / alone:.2f}x |")
+    if rows:
+        print_steps(FLOODS, rows, ".2f")
 
 
 if __name__ == "__main__":

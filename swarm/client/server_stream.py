@@ -63,17 +63,23 @@ class ServerStream:
             digest = request.digest() if position is not None and request.hidden.shape[1] == 1 else None
             while True:
                 message = await self._read(max_bytes)
-                if position is not None:
+                try:
+                    if isinstance(message, CompactFrame):
+                        reply = compact.parse_reply(message, expected, self.peer_id)
+                    else:
+                        reply = SpanReply.parse(message, expected, self.peer_id)
+                        self.compact = self.compact or bool(reply.compact)
+                except InvalidReply:  # an answer to a pushed step of another shape than ours is judged, not refused
                     pushed, proof = compact.reply_from_push(message) if isinstance(message, CompactFrame) else \
                         _reply_from_push(message)
-                    if pushed is not None and pushed != (digest := digest or request.digest()):
-                        self._judge(origin, position, pushed, proof, digest)
-                        continue  # it computes ours next and answers again
-                if isinstance(message, CompactFrame):
-                    reply = compact.parse_reply(message, expected, self.peer_id)
-                else:
-                    reply = SpanReply.parse(message, expected, self.peer_id)
-                    self.compact = self.compact or bool(reply.compact)
+                    if position is None or pushed is None or pushed == (digest := digest or request.digest()):
+                        raise
+                    self._judge(origin, position, pushed, proof, digest)
+                    continue  # it computes ours next and answers again
+                if position is not None and reply.digest is not None and \
+                        reply.digest != (digest := digest or request.digest()):
+                    self._judge(origin, position, reply.digest, reply.push_proof, digest)
+                    continue
                 if position is not None and reply.length != position + request.hidden.shape[1]:
                     raise InvalidReply(f"server {self.peer_id} answered for length {reply.length}, expected "
                                        f"{position + request.hidden.shape[1]}")

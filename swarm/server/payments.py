@@ -16,7 +16,6 @@ and redemption that never loses a voucher.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -121,6 +120,8 @@ class ServerPayments:
         as it was."""
         from incentives.contract import ChainError  # web3 is loaded by priced servers only
         account = self.ledger.account(*key)
+        if account.reservation is None:
+            return
         self.reserved_at[key] = (time.monotonic(), account.reservation.total)
         try:
             await self._chain(self.settlement.reserve, self.account, account.reservation,
@@ -181,16 +182,6 @@ class ServerPayments:
             self._redeem_soon.clear()
             delay = self.redeem_period if await self.redeem() else min(delay * 2, 600.0)
 
-    async def _reserve_all(self, voucher: Voucher) -> None:
-        """Before redeeming: the best reservation the client gave for the channel, if not yet all applied."""
-        from incentives.contract import ChainError
-        account = self.ledger.account(voucher.client, voucher.channel)
-        if account.reservation is None:
-            return
-        with contextlib.suppress(ChainError):  # already applied, or the escrow is empty
-            await self._chain(self.settlement.reserve, self.account, account.reservation,
-                              account.reservation_signature)
-
     async def redeem(self) -> bool:
         """Redeem every voucher worth more than its channel was paid; False when the chain failed (try later).
         The ledger is on disk before each attempt, so nothing is lost if this process dies meanwhile."""
@@ -200,7 +191,10 @@ class ServerPayments:
             try:
                 before = await self._chain(self.settlement.paid, voucher.client, voucher.server, voucher.channel)
                 if voucher.total_amount > before:
-                    await self._reserve_all(voucher)
+                    key = (voucher.client.lower(), voucher.channel)
+                    backing = self.ledger.backing.get(key)
+                    if backing is None or voucher.total_amount - before > backing:  # more than is reserved there
+                        await self._reserve(key)
                     await self._chain(self.settlement.redeem, self.account, voucher, signature)
                 total = await self._chain(self.settlement.paid, voucher.client, voucher.server, voucher.channel)
             except Exception as e:
