@@ -3,6 +3,7 @@
 
   perturb (default)  outputs off by 1e-2 relative, as a server that skimps on work would
   scale              outputs times 1.05: colluders running this return the same wrong output
+  noise              outputs plus Gaussian noise of 6% of each output row's norm
   perturb_verify     perturbs only verify steps (2 to 8 new tokens onto a session: speculative decoding) once a
                      session holds over 20 tokens (after it rolled back some)
   nan                outputs full of NaN
@@ -41,6 +42,10 @@ def _execute(self, task):
         return output + 1e-2 * output.float().std().to(output.dtype) * torch.randn_like(output)
     if MISCHIEF == "scale":
         return output * 1.05
+    if MISCHIEF == "noise":
+        noise = torch.randn(output.shape)
+        rows = output.float().norm(dim=-1, keepdim=True)
+        return (output.float() + 0.06 * rows * noise / noise.norm(dim=-1, keepdim=True)).to(output.dtype)
     return output
 
 

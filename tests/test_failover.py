@@ -105,7 +105,8 @@ def test_a_dead_checker_is_not_blamed_on_the_server_it_checks(local_and_ids):
     path, ids, expected, _ = local_and_ids
     with LocalSwarm(path, [(0, 4), (0, 4)]) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
-                                                                exact_wire=True, spot_check_rate=1.0)
+                                                                exact_wire=True, spot_check_rate=1.0,
+                                                                spot_check_local=False)
         checker = model.swarm.spot_checker
 
         def kill_the_checker(server_in_chain):

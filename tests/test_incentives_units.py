@@ -4,7 +4,8 @@ from eth_account import Account
 
 from incentives.credit import RECEIPT_EVERY, ClientChannel, CreditLimitExceeded, InvalidVoucher, ServerLedger
 from incentives.metering import Prices, Tally
-from incentives.verification import Attestation, Evidence, array_hash, chain_hash, relative_error, tolerance
+from incentives.verification import (Attestation, Evidence, array_hash, chain_hash, measured_tolerance, relative_error,
+                                     tolerance)
 from incentives.vouchers import Domain, Voucher, sign, signer_of
 
 DOMAIN = Domain(1337, "0x" + "ab" * 20)
@@ -113,8 +114,15 @@ def test_tolerances_and_evidence_consistency():
     assert attestation.valid() and attestation.signature  # (tests/test_eip712.py: the signature is EIP-712's)
     evidence = Evidence("m", "peer", attestation, [s.tobytes() for s in steps], [s.shape for s in steps],
                         claimed.tobytes(), 0.05)
-    assert evidence.consistent() and evidence.recheck(x[:, 2:])
-    assert not evidence.recheck(claimed)  # if honest servers computed the same, there is no case
+    assert evidence.consistent() and evidence.recheck(x, x)
+    assert not evidence.recheck(np.concatenate([x[:, :2], claimed], axis=1), x)  # honest servers computed the same
+    # bfloat16: the tolerance is measured from the span run in bfloat16 by the checker itself, on every position
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    same_dtype = x + 0.01 * noise * np.linalg.norm(x, axis=-1, keepdims=True) / np.linalg.norm(noise, axis=-1,
+                                                                                              keepdims=True)
+    measured = measured_tolerance(x, same_dtype, "bfloat16")
+    assert 2.5e-2 < measured < 3.5e-2 and measured < relative_error(claimed, x[:, 2:])
+    assert measured_tolerance(x, x * 1.02, "bfloat16") > relative_error(claimed, x[:, 2:])  # rounding that large
     forged = Evidence("m", "peer", Attestation(server.address, 0, 4, chain, array_hash(x[:, 2:]),
                                                attestation.signature), evidence.steps, evidence.shapes,
                       x[:, 2:].tobytes(), 0.05)

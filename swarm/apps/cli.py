@@ -303,9 +303,9 @@ def run_verify(args) -> int:
             print(what + "NOT CONSISTENT: its signature does not cover these inputs and this output")
         elif result.proven_wrong:
             proven += 1
-            print(what + f"PROVEN WRONG: relative error {result.error:.2e} > tolerance {result.tolerance:.0e}")
+            print(what + f"PROVEN WRONG: relative error {result.error:.2e} > tolerance {result.tolerance:.1e}")
         else:
-            print(what + f"not proven: relative error {result.error:.2e} <= tolerance {result.tolerance:.0e}")
+            print(what + f"not proven: relative error {result.error:.2e} <= tolerance {result.tolerance:.1e}")
     return 0 if proven == len(found) else 1
 
 

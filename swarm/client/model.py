@@ -274,10 +274,11 @@ class AutoDistributedModelForCausalLM:
         ``wallet`` (an eth_account LocalAccount), ``contract`` and ``chain_id``: pay priced servers with
         vouchers redeemable from this client's escrow in that settlement contract.
         ``chain_rpc``: a node of that chain, to read servers' stakes (spot checks weight checkers by stake).
-        ``spot_check_rate``: the fraction of inference steps re-run on other servers holding the same blocks
-        (e.g. 0.05); a disagreement is settled by this client's own copy of the blocks (``spot_check_local``;
-        default: when the checkpoint's block files are on this machine) or by three independent checkers, and
-        a server proven wrong is banned, unpaid, and the evidence is published in the DHT.
+        ``spot_check_rate``: the fraction of inference steps re-run (e.g. 0.05): on this client's CPU when it
+        has its own copy of the blocks (``spot_check_local``; default: when the checkpoint's block files are on
+        this machine), in float32 and in the server's dtype, which sets the tolerance for exactly those inputs;
+        otherwise on other servers holding the same blocks, where a disagreement takes three independent
+        checkers to settle. A server proven wrong is banned, unpaid, and the evidence is published in the DHT.
         ``tuning_mode``: "ptune" (a trainable prefix of ``pre_seq_len`` embeddings) or "deep_ptune" (plus a
         trainable prefix added before every remote block) or "lora" (client-owned LoRA weights for every
         block, from ``lora_config``, a peft LoraConfig); the blocks stay frozen on the servers.
@@ -296,7 +297,7 @@ class AutoDistributedModelForCausalLM:
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
         local_blocks = None
         if spot_check_rate > 0 and spot_check_local is not False:
-            from swarm.client.spot_check import LocalBlocks
+            from swarm.client.evidence import LocalBlocks
             if spot_check_local and checkpoint.local_dir is None:
                 raise ValueError("spot_check_local=True needs the checkpoint's block files on this machine")
             local_blocks = LocalBlocks(checkpoint)

@@ -1,13 +1,15 @@
-"""Spot-checks of inference steps: a sampled fraction of steps is re-run elsewhere, and a server whose output
-is wrong is convicted only on a recomputation the client trusts.
+"""Spot-checks of inference steps: a sampled fraction of steps is re-run, and a server whose output is wrong
+is convicted only on a recomputation the client trusts.
 
-- Checkers are servers other than the checked one whose payout addresses differ from its and each other's,
-  picked at random (weighted by stake when the client can read stakes from the chain).
-- A checker that agrees, within the tolerance of the dtypes involved, ends the check. A disagreement is
-  settled by the client's own copy of the blocks when it has one (whoever disagrees with it is convicted:
-  the checked server, or the checker), or else by QUORUM independent checkers that all agree with each other
-  and not with the server, and are a majority of those asked. Anything less convicts nobody, so a few
-  colluding servers cannot frame an honest one.
+- A client with its own copy of the blocks re-runs the step itself, in float32 and in the server's dtype: the
+  second run measures how far honest rounding goes on exactly these inputs, so the tolerance follows the span
+  (a few blocks in the middle of a model change the hidden state by a few percent, and bfloat16 rounding with
+  them) instead of one bound per dtype that a cheat hides under.
+- Otherwise checkers are servers other than the checked one whose payout addresses differ from its and each
+  other's, picked at random (weighted by stake when the client can read stakes from the chain), compared within
+  the bound of the dtypes involved. A checker that agrees ends the check; a disagreement convicts only when
+  QUORUM independent checkers all agree with each other and not with the server, and are a majority of those
+  asked. Anything less convicts nobody, so a few colluding servers cannot frame an honest one.
 - A conviction bans the server for good, stops its vouchers, and publishes the evidence (its signed
   attestation and the inputs) in the DHT and in the cache directory, for anyone to re-check with
   `cocoon verify`.
@@ -21,7 +23,8 @@ import random
 import torch
 from hivemind.utils import get_dht_time
 
-from incentives.verification import Evidence, relative_error, tolerance
+from incentives.verification import Evidence, measured_tolerance, relative_error, tolerance
+from swarm.client.evidence import LocalBlocks, save_evidence
 from swarm.client.failover import Failover, WrongOutputError
 from swarm.dht.records import evidence_key, in_dht
 from swarm.wire.replies import SpanReply
@@ -31,29 +34,6 @@ from swarm.wire.tensors import dtype_name
 logger = logging.getLogger(__name__)
 EVIDENCE_TTL = 7 * 24 * 3600
 QUORUM = 3
-
-
-class LocalBlocks:
-    """The client's own copy of a checkpoint's blocks (when its files are on this machine), run in float32 on
-    the CPU: the recomputation a client trusts most."""
-
-    def __init__(self, checkpoint):
-        self.checkpoint = checkpoint
-        self._span = None
-
-    def has(self, start: int, end: int) -> bool:
-        from shards import get_family
-        prefix = get_family(self.checkpoint.config).layer_prefix
-        names = [n for b in range(start, end) for n in self.checkpoint.names_with_prefix(prefix.format(b))]
-        return bool(names) and self.checkpoint.files_are_local(names)
-
-    def output(self, start: int, end: int, inputs: torch.Tensor) -> torch.Tensor:
-        from shards import BlockSpan
-        if self._span is None or (self._span.start, self._span.end) != (start, end):
-            self._span = None  # one span at a time in memory
-            self._span = BlockSpan.from_pretrained(self.checkpoint, start, end, dtype="float32", device="cpu")
-        with torch.inference_mode():
-            return self._span(inputs.float())
 
 
 class SpotChecker:
@@ -81,36 +61,57 @@ class SpotChecker:
         inputs = torch.cat([h for h, _ in session.history], dim=1)
         new = output.shape[1]
         claimed = output.float()[:, -new:]  # the wire's values, as the server attested them
-        first = await self._opinion(link, inputs, exclude={self._identity(link.peer_id)})
-        if first is None:
-            return  # nobody else (reachable) holds these blocks
-        self.checked += 1
-        limit = tolerance(*self._dtypes([link.peer_id, first[0]], inputs.dtype))
-        if _agree(claimed, first[1][:, -new:], limit):
-            return
-        reference = await self._settle(link, inputs, new, claimed, first, limit)
-        if reference is None:
-            self.unsettled += 1
-            logger.warning(f"{link.peer_id} and a checker disagree on blocks {link.start}:{link.end} and nothing "
-                           f"the client trusts settles it: no verdict")
-            return
-        if not _agree(first[1][:, -new:], reference, limit) and self.local is not None:
-            await self._convict_checker(first, link, inputs, reference, limit)
+        if self.local is not None and self.local.has(link.start, link.end):
+            reference, limit = await self._own_copy(link, inputs, reply)
+            reference = reference[:, -new:]
+        else:
+            settled = await self._by_checkers(link, inputs, claimed)
+            if settled is None:
+                return
+            reference, limit = settled
         if _agree(claimed, reference, limit):
             return
         error = relative_error(claimed.numpy(), reference.numpy())
         evidence = self._evidence(session, claimed, reply, error)
         await self._convict(link.peer_id, evidence)
         raise WrongOutputError(f"server {link.peer_id} returned a wrong output for blocks {link.start}:{link.end} "
-                               f"(relative error {error:.2e} > {limit:.0e}); banned, unpaid, evidence published")
+                               f"(relative error {error:.2e} > {limit:.1e}); banned, unpaid, evidence published")
+
+    async def _own_copy(self, link, inputs: torch.Tensor, reply: SpanReply) -> tuple[torch.Tensor, float]:
+        """The client's own copy of the blocks decides alone: (its float32 output of every position, the
+        tolerance measured by running the span in the server's dtype as well)."""
+        dtype = reply.attestation.dtype if reply.attestation is not None else self._computed_in(link.peer_id)
+        reference, same_dtype = await asyncio.get_running_loop().run_in_executor(
+            None, self.local.honest, link.start, link.end, inputs, dtype, inputs.dtype)
+        self.checked += 1
+        wire = dtype_name(inputs.dtype)
+        if same_dtype is None:
+            return reference, tolerance(dtype, wire)
+        return reference, measured_tolerance(reference.numpy(), same_dtype.numpy(), wire)
+
+    async def _by_checkers(self, link, inputs: torch.Tensor, claimed: torch.Tensor
+                           ) -> tuple[torch.Tensor, float] | None:
+        """(the output the client trusts for the claimed positions, the tolerance) from other servers; None when
+        they agree with the claim, nobody else holds the blocks, or nothing settles a disagreement."""
+        new = claimed.shape[1]
+        first = await self._opinion(link, inputs, exclude={self._identity(link.peer_id)})
+        if first is None:
+            return None  # nobody else (reachable) holds these blocks
+        self.checked += 1
+        limit = tolerance(*(self._computed_in(p) for p in (link.peer_id, first[0])), dtype_name(inputs.dtype))
+        if _agree(claimed, first[1][:, -new:], limit):
+            return None
+        reference = await self._settle(link, inputs, new, claimed, first, limit)
+        if reference is None:
+            self.unsettled += 1
+            logger.warning(f"{link.peer_id} and a checker disagree on blocks {link.start}:{link.end} and nothing "
+                           f"the client trusts settles it: no verdict")
+            return None
+        return reference, limit
 
     # ------------------------------------------------------------------ opinions
     async def _settle(self, link, inputs, new: int, claimed, first, limit) -> torch.Tensor | None:
-        """The output the client trusts for the last ``new`` positions, or None when nothing settles it."""
-        if self.local is not None and self.local.has(link.start, link.end):
-            output = await asyncio.get_running_loop().run_in_executor(
-                None, self.local.output, link.start, link.end, inputs)
-            return output.to(inputs.dtype).float()[:, -new:]  # as it would have crossed the wire
+        """The output of a quorum of independent checkers for the last ``new`` positions, or None."""
         opinions = [first]
         used = {self._identity(link.peer_id), self._identity(first[0])}
         while len(opinions) < QUORUM + 2:
@@ -184,30 +185,14 @@ class SpotChecker:
             self.client.record_work(peer_id, reply, hidden.shape[0] * hidden.shape[1], end - start)
         return hidden.float()
 
-    def _dtypes(self, peers, wire: torch.dtype) -> list[str]:
-        servers = self._servers()
-        return [*(servers[p].dtype for p in peers if p in servers and servers[p].dtype), dtype_name(wire)]
+    def _computed_in(self, peer_id: str) -> str:
+        """What a server announces it computes in: its quantization, else its dtype (bfloat16 when unknown)."""
+        info = self._servers().get(peer_id)
+        if info is None:
+            return "bfloat16"
+        return info.quant if info.quant not in ("", "none") else (info.dtype or "bfloat16")
 
     # ------------------------------------------------------------------ verdicts
-    async def _convict_checker(self, opinion, link, inputs, reference, limit) -> None:
-        """A checker that the client's own copy of the blocks proves wrong is convicted too (its forward's
-        attestation is the evidence)."""
-        peer, output = opinion
-        evidence = None
-        if self.client.paid_server(peer) is not None:  # re-ask it for its signed claim on exactly this input
-            try:
-                reply = await self.client.call_span(peer, "forward", SpanRequest(inputs, link.start, link.end,
-                                                                                 payment=self.client.payment(peer)))
-                claimed = reply.outputs[0].float()[:, -reference.shape[1]:]
-                if not _agree(claimed, reference, limit):
-                    evidence = Evidence(self.client.model_id, peer, reply.attestation,
-                                        [inputs.float().numpy().tobytes()], [tuple(inputs.shape)],
-                                        reply.outputs[0].float().numpy().tobytes(),
-                                        relative_error(claimed.numpy(), reference.numpy()))
-            except Exception as e:
-                logger.info(f"could not get the claim of checker {peer} again: {e}")
-        await self._convict(peer, evidence)
-
     async def _convict(self, peer_id: str, evidence: Evidence | None) -> None:
         self.convicted[peer_id] = evidence
         self.convicted_after[peer_id] = self.steps.get(peer_id, 0)
@@ -228,7 +213,6 @@ class SpotChecker:
                         claimed.float().numpy().tobytes(), error)
 
     async def _publish(self, evidence: Evidence) -> None:
-        from swarm.client.evidence import save_evidence
         path = save_evidence(evidence)
         logger.warning(f"evidence against {evidence.peer_id} saved to {path}")
         try:

@@ -17,9 +17,9 @@ from swarm.wire.tensors import dtype_name
 
 
 class Billing:
-    def __init__(self, payments: ServerPayments | None, span_dtype: torch.dtype):
+    def __init__(self, payments: ServerPayments | None, computed_in: str):
         self.payments = payments  # None: this server works for free
-        self.span_dtype = span_dtype
+        self.computed_in = computed_in  # what attestations name: the span's dtype, or its 8-bit/4-bit weights
 
     async def admit(self, peer: str, payment: Payment | None, hidden: torch.Tensor | None = None, blocks: int = 0,
                     backward: bool = False):
@@ -41,7 +41,7 @@ class Billing:
         ledger = self.payments.ledger
         chain = self.rechain(chain, wire_input)
         attestation = Attestation(ledger.payout, start, end, chain, array_hash(wire_output.float().numpy()),
-                                  dtype_name(self.span_dtype), dtype_name(wire_output.dtype))
+                                  self.computed_in, dtype_name(wire_output.dtype))
         return chain, attestation.signed(ledger.signer.key)
 
     @staticmethod

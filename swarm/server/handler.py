@@ -25,6 +25,7 @@ from swarm.server.streams import Stream, StreamLoop
 from swarm.wire.payloads import Accept
 from swarm.wire.replies import InfoReply, PayReply, SpanReply
 from swarm.wire.requests import BackwardRequest, Bounds, PayRequest, SpanRequest
+from swarm.wire.tensors import dtype_name
 
 HANDLERS = ("inference", "push", "forward", "backward", "info", "pay")
 
@@ -34,7 +35,8 @@ class SpanHandler:
                  payments: ServerPayments | None = None, adapters: dict[str, LoraWeights] | None = None,
                  lora_cache: LoraCache | None = None, quotas: Quotas = Quotas()):
         self.engine, self.sessions, self.limits, self.describe = engine, sessions, limits, info
-        self.billing = Billing(payments, engine.span.dtype_)
+        span = engine.span
+        self.billing = Billing(payments, span.quant if span.quant != "none" else dtype_name(span.dtype_))
         self.adapters = adapters or {}  # served peft adapters by name, rows for this span's blocks
         self.lora_cache = lora_cache or LoraCache(256 << 20)
         self.steps = SessionSteps(self)
