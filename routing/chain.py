@@ -3,8 +3,11 @@
 A chain covers blocks [start, end) in order with no gap; a server may be entered in the middle of its
 span and left before its end. The cost of a chain is the expected time per token: for every hop, the
 round trip to that server, plus the compute of the blocks it runs at its throughput, slowed by its load.
-What the client measured counts instead of what a server announces; once it has measured a few servers,
-an unmeasured one counts as no faster than its typical measured one (an announced speed is a claim).
+What the client measured counts instead of what a server announces. An announced speed is a claim: once a
+client has measured a few servers, one it has not measured counts as no faster than the swarm's fastest
+quarter claims, times a random factor drawn per chain, so that unmeasured servers are tried at random rather
+than by how much they claim (a server announcing 10x its speed would otherwise win every client's traffic
+until each has tried it).
 The cheapest chain is found by dynamic programming over blocks in O(blocks x servers per block).
 """
 from __future__ import annotations
@@ -17,7 +20,10 @@ from typing import Collection
 from routing.state import ServerInfo, ServerState, SwarmState
 
 DEFAULT_RTT = 0.05  # seconds, for a server this client has not measured yet
-TRUST_AFTER = 5  # measured servers before unmeasured claims are held to the typical measured speed
+TRUST_AFTER = 5  # measured servers before unmeasured claims are held...
+HOLD_QUANTILE = 0.25  # ...to the claim at this quantile of the swarm's seconds per block (the fastest quarter)...
+SPREAD = 0.6  # ...times a factor drawn from [1 - SPREAD, 1 + SPREAD] per chain and server
+HOLD_CLAIMS = True  # (off: bench/routing_simulate.py's "without the defences")
 
 
 class NoChainError(LookupError):
@@ -50,7 +56,7 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
     With ``adapter``, only servers that serve that LoRA adapter are used."""
     end = state.num_blocks if end is None else end
     rng = rng or random.Random()
-    servers, hop, per_block = _candidates(state, start, end, banned, training, batch_tokens, adapter)
+    servers, hop, per_block = _candidates(state, start, end, banned, training, batch_tokens, adapter, rng)
     by_block: list[list[str]] = [[] for _ in range(end)]
     for peer, info in servers.items():
         per_block[peer] *= 1 + 1e-9 * rng.random()  # breaks ties between equal servers at random
@@ -89,48 +95,50 @@ def make_chain(state: SwarmState, start: int = 0, end: int | None = None, *, ban
     return chain[::-1]
 
 
-def _seconds(info: ServerInfo, measured: float | None, training: bool, typical: float | None) -> float:
-    seconds = block_seconds(info, training=training, measured=measured)
-    return seconds if measured is not None or typical is None else max(seconds, typical)
+def _seconds(info: ServerInfo, measured: float | None, floor: float) -> float:
+    return measured if measured is not None else max(block_seconds(info), floor)
 
 
-def _typical_seconds(state: SwarmState) -> float | None:
-    """The median of this client's measurements, once it has measured TRUST_AFTER servers."""
-    measured = sorted(state.block_seconds.values())
-    return measured[len(measured) // 2] if len(measured) >= TRUST_AFTER else None
+def _by_span(state: SwarmState) -> tuple[dict[tuple[int, int], list[tuple[str, ServerInfo, float, float]]], float]:
+    """The online servers by span, each with the decode seconds per block it claims and that claim held to the
+    swarm's HOLD_QUANTILE claim; and that claim."""
+    online = [(peer, info, block_seconds(info)) for peer, info in state.servers.items()
+              if info.state is ServerState.ONLINE]
+    claims = sorted(seconds for _, _, seconds in online)
+    floor = claims[int(HOLD_QUANTILE * (len(claims) - 1))] if claims else 0.0
+    spans: dict[tuple[int, int], list[tuple[str, ServerInfo, float, float]]] = {}
+    for peer, info, seconds in online:
+        spans.setdefault((info.start, info.end), []).append((peer, info, seconds, max(seconds, floor)))
+    return spans, floor
 
 
 def _candidates(state: SwarmState, start: int, end: int, banned: Collection[str], training: bool,
-                batch_tokens: int, adapter: str | None):
+                batch_tokens: int, adapter: str | None, rng: random.Random):
     """The servers some chain could prefer, with their hop and per-block seconds. Of servers with the same
     span, one slower per block and no nearer than another is never chosen (the other does any part of its
     work for less), so only each span's front stays: with thousands of servers over a few hundred spans, the
-    search looks at a few per span. A server this client has not measured counts as no faster than its
-    typical measured one: a claim is trusted only after the client has seen it."""
+    search looks at a few per span. Servers by span, with their claims, are derived once per snapshot."""
     scale = batch_tokens if training else 1
-    typical = None if training else _typical_seconds(state)
-    rtt, measured = state.rtt, state.block_seconds
-    spans: dict[tuple[int, int], list[tuple]] = {}
-    online, rtt_of, measured_of = ServerState.ONLINE, rtt.get, measured.get
-    for peer, info in state.servers.items():  # the hot loop at 10,000 servers: block_seconds() written out
-        if info.state is not online or info.end <= start or info.start >= end or peer in banned or (
-                adapter is not None and adapter not in info.adapters):
+    spans, _ = state.derived("chain.by_span", _by_span)
+    rtt_of, measured_of = state.rtt.get, state.block_seconds.get
+    hold = HOLD_CLAIMS and len(state.block_seconds) >= TRUST_AFTER
+    draw = rng.random
+    kept = []
+    for (first, last), members in spans.items():  # the hot loop at 10,000 servers
+        if last <= start or first >= end:
             continue
-        seconds = None if training else measured_of(peer)
-        if seconds is None:
+        entries = []
+        for peer, info, claimed, held in members:
+            if peer in banned or (adapter is not None and adapter not in info.adapters):
+                continue
             if training:
                 seconds = block_seconds(info, training=True)
             else:
-                load = 1.0 + info.sessions / info.max_sessions if info.max_sessions else 1.0
-                seconds = load / (max(info.throughput, 1e-9) * (info.end - info.start))
-                seconds = seconds if typical is None or seconds >= typical else typical
-        span = (info.start, info.end)
-        entry = (rtt_of(peer, DEFAULT_RTT) / scale, seconds, peer, info)
-        if span in spans:
-            spans[span].append(entry)
-        else:
-            spans[span] = [entry]
-    kept = [entry for entries in spans.values() for entry in _front(entries)]
+                seconds = measured_of(peer)
+                if seconds is None:
+                    seconds = held * (1.0 - SPREAD + 2 * SPREAD * draw()) if hold else claimed
+            entries.append((rtt_of(peer, DEFAULT_RTT) / scale, seconds, peer, info))
+        kept += _front(entries)
     return ({entry[2]: entry[3] for entry in kept}, {entry[2]: entry[0] for entry in kept},
             {entry[2]: entry[1] for entry in kept})
 
@@ -149,9 +157,10 @@ def _front(entries: list[tuple]) -> list[tuple]:
 
 def chain_seconds(state: SwarmState, chain: list[ChainLink]) -> float:
     """Expected seconds per token of a chain under the same model as ``make_chain``."""
-    total, typical = 0.0, _typical_seconds(state)
+    _, floor = state.derived("chain.by_span", _by_span)
+    total, floor = 0.0, floor if HOLD_CLAIMS and len(state.block_seconds) >= TRUST_AFTER else 0.0
     for link in chain:
-        seconds = _seconds(state.servers[link.peer_id], state.block_seconds.get(link.peer_id), False, typical)
+        seconds = _seconds(state.servers[link.peer_id], state.block_seconds.get(link.peer_id), floor)
         total += state.rtt.get(link.peer_id, DEFAULT_RTT) + (link.end - link.start) * seconds
     return total
 

@@ -5,7 +5,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from routing.addresses import MAX_DIRECT_ADDRESSES, direct_address, relay_address
 
@@ -122,6 +122,17 @@ class SwarmState:
     servers: dict[str, ServerInfo] = field(default_factory=dict)
     rtt: dict[str, float] = field(default_factory=dict)  # seconds, measured by this client
     block_seconds: dict[str, float] = field(default_factory=dict)  # per token per block, measured by this client
+    _derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, name: str, compute: Callable[["SwarmState"], Any]) -> Any:
+        """``compute(self)``, once per snapshot: what routing derives from all servers (at 10,000 servers, a pass
+        over them costs more than a chain). Whoever changes ``servers`` in place calls ``changed()``."""
+        if name not in self._derived:
+            self._derived[name] = compute(self)
+        return self._derived[name]
+
+    def changed(self) -> None:
+        self._derived.clear()
 
     def online(self) -> dict[str, ServerInfo]:
         return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}

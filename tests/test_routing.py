@@ -212,13 +212,22 @@ def test_dropping_servers_beaten_on_their_own_span_never_changes_the_cost_of_the
         assert reduced == pytest.approx(full, rel=1e-6)
 
 
-def test_an_unmeasured_server_counts_as_no_faster_than_the_typical_measured_one():
-    measured = {f"m{i}": server(0, 2) for i in range(5)}
-    swarm = state(2, **measured, fast=server(0, 2), liar=server(0, 2, throughput=1e6))
-    swarm.rtt = {p: 0.01 for p in swarm.servers}
-    swarm.block_seconds = {"m0": 0.010, "m1": 0.012, "m2": 0.014, "fast": 0.005}
+def test_an_unmeasured_server_counts_as_no_faster_than_the_swarm_fastest_quarter_claims(monkeypatch):
+    import routing.chain
+    measured = {f"m{i}": server(0, 2, 10.0) for i in range(5)}
+    swarm = state(2, **measured, slow=server(0, 2, 1.0), fast=server(0, 2, 20.0), liar=server(0, 2, 1e6))
+    swarm.rtt = {p: 0.03 for p in swarm.servers} | {"liar": 0.01, "fast": 0.02}
+    swarm.block_seconds = {"m0": 0.01, "m1": 0.01, "m2": 0.01, "m3": 0.01}
     assert make_chain(swarm)[0].peer_id == "liar"  # 4 measured: its claim still counts
-    swarm.block_seconds["m3"] = 0.016  # 5 measured (typical 0.012): the claim counts for no more than that
+    swarm.block_seconds["m4"] = 0.01  # 5: it counts as the fastest quarter's claim (0.025 s a block)...
+    assert chain_seconds(swarm, [ChainLink("liar", 0, 2)]) == pytest.approx(0.01 + 2 * 0.025)
+    with monkeypatch.context() as patch:
+        patch.setattr(routing.chain, "SPREAD", 0.0)  # ...no better than the measured m0-m4
+        assert {make_chain(swarm)[0].peer_id for _ in range(20)} == {"m0", "m1", "m2", "m3", "m4"}
+    # ...times a random factor: unmeasured servers are tried now and then, the liar no more than "fast"
+    picks = Counter(make_chain(swarm, rng=random.Random(i))[0].peer_id for i in range(400))
+    assert 0 < picks["liar"] < 200 and 0 < picks["fast"] and picks["slow"] == 0
+    swarm.block_seconds |= {"liar": 0.1, "fast": 0.005}  # measured: each counts at what it really does
     assert {make_chain(swarm)[0].peer_id for _ in range(20)} == {"fast"}
 
 
@@ -238,7 +247,7 @@ def test_simulated_liars_and_nat_with_and_without_the_defences(monkeypatch):
         return simulate(servers=1000, blocks=80, hours=1, nat=0.3, liars=0.05, progress=False)
     defended = run()
     monkeypatch.setattr(routing.placement, "CLAIM_CAP", float("inf"))
-    monkeypatch.setattr(routing.chain, "TRUST_AFTER", 10 ** 9)
+    monkeypatch.setattr(routing.chain, "HOLD_CLAIMS", False)
     exposed = run()
     assert defended.unserved == exposed.unserved == 0
     # the harm liars do is to placement: others leave their blocks, which then carry less than the claims say
