@@ -134,8 +134,9 @@ class ServerConfig:
     session_timeout: float = option(120.0, "seconds before an idle session is freed")
     max_batch_sessions: int = option(64, "decode steps of up to this many sessions run as one forward (1: no "
                                          "batching)")
-    batch_window_ms: float = option(20.0, "how long a batch of steps waits for another session's step after the "
-                                         "latest one (4 windows in all at most; no wait while one session decodes)")
+    batch_window_ms: float | None = option(None, "how long a batch of steps waits for another session's step after "
+                                                "the latest one (4 windows in all at most; no wait while one session "
+                                                "decodes). Default: the span's decode step as measured, at most 20")
     limits: Limits = option(Limits, "what one request may ask")
     quotas: Quotas = option(Quotas, "what one peer may take")
     public_name: str = option("", "a name shown in `cocoon status`")

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 # stays undone (its records expire; its vouchers wait in the ledger for `cocoon redeem` or its next start)
 LEAVING_DHT_SECONDS = 3.0
 LEAVING_CHAIN_SECONDS = 6.0
+AUTO_BATCH_WINDOW = 0.020  # seconds, the most a batch waits by default
 
 
 class Server:
@@ -138,7 +139,7 @@ class Server:
             loop.add_signal_handler(sig, self._signalled, sig)
         self.engine = Engine(self.span, self.plan, self.sessions, config.quotas,
                              prefill_rate=self.per_block.prefill_tokens_per_s,
-                             batch_window=config.batch_window_ms / 1000, max_batch_sessions=config.max_batch_sessions)
+                             batch_window=self._batch_window(), max_batch_sessions=config.max_batch_sessions)
         self.handler = SpanHandler(self.engine, self.sessions, config.limits, info=self.describe,
                                    payments=self.payments, adapters=self.adapters,
                                    lora_cache=LoraCache(config.lora_cache_bytes), quotas=config.quotas)
@@ -279,6 +280,14 @@ class Server:
     def _evidence_against_me(self) -> int:
         return sum(not isinstance(evidence, str) and evidence.peer_id == self.peer_id
                    for _, evidence, _ in fetch_evidence(self.dht, self.model_id))
+
+    def _batch_window(self) -> float:
+        """Seconds a batch waits for more steps: as set, else one decode step of this span (waiting longer for a
+        partner costs the waiting step more than sharing a forward saves; a peer that keeps sessions looking
+        busy must not add 20 ms to every step of a 2 ms span), at most AUTO_BATCH_WINDOW."""
+        if self.config.batch_window_ms is not None:
+            return self.config.batch_window_ms / 1000
+        return min(AUTO_BATCH_WINDOW, self.plan.step_ms / 1000 or AUTO_BATCH_WINDOW)
 
     def _balance_delay(self) -> float:
         return self.config.balance_period * random.uniform(0.5, 1.5)  # servers must not all move at once
