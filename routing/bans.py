@@ -35,6 +35,10 @@ class BanList:
             self._until.pop(peer_id, None)
             self._failures.pop(peer_id, None)
 
+    def failures(self, peer_id: str) -> int:
+        """Failures in a row (since its last success), whether or not its ban has expired."""
+        return self._failures.get(peer_id, 0)
+
     def is_banned(self, peer_id: str) -> bool:
         return self._until.get(peer_id, 0.0) > self.clock()
 

@@ -315,8 +315,9 @@ def test_tarpits_cost_seconds_not_the_request_timeout(checkpoints):
                 assert session.chain[0].peer_id == honest.peer_id
             seconds = time.perf_counter() - started
             assert torch.equal(output, expected)
-            tried = model.swarm.bans.banned()
-            assert tried and tried <= {t.peer_id for t in tarpits}  # each one tried is banned, the honest one never
+            bans = model.swarm.bans
+            tried = {t.peer_id for t in tarpits if bans.failures(t.peer_id)}  # (a ban may have lapsed by now)
+            assert tried and not bans.failures(honest.peer_id) and bans.banned() <= tried
             assert seconds < len(tried) * 10  # (bench/hostile_peers.py times it; a 60 s timeout per tarpit fails this)
             print(f"generate() beside 3 tarpits: {seconds:.2f} s, {len(tried)} tried")
         finally:

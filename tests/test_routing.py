@@ -141,8 +141,9 @@ def test_ban_backoff_doubles_and_expires():
     assert bans.ban("x") == 2 and bans.is_banned("x")
     assert bans.ban("x") == 4 and bans.ban("x") == 8 and bans.ban("x") == 10
     now[0] += 10.5
-    assert not bans.is_banned("x") and bans.banned() == set()
+    assert not bans.is_banned("x") and bans.banned() == set() and bans.failures("x") == 4  # expired, remembered
     bans.succeeded("x")
+    assert bans.failures("x") == 0
     assert bans.ban("x") == 2
     assert bans.ban("y", at_least=7.5) == 7.5 and bans.ban("y", at_least=1) == 4  # a tarpit's budget, at least
     assert bans.ban("z", at_least=60) == 10  # still capped
@@ -223,7 +224,7 @@ def test_an_unmeasured_server_counts_as_no_faster_than_the_swarm_fastest_quarter
     assert chain_seconds(swarm, [ChainLink("liar", 0, 2)]) == pytest.approx(0.01 + 2 * 0.025)
     with monkeypatch.context() as patch:
         patch.setattr(routing.chain, "SPREAD", 0.0)  # ...no better than the measured m0-m4
-        assert {make_chain(swarm)[0].peer_id for _ in range(20)} == {"m0", "m1", "m2", "m3", "m4"}
+        assert {make_chain(swarm)[0].peer_id for _ in range(20)} <= {"m0", "m1", "m2", "m3", "m4"}
     # ...times a random factor: unmeasured servers are tried now and then, the liar no more than "fast"
     picks = Counter(make_chain(swarm, rng=random.Random(i))[0].peer_id for i in range(400))
     assert 0 < picks["liar"] < 200 and 0 < picks["fast"] and picks["slow"] == 0

@@ -23,7 +23,7 @@ import random
 import torch
 from hivemind.utils import get_dht_time
 
-from incentives.verification import Evidence, measured_tolerance, relative_error, tolerance
+from incentives.verification import TOLERANCE, Evidence, measured_tolerance, relative_error, tolerance
 from swarm.client.evidence import LocalBlocks, save_evidence
 from swarm.client.failover import Failover, WrongOutputError
 from swarm.dht.records import evidence_key, in_dht
@@ -80,7 +80,9 @@ class SpotChecker:
     async def _own_copy(self, link, inputs: torch.Tensor, reply: SpanReply) -> tuple[torch.Tensor, float]:
         """The client's own copy of the blocks decides alone: (its float32 output of every position, the
         tolerance measured by running the span in the server's dtype as well)."""
-        dtype = reply.attestation.dtype if reply.attestation is not None else self._computed_in(link.peer_id)
+        dtype = self._computed_in(link.peer_id)
+        if reply.attestation is not None:  # what it signed, or what it announced: the stricter (both are its word)
+            dtype = min(dtype, reply.attestation.dtype, key=lambda d: TOLERANCE.get(d, TOLERANCE["bfloat16"]))
         reference, same_dtype = await asyncio.get_running_loop().run_in_executor(
             None, self.local.honest, link.start, link.end, inputs, dtype, inputs.dtype)
         self.checked += 1
