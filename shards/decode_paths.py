@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"release": True, "spin": False}
 BUDGET_S = 2.0
-PLAN_VERSION = 3  # of what is measured: a plan cached by another version is measured again
+PLAN_VERSION = 4  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
@@ -54,6 +54,7 @@ class DecodePlan:
     release_idle: bool = False  # free the OpenMP workers whenever nothing is queued (CPU)
     batch_path: str = ""        # the path of a step of several rows (batched sessions, a verify step); "": path
     step_ms: float = 0.0        # the span's decode step alone, as measured (0: not measured)
+    prefill_threads: int = 0    # torch threads of every other step (prefill, backward): all cores unless fixed
 
     def path_for(self, rows: int) -> str:
         """The path of a decode step of ``rows`` rows x new tokens."""
@@ -72,8 +73,8 @@ class DecodePlan:
         fixed = {}
         if parts[0] != "auto":
             fixed["path"] = parts[0]
-        if len(parts) > 1 and parts[1] != "auto":
-            fixed["threads"] = int(parts[1])
+        if len(parts) > 1 and parts[1] != "auto":  # the cores a server may use: its prefills keep to them too
+            fixed["threads"] = fixed["prefill_threads"] = int(parts[1])
         if len(parts) > 2 and parts[2] != "auto":
             fixed["release_idle"] = POLICIES[parts[2]]
         return fixed
@@ -184,7 +185,9 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         torch.set_num_threads(saved_threads)
     logger.info(f"decode paths: {_ms(by_path)}; batches of {BATCH_ROWS}: {_ms(by_batch)}; threads: "
                 f"{_ms(by_threads)}; rounds in turns: {_ms(by_policy)}")
-    return DecodePlan(path, chosen_threads if cpu else 0, release, batch_path, by_threads[chosen_threads] * 1000)
+    # a decode step of a small span may run faster on fewer threads; a prefill's large matrices take every core
+    return DecodePlan(path, chosen_threads if cpu else 0, release, batch_path, by_threads[chosen_threads] * 1000,
+                      fixed.get("prefill_threads", cores) if cpu else 0)
 
 
 def _fastest(seconds: dict, default):

@@ -114,6 +114,10 @@ def measure(span: BlockSpan, *, decode_steps: int = 32, prefill_tokens: int = 25
     bar = tqdm(total=decode_steps + 2, desc=f"measuring throughput of blocks {span.start}:{span.end}",
                disable=not progress, unit="step")
     x = torch.randn(1, prefill_tokens, hidden, dtype=span.dtype_, device=span.device)
+    plan = getattr(span, "decode_plan", None)  # shards.decode_paths.use_plan: the threads of each kind of step
+    saved = torch.get_num_threads()
+    if plan is not None and plan.prefill_threads:
+        torch.set_num_threads(plan.prefill_threads)
     span(x[:, :8])  # warm-up
     sync()
     bar.update()
@@ -121,12 +125,12 @@ def measure(span: BlockSpan, *, decode_steps: int = 32, prefill_tokens: int = 25
     span(x)
     sync()
     prefill = prefill_tokens / (time.perf_counter() - start)
+    torch.set_num_threads(saved)
     bar.update()
     cache = span.new_cache()
     span(x[:, :16], cache=cache)
     sync()
     start = time.perf_counter()
-    plan = getattr(span, "decode_plan", None)  # shards.decode_paths.use_plan
     packed = packed_linears(span) if plan is not None and plan.path == "packed" else contextlib.nullcontext()
     with packed:  # as a server computes decode steps (CUDA graphs, if any, are the span's own)
         for i in range(decode_steps):

@@ -19,14 +19,15 @@ from swarm.wire.limits import Quotas
 from swarm.apps.local_swarm import LocalSwarm
 from swarm.server.engine import Engine
 from swarm.server.sessions import SessionTable
-from swarm.wire.requests import InferenceStep
+from swarm.wire.requests import InferenceStep, SpanRequest
 
 
 def test_a_decode_path_on_the_command_line_fixes_what_it_names():
     assert DecodePlan.parse("auto") == {}
     assert DecodePlan.parse("packed") == {"path": "packed"}
-    assert DecodePlan.parse("plain:2:spin") == {"path": "plain", "threads": 2, "release_idle": False}
-    assert DecodePlan.parse("auto:3") == {"threads": 3}
+    assert DecodePlan.parse("plain:2:spin") == {"path": "plain", "threads": 2, "release_idle": False,
+                                                "prefill_threads": 2}  # fixed threads hold for prefills too
+    assert DecodePlan.parse("auto:3") == {"threads": 3, "prefill_threads": 3}
     for wrong in ("fast", "plain:0", "plain:2:sometimes", "plain:1:spin:x"):
         with pytest.raises(ValueError, match="PATH"):
             DecodePlan.parse(wrong)
@@ -40,6 +41,7 @@ def test_the_plan_is_measured_within_its_budget_and_cached(checkpoints):
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
     plan, measured = get_plan(span)
     assert measured and plan.path in ("plain", "packed") and plan.threads >= 1 and plan.step_ms > 0
+    assert plan.prefill_threads == len(__import__("os").sched_getaffinity(0))  # every core, whatever decode took
     again, measured_again = get_plan(span)
     assert again == plan and not measured_again  # read from ~/.cache/cocoon/decode_plans.json
     fixed = choose_plan(span, {"path": "plain", "threads": 1}, budget_s=0.2)
@@ -162,3 +164,33 @@ def test_every_decode_path_a_server_can_take_generates_transformers_tokens(check
             assert torch.equal(remote.generate(ids, max_new_tokens=12, do_sample=False), expected)
         finally:
             remote.shutdown()
+
+
+@pytest.mark.parametrize("others_decoding", [False, True])
+def test_a_long_prefill_runs_in_one_forward_unless_another_session_decodes_here(checkpoints, others_decoding):
+    """Chunks (16 tokens at this prefill rate) make room for other sessions' decode steps; with none here, the
+    prompt's rest runs at once. Either way the output is the span's over the whole prompt."""
+    span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
+    prompt = torch.randn(1, 300, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = span(prompt, cache=span.new_cache())
+
+    async def run():
+        sessions = SessionTable(cache_tokens=4096, max_sessions=4, max_length=512, timeout=60)
+        own = sessions.open(peer="p", start=0, end=4, batch_size=1, max_length=512, cache=span.new_cache())
+        if others_decoding:
+            sessions.open(peer="q", start=0, end=4, batch_size=1, max_length=512, cache=span.new_cache())
+        engine = Engine(span, DecodePlan("plain", 1, True, prefill_threads=2), sessions, Quotas(), prefill_rate=1,
+                        batch_window=0.0, max_batch_sessions=1)
+        forwards, execute = [], engine._execute
+        engine._execute = lambda task: forwards.append(task.tokens) or execute(task)
+        try:
+            output = await engine.span_output("p", SpanRequest(prompt), own.cache, (0, 4), None, past=0)
+            return output, forwards
+        finally:
+            engine.scheduler.shutdown()
+
+    output, forwards = asyncio.run(run())
+    assert torch.allclose(output, expected, rtol=0, atol=1e-5)
+    assert sum(forwards) == 300
+    assert forwards == ([16] * 18 + [12] if others_decoding else [300])

@@ -2,8 +2,8 @@
 
 Shaped like vLLM v1's engine core (vllm/v1/engine/core.py). A request for the span's output becomes
 ``SpanTask`` records: one, or for a prefill longer than a chunk, one per chunk, so that other peers' decode
-steps go between them. The scheduler (swarm.server.scheduler) decides when each task runs, fair between
-peers, and which tasks share one forward (their batch key: swarm.server.batching). ``execute`` runs a task
+steps go between them (when nobody else waits or decodes here, the rest of the prefill runs as one). The
+scheduler (swarm.server.scheduler) decides when each task runs, fair between peers, and which tasks share one forward (their batch key: swarm.server.batching). ``execute`` runs a task
 or a batch the way this machine's decode plan says (shards.decode_paths: the path, the threads, whether
 the OpenMP workers are let go whenever nothing is queued). ``update`` learns the prefill rate from the chunks
 that ran, which sizes the next chunks.
@@ -89,10 +89,13 @@ class Engine:
             # steps, and the prompts of clients that start together (swarm.server.batching)
             shares = cache is not None and lora is None and request.prompts is None
             return await self._schedule(peer, task, shares)
+        own = int(cache is not None)  # the session of this step counts among those decoding
         cache = self.span.new_cache() if cache is None else cache
         outputs, first = [], 0
         while first < length:
-            last = min(first + chunk, length)
+            # chunks only make room for others: alone, the rest runs at once (each chunk re-reads the cache so far)
+            alone = self.sessions.decoding() <= own and not self.scheduler.others_waiting(peer)
+            last = length if alone else min(first + chunk, length)
             part = dataclasses.replace(
                 request, hidden=request.hidden[:, first:last],
                 position_ids=None if request.position_ids is None else request.position_ids[:, first:last],
@@ -129,7 +132,7 @@ class Engine:
     # ------------------------------------------------------------------ execute (in the compute thread, or inline)
     @torch.inference_mode()
     def _execute(self, task: SpanTask) -> torch.Tensor:
-        self._threads()
+        self._threads(task.decode)
         started, request = time.perf_counter(), task.request
         with self._lora_applied(task.blocks, task.lora), self._path(task):  # positions continue the cache
             output = self.span(self._to_span(request.hidden), cache=task.cache,
@@ -142,7 +145,7 @@ class Engine:
     @torch.inference_mode()
     def _execute_batch(self, tasks: list[tuple[SpanTask]]) -> list[torch.Tensor]:
         """Several sessions' steps with the same blocks and as many new tokens, no LoRA, as one forward."""
-        self._threads()
+        self._threads(all(t.decode for (t,) in tasks))
         with self._path(tasks[0][0], rows=sum(t.tokens for (t,) in tasks)):
             return run_batched(self.span, [(t.request, t.cache, t.blocks) for (t,) in tasks], self._to_span)
 
@@ -154,9 +157,11 @@ class Engine:
         packed = task.decode and self.plan.path_for(rows) == "packed"
         return packed_linears(self.span) if packed else contextlib.nullcontext()
 
-    def _threads(self) -> None:
-        if self.plan.threads:
-            threads.use(self.plan.threads)
+    def _threads(self, decode: bool = False) -> None:
+        """Decode steps take the plan's measured threads; prefills and backward passes every core it allows."""
+        count = self.plan.threads if decode else self.plan.prefill_threads or self.plan.threads
+        if count:
+            threads.use(count)
 
     def _backward(self, request: BackwardRequest, blocks: tuple[int, int], lora: LoraWeights | None
                   ) -> list[torch.Tensor]:

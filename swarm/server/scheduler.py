@@ -128,6 +128,10 @@ class FairScheduler:
     def queued(self, peer: str) -> int:
         return len(self.queues.get(peer, ()))
 
+    def others_waiting(self, peer: str) -> bool:
+        """Some other peer has a task queued."""
+        return any(queue for p, queue in list(self.queues.items()) if p != peer)
+
     def _next(self) -> list[tuple[str, _Task]] | None:
         with self._ready:
             while not self._stopped and (self._running or not any(self.queues.values())):
