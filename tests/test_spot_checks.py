@@ -165,3 +165,24 @@ def test_honest_servers_are_never_flagged_over_1000_checked_steps(checkpoints, d
             seed += 1
         assert checker.convicted == {}
         model.shutdown()
+
+
+def test_own_copy_keeps_its_spans_loaded_within_its_byte_budget(checkpoints):
+    """A client re-runs the same spans at every checked step: each (blocks, dtype) loads once, and the least
+    recently used span goes when the copies pass the budget. The outputs are transformers' blocks' own."""
+    from shards.checkpoint import Checkpoint
+    from swarm.client.evidence import LocalBlocks
+    path = checkpoints("llama")
+    blocks = LocalBlocks(Checkpoint(path))
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    first = blocks.output(0, 2, x)
+    loaded = blocks._span(0, 2, "float32")
+    blocks.output(2, 4, x)
+    assert blocks._span(0, 2, "float32") is loaded  # not loaded again
+    expected = BlockSpan.from_pretrained(path, 0, 2, dtype="float32")(x)
+    assert torch.equal(first, expected.detach())
+    one_span = loaded.parameters_bytes()
+    small = LocalBlocks(Checkpoint(path), max_bytes=int(1.5 * one_span))
+    small.output(0, 2, x)
+    small.output(2, 4, x)
+    assert list(small._spans) == [(2, 4, "float32")]  # the older span let go

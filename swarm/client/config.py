@@ -37,6 +37,10 @@ class ClientConfig:
     state_ttl: float = 5.0
     # failures of one request (each on another server) before the client gives up
     max_retries: int = 8
+    # "int8": prefills, forwards and backwards of at least 16 tokens cross in 8-bit rows, about half the bytes of
+    # 16 bits at 0.3-1% of a row's norm (swarm.wire.int8_rows), for links where upload is the bottleneck; decode
+    # steps stay in 16 bits. It applies to 16-bit bfloat16 activations (float32 models' default wire)
+    wire_codec: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str):
@@ -45,5 +49,7 @@ class ClientConfig:
         if self.wallet is not None and (self.contract is None or (self.chain_id is None and self.chain_rpc is None)):
             raise ValueError("paying servers needs the settlement contract address, and its chain id or a node of "
                              "its chain (chain_rpc)")
+        if self.wire_codec not in (None, "int8"):
+            raise ValueError(f"wire_codec must be None or 'int8', got {self.wire_codec!r}")
         if not 0.0 <= self.spot_check_rate <= 1.0:
             raise ValueError(f"spot_check_rate must lie in [0, 1], got {self.spot_check_rate}")

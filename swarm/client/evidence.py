@@ -4,6 +4,7 @@ incentives.verification says what evidence is and checks its signatures; this mo
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,16 @@ def load_evidence(path: str | os.PathLike) -> Evidence:
 
 class LocalBlocks:
     """Our own copy of a checkpoint's blocks (when its files are on this machine), run on the CPU: in float32, the
-    recomputation a checker trusts most, and in a server's dtype, to measure how far honest rounding goes."""
+    recomputation a checker trusts most, and in a server's dtype, to measure how far honest rounding goes.
 
-    def __init__(self, checkpoint):
-        self.checkpoint = checkpoint
-        self._blocks: tuple[int, int] | None = None
-        self._spans: dict[str, object] = {}
+    Spans stay loaded, the least recently used let go beyond ``max_bytes``: a client spot-checks the same few
+    spans of its chain at every checked step, and loading a span's weights costs far more than running it."""
+
+    MAX_BYTES = 2 * 2**30
+
+    def __init__(self, checkpoint, max_bytes: int = MAX_BYTES):
+        self.checkpoint, self.max_bytes = checkpoint, max_bytes
+        self._spans: OrderedDict[tuple[int, int, str], torch.nn.Module] = OrderedDict()
 
     def has(self, start: int, end: int) -> bool:
         from shards import get_family
@@ -47,13 +52,19 @@ class LocalBlocks:
         return bool(names) and self.checkpoint.files_are_local(names)
 
     def output(self, start: int, end: int, inputs: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
-        from shards import BlockSpan
-        if self._blocks != (start, end):
-            self._blocks, self._spans = (start, end), {}  # one span at a time in memory
-        if dtype not in self._spans:
-            self._spans[dtype] = BlockSpan.from_pretrained(self.checkpoint, start, end, dtype=dtype, device="cpu")
         with torch.inference_mode():
-            return self._spans[dtype](inputs.to(getattr(torch, dtype))).float()
+            return self._span(start, end, dtype)(inputs.to(getattr(torch, dtype))).float()
+
+    def _span(self, start: int, end: int, dtype: str) -> torch.nn.Module:
+        from shards import BlockSpan
+        key = (start, end, dtype)
+        if key in self._spans:
+            self._spans.move_to_end(key)
+            return self._spans[key]
+        span = self._spans[key] = BlockSpan.from_pretrained(self.checkpoint, start, end, dtype=dtype, device="cpu")
+        while len(self._spans) > 1 and sum(s.parameters_bytes() for s in self._spans.values()) > self.max_bytes:
+            self._spans.popitem(last=False)
+        return span
 
     def honest(self, start: int, end: int, inputs: torch.Tensor, dtype: str, wire: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -22,7 +22,7 @@ from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.push import PushOrigin, new_route_id, route_changes
 from swarm.client.server_stream import ServerStream
 from swarm.client.swarm_client import SwarmClient
-from swarm.wire import push_proof
+from swarm.wire import int8_rows, push_proof
 from swarm.wire.payloads import Accept, LoraSpec, Route
 from swarm.wire.requests import InferenceStep
 from swarm.wire.tensors import wire_dtype
@@ -61,6 +61,7 @@ class _ServerSession:
             request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
             request.lora_spec, request.adapter = self.lora_spec, client.adapter
             request.compact = True  # later decode steps and their replies in swarm.wire.compact's layout
+            request.codec = client.codec  # long outputs of this session (replies, pushes) in 8-bit rows
         if self.pending_reorder is not None:
             # the history follows the rows first: a replacement replaying it then needs no reorder
             order = self.pending_reorder
@@ -175,6 +176,7 @@ class InferenceSession:
         extra = optional_inputs(batch, self.position, length, attention_mask, position_ids)
         wire = (hidden.detach() if hidden.requires_grad else hidden).to(device="cpu",
                                                                          dtype=wire_dtype(hidden.dtype, self.exact))
+        wire = int8_rows.maybe_round(self.client.codec, wire)  # before anything hashes or keeps it
         output = loop.run(self._step(wire, extra))
         self.position += length
         self.steps += 1

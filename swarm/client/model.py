@@ -267,7 +267,8 @@ class AutoDistributedModelForCausalLM:
                         chain_id: int | None = None, chain_rpc: str | None = None, spot_check_rate: float = 0.0,
                         spot_check_seed: int | None = None, spot_check_local: bool | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int = 0, lora_config=None,
-                        active_adapter: str | None = None, push: bool = True, **hub_kwargs) -> DistributedModelForCausalLM:
+                        active_adapter: str | None = None, push: bool = True, wire_codec: str | None = None,
+                        **hub_kwargs) -> DistributedModelForCausalLM:
         """Load only the embeddings, final norm and LM head of ``model``; find its blocks in the swarm.
 
         ``exact_wire=True`` keeps float32 activations in float32 on the wire (default: 16-bit).
@@ -286,13 +287,16 @@ class AutoDistributedModelForCausalLM:
         servers holding it are used.
         ``push``: each server of an inference chain sends its output straight to the next one (a token crosses
         the network k + 1 times over k servers instead of 2k); the client still checks every server's output.
+        ``wire_codec="int8"``: prompts, forwards and backwards of 16 tokens or more cross every hop in 8-bit rows
+        (about half the bytes of 16 bits; swarm.wire.int8_rows), for upload-bound links. Decode steps stay 16-bit.
         """
         if active_adapter is not None and tuning_mode == "lora":
             raise ValueError("use either a served adapter (active_adapter) or train your own (tuning_mode='lora')")
         config = ClientConfig(initial_peers=initial_peers, request_timeout=request_timeout,
                               active_adapter=active_adapter, push=push, wallet=wallet, contract=contract,
                               chain_id=chain_id, chain_rpc=chain_rpc, spot_check_rate=spot_check_rate,
-                              spot_check_seed=spot_check_seed, spot_check_local=spot_check_local)
+                              spot_check_seed=spot_check_seed, spot_check_local=spot_check_local,
+                              wire_codec=wire_codec)
         checkpoint = Checkpoint(model, **hub_kwargs)
         client_modules = ClientModules.from_pretrained(checkpoint, dtype=dtype, device=device)
         local_blocks = None

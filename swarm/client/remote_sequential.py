@@ -18,6 +18,7 @@ from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import SwarmClient
 from swarm.wire.codes import ErrorCode, RemoteError
 from swarm.wire.payloads import LoraSpec
+from swarm.wire import int8_rows
 from swarm.wire.requests import BackwardRequest, SpanRequest
 from swarm.wire.tensors import wire_dtype
 
@@ -68,7 +69,8 @@ async def _forward_chain(client: SwarmClient, start: int, end: int, hidden: torc
     for link in await failover.chain(start, end, training=True, batch_tokens=tokens):
         own = block_slice(block_tensors, link.start, link.end, start)
         try:
-            (output,) = await _call_span(client, link, SpanRequest(hidden, **extra, **own, lora_spec=lora_spec))
+            request = SpanRequest(hidden, **extra, **own, lora_spec=lora_spec, codec=client.codec)
+            (output,) = await _call_span(client, link, request)
             hops.append((link, hidden))
         except Exception as e:
             failover.failed(link.peer_id, e)
@@ -83,7 +85,8 @@ async def _backward_hop(client: SwarmClient, link: ChainLink, hidden: torch.Tens
                         own: dict, lora_spec: LoraSpec | None, failover: Failover) -> tuple[torch.Tensor, dict]:
     """Gradients w.r.t. this hop's input and its slice of every per-block tensor."""
     present = [name for name in BLOCK_TENSORS if own.get(name) is not None]
-    request = BackwardRequest(hidden, grad_output=grad.to(hidden.dtype), **extra, **own, lora_spec=lora_spec)
+    grad = int8_rows.maybe_round(client.codec, grad.to(hidden.dtype))
+    request = BackwardRequest(hidden, grad_output=grad, **extra, **own, lora_spec=lora_spec, codec=client.codec)
     try:
         grads = await _call_span(client, link, request)
         return grads[0], dict(zip(present, grads[1:]))
@@ -111,7 +114,8 @@ class RemoteChainFunction(torch.autograd.Function):
         block_tensors = {name: None if t is None else t.detach().cpu().to(dtype if name == "prompts" else t.dtype)
                          for name, t in given.items()}
         failover = Failover(client, f"a forward of blocks 0:{client.num_blocks}")
-        output, hops = loop.run(_forward_chain(client, 0, client.num_blocks, hidden.detach().cpu().to(dtype), extra,
+        wire = int8_rows.maybe_round(client.codec, hidden.detach().cpu().to(dtype))
+        output, hops = loop.run(_forward_chain(client, 0, client.num_blocks, wire, extra,
                                                block_tensors, lora_spec, failover))
         ctx.client, ctx.hops, ctx.extra, ctx.lora_spec = client, hops, extra, lora_spec
         ctx.block_tensors = block_tensors

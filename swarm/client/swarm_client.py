@@ -47,7 +47,7 @@ class SwarmClient:
         self.config, self.model_id, self.num_blocks = config, model_id, num_blocks
         self.request_timeout, self.state_ttl, self.max_retries = config.request_timeout, config.state_ttl, \
             config.max_retries
-        self.adapter, self.push = config.active_adapter, config.push
+        self.adapter, self.push, self.codec = config.active_adapter, config.push, config.wire_codec
         self.dht = make_dht(config.initial_peers, client_mode=True)
         self.p2p = loop.run(self.dht.replicate_p2p())
         self.connector = Connector(self.p2p, self.dht.private_key)

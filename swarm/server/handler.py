@@ -22,6 +22,7 @@ from swarm.server.push import PushSender
 from swarm.server.session_steps import SessionSteps, check_mask_length
 from swarm.server.sessions import SessionTable
 from swarm.server.streams import Stream, StreamLoop
+from swarm.wire import int8_rows
 from swarm.wire.payloads import Accept
 from swarm.wire.replies import InfoReply, PayReply, SpanReply
 from swarm.wire.requests import BackwardRequest, Bounds, PayRequest, SpanRequest
@@ -88,7 +89,8 @@ class SpanHandler:
         lora = self.lora(request)
         payer = await self.billing.admit(stream.peer, request.payment, request.hidden, request.end - request.start)
         blocks = (request.start, request.end)
-        output = await self.engine.span_output(stream.peer, request, None, blocks, lora, past=0)
+        output = int8_rows.maybe_round(request.codec, await self.engine.span_output(stream.peer, request, None, blocks,
+                                                                                  lora, past=0))
         self.count("forward", request.hidden, blocks[1] - blocks[0])
         _, attestation = self.billing.attest(b"", request.hidden, output, *blocks)
         return SpanReply([output], attestation=attestation, receipt=self.billing.receipt(payer, request.hidden, *blocks))
@@ -101,6 +103,7 @@ class SpanHandler:
                                          backward=True)
         blocks = (request.start, request.end)
         grads = await self.engine.backward(stream.peer, request, blocks, lora)
+        grads[0] = int8_rows.maybe_round(request.codec, grads[0])  # the gradient of hidden (not prompts' or LoRA's)
         self.count("backward", request.hidden, blocks[1] - blocks[0])
         return SpanReply(grads, receipt=self.billing.receipt(payer, request.hidden, *blocks, backward=True))
 

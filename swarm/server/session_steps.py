@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from shards.lora import LoraWeights
-from swarm.wire import compact
+from swarm.wire import compact, int8_rows
 from swarm.wire.compact import CompactFrame
 from swarm.wire.framing import write_frame
 from swarm.server.billing import Billing
@@ -81,6 +81,7 @@ class SessionSteps:
             session = server.sessions.open(peer=stream.peer, start=step.start, end=step.end, batch_size=batch,
                                            max_length=step.max_length, cache=server.engine.span.new_cache())
             session.lora, session.writer, session.compact = lora, stream.writer, bool(step.compact)
+            session.codec = step.codec
             stream.session = session
         else:
             server.sessions.check_open(session)
@@ -122,6 +123,7 @@ class SessionSteps:
                                      torch.tensor(step.reorder, device=server.engine.span.device))
         output = await server.engine.span_output(peer, step, session.cache, (session.start, session.end),
                                                  session.lora, past=session.length)
+        output = int8_rows.maybe_round(session.codec, output)  # before its digests: what the next server gets
         position = session.advance(step)
         if session.push is not None and server.pushes is not None:  # the next server's input first
             if await server.pushes.send(session.push, step, output, position, session.end):

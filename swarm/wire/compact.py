@@ -13,6 +13,7 @@ to a next server that said it takes compact frames.
             flags, 32 bytes (a push: its route id in the first 16; a reply: its digest when flags & 1)
     then    when flags & 2 (a push, or a reply computed from one): the push proof (swarm.wire.push_proof)
     then    the hidden states (or the output), batch x tokens x hidden size, little-endian, as the dtype says
+            (code 3: bfloat16 values in 8-bit rows, swarm.wire.int8_rows)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Sequence
 import numpy
 import torch
 
+from swarm.wire import int8_rows
 from swarm.wire.codes import ErrorCode, InvalidReply, WireError, bad
 from swarm.wire.push_proof import PROOF_BYTES
 from swarm.wire.replies import SpanReply
@@ -32,8 +34,9 @@ from swarm.wire.tensors import dtype_name, finite_values, tensor_bytes
 
 HEADER = struct.Struct("<BBHIIQB32s")
 STEP, PUSH, REPLY = 0, 1, 2
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.bfloat16)
+_CODES = {dtype: code for code, dtype in enumerate(DTYPES[:3])}
+INT8_ROWS = 3  # the dtype code of bfloat16 activations in 8-bit rows
 _NUMPY = (numpy.float32, numpy.int16, numpy.int16)  # numpy has no bfloat16: 16-bit floats are read as bits
 _HAS_DIGEST, _HAS_PROOF = 1, 2
 
@@ -90,8 +93,9 @@ def pack_step(step: InferenceStep) -> CompactFrame | None:
     kind, route = (PUSH, bytes.fromhex(step.route_id)) if step.kind == "push" else (STEP, b"")
     batch, tokens, hidden_size = step.hidden.shape
     proof = step.push_proof or b""
-    return CompactFrame(HEADER.pack(kind, _CODES[step.hidden.dtype], batch, tokens, hidden_size, step.position,
-                                    _HAS_PROOF if proof else 0, route) + proof + tensor_bytes(step.hidden))
+    code, values = _values(step.hidden)
+    return CompactFrame(HEADER.pack(kind, code, batch, tokens, hidden_size, step.position,
+                                    _HAS_PROOF if proof else 0, route) + proof + values)
 
 
 def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
@@ -110,7 +114,8 @@ def parse_step(frame: bytes, bounds: Bounds, push: bool) -> InferenceStep:
     hidden = _tensor(frame, code, (batch, tokens, hidden_size), bounds.max_numel, "hidden", offset)
     if push:  # (the next server answers a push with its digest: from the frame's bytes, no torch calls)
         step = PushStep(hidden, position=position, route_id=tail[:16].hex(), push_proof=proof)
-        step.hidden_digest = hidden_state_digest(DTYPES[code], hidden.shape, memoryview(frame)[offset:])
+        raw = tensor_bytes(hidden) if code == INT8_ROWS else memoryview(frame)[offset:]  # digests are of the values
+        step.hidden_digest = hidden_state_digest(DTYPES[code], hidden.shape, raw)
         return step
     if proof is not None:
         raise bad("a client's step carries no push proof")
@@ -128,8 +133,8 @@ def pack_reply(reply: SpanReply) -> CompactFrame | None:
     digest = bytes.fromhex(reply.digest) if reply.digest is not None else b""
     proof = reply.push_proof or b""
     flags = (_HAS_DIGEST if digest else 0) | (_HAS_PROOF if proof else 0)
-    return CompactFrame(HEADER.pack(REPLY, _CODES[output.dtype], *output.shape, reply.length, flags, digest) + proof
-                        + tensor_bytes(output))
+    code, values = _values(output)
+    return CompactFrame(HEADER.pack(REPLY, code, *output.shape, reply.length, flags, digest) + proof + values)
 
 
 def reply_from_push(frame: bytes) -> tuple[str | None, bytes | None]:
@@ -166,6 +171,13 @@ def _fits(tensor: torch.Tensor) -> bool:
             and tensor.shape[0] <= 0xFFFF and max(tensor.shape[1:]) <= 0xFFFFFFFF)
 
 
+def _values(tensor: torch.Tensor) -> tuple[int, bytes]:
+    """A tensor's dtype code and bytes: 8-bit rows when it was rounded to them."""
+    if int8_rows.is_rounded(tensor):
+        return INT8_ROWS, int8_rows.encode(tensor)
+    return _CODES[tensor.dtype], tensor_bytes(tensor)
+
+
 def _header(frame: bytes, kind: int) -> tuple:
     if len(frame) < HEADER.size:
         raise bad(f"a compact frame of {len(frame)} bytes is shorter than its {HEADER.size}-byte header")
@@ -194,6 +206,8 @@ def _tensor(frame: bytes, code: int, shape: tuple[int, int, int], max_numel: int
     dtype, numel = DTYPES[code], shape[0] * shape[1] * shape[2]
     if numel > max_numel:
         raise WireError(ErrorCode.TOO_LARGE, f"tensor {name!r} has {numel} elements; the limit is {max_numel}")
+    if code == INT8_ROWS:
+        return int8_rows.decode(memoryview(frame)[offset:], shape, name)
     if len(frame) - offset != numel * dtype.itemsize:
         raise bad(f"a compact frame of {len(frame) - offset} bytes does not hold "
                   f"{dtype_name(dtype)} {list(shape)}")

@@ -22,7 +22,7 @@ import torch
 from hivemind.proto.runtime_pb2 import ExpertRequest
 
 from routing.addresses import ROUTE_ID
-from swarm.wire import push_proof
+from swarm.wire import int8_rows, push_proof
 from swarm.wire.codes import bad
 from swarm.wire.fields import pack_metadata, read_int, read_map, read_str, short, unpack_metadata
 from swarm.wire.limits import Limits
@@ -83,11 +83,12 @@ class SpanRequest:
     lora_spec: LoraSpec | None = None
     adapter: str | None = None
     payment: Payment | None = None
+    codec: str | None = None  # "int8": the client takes long outputs in 8-bit rows (swarm.wire.int8_rows)
 
     kind: ClassVar[str] = "forward"
     # the fields a request may carry and those it must, in a session's first step and in its later ones
     ALLOWED: ClassVar[frozenset[str]] = frozenset({"hidden", "start", "end", "position_ids", "attention_mask",
-                                                   "prompts", "lora", "lora_spec", "adapter", "payment"})
+                                                   "prompts", "lora", "lora_spec", "adapter", "payment", "codec"})
     REQUIRED: ClassVar[frozenset[str]] = frozenset({"hidden", "start", "end"})
     LATER_ALLOWED: ClassVar[frozenset[str]] = ALLOWED
     LATER_REQUIRED: ClassVar[frozenset[str]] = REQUIRED
@@ -204,8 +205,11 @@ class SpanRequest:
             if lora_spec is not None:
                 raise bad("send either an adapter name or LoRA weights, not both")
         payment = Payment.from_wire(read_map(meta, "payment", required=True)) if "payment" in meta else None
+        codec = read_str(meta, "codec", required=False)
+        if codec not in (None, int8_rows.NAME):
+            raise bad(f"metadata 'codec' must be {int8_rows.NAME!r} or absent, got {short(codec)}")
         request = cls(hidden, start, end, grad_output, position_ids, attention_mask, prompts, lora, lora_spec, adapter,
-                      payment)
+                      payment, codec)
         request._parse_own(meta, opening, bounds)
         return request
 

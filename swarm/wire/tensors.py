@@ -14,6 +14,7 @@ import torch
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
 
+from swarm.wire import int8_rows
 from swarm.wire.codes import ErrorCode, WireError, bad
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,16 +49,23 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return raw.numpy().tobytes()
 
 
+INT8_ROWS = "bfloat16-int8-rows"  # a tensor's dtype on the wire when it crosses in 8 bits (swarm.wire.int8_rows)
+
+
 def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """A tensor rounded to 8-bit rows crosses so; any other as its own dtype."""
+    if int8_rows.is_rounded(tensor):
+        return runtime_pb2.Tensor(buffer=int8_rows.encode(tensor), size=tensor.shape, dtype=INT8_ROWS,
+                                  compression=CompressionType.NONE)
     return runtime_pb2.Tensor(buffer=tensor_bytes(tensor), size=tensor.shape, dtype=dtype_name(tensor.dtype),
                               compression=CompressionType.NONE)
 
 
 def unpack_tensor(proto: runtime_pb2.Tensor, name: str, max_numel: int) -> torch.Tensor:
     """An untrusted tensor: dtype, compression, shape and buffer size are checked before the buffer is read."""
-    dtype = _TENSOR_DTYPES.get(proto.dtype)
+    dtype = _TENSOR_DTYPES.get(proto.dtype, torch.bfloat16 if proto.dtype == INT8_ROWS else None)
     if dtype is None:
-        raise bad(f"tensor {name!r} has dtype {proto.dtype!r}; allowed: {', '.join(_TENSOR_DTYPES)}")
+        raise bad(f"tensor {name!r} has dtype {proto.dtype!r}; allowed: {', '.join(_TENSOR_DTYPES)}, {INT8_ROWS}")
     if proto.compression != CompressionType.NONE:
         raise bad(f"tensor {name!r} uses compression {proto.compression}; allowed: {COMPRESSION}")
     shape = list(proto.size)
@@ -66,6 +74,8 @@ def unpack_tensor(proto: runtime_pb2.Tensor, name: str, max_numel: int) -> torch
     numel = math.prod(shape)
     if numel > max_numel:
         raise WireError(ErrorCode.TOO_LARGE, f"tensor {name!r} has {numel} elements; the limit is {max_numel}")
+    if proto.dtype == INT8_ROWS:
+        return int8_rows.decode(proto.buffer, tuple(shape), name)
     itemsize = dtype.itemsize
     if len(proto.buffer) != numel * itemsize:
         raise bad(f"tensor {name!r}: buffer of {len(proto.buffer)} bytes does not hold {proto.dtype} {shape}")
