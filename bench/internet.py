@@ -11,7 +11,8 @@ from_pretrained with default arguments (push on, 16-bit wire), in its own host. 
 - decode: greedy, median of --repeats over the decode steps (first new token to the last). Bound: the one-way
   delays of the legs a token takes (client -> first server, k - 1 pushes, last server -> client) plus each
   server's compute for a step, from its own metrics (the decode step it timed at start-up, cocoon_decode_plan);
-- prefill: the time to the first token of a --prompt-token prompt (a new session: its opening is counted).
+- prefill: the time to the first token of a --prompt-token prompt (a new session: its opening is counted), with
+  the 16-bit wire and again with a second client that has wire_codec="int8" (8-bit rows: swarm.wire.int8_rows).
   Bound: the client's upload of the prompt's hidden states, then for each server the larger of its compute
   (its blocks' forward over the prompt, timed here by transformers) and its upload of its output (the wire
   carries 2 bytes a value).
@@ -47,7 +48,7 @@ def client(path: str, peers: list[str], new_tokens: int, prompt: int, repeats: i
     with torch.no_grad():
         expected = local.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers)
-    result = {"decode_ms": [], "prefill_s": [], "same": True, "vias": set(), "chain": None, "fell_back": 0}
+    result = {"decode_ms": [], "same": True, "vias": set(), "chain": None, "fell_back": 0}
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False)
         for _ in range(repeats):
@@ -63,18 +64,30 @@ def client(path: str, peers: list[str], new_tokens: int, prompt: int, repeats: i
             else:
                 result["decode_ms"].append(1000 * (times.times[-1] - times.times[1]) / (new_tokens - 1))
             result["same"] = result["same"] and torch.equal(out, expected)
-        for _ in range(repeats):
-            times = Clock()
-            with model.inference_session(max_length=prompt + 1) as session:
-                model.generate(long_ids, max_new_tokens=1, do_sample=False, eos_token_id=None, streamer=times)
-                vias = {s.stream.via for s in session._sessions}
-            result["vias"] |= vias
-            if "hivemind" in vias:
-                result["fell_back"] += 1
-            else:
-                result["prefill_s"].append(times.times[1] - times.times[0])
+        result["prefill_s"] = prefills(model, long_ids, repeats, result)
     model.shutdown()
+    eight_bits = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers, wire_codec="int8")
+    with torch.no_grad():
+        eight_bits.generate(ids, max_new_tokens=2, do_sample=False)
+        result["prefill_int8_s"] = prefills(eight_bits, long_ids, repeats, result)
+    eight_bits.shutdown()
     print(json.dumps({**result, "vias": sorted(result["vias"])}), flush=True)
+
+
+def prefills(model, long_ids: torch.Tensor, repeats: int, result: dict) -> list[float]:
+    """Seconds to the first token of ``long_ids`` in a new session, ``repeats`` times (paths noted in ``result``)."""
+    seconds = []
+    for _ in range(repeats):
+        times = Clock()
+        with model.inference_session(max_length=long_ids.shape[1] + 1) as session:
+            model.generate(long_ids, max_new_tokens=1, do_sample=False, eos_token_id=None, streamer=times)
+            vias = {s.stream.via for s in session._sessions}
+        result["vias"] |= vias
+        if "hivemind" in vias:  # a fallback bypassed the delays: reported, not counted
+            result["fell_back"] += 1
+        else:
+            seconds.append(times.times[1] - times.times[0])
+    return seconds
 
 
 def step_seconds(net, host: str) -> dict[str, float]:
@@ -161,16 +174,18 @@ def main():
     print(f"\n{args.delay_ms:g} ms one-way and {args.upload_mbit:g} Mbit/s upload on every host but the DHT's; "
           f"{args.new_tokens} new tokens, a {args.prompt}-token prompt; median of {args.repeats}")
     print("\n| servers in the chain | decode ms/token | bound ms/token | ratio | servers' compute ms/step | "
-          "prefill s | bound s | ratio | same tokens as local | paths |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "prefill s | bound s | ratio | prefill s, int8 wire | 16-bit / int8 | same tokens as local | paths |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         nan = float("nan")
         decode = statistics.median(r["decode_ms"]) if r["decode_ms"] else nan
         prefill = statistics.median(r["prefill_s"]) if r["prefill_s"] else nan
+        prefill8 = statistics.median(r["prefill_int8_s"]) if r["prefill_int8_s"] else nan
         fell_back = f" ({r['fell_back']} runs fell back to hivemind: not counted)" if r["fell_back"] else ""
         print(f"| {r['k']} | {decode:.1f} | {r['decode_bound_ms']:.1f} | {decode / r['decode_bound_ms']:.2f} | "
               f"{sum(r['compute_ms']):.1f} | {prefill:.2f} | {r['prefill_bound_s']:.2f} | "
-              f"{prefill / r['prefill_bound_s']:.2f} | {'yes' if r['same'] else 'no'} | "
+              f"{prefill / r['prefill_bound_s']:.2f} | {prefill8:.2f} | {prefill / prefill8:.2f} | "
+              f"{'yes' if r['same'] else 'no'} | "
               f"{', '.join(r['vias'])}{fell_back} |")
 
 

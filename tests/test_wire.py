@@ -71,6 +71,8 @@ def span_requests(draw, cls=SpanRequest, opening=True):
             fields["adapter"] = draw(st.text(min_size=1, max_size=20))
     if cls is InferenceStep and not opening and draw(st.booleans()):
         fields["reorder"] = draw(st.lists(st.integers(0, batch - 1), min_size=batch, max_size=batch))
+    if (cls is not InferenceStep or opening) and draw(st.booleans()):
+        fields["codec"] = "int8"
     if draw(st.booleans()):
         voucher = None
         if draw(st.booleans()):
@@ -89,7 +91,7 @@ def same_request(a: SpanRequest, b: SpanRequest) -> bool:
     for name in ("hidden", "grad_output", "position_ids", "attention_mask", "prompts", "lora"):
         if not tensors_equal(getattr(a, name), getattr(b, name)):
             return False
-    scalars = ("start", "end", "lora_spec", "adapter", "payment", "max_length", "reorder")
+    scalars = ("start", "end", "lora_spec", "adapter", "payment", "max_length", "reorder", "codec", "by_push")
     return all(getattr(a, n, None) == getattr(b, n, None) for n in scalars) and type(a) is type(b)
 
 
@@ -432,3 +434,20 @@ def test_a_push_proof_blames_only_whom_it_proves_wrong():
     assert judge(None, key, route, 5, pushed, ours) is Blame.RECEIVER
     assert judge(proof[:-1] + bytes([proof[-1] ^ 1]), key, route, 5, pushed, ours) is Blame.RECEIVER
     assert judge(make(key, route, 5, theirs, pushed), key, route, 5, pushed, ours) is Blame.NOBODY  # stale input
+
+
+def test_a_first_step_taken_by_push_carries_no_tokens_and_names_its_pusher():
+    """A long prompt goes along a chain by push: each later server is opened with an empty step that says so."""
+    accept = Accept("QmXRGLJvAmkoTffLkJZdQeH2fWk4pN1y5cYwQ8UNPVCLsb", "ab" * 16)
+    empty = torch.empty(2, 0, HIDDEN, dtype=torch.bfloat16)
+    opening = dict(start=2, end=4, max_length=16)
+    step = InferenceStep.parse(InferenceStep(empty, **opening, by_push=True, accept=accept).pack(), BOUNDS)
+    assert step.by_push and step.hidden.shape == (2, 0, HIDDEN) and step.accept == accept
+    wrong = [InferenceStep(empty, **opening, by_push=True),  # from whom?
+             InferenceStep(empty, **opening, accept=accept),  # no tokens, not by push
+             InferenceStep(torch.ones(2, 3, HIDDEN, dtype=torch.bfloat16), **opening, by_push=True, accept=accept)]
+    for request in wrong:
+        with pytest.raises(WireError):
+            InferenceStep.parse(request.pack(), BOUNDS)
+    with pytest.raises(WireError):  # only a first step may
+        InferenceStep.parse(InferenceStep(empty, by_push=True, accept=accept).pack(), BOUNDS, opening=False)

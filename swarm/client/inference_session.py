@@ -23,11 +23,13 @@ from swarm.client.push import PushOrigin, new_route_id, route_changes
 from swarm.client.server_stream import ServerStream
 from swarm.client.swarm_client import SwarmClient
 from swarm.wire import int8_rows, push_proof
+from swarm.wire.framing import write_frame
 from swarm.wire.payloads import Accept, LoraSpec, Route
 from swarm.wire.requests import InferenceStep
 from swarm.wire.tensors import wire_dtype
 
 logger = logging.getLogger(__name__)
+BY_PUSH_TOKENS = 16  # a first step at least this long goes along the chain by push
 
 
 class _ServerSession:
@@ -57,11 +59,7 @@ class _ServerSession:
         request = InferenceStep(hidden, **extra, payment=client.payment(self.link.peer_id), position=self.length,
                                 push=route[0], accept=route[1])
         if not self.opened:
-            request.start, request.end, request.max_length = self.link.start, self.link.end, self.max_length
-            request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
-            request.lora_spec, request.adapter = self.lora_spec, client.adapter
-            request.compact = True  # later decode steps and their replies in swarm.wire.compact's layout
-            request.codec = client.codec  # long outputs of this session (replies, pushes) in 8-bit rows
+            self._opening(request, client)
         if self.pending_reorder is not None:
             # the history follows the rows first: a replacement replaying it then needs no reorder
             order = self.pending_reorder
@@ -73,9 +71,43 @@ class _ServerSession:
         reply = await self.stream.span(request, timeout, origin=origin)
         if self.opened and hidden.shape[1] == 1:
             client.measured_step(self.link.peer_id, time.perf_counter() - started, self.link.end - self.link.start)
-        self.opened, self.length = True, reply.length
         self.pushing = self.pushing if route[0] is None else route[0]
         self.accepting = self.accepting if route[1] is None else route[1]
+        return await self._accepted(hidden, extra, reply, client)
+
+    async def open_by_push(self, hidden: torch.Tensor, *, client: SwarmClient,
+                           route: tuple[Route | None, Accept | None]) -> None:
+        """Open the session with a first step whose input (like ``hidden``) the previous server pushes: a long
+        prompt then crosses each hop once. The server answers when it has computed it: ``take_pushed``."""
+        empty = hidden.new_empty(hidden.shape[0], 0, hidden.shape[2])
+        request = self._opening(InferenceStep(empty, payment=client.payment(self.link.peer_id), position=0,
+                                              push=route[0], accept=route[1], by_push=True), client)
+        await write_frame(self.stream.writer, request.pack())
+        # a server that takes by_push takes compact frames (one refusing by_push fails this step): the previous
+        # server may push to it now, before any reply of its own could say so
+        self.opened, self.stream.compact = True, True
+        self.pushing = self.pushing if route[0] is None else route[0]
+        self.accepting = self.accepting if route[1] is None else route[1]
+
+    async def take_pushed(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient,
+                          origin: PushOrigin | None) -> torch.Tensor:
+        """The answer to the step opened by push, whose input must be ``hidden`` (what the previous server gave
+        us), checked and kept as a step's."""
+        self.last_step = InferenceStep(hidden, **extra, position=0)
+        reply = await self.stream.answer(self.last_step, timeout, origin=origin)
+        return await self._accepted(hidden, extra, reply, client)
+
+    def _opening(self, request: InferenceStep, client: SwarmClient) -> InferenceStep:
+        request.start, request.end, request.max_length = self.link.start, self.link.end, self.max_length
+        request.prompts, request.lora = self.block_inputs.get("prompts"), self.block_inputs.get("lora")
+        request.lora_spec, request.adapter = self.lora_spec, client.adapter
+        request.compact = True  # later decode steps and their replies in swarm.wire.compact's layout
+        request.codec = client.codec  # long outputs of this session (replies, pushes) in 8-bit rows
+        return request
+
+    async def _accepted(self, hidden: torch.Tensor, extra: dict, reply, client: SwarmClient) -> torch.Tensor:
+        """This server's checked output for a step of input ``hidden``: attested, recorded and spot-checked."""
+        self.opened, self.length = True, reply.length
         output = reply.outputs[0]
         paid = client.paid_server(self.link.peer_id)
         chain = self.input_chain
@@ -184,19 +216,26 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, extra: dict) -> torch.Tensor:
         failover = Failover(self.client, f"an inference step of blocks 0:{self.client.num_blocks}")
-        block, index = 0, 0
+        block, index, by_push = 0, 0, set()
         while block < self.client.num_blocks:
             if index == len(self._sessions):  # first step, or the chain was cut: open sessions from `block` on
                 self._sessions.extend(await self._open_chain(block, self.client.num_blocks, [], failover))
+                if self.position == 0 and index == 0:
+                    by_push = await self._open_by_push(hidden)
             session = self._sessions[index]
             try:
                 timeout = self.client.step_timeout(session.link.peer_id, hidden.shape[0] * hidden.shape[1],
                                                    session.link.end - session.link.start)
-                output = await session.step(hidden, extra, timeout=timeout, client=self.client,
-                                            route=self._route(index), origin=self._origin(index))
+                if index in by_push:
+                    output = await session.take_pushed(hidden, extra, timeout=timeout, client=self.client,
+                                                       origin=self._origin(index))
+                else:
+                    output = await session.step(hidden, extra, timeout=timeout, client=self.client,
+                                                route=self._route(index), origin=self._origin(index))
                 self.client.bans.succeeded(session.link.peer_id)
             except Exception as e:
                 failover.failed(session.link.peer_id, e)  # raises the caller's errors and gives up in the end
+                by_push = {i for i in by_push if i < index}  # those after it are sent the step as usual
                 session.stream.close()
                 replacement = await self._open_chain(session.link.start, session.link.end, session.history, failover)
                 self._sessions[index:index + 1] = replacement
@@ -206,6 +245,20 @@ class InferenceSession:
                 index += await self._replace_pusher(index - 1, failover)
             hidden, block, index = output, session.link.end, index + 1
         return hidden
+
+    async def _open_by_push(self, hidden: torch.Tensor) -> set[int]:
+        """A long first step through a new chain: every server but the first is opened now to take its input by
+        push, so the prompt crosses each hop once (not from the client to every server). The indices opened so."""
+        if not self.client.push or hidden.shape[1] < BY_PUSH_TOKENS or len(self._sessions) < 2:
+            return set()
+        opened = set()
+        for index in reversed(range(1, len(self._sessions))):  # each server takes pushes before its pusher is told
+            try:
+                await self._sessions[index].open_by_push(hidden, client=self.client, route=self._route(index))
+            except (ConnectionError, OSError):
+                break  # the step meets the failed stream and fails over
+            opened.add(index)
+        return opened
 
     async def _replace_pusher(self, index: int, failover: Failover) -> int:
         """The server after session ``index`` took a pushed step other than what session ``index`` returned to

@@ -53,10 +53,16 @@ class ServerStream:
         may have been answered before it was sent: that answer counts when it was computed from the same input
         (its digest); else the server computes the client's step and answers again, and the differing answer
         is judged (``origin``: the push the client set up for this server; see swarm.wire.push_proof)."""
+        put_frame(self.writer, (self.compact and compact.pack_step(request)) or request.pack())  # sent: then the timer
+        return await self.answer(request, timeout, lora_shape, origin)
+
+    async def answer(self, request: SpanRequest, timeout: float, lora_shape: tuple[int, ...] | None = None,
+                     origin: PushOrigin | None = None) -> SpanReply:
+        """The server's reply to ``request``: the step just sent, or the step it was told to take by push (the
+        client's equivalent of it: the input it will be held to)."""
         expected = request.expected_reply(lora_shape)
         max_bytes = SpanReply.max_bytes(expected)
         position = getattr(request, "position", None)
-        put_frame(self.writer, (self.compact and compact.pack_step(request)) or request.pack())  # sent: then the timer
         async with asyncio.timeout(timeout):
             await self.writer.drain()
             # what a decode step answered from a push must match, computed while the server works

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import struct
+import sys
 import time
 from collections import OrderedDict
 from typing import Awaitable, Callable
@@ -39,7 +42,11 @@ from swarm.wire.replies import PushRefusal
 from swarm.wire.requests import InferenceStep, PushStep
 
 logger = logging.getLogger(__name__)
-PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped
+PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped...
+MIN_PUSH_BYTES_PER_S = 125_000  # ...plus its bytes at 1 Mbit/s: a long prompt's push takes its time on the wire
+UNSENT_BYTES = 1 << 16  # a push is as good as sent when this much of it is left in the kernel
+SIOCOUTQNSD = 0x894B  # Linux: bytes of a TCP socket's send queue not yet sent
+SENT_POLL_SECONDS = 0.002
 MAX_STREAMS = 64        # next servers with an open push stream (the least recently used is closed)
 ACK_BYTES = 1 << 16
 DIRECTORY_SECONDS = 15.0  # how long this server's view of the swarm serves for pushes
@@ -110,6 +117,18 @@ class _PushStream:
         self.writer.close()
 
 
+async def _until_sent(writer: asyncio.StreamWriter, frame_bytes: int) -> None:
+    """Return once the kernel has sent all but UNSENT_BYTES of a long push (Linux: SIOCOUTQNSD), not only taken it
+    into its buffer: a server sends a long output twice, pushed to the next server and answered to the client, on
+    one upload, and the next server's input should not share it with the client's copy."""
+    sock = writer.get_extra_info("socket")
+    if frame_bytes <= UNSENT_BYTES or sock is None or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        while struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0] > UNSENT_BYTES:
+            await asyncio.sleep(SENT_POLL_SECONDS)
+
+
 class PushSender:
     """The push streams of one server to the next servers of its clients' chains."""
 
@@ -134,11 +153,13 @@ class PushSender:
                           reorder=step.reorder, position=position, route_id=route.id)
         if route.key:  # what the client will hold this server to, should the next server answer otherwise
             pushed.push_proof = push_proof.make(route.key, route.id, position, step.digest(), pushed.digest())
+        frame = compact.pack_step(pushed) or pushed.pack()
         try:
-            async with asyncio.timeout(PUSH_SECONDS):
+            async with asyncio.timeout(PUSH_SECONDS + len(frame) / MIN_PUSH_BYTES_PER_S):
                 stream = await self._stream(route.to, info)
                 async with stream.lock:
-                    await write_frame(stream.writer, compact.pack_step(pushed) or pushed.pack())
+                    await write_frame(stream.writer, frame)
+                    await _until_sent(stream.writer, len(frame))  # then the client's copy (its reply)
             return True
         except Exception as e:  # the next server is gone or slow: the client finds out and fails over
             logger.info(f"push to {route.to} failed ({type(e).__name__}: {e}); not pushing on that route")

@@ -93,6 +93,9 @@ class SessionSteps:
             session.push = step.push or None
         if step.accept is not None:
             self.set_accept(session, step.accept)
+        if step.by_push:  # answered when the previous server's push is computed (push, below)
+            session.awaiting_push = True
+            return None
         async with session.lock:
             pushed, session.pushed = session.pushed, None
             if pushed is not None and step.position == pushed.position and \
@@ -235,7 +238,9 @@ class SessionSteps:
                 with contextlib.suppress(ValueError):  # else the client's copy meets a session that moved on
                     session.truncate(step.position)
                 return
-            session.pushed = PushedStep(step.position, digest)
+            # the client's copy of the step is still to come, unless the session opened to take it by push
+            session.pushed = None if session.awaiting_push else PushedStep(step.position, digest)
+            session.awaiting_push = False
             reply.push_proof = step.push_proof  # the pusher's words on what it pushed, for the client to judge
             self.push_counts["taken"] += 1
             with contextlib.suppress(ConnectionError):

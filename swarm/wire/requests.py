@@ -158,7 +158,8 @@ class SpanRequest:
         if "hidden" not in tensors:
             raise bad("a request must carry 'hidden'")
         hidden = tensors["hidden"]
-        check_activations(hidden, "hidden", bounds)
+        by_push = opening and meta.get("by_push") is True and "by_push" in cls.ALLOWED  # (its input comes later)
+        check_activations(hidden, "hidden", bounds, min_tokens=0 if by_push else 1)
         batch, length = hidden.shape[:2]
         start = end = None
         if "start" in meta:
@@ -235,7 +236,10 @@ class InferenceStep(SpanRequest):
     id}, or {} to stop). ``position`` is the session's length before the step, so that a step the server
     already took from a push is recognised. A pushed step (kind "push", on a server's ``push`` stream) names
     the receiving session by ``route_id``. ``compact`` (first step only): the client reads replies in
-    swarm.wire.compact's layout, and sends its later decode steps so when the server says it takes them."""
+    swarm.wire.compact's layout, and sends its later decode steps so when the server says it takes them.
+    ``by_push`` (first step only): the step's input will come pushed from the server ``accept`` names, and
+    ``hidden`` carries no tokens; the server answers once it has computed the pushed step (a long prompt then
+    crosses each hop once, as a push, instead of from the client to every server)."""
     max_length: int | None = None
     reorder: list[int] | None = None
     position: int | None = field(default=None, metadata={COMPACT: ("inference", "push")})
@@ -243,6 +247,7 @@ class InferenceStep(SpanRequest):
     accept: Accept | None = None
     route_id: str | None = field(default=None, metadata={COMPACT: ("push",)})
     compact: bool | None = None
+    by_push: bool | None = None  # first step only: its input comes pushed from the previous server (hidden: 0 tokens)
     # a pushed step: the pusher's proof of what it pushed, for which of its inputs (swarm.wire.push_proof)
     push_proof: bytes | None = field(default=None, metadata={COMPACT: ("push",)})
 
@@ -250,7 +255,8 @@ class InferenceStep(SpanRequest):
     # digest()'s first half, when swarm.wire.compact took it from the frame's bytes (no torch calls); not on the wire
     hidden_digest: ClassVar[str | None] = None
 
-    ALLOWED: ClassVar[frozenset[str]] = SpanRequest.ALLOWED | {"max_length", "compact", "position", "push", "accept"}
+    ALLOWED: ClassVar[frozenset[str]] = SpanRequest.ALLOWED | {"max_length", "compact", "position", "push", "accept",
+                                                                "by_push"}
     REQUIRED: ClassVar[frozenset[str]] = SpanRequest.REQUIRED | {"max_length"}
     LATER_ALLOWED: ClassVar[frozenset[str]] = frozenset({"hidden", "position_ids", "attention_mask", "reorder",
                                                          "payment", "position", "push", "accept"})
@@ -260,6 +266,10 @@ class InferenceStep(SpanRequest):
         if opening and "max_length" in self.REQUIRED:
             self.max_length = read_int(meta, "max_length", 1, bounds.limits.max_length)
             self.compact = meta.get("compact") is True
+            self.by_push = meta.get("by_push") is True or None
+        if (self.hidden.shape[1] == 0) != bool(self.by_push) or (self.by_push and "accept" not in meta):
+            raise bad("a step's hidden states carry no tokens exactly when they come by push: 'by_push' on a first "
+                      "step, with 'accept' naming the previous server")
         if "reorder" in meta:
             order, batch = meta["reorder"], self.hidden.shape[0]
             if not (isinstance(order, list) and len(order) == batch
@@ -312,9 +322,9 @@ class PushStep(InferenceStep):
 _FRAMING = {"protocol", "dtype", "compression", "tensors"}  # metadata about the message, not a field of the record
 
 
-def check_activations(tensor: torch.Tensor, name: str, bounds: Bounds) -> None:
+def check_activations(tensor: torch.Tensor, name: str, bounds: Bounds, min_tokens: int = 1) -> None:
     limits = bounds.limits
-    if tensor.ndim != 3 or tensor.shape[-1] != bounds.hidden_size or tensor.shape[1] < 1:
+    if tensor.ndim != 3 or tensor.shape[-1] != bounds.hidden_size or tensor.shape[1] < min_tokens:
         raise bad(f"{name} must have shape [batch, tokens, {bounds.hidden_size}], got {list(tensor.shape)}")
     if not 1 <= tensor.shape[0] <= limits.max_batch:
         raise bad(f"batch of {tensor.shape[0]} is outside 1..{limits.max_batch}")
