@@ -94,7 +94,6 @@ class SessionSteps:
         if step.accept is not None:
             self.set_accept(session, step.accept)
         if step.by_push:  # answered when the previous server's push is computed (push, below)
-            session.awaiting_push = True
             return None
         async with session.lock:
             pushed, session.pushed = session.pushed, None
@@ -238,9 +237,9 @@ class SessionSteps:
                 with contextlib.suppress(ValueError):  # else the client's copy meets a session that moved on
                     session.truncate(step.position)
                 return
-            # the client's copy of the step is still to come, unless the session opened to take it by push
-            session.pushed = None if session.awaiting_push else PushedStep(step.position, digest)
-            session.awaiting_push = False
+            # the client's copy of the step is still to come; or, for a step the session opened to take by push, it
+            # comes only if the client fell back to sending it (then it is recognised as answered, not redone)
+            session.pushed = PushedStep(step.position, digest)
             reply.push_proof = step.push_proof  # the pusher's words on what it pushed, for the client to judge
             self.push_counts["taken"] += 1
             with contextlib.suppress(ConnectionError):

@@ -59,7 +59,6 @@ class Session:
     pushed: PushedStep | None = None  # the last step taken from a push, until the client's copy arrives
     push_task: Any = None       # the pushed step being computed
     compact: bool = False       # the client reads replies in swarm.wire.compact's layout
-    awaiting_push: bool = False  # opened by push: its first input comes from the previous server only
     codec: str | None = None    # "int8": long outputs (replies and pushes) cross in 8-bit rows (swarm.wire.int8_rows)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's
     steps: dict[int, StepRecord] = field(default_factory=dict)  # the latest steps, by the position they start at
