@@ -40,7 +40,7 @@ def test_each_server_is_paid_exactly_units_times_price(node, checkpoints, tmp_pa
     before = {span: node.w3.eth.get_balance(address) for span, address in payouts.items()}
     first_block = node.w3.eth.block_number + 1
 
-    prompt, new_tokens = 7, 24
+    prompt, new_tokens = 20, 24  # a prompt long enough to take the by-push path, were the servers free
     with LocalSwarm(path) as swarm:
         foreign = swarm.add_server((0, 4), *foreign_args[(0, 1)])  # one hop for the whole model, were it usable
         servers, model = paying_client(swarm, path, server_args, client, settlement, node)

@@ -251,6 +251,8 @@ class InferenceSession:
         push, so the prompt crosses each hop once (not from the client to every server). The indices opened so."""
         if not self.client.push or hidden.shape[1] < BY_PUSH_TOKENS or len(self._sessions) < 2:
             return set()
+        if any(self.client.paid_server(s.link.peer_id) is not None for s in self._sessions[1:]):
+            return set()  # a paid server bills a pushed step against a reservation, which a first step has not made
         opened = set()
         for index in reversed(range(1, len(self._sessions))):  # each server takes pushes before its pusher is told
             try:
