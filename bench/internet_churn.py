@@ -68,10 +68,6 @@ def client(path: str, peers: list[str], seconds: float, seed: int) -> None:
     print(json.dumps(result), flush=True)
 
 
-def route_cost(delays: list[float]) -> float:
-    return sum(delays)
-
-
 def oracle(alive: dict[str, tuple[tuple[int, int], float]], client_delay: float) -> float:
     """The cheapest cover of blocks [0, BLOCKS) by consecutive spans of live servers: the client's delay plus
     each server's (name -> (span, one-way delay))."""
@@ -157,7 +153,7 @@ def main():
         for chain in result["chains"]:
             known = [servers[host_of[p]][1] for p in chain if host_of.get(p) in servers]
             if len(known) == len(chain):
-                ratios.append((delay + route_cost(known)) / best)
+                ratios.append((delay + sum(known)) / best)
         ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
         ms = statistics.median(result["ms_per_token"]) if result["ms_per_token"] else float("nan")
         print(f"| {name} | {delay:.1f} | {result['generations']} | {result['failed']} | {result['mismatched']} | "

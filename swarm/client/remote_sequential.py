@@ -16,9 +16,9 @@ from swarm.client import loop
 from swarm.client.failover import Failover, Verdict
 from swarm.client.inputs import block_slice, optional_inputs
 from swarm.client.swarm_client import SwarmClient
+from swarm.wire import int8_rows
 from swarm.wire.codes import ErrorCode, RemoteError
 from swarm.wire.payloads import LoraSpec
-from swarm.wire import int8_rows
 from swarm.wire.requests import BackwardRequest, SpanRequest
 from swarm.wire.tensors import wire_dtype
 

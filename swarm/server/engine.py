@@ -3,10 +3,10 @@
 Shaped like vLLM v1's engine core (vllm/v1/engine/core.py). A request for the span's output becomes
 ``SpanTask`` records: one, or for a prefill longer than a chunk, one per chunk, so that other peers' decode
 steps go between them (when nobody else waits or decodes here, the rest of the prefill runs as one). The
-scheduler (swarm.server.scheduler) decides when each task runs, fair between peers, and which tasks share one forward (their batch key: swarm.server.batching). ``execute`` runs a task
-or a batch the way this machine's decode plan says (shards.decode_paths: the path, the threads, whether
-the OpenMP workers are let go whenever nothing is queued). ``update`` learns the prefill rate from the chunks
-that ran, which sizes the next chunks.
+scheduler (swarm.server.scheduler) decides when each task runs, fair between peers, and which tasks share one
+forward (their batch key: swarm.server.batching). ``execute`` runs a task or a batch the way this machine's
+decode plan says (shards.decode_paths: the path, the threads, whether the OpenMP workers are let go whenever
+nothing is queued). ``update`` learns the prefill rate from the chunks that ran, which sizes the next chunks.
 
 A decode step is any step of at most MAX_DECODE_TOKENS new tokens onto a session's cache: one token, or the
 few tokens a client verifies at once (speculative decoding). All of them take the decode plan's path, run

@@ -89,8 +89,8 @@ class SpanHandler:
         lora = self.lora(request)
         payer = await self.billing.admit(stream.peer, request.payment, request.hidden, request.end - request.start)
         blocks = (request.start, request.end)
-        output = int8_rows.maybe_round(request.codec, await self.engine.span_output(stream.peer, request, None, blocks,
-                                                                                  lora, past=0))
+        output = await self.engine.span_output(stream.peer, request, None, blocks, lora, past=0)
+        output = int8_rows.maybe_round(request.codec, output)  # before its attestation: what the client gets
         self.count("forward", request.hidden, blocks[1] - blocks[0])
         _, attestation = self.billing.attest(b"", request.hidden, output, *blocks)
         return SpanReply([output], attestation=attestation, receipt=self.billing.receipt(payer, request.hidden, *blocks))

@@ -60,9 +60,10 @@ def round_rows(tensor: torch.Tensor) -> torch.Tensor:
     head = numpy.empty(rows.shape[0], _ROW)
     head["scale"], head["index"] = scale.numpy(), index.numpy()
     head["value"] = rows.gather(1, index).view(torch.int16).numpy().view(numpy.uint16)
-    raw = numpy.concatenate([head.view(numpy.uint8).reshape(rows.shape[0], -1),
-                             q.to(torch.int8).numpy().view(numpy.uint8)], axis=1).tobytes()
-    return decode(raw, tuple(tensor.shape), "rounded")
+    q = q.to(torch.int8)
+    raw = numpy.concatenate([head.view(numpy.uint8).reshape(rows.shape[0], -1), q.numpy().view(numpy.uint8)],
+                            axis=1).tobytes()
+    return _assemble(q, scale, index, rows.gather(1, index), tuple(tensor.shape), raw)  # our own bytes: unchecked
 
 
 def encode(tensor: torch.Tensor) -> bytes:
@@ -86,9 +87,16 @@ def decode(raw, shape: tuple[int, ...], name: str) -> torch.Tensor:
         raise bad(f"tensor {name!r}: int8 rows with a scale that is not finite and non-negative")
     q = torch.from_numpy(data[:, _ROW.itemsize:].copy().view(numpy.int8))
     values = torch.from_numpy(head["value"].copy().view(numpy.int16)).view(torch.bfloat16)
-    tensor = (q.float() * scale[:, None]).scatter(1, index, values.float()).to(torch.bfloat16).view(shape)
+    tensor = _assemble(q, scale, index, values, shape, raw)
     if not torch.isfinite(tensor).all():
         raise bad(f"{name} contains NaN or inf")
+    return tensor
+
+
+def _assemble(q: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
+              shape: tuple[int, ...], raw: bytes) -> torch.Tensor:
+    """The values an encoding stands for (int8 times its row's scale, outliers in place), holding that encoding."""
+    tensor = (q.float() * scale[:, None]).scatter(1, index, values.float()).to(torch.bfloat16).view(shape)
     setattr(tensor, MARK, raw)
     return tensor
 
