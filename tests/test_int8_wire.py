@@ -10,7 +10,7 @@ from swarm.apps.local_swarm import LocalSwarm
 from swarm.client import loop
 from swarm.wire import compact, int8_rows
 from swarm.wire.codes import WireError
-from swarm.wire.requests import Bounds, InferenceStep, PushStep, SpanRequest
+from swarm.wire.requests import Bounds, InferenceStep, PushStep, SpanRequest, piece, piece_bounds
 from swarm.wire.limits import Limits
 
 HIDDEN = 64
@@ -90,6 +90,30 @@ def test_requests_pushes_and_replies_carry_rounded_tensors_in_8_bits_and_digest_
     with pytest.raises(WireError, match="codec"):
         bad = SpanRequest(hidden, 0, 4, codec="int4").pack()
         SpanRequest.parse(bad, bounds)
+
+
+def test_a_first_step_is_pushed_in_pieces_that_both_ends_hash_alike_and_keep_their_8_bit_rows():
+    """A server pushes a session's first step in pieces (each server computes one while the last is on the wire);
+    the client checks each answer against its own piece of the step, so both must cut it the same way."""
+    bounds = Bounds(Limits(max_tokens_per_request=4096, max_length=4096), hidden_size=HIDDEN, start=0, end=4,
+                    max_position=4096)
+    tokens = 2500
+    assert piece_bounds(tokens, HIDDEN, 0) == [(0, 1024), (1024, 2048), (2048, 2500)]  # 128 KiB of 16 bits each
+    assert piece_bounds(tokens, HIDDEN, 7) == [(0, tokens)]  # later steps go whole: the client sends copies
+    assert piece_bounds(3000, 4096, 0)[0] == (0, 64)  # at least MIN_PIECE_TOKENS
+    output = int8_rows.round_rows(activations(tokens, HIDDEN))
+    ids, mask = torch.arange(tokens)[None], torch.ones(1, tokens, dtype=torch.int64)
+    step = InferenceStep(activations(tokens, HIDDEN, seed=1), position_ids=ids, attention_mask=mask, position=0)
+    pieces = [piece(step, output, a, b, PushStep, route_id="ab" * 16) for a, b in piece_bounds(tokens, HIDDEN, 0)]
+    received = [compact.parse_step(compact.pack_step(p) or p.pack(), bounds, push=True) if p.attention_mask is None
+                else PushStep.parse(p.pack(), bounds, opening=False) for p in pieces]
+    client_side = InferenceStep(output.clone(), position_ids=ids, attention_mask=mask, position=0)  # its own copy
+    for (a, b), sent, got in zip(piece_bounds(tokens, HIDDEN, 0), pieces, received):
+        assert got.position == a and got.hidden.shape[1] == b - a and got.attention_mask.shape[1] == b
+        assert int8_rows.is_rounded(got.hidden) and torch.equal(got.hidden, output[:, a:b])  # 8 bits, same values
+        assert got.digest() == sent.digest() == piece(client_side, client_side.hidden, a, b).digest()
+    joined = int8_rows.join_tokens([got.hidden for got in received])
+    assert torch.equal(joined, output) and int8_rows.encode(joined) == int8_rows.encode(output)
 
 
 @pytest.mark.slow

@@ -82,6 +82,25 @@ def test_pushed_chains_equal_local_greedy_and_beam_search_and_fail_over(six_bloc
         model.shutdown()
 
 
+def test_a_long_prompt_crosses_the_chain_in_pieces_each_pushed_on_as_it_is_computed(checkpoints):
+    """A first step longer than a piece (256 tokens at hidden 256: 128 KiB in 16 bits) goes from the first server
+    along the chain in pieces: each later server takes a piece by push, computes it, answers it to the client and
+    pushes it on while the next piece is still on the wire. None of them needs the client's copy."""
+    path = checkpoints("llama", num_hidden_layers=6, hidden_size=256)
+    ids = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(3))
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = local.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    with LocalSwarm(path, [(0, 2), (2, 4), (4, 6)]) as swarm:
+        model = client(path, swarm)
+        with model.inference_session(max_length=ids.shape[1] + 4) as session:
+            assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None), expected)
+            chain = [link.peer_id for link in session.chain]
+        for peer in chain[1:]:  # pieces of 256, 256 and 88 tokens, taken from pushes with no copy to answer
+            count = pushes(model, peer)
+            assert count["taken"] - count["answered"] == 3 and count["differed"] == count["refused"] == 0
+        model.shutdown()
+
+
 @pytest.mark.parametrize("mischief", ["push_wrong", "nan"])
 def test_a_lying_middle_server_is_caught_and_replaced(six_blocks, mischief):
     path, ids, _, expected = six_blocks

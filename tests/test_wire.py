@@ -441,13 +441,15 @@ def test_a_first_step_taken_by_push_carries_no_tokens_and_names_its_pusher():
     accept = Accept("QmXRGLJvAmkoTffLkJZdQeH2fWk4pN1y5cYwQ8UNPVCLsb", "ab" * 16)
     empty = torch.empty(2, 0, HIDDEN, dtype=torch.bfloat16)
     opening = dict(start=2, end=4, max_length=16)
-    step = InferenceStep.parse(InferenceStep(empty, **opening, by_push=True, accept=accept).pack(), BOUNDS)
-    assert step.by_push and step.hidden.shape == (2, 0, HIDDEN) and step.accept == accept
-    wrong = [InferenceStep(empty, **opening, by_push=True),  # from whom?
+    step = InferenceStep.parse(InferenceStep(empty, **opening, by_push=12, accept=accept).pack(), BOUNDS)
+    assert step.by_push == 12 and step.hidden.shape == (2, 0, HIDDEN) and step.accept == accept
+    wrong = [InferenceStep(empty, **opening, by_push=12),  # from whom?
              InferenceStep(empty, **opening, accept=accept),  # no tokens, not by push
-             InferenceStep(torch.ones(2, 3, HIDDEN, dtype=torch.bfloat16), **opening, by_push=True, accept=accept)]
+             InferenceStep(empty, **opening, by_push=17, accept=accept),  # more than max_length
+             InferenceStep(empty, **opening, by_push=True, accept=accept),  # how many?
+             InferenceStep(torch.ones(2, 3, HIDDEN, dtype=torch.bfloat16), **opening, by_push=12, accept=accept)]
     for request in wrong:
         with pytest.raises(WireError):
             InferenceStep.parse(request.pack(), BOUNDS)
     with pytest.raises(WireError):  # only a first step may
-        InferenceStep.parse(InferenceStep(empty, by_push=True, accept=accept).pack(), BOUNDS, opening=False)
+        InferenceStep.parse(InferenceStep(empty, by_push=12, accept=accept).pack(), BOUNDS, opening=False)

@@ -8,6 +8,7 @@ on: the output is the same as with no failure.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -25,7 +26,7 @@ from swarm.client.swarm_client import SwarmClient
 from swarm.wire import int8_rows, push_proof
 from swarm.wire.framing import write_frame
 from swarm.wire.payloads import Accept, LoraSpec, Route
-from swarm.wire.requests import InferenceStep
+from swarm.wire.requests import InferenceStep, piece, piece_bounds
 from swarm.wire.tensors import wire_dtype
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class _ServerSession:
         prompt then crosses each hop once. The server answers when it has computed it: ``take_pushed``."""
         empty = hidden.new_empty(hidden.shape[0], 0, hidden.shape[2])
         request = self._opening(InferenceStep(empty, payment=client.payment(self.link.peer_id), position=0,
-                                              push=route[0], accept=route[1], by_push=True), client)
+                                              push=route[0], accept=route[1], by_push=hidden.shape[1]), client)
         await write_frame(self.stream.writer, request.pack())
         # a server that takes by_push takes compact frames (one refusing by_push fails this step): the previous
         # server may push to it now, before any reply of its own could say so
@@ -91,10 +92,20 @@ class _ServerSession:
 
     async def take_pushed(self, hidden: torch.Tensor, extra: dict, *, timeout: float, client: SwarmClient,
                           origin: PushOrigin | None) -> torch.Tensor:
-        """The answer to the step opened by push, whose input must be ``hidden`` (what the previous server gave
-        us), checked and kept as a step's."""
-        self.last_step = InferenceStep(hidden, **extra, position=0)
-        reply = await self.stream.answer(self.last_step, timeout, origin=origin)
+        """The answers to the step opened by push, a piece at a time as its pusher cut it (piece_bounds), whose
+        input must be ``hidden`` (what the previous server gave us): checked, and kept as one step."""
+        self.last_step = step = InferenceStep(hidden, **extra, position=0)
+        cuts = piece_bounds(hidden.shape[1], hidden.shape[2], 0)
+        pusher = origin.pusher_step if origin is not None else None
+        outputs, reply = [], None
+        async with asyncio.timeout(timeout):
+            for a, b in cuts:  # a piece's proof names the pusher's piece of its own input
+                at = origin if pusher is None or len(cuts) == 1 else \
+                    dataclasses.replace(origin, pusher_step=piece(pusher, pusher.hidden, a, b))
+                reply = await self.stream.answer(piece(step, hidden, a, b) if len(cuts) > 1 else step, timeout,
+                                                 origin=at)
+                outputs.append(reply.outputs[0])
+        reply = dataclasses.replace(reply, outputs=[int8_rows.join_tokens(outputs)])
         return await self._accepted(hidden, extra, reply, client)
 
     def _opening(self, request: InferenceStep, client: SwarmClient) -> InferenceStep:

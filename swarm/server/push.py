@@ -39,7 +39,7 @@ from routing import ServerInfo, ServerState, SwarmState
 from swarm.wire.codes import InvalidReply, RemoteError
 from swarm.wire.payloads import Route
 from swarm.wire.replies import PushRefusal
-from swarm.wire.requests import InferenceStep, PushStep
+from swarm.wire.requests import InferenceStep, PushStep, piece, piece_bounds
 
 logger = logging.getLogger(__name__)
 PUSH_SECONDS = 2.0      # opening a stream and handing it one step; beyond that the route is dropped...
@@ -129,6 +129,25 @@ async def _until_sent(writer: asyncio.StreamWriter, frame_bytes: int) -> None:
             await asyncio.sleep(SENT_POLL_SECONDS)
 
 
+def _pushed_steps(route: Route, step: InferenceStep, output, position: int) -> list[PushStep]:
+    """``output`` (this server's output for ``step``, at ``position``) as the steps pushed for it: one, or a
+    session's first step in pieces (swarm.wire.requests.piece_bounds), each with this server's proof of what it
+    pushed for which piece of its input."""
+    cuts = piece_bounds(output.shape[1], output.shape[2], position)
+    if len(cuts) == 1:
+        inputs = [step]
+        pushed = [PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
+                           reorder=step.reorder, position=position, route_id=route.id)]
+    else:
+        inputs = [piece(step, step.hidden, a, b) for a, b in cuts]
+        pushed = [piece(step, output, a, b, PushStep, route_id=route.id) for a, b in cuts]
+    if route.key:  # what the client will hold this server to, should the next server answer otherwise
+        for own, step_pushed in zip(inputs, pushed):
+            step_pushed.push_proof = push_proof.make(route.key, route.id, step_pushed.position, own.digest(),
+                                                     step_pushed.digest())
+    return pushed
+
+
 class PushSender:
     """The push streams of one server to the next servers of its clients' chains."""
 
@@ -149,17 +168,14 @@ class PushSender:
             logger.info(f"not pushing to {route.to}: this server's view of the swarm does not show it serving "
                         f"block {next_block}")
             return False
-        pushed = PushStep(output, position_ids=step.position_ids, attention_mask=step.attention_mask,
-                          reorder=step.reorder, position=position, route_id=route.id)
-        if route.key:  # what the client will hold this server to, should the next server answer otherwise
-            pushed.push_proof = push_proof.make(route.key, route.id, position, step.digest(), pushed.digest())
-        frame = compact.pack_step(pushed) or pushed.pack()
+        frames = [compact.pack_step(pushed) or pushed.pack() for pushed in _pushed_steps(route, step, output, position)]
         try:
-            async with asyncio.timeout(PUSH_SECONDS + len(frame) / MIN_PUSH_BYTES_PER_S):
+            async with asyncio.timeout(PUSH_SECONDS + sum(map(len, frames)) / MIN_PUSH_BYTES_PER_S):
                 stream = await self._stream(route.to, info)
                 async with stream.lock:
-                    await write_frame(stream.writer, frame)
-                    await _until_sent(stream.writer, len(frame))  # then the client's copy (its reply)
+                    for frame in frames:
+                        await write_frame(stream.writer, frame)
+                        await _until_sent(stream.writer, len(frame))  # then the next piece, or the client's copy
             return True
         except Exception as e:  # the next server is gone or slow: the client finds out and fails over
             logger.info(f"push to {route.to} failed ({type(e).__name__}: {e}); not pushing on that route")

@@ -93,8 +93,10 @@ class SessionSteps:
             session.push = step.push or None
         if step.accept is not None:
             self.set_accept(session, step.accept)
-        if step.by_push:  # answered when the previous server's push is computed (push, below)
+        if step.by_push:  # each piece answered when the previous server's push of it is computed (push, below)
+            session.by_push_end = step.by_push
             return None
+        session.push_next = max(session.push_next, session.by_push_end)  # no more pieces of a prompt after this
         async with session.lock:
             pushed, session.pushed = session.pushed, None
             if pushed is not None and step.position == pushed.position and \
@@ -207,18 +209,28 @@ class SessionSteps:
             return PushRefusal(step.route_id, f"no session here takes pushes from you under route {step.route_id}")
         if step.hidden.shape[0] != session.batch_size:
             raise bad(f"batch of {step.hidden.shape[0]} in a session opened with {session.batch_size}")
-        if step.position <= session.length and (session.push_task is None or session.push_task.done()):
+        if step.position == session.push_next < session.by_push_end:  # a piece of the prompt: after the one before
+            session.push_next = min(step.position + step.hidden.shape[1], session.by_push_end)
+            session.push_task = asyncio.create_task(self._pushed_in_turn(session.push_task, session, step))
+        elif step.position <= session.length and (session.push_task is None or session.push_task.done()):
             if session.pushed is None and step.hidden.shape[1] <= MAX_DECODE_TOKENS and server.engine.lone_decoder():
                 await self._pushed_step(session, step)  # a lone session's step runs inline, holding the loop anyway
             else:  # one at a time, and after the client's copy of the last pushed step when that is waiting too
                 session.push_task = asyncio.create_task(self._pushed_step(session, step))
         return None
 
+    async def _pushed_in_turn(self, previous: asyncio.Task | None, session: Session, step: PushStep) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._pushed_step(session, step)
+
     async def _pushed_step(self, session: Session, step: PushStep) -> None:
         async with session.lock:
-            if step.position > session.length or session.pushed is not None or \
-                    session.session_id not in self.server.sessions.sessions:
+            copy_due = session.pushed is not None and session.pushed.position >= session.by_push_end
+            if step.position > session.length or copy_due or session.session_id not in self.server.sessions.sessions:
                 return  # the client's own step came first, or its copy of the last pushed step is still to come
+            if step.position < session.by_push_end and step.position != session.length:
+                return  # a piece of the prompt that the client's own copy of it overtook
             digest = step.digest()
             try:
                 if step.position < session.length and not self._rolls_back(session, step, digest):
@@ -237,8 +249,8 @@ class SessionSteps:
                 with contextlib.suppress(ValueError):  # else the client's copy meets a session that moved on
                     session.truncate(step.position)
                 return
-            # the client's copy of the step is still to come; or, for a step the session opened to take by push, it
-            # comes only if the client fell back to sending it (then it is recognised as answered, not redone)
+            # the client's copy of the step is still to come; or, for the pieces the session opened to take by push,
+            # it comes only if the client fell back to sending it (then the pieces are undone and it is computed)
             session.pushed = PushedStep(step.position, digest)
             reply.push_proof = step.push_proof  # the pusher's words on what it pushed, for the client to judge
             self.push_counts["taken"] += 1

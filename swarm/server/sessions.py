@@ -57,7 +57,9 @@ class Session:
     push: Route | None = None    # where to push this session's outputs
     accept: Accept | None = None  # whose pushes to take
     pushed: PushedStep | None = None  # the last step taken from a push, until the client's copy arrives
-    push_task: Any = None       # the pushed step being computed
+    push_task: Any = None       # the pushed step being computed (or the last piece queued, below)
+    by_push_end: int = 0        # the session's first tokens come pushed in pieces (requests.piece_bounds), no copies
+    push_next: int = 0          # where the next piece of them starts
     compact: bool = False       # the client reads replies in swarm.wire.compact's layout
     codec: str | None = None    # "int8": long outputs (replies and pushes) cross in 8-bit rows (swarm.wire.int8_rows)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, pushed or the client's

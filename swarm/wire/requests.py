@@ -158,7 +158,7 @@ class SpanRequest:
         if "hidden" not in tensors:
             raise bad("a request must carry 'hidden'")
         hidden = tensors["hidden"]
-        by_push = opening and meta.get("by_push") is True and "by_push" in cls.ALLOWED  # (its input comes later)
+        by_push = opening and meta.get("by_push") is not None and "by_push" in cls.ALLOWED  # (its input comes later)
         check_activations(hidden, "hidden", bounds, min_tokens=0 if by_push else 1)
         batch, length = hidden.shape[:2]
         start = end = None
@@ -237,9 +237,9 @@ class InferenceStep(SpanRequest):
     already took from a push is recognised. A pushed step (kind "push", on a server's ``push`` stream) names
     the receiving session by ``route_id``. ``compact`` (first step only): the client reads replies in
     swarm.wire.compact's layout, and sends its later decode steps so when the server says it takes them.
-    ``by_push`` (first step only): the step's input will come pushed from the server ``accept`` names, and
-    ``hidden`` carries no tokens; the server answers once it has computed the pushed step (a long prompt then
-    crosses each hop once, as a push, instead of from the client to every server)."""
+    ``by_push`` (first step only): the step's ``by_push`` tokens will come pushed from the server ``accept``
+    names, and ``hidden`` carries none; the server answers each piece of them once it has computed it (a long
+    prompt then crosses each hop once, as a push, instead of from the client to every server: ``pieces``)."""
     max_length: int | None = None
     reorder: list[int] | None = None
     position: int | None = field(default=None, metadata={COMPACT: ("inference", "push")})
@@ -247,7 +247,7 @@ class InferenceStep(SpanRequest):
     accept: Accept | None = None
     route_id: str | None = field(default=None, metadata={COMPACT: ("push",)})
     compact: bool | None = None
-    by_push: bool | None = None  # first step only: its input comes pushed from the previous server (hidden: 0 tokens)
+    by_push: int | None = None  # first step only: this many tokens come pushed from the previous server (hidden: none)
     # a pushed step: the pusher's proof of what it pushed, for which of its inputs (swarm.wire.push_proof)
     push_proof: bytes | None = field(default=None, metadata={COMPACT: ("push",)})
 
@@ -266,7 +266,7 @@ class InferenceStep(SpanRequest):
         if opening and "max_length" in self.REQUIRED:
             self.max_length = read_int(meta, "max_length", 1, bounds.limits.max_length)
             self.compact = meta.get("compact") is True
-            self.by_push = meta.get("by_push") is True or None
+            self.by_push = read_int(meta, "by_push", 1, self.max_length, required=False)
         if (self.hidden.shape[1] == 0) != bool(self.by_push) or (self.by_push and "accept" not in meta):
             raise bad("a step's hidden states carry no tokens exactly when they come by push: 'by_push' on a first "
                       "step, with 'accept' naming the previous server")
@@ -317,6 +317,28 @@ class PushStep(InferenceStep):
     REQUIRED: ClassVar[frozenset[str]] = frozenset({"hidden", "position", "route_id"})
     LATER_ALLOWED: ClassVar[frozenset[str]] = ALLOWED
     LATER_REQUIRED: ClassVar[frozenset[str]] = REQUIRED
+
+
+PIECE_BYTES = 128 << 10  # a session's first step is pushed along a chain in pieces of about this many 16-bit bytes...
+MIN_PIECE_TOKENS = 64    # ...and at least this many tokens (fewer would cost a server more steps than bytes)
+
+
+def piece_bounds(tokens: int, hidden_size: int, position: int) -> list[tuple[int, int]]:
+    """Where a step of ``tokens`` at ``position`` is cut when pushed (swarm.server.push): a session's first step in
+    pieces, so that each server of a chain computes and pushes on one piece while the previous one pushes it the
+    next; every later step whole (the client sends its own copy of those, a step at a time)."""
+    size = max(MIN_PIECE_TOKENS, PIECE_BYTES // (2 * hidden_size)) if position == 0 else tokens
+    return [(a, min(a + size, tokens)) for a in range(0, tokens, size)]
+
+
+def piece(step: InferenceStep, hidden: torch.Tensor, a: int, b: int, cls: type[InferenceStep] = InferenceStep,
+          **fields) -> InferenceStep:
+    """Tokens [a, b) of ``step`` (which starts at ``step.position``), with ``hidden`` for the step's hidden states
+    (its input, or a server's output for it): what both ends of a push hash for that piece."""
+    ids, mask, tokens = step.position_ids, step.attention_mask, hidden.shape[1]
+    return cls(int8_rows.token_slice(hidden, a, b), position_ids=None if ids is None else ids[:, a:b],
+               attention_mask=None if mask is None else mask[:, :mask.shape[1] - tokens + b],
+               reorder=step.reorder if a == 0 else None, position=(step.position or 0) + a, **fields)
 
 
 _FRAMING = {"protocol", "dtype", "compression", "tensors"}  # metadata about the message, not a field of the record
