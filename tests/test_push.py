@@ -98,6 +98,10 @@ def test_a_long_prompt_crosses_the_chain_in_pieces_each_pushed_on_as_it_is_compu
         for peer in chain[1:]:  # pieces of 256, 256 and 88 tokens, taken from pushes with no copy to answer
             count = pushes(model, peer)
             assert count["taken"] - count["answered"] == 3 and count["differed"] == count["refused"] == 0
+        # a server not measured yet gets time for a long prompt's bytes on a slow upload (2 Mbit/s), thrice
+        unmeasured = "QmUnmeasured"
+        assert model.swarm.step_timeout(unmeasured, 600, 2, 600 * 256 * 4) == \
+            pytest.approx(model.swarm.step_timeout(unmeasured, 600, 2) + 3 * 600 * 256 * 4 / 250_000)
         model.shutdown()
 
 

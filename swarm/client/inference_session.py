@@ -19,7 +19,7 @@ from routing import ChainLink
 from swarm.client import loop
 from swarm.client.attestations import check_attestation
 from swarm.client.failover import Failover, ServerFailure
-from swarm.client.inputs import block_slice, optional_inputs
+from swarm.client.inputs import block_slice, concat_history, cut_inputs, optional_inputs, wire_bytes
 from swarm.client.push import PushOrigin, new_route_id, route_changes
 from swarm.client.server_stream import ServerStream
 from swarm.client.swarm_client import SwarmClient
@@ -149,7 +149,7 @@ class _ServerSession:
                 del self.history[index:], self.chains[index:]
                 if kept:
                     part = hidden[:, :kept]
-                    self.history.append((part, _cut_inputs(extra, position, kept)))
+                    self.history.append((part, cut_inputs(extra, position, kept)))
                     self.chains.append(chain)
                     if self.input_chain:  # a priced server's: it chains the kept part as it chains a step
                         chain = chain_hash(chain, part.float().numpy())
@@ -236,7 +236,7 @@ class InferenceSession:
             session = self._sessions[index]
             try:
                 timeout = self.client.step_timeout(session.link.peer_id, hidden.shape[0] * hidden.shape[1],
-                                                   session.link.end - session.link.start)
+                                                   session.link.end - session.link.start, wire_bytes(hidden))
                 if index in by_push:
                     output = await session.take_pushed(hidden, extra, timeout=timeout, client=self.client,
                                                        origin=self._origin(index))
@@ -312,7 +312,7 @@ class InferenceSession:
         """Sessions on a chain for blocks [start, end); when ``history`` holds the inputs of earlier steps,
         they are replayed (as one prefill) so the new servers' KV caches match the lost one's."""
         sessions, block = [], start
-        replay = _concat_history(history)
+        replay = concat_history(history)
         if replay is None:  # nothing to replay through them in turn: connect to every server of the chain at once
             sessions, block = await self._connect_chain(start, end, failover)
         while block < end:
@@ -322,7 +322,7 @@ class InferenceSession:
                 session = self._new_session(link, await self.client.open_stream(link.peer_id, "inference"))
                 if replay is not None:
                     timeout = self.client.step_timeout(link.peer_id, replay[0].shape[0] * replay[0].shape[1],
-                                                       link.end - link.start)
+                                                       link.end - link.start, wire_bytes(replay[0]))
                     output = await session.step(*replay, timeout=timeout, client=self.client)
                     replay = (output, replay[1])
             except Exception as e:
@@ -375,26 +375,3 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _cut_inputs(extra: dict, position: int, kept: int) -> dict:
-    """A step's position ids and attention mask for its first ``kept`` tokens (the mask covers the past too)."""
-    ids, mask = extra.get("position_ids"), extra.get("attention_mask")
-    return {**extra, "position_ids": None if ids is None else ids[:, :kept],
-            "attention_mask": None if mask is None else mask[:, :position]}
-
-
-def _concat_history(history: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict] | None:
-    """All past steps as one: hidden states and position ids concatenated, the latest attention mask."""
-    if not history:
-        return None
-    hidden = torch.cat([h for h, _ in history], dim=1)
-    batch, past = hidden.shape[0], 0
-    positions = []
-    for h, extra in history:
-        length = h.shape[1]
-        given = extra.get("position_ids")
-        positions.append(given if given is not None else torch.arange(past, past + length).expand(batch, -1))
-        past += length
-    mask = history[-1][1].get("attention_mask")
-    return hidden, optional_inputs(batch, 0, past, mask, torch.cat(positions, dim=1))

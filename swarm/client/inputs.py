@@ -23,3 +23,30 @@ def optional_inputs(batch: int, past: int, length: int, attention_mask: torch.Te
     if attention_mask is not None:
         attention_mask = attention_mask.long().cpu()
     return {"position_ids": position_ids, "attention_mask": attention_mask}
+
+
+def wire_bytes(hidden: torch.Tensor) -> int:
+    return hidden.numel() * hidden.element_size()
+
+
+def cut_inputs(extra: dict, position: int, kept: int) -> dict:
+    """A step's position ids and attention mask for its first ``kept`` tokens (the mask covers the past too)."""
+    ids, mask = extra.get("position_ids"), extra.get("attention_mask")
+    return {**extra, "position_ids": None if ids is None else ids[:, :kept],
+            "attention_mask": None if mask is None else mask[:, :position]}
+
+
+def concat_history(history: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict] | None:
+    """All past steps as one: hidden states and position ids concatenated, the latest attention mask."""
+    if not history:
+        return None
+    hidden = torch.cat([h for h, _ in history], dim=1)
+    batch, past = hidden.shape[0], 0
+    positions = []
+    for h, extra in history:
+        length = h.shape[1]
+        given = extra.get("position_ids")
+        positions.append(given if given is not None else torch.arange(past, past + length).expand(batch, -1))
+        past += length
+    mask = history[-1][1].get("attention_mask")
+    return hidden, optional_inputs(batch, 0, past, mask, torch.cat(positions, dim=1))

@@ -32,6 +32,7 @@ STALE_SECONDS = 30.0     # a snapshot up to this much older than state_ttl serve
 # a server this client has not measured yet gets this long for a step, plus margins on its round trip and on the
 # work it announces, not the whole request timeout: a tarpit that announces blocks and never answers costs seconds
 FIRST_STEP_SECONDS = 1.5
+SLOW_UPLOAD_BYTES_PER_S = 250_000  # 2 Mbit/s: a long prompt's bytes take their time before a first answer
 
 
 class SwarmClient:
@@ -164,11 +165,12 @@ class SwarmClient:
         previous = self.block_seconds.get(peer_id)
         self.block_seconds[peer_id] = per_block if previous is None else 0.8 * previous + 0.2 * per_block
 
-    def step_timeout(self, peer_id: str, tokens: int, blocks: int) -> float:
-        """How long an inference step of ``tokens`` tokens through ``blocks`` of a server's blocks may take: the
-        request timeout once this client has measured the server's decode steps; before that, a budget from its
-        round trip and the work it announces, at the swarm's typical speed where it announces less (a server
-        cannot buy itself a longer budget by announcing itself slow)."""
+    def step_timeout(self, peer_id: str, tokens: int, blocks: int, wire_bytes: int = 0) -> float:
+        """How long an inference step of ``tokens`` tokens (``wire_bytes`` of hidden states) through ``blocks`` of a
+        server's blocks may take: the request timeout once this client has measured the server's decode steps;
+        before that, a budget from its round trip, the work it announces, at the swarm's typical speed where it
+        announces less (a server cannot buy itself a longer budget by announcing itself slow), and the bytes
+        (to the server, pushed on, answered) over a slow home upload."""
         if peer_id in self.block_seconds:
             return self.request_timeout
         state = self._state
@@ -179,7 +181,8 @@ class SwarmClient:
             typical = speeds[len(speeds) // 2] if speeds else 0.0
             speed = max(_block_speed(info, tokens), typical)  # tokens x blocks per second
             work = tokens * blocks / speed if speed > 0 else self.request_timeout
-        budget = FIRST_STEP_SECONDS + 4 * self.rtt.get(peer_id, (0.0, 0.0))[0] + 4 * work
+        budget = FIRST_STEP_SECONDS + 4 * self.rtt.get(peer_id, (0.0, 0.0))[0] + 4 * work + \
+            3 * wire_bytes / SLOW_UPLOAD_BYTES_PER_S
         budget = min(budget, self.request_timeout)
         if len(self._budgets) > 4096:
             self._budgets.clear()
