@@ -61,11 +61,17 @@ class PushDirectory:
         self.state: SwarmState | None = None
         self.read_at = -float("inf")
         self._reading = asyncio.Lock()
+        self._refreshing: asyncio.Task | None = None
 
     async def find(self, peer_id: str, block: int) -> ServerInfo | None:
-        """The record of ``peer_id`` if it is online and serves ``block``; else None (after one fresh look)."""
+        """The record of ``peer_id`` if it is online and serves ``block``; else None (after one fresh look). An old
+        view serves while a fresh one is read in the background: a DHT read over real links takes about half a
+        second, which a push waiting for it would add to a token."""
         if time.monotonic() - self.read_at > DIRECTORY_SECONDS:
-            await self._refresh()
+            if self.state is None:
+                await self._refresh()
+            elif self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh())
         info = self._lookup(peer_id, block)
         if info is None and time.monotonic() - self.read_at > REFRESH_SECONDS:
             await self._refresh()
