@@ -15,7 +15,8 @@ from_pretrained with default arguments (push on, 16-bit wire), in its own host. 
   the 16-bit wire and again with a second client that has wire_codec="int8" (8-bit rows: swarm.wire.int8_rows).
   Bound: the client's upload of the prompt's hidden states, then for each server the larger of its compute
   (its blocks' forward over the prompt, timed here by transformers) and its upload of its output (the wire
-  carries 2 bytes a value).
+  carries 2 bytes a value): stages one after another. A prompt goes down the chain in pieces that overlap the
+  stages (swarm.wire.requests.piece_bounds), so a long chain may take less than this sum.
 
 Every stream's path is checked: one that fell back to hivemind's own connection is reported, not counted.
 """
