@@ -103,20 +103,24 @@ def _assemble(q: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, values:
 
 def token_slice(tensor: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """Tokens [a, b) of [batch, tokens, hidden] ``tensor``; a rounded tensor's keep their rows of its encoding."""
+    if (a, b) == (0, tensor.shape[1]):
+        return tensor
     part = tensor[:, a:b]
-    if is_rounded(tensor) and (a, b) != (0, tensor.shape[1]):
+    if is_rounded(tensor):
         rows = numpy.frombuffer(encode(tensor), numpy.uint8).reshape(tensor.shape[0], tensor.shape[1], -1)
         setattr(part, MARK, rows[:, a:b].tobytes())
-    return part if (a, b) != (0, tensor.shape[1]) else tensor
+    return part
 
 
 def join_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
     """``parts`` concatenated along tokens; when all are rounded, the result keeps their encodings."""
+    if len(parts) == 1:
+        return parts[0]
     joined = torch.cat(parts, dim=1)
-    if len(parts) > 1 and all(is_rounded(p) for p in parts):
+    if all(is_rounded(p) for p in parts):
         rows = [numpy.frombuffer(encode(p), numpy.uint8).reshape(p.shape[0], p.shape[1], -1) for p in parts]
         setattr(joined, MARK, numpy.concatenate(rows, axis=1).tobytes())
-    return parts[0] if len(parts) == 1 else joined
+    return joined
 
 
 def rounding_bound(tensor: torch.Tensor) -> float:

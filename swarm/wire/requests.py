@@ -239,7 +239,7 @@ class InferenceStep(SpanRequest):
     swarm.wire.compact's layout, and sends its later decode steps so when the server says it takes them.
     ``by_push`` (first step only): the step's ``by_push`` tokens will come pushed from the server ``accept``
     names, and ``hidden`` carries none; the server answers each piece of them once it has computed it (a long
-    prompt then crosses each hop once, as a push, instead of from the client to every server: ``pieces``)."""
+    prompt then crosses each hop once, as a push, instead of from the client to every server: ``piece_bounds``)."""
     max_length: int | None = None
     reorder: list[int] | None = None
     position: int | None = field(default=None, metadata={COMPACT: ("inference", "push")})
