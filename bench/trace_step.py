@@ -63,9 +63,8 @@ if _dir:
     else:
         framing.write_frame = write_frame
     if _who != "client":
-        import swarm.server.handler as handler
-        cls = next(v for v in vars(handler).values() if isinstance(v, type) and hasattr(v, "_span_output"))
-        _span_output = cls._span_output
+        import swarm.server.engine as engine
+        _span_output = engine.Engine.span_output
 
         async def span_output(self, *args, **kwargs):
             ev("compute0")
@@ -73,7 +72,7 @@ if _dir:
             ev("compute1")
             return output
 
-        cls._span_output = span_output
+        engine.Engine.span_output = span_output
 '''
 
 CLIENT = '''
