@@ -62,11 +62,24 @@ def exit_on_termination() -> None:
         _wakeup.setblocking(False)
         threading.Thread(target=_watch, args=(reader,), name="cocoon-signals", daemon=True).start()
         os.register_at_fork(before=_before_fork, after_in_child=_stop_with_parent)
-    # the wakeup fd first: a signal arriving between the two would meet a handler that does nothing and no fd
-    # to tell the watcher, and be lost (a command signalled ~50 ms after it started ran on)
+    # the wakeup fd first: a signal arriving between the two would meet Python's default handler and no fd to
+    # tell the watcher (a command signalled ~50 ms after it started ran on)
     signal.set_wakeup_fd(_wakeup.fileno(), warn_on_full_buffer=False)
     for sig in _TERMINATING:
-        signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the main thread need not
+        signal.signal(sig, _hand_to_watcher)
+
+
+def _hand_to_watcher(signum: int, frame) -> None:
+    """The Python-level handler while the watcher acts. The signal's byte has mostly reached the watcher already,
+    through the wakeup fd; but an event loop that the main thread runs meanwhile (swarm.client.loop's, which
+    starts `cocoon dht`'s relay) takes the wakeup fd over while it runs, and drops a signal it has no handler
+    for (a `cocoon dht` signalled at that moment ran on): the loop still runs this handler, which hands the
+    signal on. A second byte for one signal does no harm: the watcher exits on the first."""
+    if _wakeup is not None:
+        try:
+            _wakeup.send(bytes([signum]))
+        except OSError:  # its buffer is full of signals already
+            pass
 
 
 def _before_fork() -> None:
@@ -144,7 +157,7 @@ def _watch(reader: socket.socket) -> None:
             return
         for signum in data:
             # (not "is the handler still Python's default": a signal arriving while the main thread installs the
-            # do-nothing handler is written here, then run by the main thread with the new handler: both would pass)
+            # watcher's handler is written here, then run by the main thread with the new handler: both would pass)
             if signum in _TERMINATING and not _raising:
                 terminating.set()
                 reap_children(grace=2.0)
