@@ -11,12 +11,14 @@ server, in this domain.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from eth_account.signers.local import LocalAccount
+from typing import TYPE_CHECKING
 
 from incentives.metering import Prices, Receipt, Tally
 from incentives.payer import canonical_signature
 from incentives.vouchers import Domain, Reservation, Voucher, sign, signer_of
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 RECEIPT_EVERY = 16
 MAX_CHANNELS_PER_CLIENT = 64

@@ -11,14 +11,17 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from eth_account import Account
-from eth_account.messages import SignableMessage
-from eth_keys import keys
-from eth_utils import keccak
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from routing.addresses import ETH_ADDRESS
+
+if TYPE_CHECKING:
+    from eth_account.messages import SignableMessage
+    from eth_keys import keys
+
+# eth_account, eth_keys and eth_utils are imported where a record is hashed or signed: together they take about a
+# second to import (py_ecc builds its curves, eth_utils its table of networks), which every `cocoon` process
+# paid at start, and a free server signs nothing.
 
 DOMAIN_NAME, DOMAIN_VERSION = "Cocoon", "1"
 
@@ -45,34 +48,37 @@ class Typed:
 def signable(record: Typed, domain: Domain | None = None) -> SignableMessage:
     """What ``eth_account.messages.encode_typed_data`` makes of the record, hashed here directly (a server
     signs an attestation for every reply: the general encoder parses the types anew each time)."""
+    from eth_account.messages import SignableMessage
     fields = record.EIP712_FIELDS
     type_hash = _type_hash(record.EIP712_NAME, fields)
-    body = keccak(type_hash + b"".join(_encode(kind, getattr(record, _snake(name)), name) for name, kind in fields))
+    body = _keccak(type_hash + b"".join(_encode(kind, getattr(record, _snake(name)), name) for name, kind in fields))
     return SignableMessage(b"\x01", _domain_separator(domain), body)
 
 
 def sign(record: Typed, private_key, domain: Domain | None = None) -> bytes:
     """65-byte signature (r, s, v) of ``record`` under ``domain``."""
+    from eth_account import Account
     if isinstance(private_key, (bytes, bytearray)):
         private_key = _private_key(bytes(private_key))
     return bytes(Account.sign_message(signable(record, domain), private_key).signature)
 
 
 def signer_of(record: Typed, signature: bytes, domain: Domain | None = None) -> str:
+    from eth_account import Account
     return Account.recover_message(signable(record, domain), signature=signature)
 
 
 @functools.lru_cache(maxsize=16)
 def _type_hash(name: str, fields: tuple[tuple[str, str], ...]) -> bytes:
-    return keccak(f"{name}({','.join(f'{kind} {member}' for member, kind in fields)})".encode())
+    return _keccak(f"{name}({','.join(f'{kind} {member}' for member, kind in fields)})".encode())
 
 
 @functools.lru_cache(maxsize=16)
 def _domain_separator(domain: Domain | None) -> bytes:
-    name, version = keccak(DOMAIN_NAME.encode()), keccak(DOMAIN_VERSION.encode())
+    name, version = _keccak(DOMAIN_NAME.encode()), _keccak(DOMAIN_VERSION.encode())
     if domain is None:
-        return keccak(keccak(b"EIP712Domain(string name,string version)") + name + version)
-    return keccak(keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+        return _keccak(_keccak(b"EIP712Domain(string name,string version)") + name + version)
+    return _keccak(_keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
                   + name + version + _encode("uint256", domain.chain_id, "chainId")
                   + _encode("address", domain.contract, "verifyingContract"))
 
@@ -85,8 +91,13 @@ def _encode(kind: str, value: Any, name: str) -> bytes:
     if kind == "bytes32" and isinstance(value, bytes) and len(value) == 32:
         return value
     if kind == "string" and isinstance(value, str):
-        return keccak(value.encode())
+            return _keccak(value.encode())
     raise ValueError(f"{name} is not a valid {kind}: {str(value)[:80]}")
+
+
+def _keccak(data: bytes) -> bytes:
+    from eth_utils import keccak
+    return keccak(data)
 
 
 def _snake(name: str) -> str:
@@ -95,4 +106,5 @@ def _snake(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _private_key(key: bytes) -> keys.PrivateKey:
+    from eth_keys import keys
     return keys.PrivateKey(key)  # (parsing derives the public key: cached for the key a server signs with)
