@@ -4,7 +4,6 @@ Its checks answer that no address is reachable (without dialling anything) and i
 connections and never answers them: what the second audit's sybil relays did to make a reachable server hide
 behind them and its clients wait."""
 import asyncio
-import sys
 
 from swarm.net import relay
 
@@ -21,5 +20,5 @@ relay.RelayService.dial_back = _nobody_is_reachable
 relay.RelayService._splice = _tarpit
 
 if __name__ == "__main__":
-    from swarm.apps.cli import main
-    sys.exit(main())
+    from swarm.apps.cli import run
+    run()

@@ -21,7 +21,6 @@ $COCOON_DIRECT_ADDRESS makes it announce that "ip:port" as its direct address (a
 """
 import dataclasses
 import os
-import sys
 
 import torch
 
@@ -125,5 +124,5 @@ if "COCOON_DIRECT_ADDRESS" in os.environ:
     server.Server._check_reachability = _check_reachability
 
 if __name__ == "__main__":
-    from swarm.apps.cli import main
-    sys.exit(main())
+    from swarm.apps.cli import run
+    run()

@@ -12,7 +12,8 @@ from pathlib import Path
 import configargparse
 
 from swarm.net import event_loop
-from swarm.processes import exit_on_termination, exit_with_owner, quiet_peer_resets, reap_children, terminating
+from swarm.processes import (exit_on_termination, exit_quickly, exit_with_owner, quiet_peer_resets, reap_children,
+                             terminating)
 from swarm.server.config import add_arguments as add_server_arguments, maddr_arg
 
 
@@ -324,5 +325,10 @@ def _wait_for_signal() -> None:
     exit_on_termination()  # asyncio put the default handlers back: shutting down must not be cut short
 
 
+def run() -> None:
+    """The `cocoon` command: ``main``, then an exit that skips the interpreter's teardown (exit_quickly)."""
+    exit_quickly(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
