@@ -1,7 +1,7 @@
 """Spot checks on real weights, where cheats hide best: SmolLM2-135M-Instruct in bfloat16, whose blocks 12:20
 change the hidden state by a few percent. A client with its own copy of the blocks convicts a server of those
 blocks that scales its output by 1.05, or adds Gaussian noise of 6% of each row's norm, within 16 tokens; and in
-20 spot-checked generations through float32 and bfloat16 servers, it convicts no honest one."""
+20 spot-checked generations of 8 tokens through float32 and bfloat16 servers, it convicts no honest one."""
 import time
 
 import pytest
@@ -53,7 +53,8 @@ def test_cheats_on_a_few_percent_of_the_hidden_state_are_convicted_and_honest_se
         for i in range(20):  # each question through the float32 servers, then through the bfloat16 ones
             dtype = ("float32", "bfloat16")[i // len(QUESTIONS)]
             favour(model, swarm, [server for (_, d), server in honest.items() if d == dtype])
-            model.generate(ask(QUESTIONS[i % len(QUESTIONS)]), max_new_tokens=16, do_sample=False)
+            # (8 tokens, where 16 took this test over 3 minutes: each check re-runs a span over the whole context)
+            model.generate(ask(QUESTIONS[i % len(QUESTIONS)]), max_new_tokens=8, do_sample=False)
         assert set(checker.convicted) == {cheat.peer_id for cheat in cheats.values()}
         assert all(checker.steps.get(server.peer_id, 0) >= 10 for server in honest.values()), checker.steps
         assert checker.unsettled == 0
