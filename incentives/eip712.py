@@ -79,8 +79,8 @@ def _domain_separator(domain: Domain | None) -> bytes:
     if domain is None:
         return _keccak(_keccak(b"EIP712Domain(string name,string version)") + name + version)
     return _keccak(_keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
-                  + name + version + _encode("uint256", domain.chain_id, "chainId")
-                  + _encode("address", domain.contract, "verifyingContract"))
+                   + name + version + _encode("uint256", domain.chain_id, "chainId")
+                   + _encode("address", domain.contract, "verifyingContract"))
 
 
 def _encode(kind: str, value: Any, name: str) -> bytes:
@@ -91,7 +91,7 @@ def _encode(kind: str, value: Any, name: str) -> bytes:
     if kind == "bytes32" and isinstance(value, bytes) and len(value) == 32:
         return value
     if kind == "string" and isinstance(value, str):
-            return _keccak(value.encode())
+        return _keccak(value.encode())
     raise ValueError(f"{name} is not a valid {kind}: {str(value)[:80]}")
 
 
