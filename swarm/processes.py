@@ -10,6 +10,7 @@ lock. Whatever is still running when a command returns is terminated too."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -120,8 +121,11 @@ def exit_with_owner() -> None:
     pid, _, started = owner.partition(":")
 
     def watch() -> None:
-        while is_running(int(pid), started):
+        while is_running(int(pid), float(started)):
             time.sleep(1.0)
+        with contextlib.suppress(OSError):  # its end of our output may be gone with it
+            print(f"cocoon: the process that started this one (pid {pid}) is gone: stopping", file=sys.stderr,
+                  flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="cocoon-owner", daemon=True).start()
@@ -132,12 +136,14 @@ def owner_token() -> str:
     return f"{os.getpid()}:{psutil.Process().create_time():.2f}"
 
 
-def is_running(pid: int, started: str) -> bool:
-    """The process ``pid`` that started at ``started`` (not a later one given the same pid) has not exited."""
+def is_running(pid: int, started: float) -> bool:
+    """The process ``pid`` that started at ``started`` (not a later one given the same pid) has not exited. The
+    start time is compared within a second: psutil derives it from the boot time, which moves when the clock is
+    set, and a later process given the same pid started long after."""
     try:
         process = psutil.Process(pid)
-        return f"{process.create_time():.2f}" == started and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+        return abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 

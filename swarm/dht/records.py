@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 import hivemind
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PDaemonError
 from hivemind.utils import get_dht_time
 
 from routing import ServerInfo, SwarmState
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+JOIN_ATTEMPTS = 3  # a first connection to a live peer on loopback failed about once in a full test run
 DHT_SECONDS = 60.0  # a blocking DHT call that takes longer has failed (on loopback they take milliseconds)
 
 
@@ -81,8 +82,16 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
     if host_maddrs is not None:
         kwargs["host_maddrs"] = list(host_maddrs)
     try:
-        dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True,
-                           record_validators=[ServerRecordValidator(key if sign else None)], **kwargs)
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            try:
+                dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True,
+                                   record_validators=[ServerRecordValidator(key if sign else None)], **kwargs)
+                break
+            except P2PDaemonError as error:
+                if "bootstrap peers" not in str(error) or attempt == JOIN_ATTEMPTS:
+                    raise
+                logger.warning(f"Could not reach any initial peer (attempt {attempt} of {JOIN_ATTEMPTS}); retrying")
+                time.sleep(attempt)
     finally:  # the daemon has read the file once the DHT is up; a process killed later would leave it behind
         if temporary:
             shutil.rmtree(os.path.dirname(identity_path), ignore_errors=True)
