@@ -1,11 +1,14 @@
 """Joining the swarm: a first connection to the initial peers that fails is tried again."""
 import logging
+import os
 import socket
+import tempfile
 import threading
+import time
 
 from hivemind.p2p import P2P, PeerID
 
-from swarm.dht.records import make_dht
+from swarm.dht.records import IDENTITY_PREFIX, make_dht
 
 
 def free_port() -> int:
@@ -52,3 +55,17 @@ def test_a_join_that_fails_is_retried_until_the_initial_peer_answers(tmp_path, c
 
 async def _connected_peers(_dht, node) -> set:
     return {info.peer_id for info in await node.protocol.p2p.list_peers()}
+
+
+def test_a_join_removes_identity_files_left_by_killed_processes():
+    """A process killed while it joins (SIGKILL runs no cleanup) leaves its temporary identity behind: the next
+    join removes those older than an hour, and leaves a recent one, which may be a join under way."""
+    stale, recent = (tempfile.mkdtemp(prefix=IDENTITY_PREFIX) for _ in range(2))
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    dht = make_dht([])
+    try:
+        assert not os.path.exists(stale) and os.path.isdir(recent)
+    finally:
+        dht.shutdown()
+        os.rmdir(recent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+IDENTITY_PREFIX = "cocoon-identity-"  # a temporary identity's directory
 JOIN_ATTEMPTS = 3  # a first connection to a live peer on loopback failed about once in a full test run
 DHT_SECONDS = 60.0  # a blocking DHT call that takes longer has failed (on loopback they take milliseconds)
 
@@ -101,8 +103,13 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
 
 
 def _temporary_identity() -> str:
-    """A fresh identity file in a directory of its own (make_dht removes it once its daemon has read it)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="cocoon-identity-"), "identity.key")
+    """A fresh identity file in a directory of its own (make_dht removes it once its daemon has read it). Those
+    that processes killed while joining left behind go too: a join takes seconds, not an hour."""
+    for stale in glob.glob(os.path.join(tempfile.gettempdir(), f"{IDENTITY_PREFIX}*")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(stale) > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+    path = os.path.join(tempfile.mkdtemp(prefix=IDENTITY_PREFIX), "identity.key")
     P2P.generate_identity(path)
     return path
 
