@@ -13,8 +13,10 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
   spinning. Along a chain the processes take turns, so this is timed in turns: a partner thread, standing for
   the next process of the chain, steps between this span's steps, and each policy is timed by the round.
 
-The choice is cached per machine, model shape, dtype and quantization (like shards.throughput); the whole
-measurement keeps to a budget of about 2 s. ``DecodePlan.parse`` reads a plan given on the command line: any
+Paths and thread counts are timed together by rounds, one step of each candidate in turn, and compared by
+their medians: on a shared VM the speed drifts within seconds, and timed one after the other, the candidate
+timed during a lull would win. The choice is cached per machine, model shape, dtype and quantization (like
+shards.throughput); the whole measurement keeps to a budget of about 2 s. ``DecodePlan.parse`` reads a plan given on the command line: any
 part it fixes is not measured.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"release": True, "spin": False}
 BUDGET_S = 2.0
-PLAN_VERSION = 4  # of what is measured: a plan cached by another version is measured again
+PLAN_VERSION = 5  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
@@ -166,20 +169,18 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         first = _timed(steps[paths[0]], 2)  # warm-up, and a first figure for the budget
         if first * 3 * (len(paths) + len(threads) + 8) > 4 * budget_s:  # steps too slow to time every candidate
             threads, policies = threads[:1], policies[:1]  # the defaults: all cores, workers released
-        timings = len(paths) + 2 * len(batch_paths) + len(threads) + 4 * (len(policies) > 1)
+        combos = [(p, n) for n in threads for p in paths]  # the first: the plain path on all cores
+        timings = len(combos) + 2 * len(batch_paths) + 4 * (len(policies) > 1)
         reps = max(3, min(15, int(budget_s / max(first, 1e-4) / max(timings, 1))))
-        by_path = {path: _timed(steps[path], reps) for path in paths}
-        path = _fastest(by_path, paths[0])
-        by_batch = {p: _timed(batches[p], reps) for p in batch_paths}
+        by_combo = _in_rounds({combo: (steps[combo[0]], combo[1]) for combo in combos}, reps, set_threads)
+        path, chosen_threads = _fastest(by_combo, combos[0])
+        by_path = {p: by_combo[p, chosen_threads] for p in paths}
+        by_threads = {n: by_combo[path, n] for n in threads}
+        by_batch = _in_rounds({p: (batches[p], chosen_threads) for p in batch_paths}, reps, set_threads)
         batch_path = _fastest(by_batch, batch_paths[0]) if by_batch else path
-        by_threads = {}
-        for n in threads:
-            set_threads(n)
-            by_threads[n] = by_path[path] if n == threads[0] else _timed(steps[path], reps)
-        chosen_threads = _fastest(by_threads, threads[0])
         set_threads(chosen_threads)
         by_policy = {policy: _in_turns(steps[path], decode_step(span, path), chosen_threads, policy, reps)
-                     for policy in policies} if len(policies) > 1 else {policies[0]: 0.0}
+                     for policy in policies} if len(policies) > 1 and chosen_threads > 1 else {policies[0]: 0.0}
         release = _fastest(by_policy, policies[0])
     finally:
         torch.set_num_threads(saved_threads)
@@ -206,6 +207,21 @@ def _timed(step: Callable[[], None], reps: int) -> float:
         step()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def _in_rounds(candidates: dict, reps: int, set_threads: Callable[[int], None]) -> dict:
+    """Each candidate's median step, for candidates {key: (step, threads)} timed one after the other in every
+    round, after a round of warm-up. This machine's speed drifts within seconds (other tenants of a VM): timed
+    one candidate after the other, a drift would favour whichever ran while it lasted."""
+    times: dict = {key: [] for key in candidates}
+    for round_ in range(reps + 1):
+        for key, (step, threads) in candidates.items():
+            set_threads(threads)
+            started = time.perf_counter()
+            step()
+            if round_:
+                times[key].append(time.perf_counter() - started)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, release: bool,
