@@ -92,7 +92,8 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
             except P2PDaemonError as error:
                 if "bootstrap peers" not in str(error) or attempt == JOIN_ATTEMPTS:
                     raise
-                logger.warning(f"Could not reach any initial peer (attempt {attempt} of {JOIN_ATTEMPTS}); retrying")
+                # (info, not a warning: a command's error stays one line when the last attempt fails too)
+                logger.info(f"Could not reach any initial peer (attempt {attempt} of {JOIN_ATTEMPTS}); retrying")
                 time.sleep(attempt)
     finally:  # the daemon has read the file once the DHT is up; a process killed later would leave it behind
         if temporary:
