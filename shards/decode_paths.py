@@ -16,8 +16,8 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
 Paths and thread counts are timed together by rounds, one step of each candidate in turn, and compared by
 their medians: on a shared VM the speed drifts within seconds, and timed one after the other, the candidate
 timed during a lull would win. The choice is cached per machine, model shape, dtype and quantization (like
-shards.throughput); the whole measurement keeps to a budget of about 2 s. ``DecodePlan.parse`` reads a plan given on the command line: any
-part it fixes is not measured.
+shards.throughput); the whole measurement keeps to a budget of about 2 s. ``DecodePlan.parse`` reads a plan
+given on the command line: any part it fixes is not measured.
 """
 from __future__ import annotations
 

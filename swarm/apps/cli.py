@@ -97,12 +97,13 @@ def explain(error: Exception) -> tuple[bool, str]:
 
     from shards import CheckpointNotFoundError, SpanOutOfRangeError
     from shards.errors import HubUnreachableError
+    from swarm.dht.records import reached_no_peer
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, (UsageError, CheckpointNotFoundError, SpanOutOfRangeError)):
         return True, text
     if isinstance(error, HubUnreachableError):
         return False, text
-    if isinstance(error, P2PDaemonError) and "bootstrap peers" in text:
+    if reached_no_peer(error):
         return False, ("cannot reach any of --initial-peers: check the addresses (`cocoon dht` prints them), that "
                        "the peer is running and that this machine can connect to it")
     if isinstance(error, P2PDaemonError) and "multiaddr" in text:

@@ -90,7 +90,7 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
                                    record_validators=[ServerRecordValidator(key if sign else None)], **kwargs)
                 break
             except P2PDaemonError as error:
-                if "bootstrap peers" not in str(error) or attempt == JOIN_ATTEMPTS:
+                if not reached_no_peer(error) or attempt == JOIN_ATTEMPTS:
                     raise
                 # (info, not a warning: a command's error stays one line when the last attempt fails too)
                 logger.info(f"Could not reach any initial peer (attempt {attempt} of {JOIN_ATTEMPTS}); retrying")
@@ -101,6 +101,11 @@ def make_dht(initial_peers: Sequence[str], *, client_mode: bool = False, identit
     dht.private_key = key
     dht.public_key = public_key_bytes(key) if sign else None
     return dht
+
+
+def reached_no_peer(error: BaseException) -> bool:
+    """The p2p daemon connected to none of the initial peers (its one line for it names no reason)."""
+    return isinstance(error, P2PDaemonError) and "bootstrap peers" in str(error)
 
 
 def _temporary_identity() -> str:
