@@ -93,13 +93,15 @@ def _values_with_a_dash(argv: list[str]) -> list[str]:
 
 def explain(error: Exception) -> tuple[bool, str]:
     """(is it a usage error, one line saying what went wrong and what to do)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, UsageError):  # found before the command imported anything heavy: answered without
+        return True, text
     from hivemind.p2p import P2PDaemonError
 
     from shards import CheckpointNotFoundError, SpanOutOfRangeError
     from shards.errors import HubUnreachableError
     from swarm.dht.records import reached_no_peer
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, (UsageError, CheckpointNotFoundError, SpanOutOfRangeError)):
+    if isinstance(error, (CheckpointNotFoundError, SpanOutOfRangeError)):
         return True, text
     if isinstance(error, HubUnreachableError):
         return False, text
@@ -181,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_dht(args) -> int:
-    from swarm.dht.records import make_dht
     ensure_free(args.host, args.port, "--port")
+    from swarm.dht.records import make_dht
     if args.identity and not Path(args.identity).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity)
@@ -226,13 +228,13 @@ def ensure_free(host: str, port: int, flag: str) -> None:
 
 
 def run_serve(args) -> int:
-    from swarm.server.config import from_args
-    from swarm.server.server import Server
     args.model = args.model or args.model_option
     if not args.model:
         raise UsageError("which checkpoint? `cocoon serve MODEL ...`, or `model: ...` in the --config file")
     ensure_free(args.host, args.port, "--port")
     ensure_free(args.host, args.direct_port, "--direct-port")
+    from swarm.server.config import from_args
+    from swarm.server.server import Server  # (seconds of imports: after the checks that need none)
     if args.identity_path and not Path(args.identity_path).exists():
         from hivemind.p2p import P2P
         P2P.generate_identity(args.identity_path)

@@ -24,6 +24,8 @@ def direct_address_arg(text: str) -> str:
 
 
 def decode_path_arg(text: str) -> str:
+    if text == "auto":  # the default, which argparse checks too: no need to import torch for it
+        return text
     from shards.decode_paths import DecodePlan
     try:
         DecodePlan.parse(text)
@@ -74,13 +76,15 @@ def announce_period_arg(seconds: float) -> float:
     return seconds
 
 
+BASE58 = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+
+
 def maddr_arg(text: str) -> str:
-    from hivemind.utils.multiaddr import Multiaddr
-    try:
-        protocols = [p.name for p in Multiaddr(text).protocols()]
-    except Exception:
-        protocols = []
-    if "p2p" not in protocols:
+    """A peer's multiaddr, checked for its shape: /.../p2p/<peer id in base58>. (hivemind parses it fully when the
+    command joins; importing hivemind here would make every argument error take seconds.)"""
+    parts = text.split("/")
+    peer = parts[parts.index("p2p") + 1] if "p2p" in parts[:-1] else ""
+    if not text.startswith("/") or len(peer) < 32 or not set(peer) <= BASE58:
         raise argparse.ArgumentTypeError(f"{text!r} is not a peer's multiaddr such as "
                                          f"/ip4/203.0.113.7/tcp/31337/p2p/Qm... (`cocoon dht` prints them)")
     return text
