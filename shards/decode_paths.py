@@ -9,7 +9,7 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
 - the path of steps of several rows (a batch of sessions' steps, a verify step), timed on a batch of 8: on
   the development machine MKL re-packs each weight matrix for a GEMM of a few rows, oneDNN's copies do not;
 - on a CPU, its torch thread count (all cores, or half of them);
-- on a CPU, whether its OpenMP workers are released whenever it has nothing queued (shards.openmp) or left
+- on a CPU, whether its OpenMP workers are parked whenever it has nothing queued (shards.openmp) or left
   spinning. Along a chain the processes take turns, so this is timed in turns: a partner thread, standing for
   the next process of the chain, steps between this span's steps, and each policy is timed by the round.
 
@@ -35,16 +35,16 @@ from typing import Callable, Iterator
 
 import torch
 
-from shards.openmp import release_workers
+from shards.openmp import asleep_while
 from shards.packed_linears import drop_packed_forwards, packed_forwards, packed_linears, packing_possible
 from shards.span import BlockSpan
 from shards.throughput import cache_path as throughput_cache_path, measuring, read_cache, write_cache
 
 logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
-POLICIES = {"release": True, "spin": False}
+POLICIES = {"park": True, "spin": False}
 BUDGET_S = 2.0
-PLAN_VERSION = 5  # of what is measured: a plan cached by another version is measured again
+PLAN_VERSION = 6  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
@@ -54,7 +54,7 @@ PAST_TOKENS = 16  # the length of the cache the steps are timed on
 class DecodePlan:
     path: str = "plain"
     threads: int = 0            # torch threads on a CPU (0: on a GPU, not chosen here)
-    release_idle: bool = False  # free the OpenMP workers whenever nothing is queued (CPU)
+    park_idle: bool = False     # park the OpenMP workers whenever nothing is queued (CPU: shards.openmp)
     batch_path: str = ""        # the path of a step of several rows (batched sessions, a verify step); "": path
     step_ms: float = 0.0        # the span's decode step alone, as measured (0: not measured)
     prefill_threads: int = 0    # torch threads of every other step (prefill, backward): all cores unless fixed
@@ -65,27 +65,27 @@ class DecodePlan:
 
     @classmethod
     def parse(cls, text: str) -> dict:
-        """``auto`` or PATH[:THREADS[:release|spin]], e.g. ``plain:2:release``; each part may be ``auto``. Returns
+        """``auto`` or PATH[:THREADS[:park|spin]], e.g. ``plain:2:park``; each part may be ``auto``. Returns
         the fixed parts, as DecodePlan fields."""
         parts = [p.strip() for p in text.lower().split(":")]
         if len(parts) > 3 or parts[0] not in (*PATHS, "auto") or \
                 (len(parts) > 1 and not (parts[1] == "auto" or parts[1].isdigit() and int(parts[1]) > 0)) or \
                 (len(parts) > 2 and parts[2] not in (*POLICIES, "auto")):
-            raise ValueError(f"{text!r} is not a decode path: use auto or PATH[:THREADS[:release|spin]] with PATH one "
-                             f"of {', '.join(PATHS)}, e.g. plain:2:release")
+            raise ValueError(f"{text!r} is not a decode path: use auto or PATH[:THREADS[:park|spin]] with PATH one "
+                             f"of {', '.join(PATHS)}, e.g. plain:2:park")
         fixed = {}
         if parts[0] != "auto":
             fixed["path"] = parts[0]
         if len(parts) > 1 and parts[1] != "auto":  # the cores a server may use: its prefills keep to them too
             fixed["threads"] = fixed["prefill_threads"] = int(parts[1])
         if len(parts) > 2 and parts[2] != "auto":
-            fixed["release_idle"] = POLICIES[parts[2]]
+            fixed["park_idle"] = POLICIES[parts[2]]
         return fixed
 
     @property
     def spec(self) -> str:
         return self.path if not self.threads else \
-            f"{self.path}:{self.threads}:{'release' if self.release_idle else 'spin'}"
+            f"{self.path}:{self.threads}:{'park' if self.park_idle else 'spin'}"
 
     def __str__(self) -> str:
         batches = f", batches {self.batch_path}" if self.batch_path and self.batch_path != self.path else ""
@@ -151,7 +151,7 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
     paths = [fixed["path"]] if "path" in fixed else candidate_paths(span)
     threads = [fixed["threads"]] if "threads" in fixed else sorted({cores, max(1, cores // 2)}, reverse=True)
     threads = threads if cpu else [0]
-    policies = [fixed["release_idle"]] if "release_idle" in fixed else [True, False]
+    policies = [fixed["park_idle"]] if "park_idle" in fixed else [True, False]
     policies = policies if cpu and max(threads) > 1 else [policies[0] if cpu else False]
     if "packed" in paths and not packing_possible(span):
         raise ValueError("the packed path needs float32 weights on a CPU with oneDNN and memory for a second copy")
@@ -168,7 +168,7 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         set_threads(threads[0])
         first = _timed(steps[paths[0]], 2)  # warm-up, and a first figure for the budget
         if first * 3 * (len(paths) + len(threads) + 8) > 4 * budget_s:  # steps too slow to time every candidate
-            threads, policies = threads[:1], policies[:1]  # the defaults: all cores, workers released
+            threads, policies = threads[:1], policies[:1]  # the defaults: all cores, workers parked
         combos = [(p, n) for n in threads for p in paths]  # the first: the plain path on all cores
         timings = len(combos) + 2 * len(batch_paths) + 4 * (len(policies) > 1)
         reps = max(3, min(15, int(budget_s / max(first, 1e-4) / max(timings, 1))))
@@ -181,18 +181,18 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         set_threads(chosen_threads)
         by_policy = {policy: _in_turns(steps[path], decode_step(span, path), chosen_threads, policy, reps)
                      for policy in policies} if len(policies) > 1 and chosen_threads > 1 else {policies[0]: 0.0}
-        release = _fastest(by_policy, policies[0])
+        park = _fastest(by_policy, policies[0])
     finally:
         torch.set_num_threads(saved_threads)
     logger.info(f"decode paths: {_ms(by_path)}; batches of {BATCH_ROWS}: {_ms(by_batch)}; threads: "
                 f"{_ms(by_threads)}; rounds in turns: {_ms(by_policy)}")
     # a decode step of a small span may run faster on fewer threads; a prefill's large matrices take every core
-    return DecodePlan(path, chosen_threads if cpu else 0, release, batch_path, by_threads[chosen_threads] * 1000,
+    return DecodePlan(path, chosen_threads if cpu else 0, park, batch_path, by_threads[chosen_threads] * 1000,
                       fixed.get("prefill_threads", cores) if cpu else 0)
 
 
 def _fastest(seconds: dict, default):
-    """The fastest candidate; ``default`` (the plain path, all cores, released workers) unless another beats it by
+    """The fastest candidate; ``default`` (the plain path, all cores, parked workers) unless another beats it by
     more than MARGIN: a tie measured on a noisy machine is no reason for a special path."""
     best = min(seconds, key=seconds.get)
     return best if seconds[best] < (1 - MARGIN) * seconds[default] else default
@@ -224,25 +224,23 @@ def _in_rounds(candidates: dict, reps: int, set_threads: Callable[[int], None]) 
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, release: bool,
+def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, park: bool,
               reps: int) -> float:
-    """The fastest round: this span's step, then a partner's (another process of the chain, which lets its own
-    workers go after its step, so that only this span's policy differs between rounds), each waiting while the
-    other computes."""
+    """The fastest round: this span's step, then a partner's (another process of the chain, which parks its own
+    workers while it waits, so that only this span's policy differs between rounds), each waiting while the other
+    computes."""
     mine, theirs = threading.Event(), threading.Event()
     stop = False
 
     def partner() -> None:
         torch.set_num_threads(threads)
         while True:
-            mine.wait()
+            asleep_while(mine.wait)
             mine.clear()
             if stop:
                 break
             partner_step()
-            release_workers()
             theirs.set()
-        release_workers()
 
     thread = threading.Thread(target=partner, daemon=True)
     thread.start()
@@ -251,10 +249,8 @@ def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], thread
         for _ in range(reps + 1):
             started = time.perf_counter()
             step()
-            if release:
-                release_workers()
             mine.set()
-            theirs.wait()
+            asleep_while(theirs.wait) if park else theirs.wait()
             theirs.clear()
             rounds.append(time.perf_counter() - started)
     finally:
@@ -293,7 +289,7 @@ def _key(span: BlockSpan, fixed: dict) -> str:
 def get_plan(span: BlockSpan, fixed: dict | None = None, *, force: bool = False) -> tuple[DecodePlan, bool]:
     """This machine's plan for the span's decode steps, from the cache or measured now; (plan, measured now)."""
     fixed = fixed or {}
-    if {"path", "threads", "release_idle"} <= fixed.keys() or (span.device.type != "cpu" and "path" in fixed):
+    if {"path", "threads", "park_idle"} <= fixed.keys() or (span.device.type != "cpu" and "path" in fixed):
         return DecodePlan(**fixed), False  # nothing left to choose
     path, key = _cache_path(), _key(span, fixed)
     if key in (cached := read_cache(path)) and not force:

@@ -3,8 +3,10 @@ take gives transformers' outputs, verify steps batch like decode steps, sessions
 importing the library changes nothing in the user's process."""
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from shards import BlockSpan
 from shards.decode_paths import DecodePlan, choose_plan, get_plan, use_plan
-from shards.openmp import release_workers
+from shards.openmp import asleep_while
 from swarm import AutoDistributedModelForCausalLM
 from swarm.wire.limits import Quotas
 from swarm.apps.local_swarm import LocalSwarm
@@ -25,7 +27,7 @@ from swarm.wire.requests import InferenceStep, SpanRequest
 def test_a_decode_path_on_the_command_line_fixes_what_it_names():
     assert DecodePlan.parse("auto") == {}
     assert DecodePlan.parse("packed") == {"path": "packed"}
-    assert DecodePlan.parse("plain:2:spin") == {"path": "plain", "threads": 2, "release_idle": False,
+    assert DecodePlan.parse("plain:2:spin") == {"path": "plain", "threads": 2, "park_idle": False,
                                                 "prefill_threads": 2}  # fixed threads hold for prefills too
     assert DecodePlan.parse("auto:3") == {"threads": 3, "prefill_threads": 3}
     for wrong in ("fast", "plain:0", "plain:2:sometimes", "plain:1:spin:x"):
@@ -46,15 +48,34 @@ def test_the_plan_is_measured_within_its_budget_and_cached(checkpoints):
     assert again == plan and not measured_again  # read from ~/.cache/cocoon/decode_plans.json
     fixed = choose_plan(span, {"path": "plain", "threads": 1}, budget_s=0.2)
     assert (fixed.path, fixed.threads) == ("plain", 1)
-    assert get_plan(span, {"path": "packed", "threads": 1, "release_idle": True}) == \
+    assert get_plan(span, {"path": "packed", "threads": 1, "park_idle": True}) == \
         (DecodePlan("packed", 1, True), False)  # nothing left to measure
 
 
-def test_openmp_workers_are_released_and_come_back():
-    torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # a parallel region: workers exist
-    assert release_workers()  # torch's libgomp has omp_pause_resource_all
+def test_parked_openmp_workers_sleep_through_a_wait_and_compute_right_after():
+    """While a thread waits in asleep_while, its OpenMP workers use no CPU (left alone, libgomp's spin after a
+    parallel region burns milliseconds); the wait's result or error comes back, and the next region is right."""
+    def others_cpu() -> float:  # seconds of CPU used by this process's threads other than this one
+        return time.process_time() - time.thread_time()
+
     a = torch.randn(300, 300)
-    assert torch.allclose(torch.mm(a, a), (a.double() @ a.double()).float(), atol=1e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spent = {False: [], True: []}
+        for park in (False, True) * 5:
+            torch.mm(a, a)  # a parallel region: its worker spins after it, unless parked
+            before = others_cpu()
+            (asleep_while if park else lambda wait: wait())(lambda: time.sleep(0.05))
+            spent[park].append(others_cpu() - before)
+        left, parked = statistics.median(spent[False]), statistics.median(spent[True])
+        assert parked < 0.3 * left and left > 0.001, spent  # (the spin: ~7 ms on the development machine)
+        assert asleep_while(lambda: asleep_while(lambda: 42)) == 42  # inside a region: just called
+        with pytest.raises(KeyError, match="raised in the wait"):
+            asleep_while(lambda: {}["raised in the wait"])
+        assert torch.allclose(torch.mm(a, a), (a.double() @ a.double()).float(), atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_importing_the_library_changes_no_environment_variable():
@@ -74,7 +95,7 @@ def test_verify_steps_of_two_sessions_run_as_one_batch_and_equal_each_alone(chec
     """Steps of 4 new tokens at the end of two sessions (a client verifying drafted tokens) are decode steps: they
     take the plan's path and share one forward, and each output equals the span run on that session alone."""
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
-    use_plan(span, DecodePlan(path, threads=1, release_idle=True))
+    use_plan(span, DecodePlan(path, threads=1, park_idle=True))
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randn(1, n, 64, generator=generator) for n in (5, 9)]
     verify = [torch.randn(1, 4, 64, generator=generator) for _ in prompts]
@@ -148,7 +169,7 @@ def test_truncate_takes_a_session_back_to_the_start_of_a_step_or_into_a_verify_s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("decode_path", ["plain:1:spin", "packed:2:release", "plain:2:release"])
+@pytest.mark.parametrize("decode_path", ["plain:1:spin", "packed:2:park", "plain:2:park"])
 def test_every_decode_path_a_server_can_take_generates_transformers_tokens(checkpoints, decode_path):
     """Forced through --decode-path, so that paths this machine would not pick are still checked."""
     path = checkpoints("llama")

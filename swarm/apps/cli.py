@@ -21,19 +21,11 @@ class UsageError(Exception):
     """The command line asks for something impossible: exit code 2, as argparse's own errors."""
 
 
-SPIN_COUNT = "1000"  # OpenMP spin iterations of a cocoon process (unless GOMP_SPINCOUNT is set)
-
-
 def main(argv: list[str] | None = None) -> int:
     # A `cocoon` process is its own (the library sets nothing in a user's): hivemind shares a few bytes per future
     # with its DHT process through torch's shared memory, and its default strategy (file_system) starts a
     # torch_shm_manager process; a signal during that start leaves torch spinning with the GIL held.
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
-    # torch's OpenMP workers (libgomp) spin for a while after each parallel region: along a chain whose processes
-    # share a machine that spinning takes the cores the next process computes on, and releasing the workers instead
-    # costs milliseconds to start them again (bench/RESULTS.md, "The server's engine"). A short spin, set before
-    # torch loads, in this process only: then they soon sleep when idle and wake in microseconds.
-    os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     exit_on_termination()
     exit_with_owner()
     quiet_peer_resets()

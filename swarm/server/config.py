@@ -128,10 +128,10 @@ class ServerConfig:
                         choices=["none", "int8", "nf4"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     decode_path: str = option("auto", "how decode steps run: auto (timed at start-up, the fastest kept, cached per "
-                                      "machine and model) or PATH[:THREADS[:release|spin]], PATH one of plain, "
+                                      "machine and model) or PATH[:THREADS[:park|spin]], PATH one of plain, "
                                       "packed (oneDNN's packed weights, CPU), cuda-graphs; THREADS torch threads "
-                                      "(CPU); release: let the OpenMP workers go when idle, spin: keep them "
-                                      "spinning. A part left out or 'auto' is measured", type=decode_path_arg,
+                                      "(CPU); park: the OpenMP workers sleep while idle, spin: they spin "
+                                      "as usual. A part left out or 'auto' is measured", type=decode_path_arg,
                               metavar="PATH[:THREADS[:POLICY]]")
     max_sessions: int = option(64, "inference sessions open at once")
     cache_tokens: int = option(16384, "KV cache budget in tokens (batch x length), reserved when a session opens")

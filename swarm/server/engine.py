@@ -5,12 +5,13 @@ Shaped like vLLM v1's engine core (vllm/v1/engine/core.py). A request for the sp
 steps go between them (when nobody else waits or decodes here, the rest of the prefill runs as one). The
 scheduler (swarm.server.scheduler) decides when each task runs, fair between peers, and which tasks share one
 forward (their batch key: swarm.server.batching). ``execute`` runs a task or a batch the way this machine's
-decode plan says (shards.decode_paths: the path, the threads, whether the OpenMP workers are let go whenever
+decode plan says (shards.decode_paths: the path, the threads, whether the OpenMP workers are parked whenever
 nothing is queued). ``update`` learns the prefill rate from the chunks that ran, which sizes the next chunks.
 
 A decode step is any step of at most MAX_DECODE_TOKENS new tokens onto a session's cache: one token, or the
 few tokens a client verifies at once (speculative decoding). All of them take the decode plan's path, run
-inline when one session decodes here, and batch with other sessions' steps of as many tokens.
+inline when one session decodes here (unless the plan parks the compute thread's workers), and batch with
+other sessions' steps of as many tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from transformers.cache_utils import DynamicCache
 from shards import BlockSpan
 from shards.decode_paths import DecodePlan, use_plan
 from shards.lora import LoraWeights, applied_lora
-from shards.openmp import release_workers
+from shards.openmp import asleep_while
 from shards.packed_linears import packed_linears
 from swarm.wire.limits import Quotas
 from swarm.server import threads
@@ -68,7 +69,7 @@ class Engine:
                                        max_batch=max_batch_sessions, active=sessions.decoding,
                                        max_batch_cost=BATCH_TOKENS * (span.end - span.start),
                                        run_batch=self._execute_batch if self.batching else None,
-                                       on_idle=release_workers if plan.release_idle else None)
+                                       park=asleep_while if plan.park_idle and plan.threads > 1 else None)
 
     def use_span(self, span: BlockSpan) -> None:
         """Compute with ``span`` from now on (the server moved); call it in the compute thread (``call``)."""

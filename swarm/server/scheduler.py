@@ -15,8 +15,9 @@ first alone would cut a round of sessions into several batches, each reading all
 as one batch, of at most ``max_batch`` tasks and ``max_batch_cost``. Each peer is still charged the cost
 of its own tasks, so batching changes nobody's share, only how much work a second of compute does.
 
-Whenever nothing is left to run, the thread that ran the last task calls ``on_idle`` (the engine lets its
-OpenMP workers go there, when its decode plan says so: shards.openmp).
+The compute thread waits for work through ``park`` when given one: the engine's decode plan may have its OpenMP
+workers sleep meanwhile instead of spinning on cores that the next process of a chain computes on
+(shards.openmp). Tasks then always run in the compute thread, whose workers those are.
 """
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ class _Task:
 class FairScheduler:
     def __init__(self, max_queued_per_peer: int = 32, *, run_batch: Callable[[list[tuple]], list] | None = None,
                  batch_window: float = 0.0, max_batch: int = 64, max_batch_cost: float = float("inf"),
-                 active: Callable[[], int] = lambda: 1, on_idle: Callable[[], Any] | None = None):
+                 active: Callable[[], int] = lambda: 1, park: Callable[[Callable[[], Any]], Any] | None = None):
         self.max_queued = max_queued_per_peer
         self.run_batch = run_batch  # args of several tasks -> their results, in order
         self.batch_window, self.max_batch, self.active = batch_window, max_batch, active
         self.max_batch_cost = max_batch_cost  # a batch of long steps stays short: others' decode steps wait for it
-        self.on_idle = on_idle
+        self.park = park  # runs the compute thread's wait for work (None: a plain wait)
         self.batches: dict[int, int] = {}  # tasks per batch -> how many batches of that size ran
         self.queues: dict[str, deque[_Task]] = {}
         self.finish: dict[str, float] = {}  # each peer's latest virtual finish time
@@ -72,8 +73,10 @@ class FairScheduler:
                   inline: bool = False) -> Any:
         """Run ``fn(*args)`` in the compute thread when it is ``peer``'s turn; returns its result. Tasks with
         the same ``batch_key`` may run together, through ``run_batch``. An ``inline`` task (a short one) runs
-        right here, in the caller's thread, when nothing else runs or waits: no hand-off to the compute thread
-        and back (two thread wake-ups on every decode step of a lone session)."""
+        right here, in the caller's thread, when nothing else runs or waits and the compute thread's workers are
+        not parked: no hand-off to the compute thread and back (two thread wake-ups on every decode step of a
+        lone session)."""
+        inline = inline and self.park is None
         with self._ready:
             if inline and not self._stopped and not self._running and not any(self.queues.values()):
                 self._running = True  # the compute thread waits meanwhile
@@ -90,11 +93,8 @@ class FairScheduler:
                     self._running = False
                     self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + time.perf_counter() - inline_start
                     self.batches[1] = self.batches.get(1, 0) + 1
-                    idle = not any(self.queues.values())
-                    if not idle:  # else waking the compute thread would only send it back to sleep
+                    if any(self.queues.values()):  # else waking the compute thread would only send it back to sleep
                         self._ready.notify()
-                if idle and self.on_idle is not None:
-                    self.on_idle()
         future = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopped:
@@ -132,7 +132,14 @@ class FairScheduler:
         """Some other peer has a task queued."""
         return any(queue for p, queue in list(self.queues.items()) if p != peer)
 
+    def _wait_for_work(self) -> None:
+        with self._ready:
+            while not self._stopped and (self._running or not any(self.queues.values())):
+                self._ready.wait()
+
     def _next(self) -> list[tuple[str, _Task]] | None:
+        if self.park is not None:
+            self.park(self._wait_for_work)
         with self._ready:
             while not self._stopped and (self._running or not any(self.queues.values())):
                 self._ready.wait()
@@ -201,9 +208,6 @@ class FairScheduler:
                 self._running = False
                 for peer, _ in group:
                     self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + elapsed
-                idle = not any(self.queues.values())
-            if idle and self.on_idle is not None:
-                self.on_idle()
             for (peer, task), (result, error) in zip(group, results):
                 task.future.get_loop().call_soon_threadsafe(_settle, task.future, result, error)
 

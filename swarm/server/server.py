@@ -269,7 +269,7 @@ class Server:
         metrics.track_drafts(self.handler.steps.drafts)
         metrics.decode_plan.info({"path": self.plan.path, "batch_path": self.plan.path_for(2),
                                   "threads": str(self.plan.threads),
-                                  "policy": "release" if self.plan.release_idle else "spin",
+                                  "policy": "park" if self.plan.park_idle else "spin",
                                   "step_ms": f"{self.plan.step_ms:.3f}"})
         self.handler.metrics = metrics
         if self.payments is not None:
