@@ -9,9 +9,11 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
 - the path of steps of several rows (a batch of sessions' steps, a verify step), timed on a batch of 8: on
   the development machine MKL re-packs each weight matrix for a GEMM of a few rows, oneDNN's copies do not;
 - on a CPU, its torch thread count (all cores, or half of them);
-- on a CPU, whether its OpenMP workers are parked whenever it has nothing queued (shards.openmp) or left
-  spinning. Along a chain the processes take turns, so this is timed in turns: a partner thread, standing for
-  the next process of the chain, steps between this span's steps, and each policy is timed by the round.
+- not timed: whether a CPU server's OpenMP workers are parked while it has nothing queued (shards.openmp) or
+  left spinning. A spinning worker costs the next process of the chain its compute, which a measurement in
+  one process does not see: timed in turns with a partner thread, spinning won for 5 of the 7 servers of one
+  bench run, and paired runs of whole chains put it 2 to 10 ms a token behind (bench/RESULTS.md, "Parked
+  OpenMP workers"). Servers park; ``spin`` can still be asked for.
 
 Paths and thread counts are timed together by rounds, one step of each candidate in turn, and compared by
 their medians: on a shared VM the speed drifts within seconds, and timed one after the other, the candidate
@@ -28,14 +30,12 @@ import logging
 import os
 import platform
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from shards.openmp import asleep_while
 from shards.packed_linears import drop_packed_forwards, packed_forwards, packed_linears, packing_possible
 from shards.span import BlockSpan
 from shards.throughput import cache_path as throughput_cache_path, measuring, read_cache, write_cache
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"park": True, "spin": False}
 BUDGET_S = 2.0
-PLAN_VERSION = 6  # of what is measured: a plan cached by another version is measured again
+PLAN_VERSION = 7  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
@@ -151,8 +151,7 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
     paths = [fixed["path"]] if "path" in fixed else candidate_paths(span)
     threads = [fixed["threads"]] if "threads" in fixed else sorted({cores, max(1, cores // 2)}, reverse=True)
     threads = threads if cpu else [0]
-    policies = [fixed["park_idle"]] if "park_idle" in fixed else [True, False]
-    policies = policies if cpu and max(threads) > 1 else [policies[0] if cpu else False]
+    park = fixed.get("park_idle", True) if cpu else False
     if "packed" in paths and not packing_possible(span):
         raise ValueError("the packed path needs float32 weights on a CPU with oneDNN and memory for a second copy")
     if "cuda-graphs" in paths and span.decode_graphs is None:
@@ -168,9 +167,9 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         set_threads(threads[0])
         first = _timed(steps[paths[0]], 2)  # warm-up, and a first figure for the budget
         if first * 3 * (len(paths) + len(threads) + 8) > 4 * budget_s:  # steps too slow to time every candidate
-            threads, policies = threads[:1], policies[:1]  # the defaults: all cores, workers parked
+            threads = threads[:1]  # the default: all cores
         combos = [(p, n) for n in threads for p in paths]  # the first: the plain path on all cores
-        timings = len(combos) + 2 * len(batch_paths) + 4 * (len(policies) > 1)
+        timings = len(combos) + 2 * len(batch_paths)
         reps = max(3, min(15, int(budget_s / max(first, 1e-4) / max(timings, 1))))
         by_combo = _in_rounds({combo: (steps[combo[0]], combo[1]) for combo in combos}, reps, set_threads)
         path, chosen_threads = _fastest(by_combo, combos[0])
@@ -179,13 +178,10 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         by_batch = _in_rounds({p: (batches[p], chosen_threads) for p in batch_paths}, reps, set_threads)
         batch_path = _fastest(by_batch, batch_paths[0]) if by_batch else path
         set_threads(chosen_threads)
-        by_policy = {policy: _in_turns(steps[path], decode_step(span, path), chosen_threads, policy, reps)
-                     for policy in policies} if len(policies) > 1 and chosen_threads > 1 else {policies[0]: 0.0}
-        park = _fastest(by_policy, policies[0])
     finally:
         torch.set_num_threads(saved_threads)
     logger.info(f"decode paths: {_ms(by_path)}; batches of {BATCH_ROWS}: {_ms(by_batch)}; threads: "
-                f"{_ms(by_threads)}; rounds in turns: {_ms(by_policy)}")
+                f"{_ms(by_threads)}")
     # a decode step of a small span may run faster on fewer threads; a prefill's large matrices take every core
     return DecodePlan(path, chosen_threads if cpu else 0, park, batch_path, by_threads[chosen_threads] * 1000,
                       fixed.get("prefill_threads", cores) if cpu else 0)
@@ -222,42 +218,6 @@ def _in_rounds(candidates: dict, reps: int, set_threads: Callable[[int], None]) 
             if round_:
                 times[key].append(time.perf_counter() - started)
     return {key: statistics.median(values) for key, values in times.items()}
-
-
-def _in_turns(step: Callable[[], None], partner_step: Callable[[], None], threads: int, park: bool,
-              reps: int) -> float:
-    """The fastest round: this span's step, then a partner's (another process of the chain, which parks its own
-    workers while it waits, so that only this span's policy differs between rounds), each waiting while the other
-    computes."""
-    mine, theirs = threading.Event(), threading.Event()
-    stop = False
-
-    def partner() -> None:
-        torch.set_num_threads(threads)
-        while True:
-            asleep_while(mine.wait)
-            mine.clear()
-            if stop:
-                break
-            partner_step()
-            theirs.set()
-
-    thread = threading.Thread(target=partner, daemon=True)
-    thread.start()
-    rounds = []
-    try:
-        for _ in range(reps + 1):
-            started = time.perf_counter()
-            step()
-            mine.set()
-            asleep_while(theirs.wait) if park else theirs.wait()
-            theirs.clear()
-            rounds.append(time.perf_counter() - started)
-    finally:
-        stop = True
-        mine.set()
-        thread.join()
-    return min(rounds[1:])
 
 
 def _cores() -> int:
