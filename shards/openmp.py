@@ -10,32 +10,32 @@ threads: 15-17 ms a step with a spin of 1000 rounds, 7-8 ms with libgomp's defau
 (``omp_pause_resource_all``) costs 3 to 8 ms to start them again.
 
 ``asleep_while`` parks them instead, for one wait: it opens a parallel region of the calling thread's own team
-in which the workers sleep on a lock while the calling thread waits. They stay alive and keep their spin for the
-next computation. A server's compute thread waits for work this way, and a client waits for the swarm this way;
+in which the workers sleep on a semaphore while the calling thread waits. They stay alive and keep their spin
+for the next computation. A server's compute thread waits for work this way, and a client waits for the swarm this way;
 no setting of the process changes.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
-_REGION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # the body of a parallel region: void fn(void *data)
+SEM_T_BYTES = 32  # sizeof(sem_t) with glibc on 64-bit Linux
 
 
 @functools.cache
-def _libgomp():
-    """GNU OpenMP, the runtime torch's Linux wheels ship, as a library; None where torch uses another."""
+def _runtime():
+    """(GNU OpenMP, libc, the address of libc's sem_wait), where torch runs on libgomp (its Linux wheels); else
+    None."""
     import torch  # noqa: F401  (loaded: its OpenMP runtime is mapped into this process)
     for name in _openmp_libraries():
         if "libgomp" in name.rsplit("/", 1)[-1]:
-            library = ctypes.CDLL(name)
-            library.GOMP_parallel.argtypes = [_REGION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            library.GOMP_parallel.restype = None
-            library.omp_get_thread_num.restype = library.omp_in_parallel.restype = ctypes.c_int
-            return library
+            gomp, libc = ctypes.CDLL(name), ctypes.CDLL(None)
+            gomp.GOMP_parallel_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+            gomp.GOMP_parallel_start.restype = gomp.GOMP_parallel_end.restype = None
+            gomp.omp_in_parallel.restype = ctypes.c_int
+            return gomp, libc, ctypes.cast(libc.sem_wait, ctypes.c_void_p).value
     return None
 
 
@@ -54,24 +54,20 @@ def asleep_while(wait: Callable[[], T]) -> T:
     ``wait`` runs meanwhile runs on this thread alone (a region inside a region is not parallel): keep it short."""
     import torch
     threads = torch.get_num_threads()
-    gomp = _libgomp() if threads > 1 else None
-    if gomp is None or gomp.omp_in_parallel():
+    runtime = _runtime() if threads > 1 else None
+    if runtime is None or runtime[0].omp_in_parallel():
         return wait()
-    done, outcome = threading.Event(), []
-
-    def region(_) -> None:  # run by every thread of the team: this one waits, the workers sleep until it is done
-        if gomp.omp_get_thread_num() != 0:
-            done.wait()
-            return
-        try:
-            outcome.append((wait(), None))
-        except BaseException as error:  # (nothing may unwind through the runtime: raised below instead)
-            outcome.append((None, error))
-        finally:
-            done.set()
-
-    gomp.GOMP_parallel(_REGION(region), None, threads, 0)
-    result, error = outcome[0]
-    if error is not None:
-        raise error
-    return result
+    gomp, libc, sem_wait = runtime
+    semaphore = ctypes.create_string_buffer(SEM_T_BYTES)
+    if libc.sem_init(semaphore, 0, 0) != 0:
+        return wait()
+    # The team's workers run sem_wait(semaphore): asleep, in C (no Python, so no wait for the GIL to end it).
+    # This thread, its master, does not run it: it waits here, then wakes them and closes the region.
+    gomp.GOMP_parallel_start(sem_wait, ctypes.addressof(semaphore), threads)
+    try:
+        return wait()
+    finally:
+        for _ in range(threads - 1):
+            libc.sem_post(semaphore)
+        gomp.GOMP_parallel_end()
+        libc.sem_destroy(semaphore)

@@ -56,7 +56,7 @@ class FairScheduler:
         self.run_batch = run_batch  # args of several tasks -> their results, in order
         self.batch_window, self.max_batch, self.active = batch_window, max_batch, active
         self.max_batch_cost = max_batch_cost  # a batch of long steps stays short: others' decode steps wait for it
-        self.park = park  # runs the compute thread's wait for work (None: a plain wait)
+        self.park = park  # runs the compute thread's waits for work (None: plain waits)
         self.batches: dict[int, int] = {}  # tasks per batch -> how many batches of that size ran
         self.queues: dict[str, deque[_Task]] = {}
         self.finish: dict[str, float] = {}  # each peer's latest virtual finish time
@@ -132,14 +132,12 @@ class FairScheduler:
         """Some other peer has a task queued."""
         return any(queue for p, queue in list(self.queues.items()) if p != peer)
 
-    def _wait_for_work(self) -> None:
-        with self._ready:
-            while not self._stopped and (self._running or not any(self.queues.values())):
-                self._ready.wait()
-
     def _next(self) -> list[tuple[str, _Task]] | None:
-        if self.park is not None:
-            self.park(self._wait_for_work)
+        """The next task, with those that share its forward; None once stopped. Waits (parked: see ``park``) for a
+        task, and for a batch window for more."""
+        return self._pick() if self.park is None else self.park(self._pick)
+
+    def _pick(self) -> list[tuple[str, _Task]] | None:
         with self._ready:
             while not self._stopped and (self._running or not any(self.queues.values())):
                 self._ready.wait()
