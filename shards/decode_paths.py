@@ -188,7 +188,7 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
 
 
 def _fastest(seconds: dict, default):
-    """The fastest candidate; ``default`` (the plain path, all cores, parked workers) unless another beats it by
+    """The fastest candidate; ``default`` (the plain path, all cores) unless another beats it by
     more than MARGIN: a tie measured on a noisy machine is no reason for a special path."""
     best = min(seconds, key=seconds.get)
     return best if seconds[best] < (1 - MARGIN) * seconds[default] else default

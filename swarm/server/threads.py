@@ -2,8 +2,8 @@
 
 How many is measured at start-up with the rest of the decode plan (shards.decode_paths): all cores or half
 of them, whichever steps faster. Servers of one chain that share a machine each take every core: they take
-turns along the chain, and their OpenMP workers sleep while they wait (parked, where the plan measured that this
-pays: shards.openmp), so a compute-bound chain is not halved. Servers of different chains that compute at the
+turns along the chain, and their OpenMP workers sleep while they wait (parked: shards.openmp), so a
+compute-bound chain is not halved. Servers of different chains that compute at the
 same time on one machine should split the cores between them with ``--decode-path auto:THREADS``.
 """
 from __future__ import annotations
