@@ -50,6 +50,7 @@ class ServerPayments:
         self.redeemed_wei = 0
         self.metrics = None  # swarm.server.metrics.ServerMetrics, with --metrics-port
         self._redeem_soon = asyncio.Event()
+        self._redeeming = asyncio.Lock()  # one redemption at a time: a second would find the first's unconfirmed
         path = ledger_path(ledger.payout)
         if path.exists():
             ledger.load(read_ledger_json(path))
@@ -180,11 +181,17 @@ class ServerPayments:
             except asyncio.TimeoutError:
                 pass
             self._redeem_soon.clear()
-            delay = self.redeem_period if await self.redeem() else min(delay * 2, 600.0)
+            # Shielded: a chain call runs on in its thread when its awaiter is cancelled, so a redemption stopped
+            # halfway would still pay, unseen; cancelling this loop lets the one under way finish (and report).
+            delay = self.redeem_period if await asyncio.shield(self.redeem()) else min(delay * 2, 600.0)
 
     async def redeem(self) -> bool:
         """Redeem every voucher worth more than its channel was paid; False when the chain failed (try later).
         The ledger is on disk before each attempt, so nothing is lost if this process dies meanwhile."""
+        async with self._redeeming:
+            return await self._redeem()
+
+    async def _redeem(self) -> bool:
         from incentives.contract import ChainError  # web3 is loaded by priced servers only
         write_ledger(self.ledger)
         for voucher, signature in self.ledger.redeemable():
