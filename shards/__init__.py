@@ -1,12 +1,20 @@
-"""Model math: load and run spans of decoder blocks and the client's own pieces of a checkpoint."""
-from shards.checkpoint import Checkpoint
-from shards.client_modules import ClientModules
-from shards.errors import (CheckpointNotFoundError, MissingWeightsError, ShardsError, SpanOutOfRangeError, UnknownFamilyError,
-                           UnsupportedPrecisionError)
-from shards.families import FAMILIES, get_family
-from shards.precision import DTYPES, QUANTS
-from shards.span import BlockSpan
+"""Model math: load and run spans of decoder blocks and the client's own pieces of a checkpoint.
 
-__all__ = ["BlockSpan", "Checkpoint", "ClientModules", "FAMILIES", "get_family", "DTYPES", "QUANTS",
-           "ShardsError", "CheckpointNotFoundError", "MissingWeightsError", "SpanOutOfRangeError", "UnknownFamilyError",
-           "UnsupportedPrecisionError"]
+The names below are imported on first use: a process that needs only a light part of this package (the DHT's
+relay, a client's event loop: shards.openmp; the wallet commands: shards.errors) does not pay for transformers'
+modelling code (2-3 s of CPU at every start)."""
+from importlib import import_module
+
+_HOMES = {"BlockSpan": "span", "Checkpoint": "checkpoint", "ClientModules": "client_modules",
+          "FAMILIES": "families", "get_family": "families", "DTYPES": "precision", "QUANTS": "precision",
+          **{name: "errors" for name in ("ShardsError", "CheckpointNotFoundError", "MissingWeightsError",
+                                         "SpanOutOfRangeError", "UnknownFamilyError", "UnsupportedPrecisionError")}}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'shards' has no attribute {name!r}")
+    value = getattr(import_module(f"shards.{_HOMES[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
