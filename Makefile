@@ -51,7 +51,7 @@ system:
 # project's sources anew: compileall writes their bytecode once (Python checks it against each source's mtime).
 test: system fetch
 	$(BIN)/python -m compileall -q swarm shards routing incentives tests >/dev/null
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 clean:
 	rm -rf $(VENV)
