@@ -29,29 +29,9 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-MEASUREMENTS = ("throughput.json", "decode_plans.json")  # keyed by hardware, model shape, dtype and settings
-
-
-@pytest.fixture(scope="session")
-def _measured(tmp_path_factory):
-    return tmp_path_factory.mktemp("measured")
-
-
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch, _measured):
-    """Each test its own cache directory (ledgers, identities), holding what earlier tests measured: a machine
-    measures a model once (shards.throughput), and servers that start together measure one at a time, so
-    measuring anew in every test cost seconds of every swarm test's start. What a test measures is kept."""
-    from shards.throughput import read_cache, write_cache
-    cache = tmp_path / "cocoon-cache"
-    for name in MEASUREMENTS:
-        if (_measured / name).exists():
-            write_cache(cache / name, read_cache(_measured / name))
-    monkeypatch.setenv("COCOON_CACHE_DIR", str(cache))
-    yield
-    for name in MEASUREMENTS:
-        if (measured := read_cache(cache / name)):
-            write_cache(_measured / name, {**read_cache(_measured / name), **measured})
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COCOON_CACHE_DIR", str(tmp_path / "cocoon-cache"))
 
 
 PROJECT_PROCESSES = ("swarm.apps.cli", "p2pd", "anvil", "tests.malicious_server")

@@ -39,8 +39,7 @@ def test_a_decode_path_on_the_command_line_fixes_what_it_names():
     assert result.returncode == 2 and "is not a decode path" in result.stderr
 
 
-def test_the_plan_is_measured_within_its_budget_and_cached(checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setenv("COCOON_CACHE_DIR", str(tmp_path / "empty"))  # not the plans earlier tests measured
+def test_the_plan_is_measured_within_its_budget_and_cached(checkpoints):
     span = BlockSpan.from_pretrained(checkpoints("llama"), 0, 4, dtype="float32")
     plan, measured = get_plan(span)
     assert measured and plan.path in ("plain", "packed") and plan.threads >= 1 and plan.step_ms > 0
