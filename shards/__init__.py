@@ -1,8 +1,8 @@
 """Model math: load and run spans of decoder blocks and the client's own pieces of a checkpoint.
 
-The names below are imported on first use: a process that needs only a light part of this package (the DHT's
-relay, a client's event loop: shards.openmp; the wallet commands: shards.errors) does not pay for transformers'
-modelling code (2-3 s of CPU at every start)."""
+The names below are imported on first use: a process that needs only a light part of this package (a command
+explaining its error with shards.errors, whatever the command) does not pay for transformers' modelling code (2-3 s
+of CPU; the DHT paid it at every start while the client's event loop imported shards.openmp)."""
 from importlib import import_module
 
 _HOMES = {"BlockSpan": "span", "Checkpoint": "checkpoint", "ClientModules": "client_modules",

@@ -11,8 +11,8 @@ threads: 15-17 ms a step with a spin of 1000 rounds, 7-8 ms with libgomp's defau
 
 ``asleep_while`` parks them instead, for one wait: it opens a parallel region of the calling thread's own team
 in which the workers sleep on a semaphore while the calling thread waits. They stay alive and keep their spin
-for the next computation. A server's compute thread waits for work this way, and a client waits for the swarm
-this way; no setting of the process changes.
+for the next computation. A server's compute thread waits for work this way (a client does not:
+swarm/client/loop.py); no setting of the process changes.
 """
 from __future__ import annotations
 

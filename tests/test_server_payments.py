@@ -1,6 +1,7 @@
 """A server's redemptions on an in-process chain (eth-tester + py-evm): what it reports is what the chain paid."""
 import asyncio
 import threading
+import time
 
 from eth_account import Account
 from web3 import EthereumTesterProvider, Web3
@@ -16,11 +17,14 @@ ETH = 10**18
 
 class SlowRedeem(Settlement):
     """The contract as it is, with each redemption arriving a while after it was sent (a busy node)."""
-    sent = threading.Event()
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.sent = threading.Event()
 
     def redeem(self, *args):
         self.sent.set()
-        threading.Event().wait(0.5)
+        time.sleep(0.5)
         return super().redeem(*args)
 
 
