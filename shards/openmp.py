@@ -13,15 +13,24 @@ threads: 15-17 ms a step with a spin of 1000 rounds, 7-8 ms with libgomp's defau
 in which the workers sleep on a semaphore while the calling thread waits. They stay alive and keep their spin
 for the next computation. A server's compute thread waits for work this way (a client does not:
 swarm/client/loop.py); no setting of the process changes.
+
+Each thread that runs a parallel region has a team of its own, and libgomp cuts every worker's spin to 100
+rounds (its "throttled" spin) for as long as the process holds more OpenMP threads than it has cores. So a
+second team anywhere in a process slows every decode step of the first: 8 blocks of hidden 512 on 2 cores
+took 16.7-19.9 ms a step while an idle thread of the same process kept a team, against 7.6-8.5 ms without it.
+``compute_elsewhere`` ends a thread's team and keeps it to one core: a server calls it in the thread that
+loaded and measured its span, so that the compute thread's team is the only one.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 SEM_T_BYTES = 32  # sizeof(sem_t) with glibc on 64-bit Linux
+OMP_PAUSE_HARD = 2
 
 
 @functools.cache
@@ -47,6 +56,35 @@ def _openmp_libraries() -> list[str]:
     except OSError:  # not Linux
         return []
     return sorted(p for p in paths if any(n in p.rsplit("/", 1)[-1] for n in ("libgomp", "libomp", "libiomp5")))
+
+
+def compute_elsewhere() -> None:
+    """This thread's torch work runs on one core from now on, and its OpenMP workers end (see the module's
+    docstring: another team in the process makes every team's workers sleep between parallel regions). Only
+    this thread changes: other threads keep their counts, and threads started later take torch's."""
+    import torch
+    torch.get_num_threads()  # torch sets up this thread's counts on first use: first, so that it undoes nothing here
+    runtime = _runtime()
+    if runtime is None or runtime[0].omp_in_parallel():
+        return
+    gomp = runtime[0]
+    gomp.omp_set_num_threads(1)  # an OpenMP count is the calling thread's own
+    mkl = _mkl()
+    if mkl is not None:
+        mkl.MKL_Set_Num_Threads_Local(1)  # MKL's GEMMs take their count from here, not from OpenMP's
+    gomp.omp_pause_resource_all(OMP_PAUSE_HARD)  # libgomp: ends the calling thread's pool of workers
+
+
+@functools.cache
+def _mkl():
+    """The library holding torch's MKL (linked into libtorch_cpu in the Linux wheels), or None."""
+    import torch
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        library.MKL_Set_Num_Threads_Local.restype = ctypes.c_int  # (its lower-case name takes a pointer)
+        return library
+    except (OSError, AttributeError):
+        return None
 
 
 def asleep_while(wait: Callable[[], T]) -> T:

@@ -3,9 +3,11 @@ take gives transformers' outputs, verify steps batch like decode steps, sessions
 importing the library changes nothing in the user's process."""
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from shards import BlockSpan
 from shards.decode_paths import DecodePlan, choose_plan, get_plan, use_plan
-from shards.openmp import asleep_while
+from shards.openmp import asleep_while, compute_elsewhere
 from swarm import AutoDistributedModelForCausalLM
 from swarm.wire.limits import Quotas
 from swarm.apps.local_swarm import LocalSwarm
@@ -74,6 +76,35 @@ def test_parked_openmp_workers_sleep_through_a_wait_and_compute_right_after():
         with pytest.raises(KeyError, match="raised in the wait"):
             asleep_while(lambda: {}["raised in the wait"])
         assert torch.allclose(torch.mm(a, a), (a.double() @ a.double()).float(), atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_thread_that_computes_elsewhere_ends_its_openmp_team_and_leaves_other_threads_alone():
+    """A second thread's OpenMP team halves a server's decode speed (libgomp's throttled spin: shards.openmp);
+    compute_elsewhere ends the calling thread's team and keeps that thread on one core, and no other thread's."""
+    a = torch.randn(300, 300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = {}
+
+    def other():
+        torch.set_num_threads(2)
+        torch.mm(a, a)  # this thread's team: a worker of its own
+        seen["with its team"] = len(os.listdir("/proc/self/task"))
+        compute_elsewhere()
+        seen["counts"] = torch.get_num_threads()
+        seen["product"] = torch.mm(a, a)
+        seen["after"] = len(os.listdir("/proc/self/task"))
+
+    try:
+        torch.mm(a, a)
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join()
+        assert seen["after"] == seen["with its team"] - 1  # its worker ended, and the product made no new one
+        assert seen["counts"] == 1 and torch.get_num_threads() == 2  # this thread keeps its own count
+        assert torch.allclose(seen["product"], (a.double() @ a.double()).float(), atol=1e-3)
     finally:
         torch.set_num_threads(threads)
 

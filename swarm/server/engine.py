@@ -10,8 +10,8 @@ nothing is queued). ``update`` learns the prefill rate from the chunks that ran,
 
 A decode step is any step of at most MAX_DECODE_TOKENS new tokens onto a session's cache: one token, or the
 few tokens a client verifies at once (speculative decoding). All of them take the decode plan's path, run
-inline when one session decodes here (unless the plan parks the compute thread's workers), and batch with
-other sessions' steps of as many tokens.
+inline when one session decodes here (on a plan of one thread), and batch with other sessions' steps of as many
+tokens.
 """
 from __future__ import annotations
 
@@ -118,7 +118,8 @@ class Engine:
     async def _schedule(self, peer: str, task: SpanTask, shares: bool) -> torch.Tensor:
         shares = shares and self.batching and can_batch(self.span)
         key = (task.blocks, task.request.hidden.shape[1]) if shares else None
-        inline = task.decode and self.lone_decoder()
+        # inline on one core only: a second thread's OpenMP team would slow every team's steps (shards.openmp)
+        inline = task.decode and self.lone_decoder() and self.plan.threads <= 1
         return await self.scheduler.run(peer, task.cost, self._execute, task, batch_key=key, inline=inline)
 
     def lone_decoder(self) -> bool:

@@ -17,6 +17,7 @@ from routing.placement import choose_span, should_move
 from shards import BlockSpan, Checkpoint
 from shards.decode_paths import DecodePlan
 from shards.lora import LoraWeights, load_adapter, resolve_adapter
+from shards.openmp import compute_elsewhere
 from shards.throughput import Throughput, cached_throughput, get_throughput
 from swarm.dht.records import (DHT_SECONDS, DHTStopped, announce, announce_relay, fetch_evidence, fetch_swarm_state,
                                 fetch_swarm_state_async, make_dht, replicate_p2p)
@@ -38,8 +39,7 @@ from swarm.processes import exit_on_termination, reap_children
 logger = logging.getLogger(__name__)
 # a stopping server leaves within --shutdown-grace plus these: what it cannot tell the DHT or the chain by then
 # stays undone (its records expire; its vouchers wait in the ledger for `cocoon redeem` or its next start)
-LEAVING_DHT_SECONDS = 3.0
-LEAVING_CHAIN_SECONDS = 6.0
+LEAVING_DHT_SECONDS, LEAVING_CHAIN_SECONDS = 3.0, 6.0
 AUTO_BATCH_WINDOW = 0.020  # seconds, the most a batch waits by default
 
 
@@ -76,6 +76,7 @@ class Server:
         which stop the server gracefully: announce offline, let open sessions finish, redeem, leave."""
         try:
             self._start()
+            compute_elsewhere()  # the compute thread's OpenMP team must be the only one (shards.openmp)
             event_loop.run(self._serve())
         except DHTStopped:
             if self.stop is None or not self.stop.is_set():
@@ -268,8 +269,7 @@ class Server:
         metrics.track_sessions(self.sessions)
         metrics.track_drafts(self.handler.steps.drafts)
         metrics.decode_plan.info({"path": self.plan.path, "batch_path": self.plan.path_for(2),
-                                  "threads": str(self.plan.threads),
-                                  "policy": "park" if self.plan.park_idle else "spin",
+                                  "threads": str(self.plan.threads), "policy": "park" if self.plan.park_idle else "spin",
                                   "step_ms": f"{self.plan.step_ms:.3f}"})
         self.handler.metrics = metrics
         if self.payments is not None:
@@ -304,7 +304,7 @@ class Server:
         self.info.state = ServerState.JOINING
         await asyncio.to_thread(self._announce, self._snapshot())  # old span, no longer usable: clients fail over
         new_span, _ = load_span(self.config, checkpoint, start, end, self.plan)
-
+        compute_elsewhere()  # (loading set this thread's torch threads)
         new_adapters = self._load_adapters(new_span)
 
         def swap():  # in the compute thread, so no request runs on a half-swapped span
