@@ -1,7 +1,7 @@
 """Decode speed of two versions of the project, by turns in one invocation: the reshaping of issue 26 must cost
 nothing on the decode path.
 
-    python bench/compare_trees.py [--base REV] [--rounds 3] [--new-tokens 32]
+    python bench/compare_trees.py [--base REV] [--rounds 3] [--new-tokens 32] [--fresh-cache]
 
 ``--base`` (default: the commit before the reshaping) is checked out in a `git worktree`; this working tree is
 the other side. Each round runs, in an order that alternates, for each tree and for one server holding all 8
@@ -9,7 +9,8 @@ blocks and two servers of 4: a swarm of `cocoon serve` processes with their defa
 from from_pretrained() with default arguments, a warm-up and two timed greedy generations (batch 1, 16-token
 prompt, float32, hidden 512 x 8 blocks), and bench/local_baseline.py in a clean process. Added ms/hop is
 (swarm - local) per token / servers, against the local run of the same round. The table shows medians over the
-rounds and their spread.
+rounds and their spread. ``--fresh-cache``: every swarm measures its decode plans and throughput at start, as on
+a machine's first start (and in every test), instead of reading what earlier runs cached.
 """
 from __future__ import annotations
 
@@ -57,10 +58,13 @@ def child(checkpoint: str, servers: int, new_tokens: int) -> None:
     print(json.dumps({"s_per_token": statistics.median(times), "tokens": tokens[0].tolist()}), flush=True)
 
 
-def run_child(tree: Path, checkpoint: str, servers: int, new_tokens: int) -> dict:
+def run_child(tree: Path, checkpoint: str, servers: int, new_tokens: int, fresh_cache: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, str(HERE / "compare_trees.py"), "--child", checkpoint, str(servers),
-                          str(new_tokens)], cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as cache:
+        if fresh_cache:
+            env["COCOON_CACHE_DIR"] = cache
+        out = subprocess.run([sys.executable, str(HERE / "compare_trees.py"), "--child", checkpoint, str(servers),
+                              str(new_tokens)], cwd=tree, env=env, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"the run in {tree} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--base", default=BASE)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--fresh-cache", action="store_true")
     args = parser.parse_args()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +105,7 @@ def main() -> None:
                 order = list(trees.items()) if round_ % 2 == 0 else list(trees.items())[::-1]
                 for label, tree in order:
                     for servers in (1, 2):
-                        run = run_child(tree, checkpoint, servers, args.new_tokens)
+                        run = run_child(tree, checkpoint, servers, args.new_tokens, args.fresh_cache)
                         results[(label, servers)].append((run["s_per_token"], locals_[-1]))
                         tokens.setdefault(servers, set()).add(tuple(run["tokens"]))
                         print(f"  round {round_ + 1}, {label}, {servers} server(s): "
@@ -108,7 +113,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT)
     print(f"\n{len(os.sched_getaffinity(0))} cores, {NAME} float32, greedy, batch 1, {args.new_tokens} new tokens, "
-          f"{args.rounds} rounds; local transformers: {spread(locals_)} ms/token\n")
+          f"{args.rounds} rounds{', fresh caches' if args.fresh_cache else ''}; local transformers: {spread(locals_)} ms/token\n")
     print("| tree | servers | swarm ms/token | added ms/hop |\n|---|---|---|---|")
     for (label, servers), runs in results.items():
         added = [(swarm - local) / servers for swarm, local in runs]
