@@ -19,7 +19,9 @@ rounds (its "throttled" spin) for as long as the process holds more OpenMP threa
 second team anywhere in a process slows every decode step of the first: 8 blocks of hidden 512 on 2 cores
 took 16.7-19.9 ms a step while an idle thread of the same process kept a team, against 7.6-8.5 ms without it.
 ``compute_elsewhere`` ends a thread's team and keeps it to one core: a server calls it in the thread that
-loaded and measured its span, so that the compute thread's team is the only one.
+loaded and measured its span, so that the compute thread's team is the only one. ``team_ended_after`` ends the
+team of a thread that computes only now and then (a client's spot check, in an executor thread): the user's own
+torch code must not slow down for the rest of the process's life after one check.
 """
 from __future__ import annotations
 
@@ -72,7 +74,23 @@ def compute_elsewhere() -> None:
     mkl = _mkl()
     if mkl is not None:
         mkl.MKL_Set_Num_Threads_Local(1)  # MKL's GEMMs take their count from here, not from OpenMP's
-    gomp.omp_pause_resource_all(OMP_PAUSE_HARD)  # libgomp: ends the calling thread's pool of workers
+    end_team()
+
+
+def end_team() -> None:
+    """End this thread's OpenMP workers (its next parallel region starts new ones). For a thread that computes now
+    and then beside another that computes all the time (a client's spot check beside its generate())."""
+    runtime = _runtime()
+    if runtime is not None and not runtime[0].omp_in_parallel():
+        runtime[0].omp_pause_resource_all(OMP_PAUSE_HARD)  # libgomp: ends the calling thread's pool of workers
+
+
+def team_ended_after(function: Callable[..., T], *args) -> T:
+    """``function(*args)``, then ``end_team()``: for work handed to a pool's thread, which stays alive after it."""
+    try:
+        return function(*args)
+    finally:
+        end_team()
 
 
 @functools.cache

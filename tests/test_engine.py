@@ -2,6 +2,7 @@
 take gives transformers' outputs, verify steps batch like decode steps, sessions go back with truncate, and
 importing the library changes nothing in the user's process."""
 import asyncio
+import concurrent.futures
 import json
 import os
 import statistics
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from shards import BlockSpan
 from shards.decode_paths import DecodePlan, choose_plan, get_plan, use_plan
-from shards.openmp import asleep_while, compute_elsewhere
+from shards.openmp import asleep_while, compute_elsewhere, team_ended_after
 from swarm import AutoDistributedModelForCausalLM
 from swarm.wire.limits import Quotas
 from swarm.apps.local_swarm import LocalSwarm
@@ -82,7 +83,8 @@ def test_parked_openmp_workers_sleep_through_a_wait_and_compute_right_after():
 
 def test_a_thread_that_computes_elsewhere_ends_its_openmp_team_and_leaves_other_threads_alone():
     """A second thread's OpenMP team halves a server's decode speed (libgomp's throttled spin: shards.openmp);
-    compute_elsewhere ends the calling thread's team and keeps that thread on one core, and no other thread's."""
+    compute_elsewhere ends the calling thread's team and keeps that thread on one core, and no other thread's;
+    team_ended_after ends a pool thread's team after each piece of work (a client's spot check)."""
     a = torch.randn(300, 300)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -105,6 +107,13 @@ def test_a_thread_that_computes_elsewhere_ends_its_openmp_team_and_leaves_other_
         assert seen["after"] == seen["with its team"] - 1  # its worker ended, and the product made no new one
         assert seen["counts"] == 1 and torch.get_num_threads() == 2  # this thread keeps its own count
         assert torch.allclose(seen["product"], (a.double() @ a.double()).float(), atol=1e-3)
+        # a pool's thread that computes now and then (a client's spot check) ends its team after each piece of work
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            alive = len(os.listdir("/proc/self/task"))
+            product = pool.submit(team_ended_after, torch.mm, a, a).result()
+            assert len(os.listdir("/proc/self/task")) == alive + 1  # the pool's thread, without a worker of its own
+            assert torch.equal(product, pool.submit(torch.mm, a, a).result())
+            assert len(os.listdir("/proc/self/task")) == alive + 2  # a plain call leaves its worker behind
     finally:
         torch.set_num_threads(threads)
 

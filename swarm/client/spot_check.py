@@ -24,6 +24,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from incentives.verification import TOLERANCE, Evidence, measured_tolerance, relative_error, tolerance
+from shards.openmp import team_ended_after
 from swarm.client.evidence import LocalBlocks, save_evidence
 from swarm.client.failover import Failover, WrongOutputError
 from swarm.dht.records import evidence_key, in_dht
@@ -86,8 +87,8 @@ class SpotChecker:
         dtype = self._computed_in(link.peer_id)
         if reply.attestation is not None:  # what it signed, or what it announced: the stricter (both are its word)
             dtype = min(dtype, reply.attestation.dtype, key=lambda d: TOLERANCE.get(d, TOLERANCE["bfloat16"]))
-        reference, same_dtype = await asyncio.get_running_loop().run_in_executor(
-            None, self.local.honest, link.start, link.end, inputs, dtype, inputs.dtype)
+        reference, same_dtype = await asyncio.get_running_loop().run_in_executor(  # (ended: shards.openmp)
+            None, team_ended_after, self.local.honest, link.start, link.end, inputs, dtype, inputs.dtype)
         self.checked += 1
         wire = dtype_name(inputs.dtype)
         if same_dtype is None:
