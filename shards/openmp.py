@@ -11,8 +11,8 @@ threads: 15-17 ms a step with a spin of 1000 rounds, 7-8 ms with libgomp's defau
 
 ``asleep_while`` parks them instead, for one wait: it opens a parallel region of the calling thread's own team
 in which the workers sleep on a semaphore while the calling thread waits. They stay alive and keep their spin
-for the next computation. A server's compute thread waits for work this way (a client does not:
-swarm/client/loop.py); no setting of the process changes.
+for the next computation. A server's compute thread waits for work this way, and a client's calling thread
+waits for the swarm so (swarm/client/loop.py); no setting of the process changes.
 
 Each thread that runs a parallel region has a team of its own, and libgomp cuts every worker's spin to 100
 rounds (its "throttled" spin) for as long as the process holds more OpenMP threads than it has cores. So a
@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -114,9 +115,11 @@ def asleep_while(wait: Callable[[], T]) -> T:
     if runtime is None or runtime[0].omp_in_parallel():
         return wait()
     gomp, libc, sem_wait = runtime
-    semaphore = ctypes.create_string_buffer(SEM_T_BYTES)
-    if libc.sem_init(semaphore, 0, 0) != 0:
+    semaphore = _semaphore(libc)
+    if semaphore is None:
         return wait()
+    while libc.sem_trywait(semaphore) == 0:  # a worker woken early by a signal (EINTR) left a post behind
+        pass
     # The team's workers run sem_wait(semaphore): asleep, in C (no Python, so no wait for the GIL to end it).
     # This thread, its master, does not run it: it waits here, then wakes them and closes the region.
     gomp.GOMP_parallel_start(sem_wait, ctypes.addressof(semaphore), threads)
@@ -126,4 +129,19 @@ def asleep_while(wait: Callable[[], T]) -> T:
         for _ in range(threads - 1):
             libc.sem_post(semaphore)
         gomp.GOMP_parallel_end()
-        libc.sem_destroy(semaphore)
+
+
+_local = threading.local()
+
+
+def _semaphore(libc) -> ctypes.Array | None:
+    """This thread's semaphore for its parked workers, kept for the thread's life: a KeyboardInterrupt that lands
+    between opening the region and the ``try`` leaves the region open (later waits are plain ones, torch runs on
+    one thread), and its workers must not wait on freed memory."""
+    semaphore = getattr(_local, "semaphore", None)
+    if semaphore is None:
+        semaphore = ctypes.create_string_buffer(SEM_T_BYTES)
+        if libc.sem_init(semaphore, 0, 0) != 0:
+            return None
+        _local.semaphore = semaphore
+    return semaphore

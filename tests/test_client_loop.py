@@ -159,8 +159,8 @@ def test_ctrl_c_at_any_moment_stops_the_call_and_leaves_the_loop_usable():
     try:
         for _ in range(100):
             timer = threading.Timer(rng.uniform(0.0005, 0.01), os.kill, (os.getpid(), signal.SIGINT))
-            timer.start()
             with pytest.raises(KeyboardInterrupt):
+                timer.start()  # (in the block: the signal may land before start() returns, on a busy machine)
                 while True:
                     loop.run(asyncio.sleep(0))
             timer.join()

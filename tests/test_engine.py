@@ -90,30 +90,37 @@ def test_a_thread_that_computes_elsewhere_ends_its_openmp_team_and_leaves_other_
     torch.set_num_threads(2)
     seen = {}
 
+    def tids() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
     def other():
         torch.set_num_threads(2)
+        before = tids()
         torch.mm(a, a)  # this thread's team: a worker of its own
-        seen["with its team"] = len(os.listdir("/proc/self/task"))
+        seen["workers"] = tids() - before
         compute_elsewhere()
         seen["counts"] = torch.get_num_threads()
         seen["product"] = torch.mm(a, a)
-        seen["after"] = len(os.listdir("/proc/self/task"))
+        seen["left"] = seen["workers"] & tids()
+        seen["new"] = tids() - before - {str(threading.get_native_id())}
 
     try:
         torch.mm(a, a)
         worker = threading.Thread(target=other)
         worker.start()
         worker.join()
-        assert seen["after"] == seen["with its team"] - 1  # its worker ended, and the product made no new one
+        assert len(seen["workers"]) == 1 and not seen["left"]  # its worker ended
+        assert not seen["new"]  # and a product on one core made no new one
         assert seen["counts"] == 1 and torch.get_num_threads() == 2  # this thread keeps its own count
         assert torch.allclose(seen["product"], (a.double() @ a.double()).float(), atol=1e-3)
         # a pool's thread that computes now and then (a client's spot check) ends its team after each piece of work
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            alive = len(os.listdir("/proc/self/task"))
+            pool_thread = pool.submit(threading.get_native_id).result()
+            before = tids()
             product = pool.submit(team_ended_after, torch.mm, a, a).result()
-            assert len(os.listdir("/proc/self/task")) == alive + 1  # the pool's thread, without a worker of its own
+            assert tids() - before == set()  # no worker of its own left behind
             assert torch.equal(product, pool.submit(torch.mm, a, a).result())
-            assert len(os.listdir("/proc/self/task")) == alive + 2  # a plain call leaves its worker behind
+            assert len(tids() - before) == 1 and str(pool_thread) not in tids() - before  # a plain call leaves one
     finally:
         torch.set_num_threads(threads)
 

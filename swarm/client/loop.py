@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Awaitable, Callable, TypeVar
 
+from shards.openmp import asleep_while
 from swarm.net.event_loop import new_event_loop
 
 T = TypeVar("T")
@@ -57,9 +58,8 @@ def background_loop() -> asyncio.AbstractEventLoop:
 def run(coroutine: Awaitable[T], timeout: float | None = None) -> T:
     """Run a coroutine on the loop and wait for its result (at most ``timeout`` seconds: then TimeoutError)."""
     with _CtrlC() as ctrl_c:
-        # The caller's OpenMP workers are not parked here (shards.openmp), as a server's are: with them parked, a
-        # Ctrl-C sometimes raised KeyboardInterrupt twice (tests/test_client_loop.py: 4 runs of 12), cause unknown.
-        result = _run(coroutine, timeout, ctrl_c)
+        # the caller's OpenMP workers sleep meanwhile: spinning, they would take the cores its servers compute on
+        result = asleep_while(lambda: _run(coroutine, timeout, ctrl_c))
         if ctrl_c.pressed:  # the coroutine swallowed its cancellation: the caller still asked to stop
             raise KeyboardInterrupt
         return result
