@@ -118,7 +118,8 @@ class Engine:
     async def _schedule(self, peer: str, task: SpanTask, shares: bool) -> torch.Tensor:
         shares = shares and self.batching and can_batch(self.span)
         key = (task.blocks, task.request.hidden.shape[1]) if shares else None
-        # inline on one core only: a second thread's OpenMP team would slow every team's steps (shards.openmp)
+        # inline on plans of one thread only: more threads park the compute thread's workers, and a team on the event
+        # loop would slow every team's steps (shards.openmp)
         inline = task.decode and self.lone_decoder() and self.plan.threads <= 1
         return await self.scheduler.run(peer, task.cost, self._execute, task, batch_key=key, inline=inline)
 

@@ -17,7 +17,7 @@ of its own tasks, so batching changes nobody's share, only how much work a secon
 
 The compute thread waits for work through ``park`` when given one: the engine's decode plan may have its OpenMP
 workers sleep meanwhile instead of spinning on cores that the next process of a chain computes on
-(shards.openmp). Tasks then always run in the compute thread, whose workers those are.
+(shards.openmp).
 """
 from __future__ import annotations
 
@@ -73,10 +73,9 @@ class FairScheduler:
                   inline: bool = False) -> Any:
         """Run ``fn(*args)`` in the compute thread when it is ``peer``'s turn; returns its result. Tasks with
         the same ``batch_key`` may run together, through ``run_batch``. An ``inline`` task (a short one) runs
-        right here, in the caller's thread, when nothing else runs or waits and the compute thread's workers are
-        not parked: no hand-off to the compute thread and back (two thread wake-ups on every decode step of a
-        lone session)."""
-        inline = inline and self.park is None
+        right here, in the caller's thread, when nothing else runs or waits: no hand-off to the compute thread and
+        back (two thread wake-ups on every decode step of a lone session). The engine asks for it only where the
+        caller's thread may compute (swarm.server.engine)."""
         with self._ready:
             if inline and not self._stopped and not self._running and not any(self.queues.values()):
                 self._running = True  # the compute thread waits meanwhile
