@@ -103,15 +103,14 @@ def candidate_paths(span: BlockSpan) -> list[str]:
 
 
 def use_plan(span: BlockSpan, plan: DecodePlan) -> None:
-    """Make ``plan`` the way this span's decode steps run: only the chosen path's extra state is kept."""
+    """Make ``plan`` the way this span's decode steps run: only the chosen path's extra state is kept. The calling
+    thread's torch threads stay as they are: the thread that computes takes the plan's (swarm.server.engine)."""
     if "packed" in (plan.path, plan.batch_path):
         packed_forwards(span)
     else:
         drop_packed_forwards(span)
     if plan.path != "cuda-graphs":
         span.decode_graphs = None
-    if plan.threads:
-        torch.set_num_threads(plan.threads)
     span.decode_plan = plan  # read by shards.throughput, to measure decode steps as they will run
 
 

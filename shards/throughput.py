@@ -116,27 +116,30 @@ def measure(span: BlockSpan, *, decode_steps: int = 32, prefill_tokens: int = 25
     x = torch.randn(1, prefill_tokens, hidden, dtype=span.dtype_, device=span.device)
     plan = getattr(span, "decode_plan", None)  # shards.decode_paths.use_plan: the threads of each kind of step
     saved = torch.get_num_threads()
-    if plan is not None and plan.prefill_threads:
-        torch.set_num_threads(plan.prefill_threads)
-    span(x[:, :8])  # warm-up
-    sync()
-    bar.update()
-    start = time.perf_counter()
-    span(x)
-    sync()
-    prefill = prefill_tokens / (time.perf_counter() - start)
-    torch.set_num_threads(saved)
-    bar.update()
-    cache = span.new_cache()
-    span(x[:, :16], cache=cache)
-    sync()
-    start = time.perf_counter()
-    packed = packed_linears(span) if plan is not None and plan.path == "packed" else contextlib.nullcontext()
-    with packed:  # as a server computes decode steps (CUDA graphs, if any, are the span's own)
-        for i in range(decode_steps):
-            span(x[:, i:i + 1], cache=cache)
-            bar.update()
-    sync()
-    decode = decode_steps / (time.perf_counter() - start)
+    try:
+        if plan is not None and plan.prefill_threads:
+            torch.set_num_threads(plan.prefill_threads)
+        span(x[:, :8])  # warm-up
+        sync()
+        bar.update()
+        start = time.perf_counter()
+        span(x)
+        sync()
+        prefill = prefill_tokens / (time.perf_counter() - start)
+        bar.update()
+        torch.set_num_threads(plan.threads if plan is not None and plan.threads else saved)
+        cache = span.new_cache()
+        span(x[:, :16], cache=cache)
+        sync()
+        start = time.perf_counter()
+        packed = packed_linears(span) if plan is not None and plan.path == "packed" else contextlib.nullcontext()
+        with packed:  # as a server computes decode steps (CUDA graphs, if any, are the span's own)
+            for i in range(decode_steps):
+                span(x[:, i:i + 1], cache=cache)
+                bar.update()
+        sync()
+        decode = decode_steps / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(saved)
     bar.close()
     return Throughput(decode, prefill)

@@ -77,3 +77,17 @@ def test_throughput_is_measured_once_and_cached(wide_checkpoint, monkeypatch):
     assert cache_path().exists()
     get_throughput(span, "model-b", decode_steps=4, prefill_tokens=32, progress=False)
     assert len(calls) == 2
+
+
+def test_a_plan_of_one_thread_leaves_the_callers_threads_and_the_cache_key_alone(wide_checkpoint):
+    """A server reads its cached throughput before it loads anything (to choose its span), and writes it after the
+    decode plan is in use: both must name the same entry, whatever threads the plan takes."""
+    from shards.decode_paths import DecodePlan, use_plan
+    from shards.throughput import cached_throughput
+    threads = torch.get_num_threads()
+    span = BlockSpan.from_pretrained(wide_checkpoint, 0, 2)
+    use_plan(span, DecodePlan("plain", threads=1, park_idle=True, prefill_threads=2))
+    assert torch.get_num_threads() == threads  # the compute thread takes the plan's threads, not the caller
+    measured = get_throughput(span, "model-c", decode_steps=4, prefill_tokens=32, progress=False)
+    assert torch.get_num_threads() == threads
+    assert cached_throughput("model-c", str(span.dtype_).removeprefix("torch."), span.quant, "cpu") == measured

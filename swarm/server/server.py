@@ -304,7 +304,6 @@ class Server:
         self.info.state = ServerState.JOINING
         await asyncio.to_thread(self._announce, self._snapshot())  # old span, no longer usable: clients fail over
         new_span, _ = load_span(self.config, checkpoint, start, end, self.plan)
-        compute_elsewhere()  # (loading set this thread's torch threads)
         new_adapters = self._load_adapters(new_span)
 
         def swap():  # in the compute thread, so no request runs on a half-swapped span
