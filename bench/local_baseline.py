@@ -7,7 +7,9 @@ Prints one JSON line: seconds per token of greedy generate() (batch 1, a 16-toke
 repeat, after a warm-up, and the tokens generated (--ids: that prompt instead; --prompt-lookup, --self-draft, --half-draft: transformers'
 assisted generation, drafting N tokens from the prompt, with the model's own weights, or with its last block's
 MLP doubled, as bench/push.py --speculative drafts); with --layers also the seconds of one decode step of the model's decoder layers
-alone (transformers' own layers, as a span of all blocks computes them), median of 20. Torch's defaults:
+alone (transformers' own layers, as a span of all blocks computes them), median of 20; with --layers-in-generate
+the decoder layers' part of each decode step inside generate() (after the LM head and the rest of a step ran, as
+in a user's generation), median over the steps. Torch's defaults:
 nothing here sets threads or OpenMP's environment. The benches run it with ``subprocess`` on purpose:
 importing swarm in the same process must not be able to change what is measured.
 """
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--layers", action="store_true")
+    parser.add_argument("--layers-in-generate", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--ids", help="the prompt's token ids, comma-separated (default: 16 random ones)")
@@ -57,6 +60,8 @@ def main() -> None:
         result["tokens"] = out[0].tolist()  # what the benches compare their own generations with
         if args.layers:
             result["layers_step_s"] = layers_step(model, sync)
+        if args.layers_in_generate:
+            result["layers_in_generate_s"] = layers_in_generate(model, ids, args.new_tokens, sync)
     print(json.dumps(result), flush=True)
 
 
@@ -90,6 +95,28 @@ def layers_step(model, sync) -> float:
         times.append(time.perf_counter() - started)
         cache.crop(-1)
     return statistics.median(times[3:])
+
+
+def layers_in_generate(model, ids, new_tokens: int, sync) -> float:
+    """The decoder layers' part of each decode step of generate(), median over the steps: from the first layer's
+    input to the last layer's output, the work a chain's servers do for a token."""
+    layers, started, times = model.get_decoder().layers, [], []
+
+    def start(module, args) -> None:  # (a hook that returns something replaces the layer's inputs or output)
+        sync()
+        started.append(time.perf_counter())
+
+    def stop(module, args, output) -> None:
+        sync()
+        times.append(time.perf_counter() - started[-1])
+
+    first, last = layers[0].register_forward_pre_hook(start), layers[-1].register_forward_hook(stop)
+    try:
+        model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    finally:
+        first.remove()
+        last.remove()
+    return statistics.median(times[1:])  # (the first is the prompt's)
 
 
 if __name__ == "__main__":

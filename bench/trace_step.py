@@ -1,18 +1,23 @@
-"""Where the time of one decode step goes along a pushing chain of 2 servers: timestamps on both sides.
+"""Where the time of one decode step goes along a chain of 1 or 2 servers (pushing): timestamps on every side.
 
-    python bench/trace_step.py [--model small] [--tokens 64] [--rounds 3] [--code new=. --code old=/old/checkout]
+    python bench/trace_step.py [--servers 2] [--model small] [--tokens 64] [--rounds 3]
+        [--code new=. --code old=/old/checkout]
 
 Each code tree (a checkout of this repository; default: this one) runs in turn, in a child process: a
-LocalSwarm of 2 servers started by `cocoon serve` with its defaults, and a client with default arguments
-decoding ``--tokens`` tokens after warming up. A hook (a sitecustomize module on PYTHONPATH, in every process
-of the run) writes a timestamp (CLOCK_MONOTONIC, the same clock in every process) at each frame read and
-written, at each step's compute, and where the client's step() starts and returns. The table gives the
-median over tokens of each stage of the critical path: client -> server 1 -> (push) -> server 2 -> client.
-The hook itself costs a few microseconds per timestamp.
+LocalSwarm of ``--servers`` servers started by `cocoon serve` with its defaults, and a client with default
+arguments decoding ``--tokens`` tokens after warming up. A hook (a sitecustomize module on PYTHONPATH, in every
+process of the run) writes a timestamp (CLOCK_MONOTONIC, the same clock in every process) at each frame read and
+written, where a step enters and leaves the server's engine, where the span's forward starts and ends, and where
+the client's step() starts and returns. The table gives the median over tokens of each stage of the critical
+path: client -> server 1 -> (push) -> server 2 -> client. The hook itself costs a few microseconds per timestamp.
+
+Beside it, in each round, transformers in a process of its own (bench/local_baseline.py --layers-in-generate):
+its decoder layers' time within each decode step of generate(), the same work as the servers' forwards together.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -73,10 +78,20 @@ if _dir:
             return output
 
         engine.Engine.span_output = span_output
+        import shards.span as span_module
+        _forward = span_module.BlockSpan.forward
+
+        def forward(self, *args, **kwargs):
+            ev("forward0")
+            output = _forward(self, *args, **kwargs)
+            ev("forward1")
+            return output
+
+        span_module.BlockSpan.forward = forward
 '''
 
 CLIENT = '''
-import builtins, sys, tempfile
+import builtins, shutil, sys, tempfile
 import swarm
 import torch
 from shards.testing import save_random_checkpoint
@@ -98,40 +113,47 @@ def traced(self, *args, **kwargs):
 
 InferenceSession.step = traced
 ids = torch.randint(3, config["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
-with LocalSwarm(path, [(0, config["num_hidden_layers"] // 2), (config["num_hidden_layers"] // 2,
-                                                                  config["num_hidden_layers"])]) as local_swarm:
+blocks, servers = config["num_hidden_layers"], {servers}
+with LocalSwarm(path, [(i * blocks // servers, (i + 1) * blocks // servers) for i in range(servers)]) as local_swarm:
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, do_sample=False)
         ev("MARK")
         model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=None)
     model.shutdown()
+    shutil.copytree(path, sys.argv[1], dirs_exist_ok=True)  # the same weights, for the local baseline
 '''
 
-STAGES = ["client: step() -> request written", "-> server 1 has read it", "server 1: read -> compute",
-          "server 1: compute", "server 1: compute -> push written", "-> server 2 has read the push",
-          "server 2: read -> compute", "server 2: compute", "server 2: compute -> answer written",
-          "-> client has read it", "client: read -> step() returns"]
 
 
-def stages(events: list[tuple[float, str, str]]) -> dict[str, list[float]]:
-    """Milliseconds of each stage, per token, for tokens whose events follow the pushing chain's order."""
+def stage_names(servers: int) -> list[str]:
+    names = ["client: step() -> request written"]
+    for n in range(1, servers + 1):
+        names += [f"-> server {n} has read it", f"server {n}: read -> into the engine",
+                  f"server {n}: engine -> forward (hand-off to the compute thread)", f"server {n}: forward",
+                  f"server {n}: forward -> out of the engine",
+                  f"server {n}: engine -> {'push' if n < servers else 'answer'} written"]
+    return names + ["-> client has read it", "client: read -> step() returns"]
+
+
+def stages(events: list[tuple[float, str, str]], servers: int) -> dict[str, list[float]]:
+    """Milliseconds of each stage, per token, for tokens whose events follow the chain's order."""
     start = next(i for i, (_, _, what) in enumerate(events) if what == "MARK")
     per_stage: dict[str, list[float]] = {}
     token: list = []
     for event in events[start + 1:]:
         token.append(event)
         if event[1] == "client" and event[2] == "step1":
-            times = _critical_path(token)
+            times = _critical_path(token, servers)
             if times is not None:
-                for name, a, b in zip(STAGES, times, times[1:]):
+                for name, a, b in zip(stage_names(servers), times, times[1:]):
                     per_stage.setdefault(name, []).append(b - a)
                 per_stage.setdefault("whole step", []).append(times[-1] - times[0])
             token = []
     return per_stage
 
 
-def _critical_path(token) -> list[float] | None:
+def _critical_path(token, servers: int) -> list[float] | None:
     def first(after: float, who, what: str):
         for t, w, x in token:
             if t >= after and who(w) and x.startswith(what):
@@ -140,29 +162,33 @@ def _critical_path(token) -> list[float] | None:
 
     try:
         step0, _ = first(0.0, lambda w: w == "client", "step0")
-        sent, _ = first(step0, lambda w: w == "client", "wrote")
-        read1, server1 = first(sent, lambda w: w.startswith("server"), "read ExpertRequest")
-        c0, _ = first(read1, lambda w: w == server1, "compute0")
-        c1, _ = first(c0, lambda w: w == server1, "compute1")
-        pushed, _ = first(c1, lambda w: w == server1, "wrote ExpertRequest")
-        read2, server2 = first(pushed, lambda w: w.startswith("server") and w != server1, "read ExpertRequest")
-        d0, _ = first(read2, lambda w: w == server2, "compute0")
-        d1, _ = first(d0, lambda w: w == server2, "compute1")
-        answered, _ = first(d1, lambda w: w == server2, "wrote ExpertResponse")
-        received, _ = first(answered, lambda w: w == "client", "read ExpertResponse")
-        step1, _ = first(received, lambda w: w == "client", "step1")
+        times = [step0, first(step0, lambda w: w == "client", "wrote")[0]]
+        seen: list[str] = []
+        for n in range(servers):
+            read, server = first(times[-1], lambda w: w.startswith("server") and w not in seen, "read ExpertRequest")
+            seen.append(server)
+            times.append(read)
+            for what in ("compute0", "forward0", "forward1", "compute1"):
+                times.append(first(times[-1], lambda w: w == server, what)[0])
+            times.append(first(times[-1], lambda w: w == server,
+                               "wrote ExpertRequest" if n < servers - 1 else "wrote ExpertResponse")[0])
+        times.append(first(times[-1], lambda w: w == "client", "read ExpertResponse")[0])
+        times.append(first(times[-1], lambda w: w == "client", "step1")[0])
     except LookupError:
         return None
-    return [step0, sent, read1, c0, c1, pushed, read2, d0, d1, answered, received, step1]
+    return times
 
 
-def run(code: str, config: dict, tokens: int) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory() as hook, tempfile.TemporaryDirectory() as traces:
+def run(code: str, config: dict, tokens: int, servers: int) -> tuple[dict[str, list[float]], float]:
+    """The stages of each token, and transformers' layers inside generate() on the same weights (ms a step)."""
+    with tempfile.TemporaryDirectory() as hook, tempfile.TemporaryDirectory() as traces, \
+            tempfile.TemporaryDirectory() as weights:
         with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
             f.write(HOOK)
         env = {**os.environ, "COCOON_TRACE_DIR": traces,
                "PYTHONPATH": os.pathsep.join([hook, os.path.abspath(code), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run([sys.executable, "-c", textwrap.dedent(CLIENT.format(config=config, tokens=tokens))],
+        subprocess.run([sys.executable, "-c", textwrap.dedent(CLIENT.format(config=config, tokens=tokens,
+                                                                              servers=servers)), weights],
                        env=env, cwd=code, check=True, stdout=subprocess.DEVNULL)
         events = []
         for name in os.listdir(traces):
@@ -170,11 +196,17 @@ def run(code: str, config: dict, tokens: int) -> dict[str, list[float]]:
                 for line in f:
                     t, who, what = line.rstrip("\n").split(" ", 2)
                     events.append((int(t) / 1e6, who, what))
-    return stages(sorted(events))
+        local = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "local_baseline.py"), weights, "--new-tokens",
+                                str(tokens), "--layers-in-generate"], capture_output=True, text=True, check=True,
+                               env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    layers = json.loads(local.stdout.strip().splitlines()[-1])["layers_in_generate_s"] * 1000
+    return stages(sorted(events), servers), layers
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", type=int, choices=[1, 2], default=2)
     parser.add_argument("--model", choices=["small", "large", "7b"], default="small")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="runs of every code tree, interleaved")
@@ -190,18 +222,25 @@ def main():
     for round_ in range(args.rounds):  # interleaved, so that the machine's drift hits every tree alike
         for name, code in codes:
             print(f"round {round_ + 1}: tracing {name} ({code}) ...", flush=True)
-            for stage, values in run(code, config, args.tokens).items():
+            per_stage, layers = run(code, config, args.tokens, args.servers)
+            for stage, values in per_stage.items():
                 results[name].setdefault(stage, []).extend(values)
-    print(f"\n{args.model} model, 2 servers, push, {args.rounds} x {args.tokens} tokens; median ms per token of "
-          f"each stage\n")
+            results[name].setdefault("local", []).append(layers)
+    median = statistics.median
+    print(f"\n{args.model} model, {args.servers} server(s){', push' if args.servers > 1 else ''}, {args.rounds} x "
+          f"{args.tokens} tokens; median ms per token of each stage\n")
     print("| stage | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
-    for stage in STAGES + ["whole step"]:
-        print(f"| {stage} | " + " | ".join(f"{statistics.median(r[stage]):.2f}" if r.get(stage) else "-"
+    for stage in stage_names(args.servers) + ["whole step"]:
+        print(f"| {stage} | " + " | ".join(f"{median(r[stage]):.2f}" if r.get(stage) else "-"
                                          for r in results.values()) + " |")
-    overhead = {name: statistics.median(r["whole step"]) - statistics.median(r["server 1: compute"])
-                - statistics.median(r["server 2: compute"]) for name, r in results.items()}
-    print("| all but the two computes | " + " | ".join(f"{v:.2f}" for v in overhead.values()) + " |")
+    forwards = [f"server {n}: forward" for n in range(1, args.servers + 1)]
+    print("| all but the forwards | " + " | ".join(
+        f"{median(r['whole step']) - sum(median(r[f]) for f in forwards):.2f}" for r in results.values()) + " |")
+    print("| the forwards, together | " + " | ".join(
+        f"{sum(median(r[f]) for f in forwards):.2f}" for r in results.values()) + " |")
+    print("| transformers' decoder layers inside generate(), a clean process (median of the rounds) | " + " | ".join(
+        f"{median(r['local']):.2f}" for r in results.values()) + " |")
     print("| tokens counted | " + " | ".join(str(len(r.get("whole step", []))) for r in results.values()) + " |")
 
 
