@@ -66,7 +66,7 @@ def spread(values: list[float], scale: float = 1000.0) -> str:
 def span_steps(root: str, names: list[str], rounds: int = 3) -> list[str]:
     """Interleaved rounds: transformers' layers in a clean process, then the span's paths in this one."""
     from shards import BlockSpan
-    from shards.decode_paths import BATCH_ROWS, _timed, choose_plan, decode_step
+    from shards.decode_paths import BATCH_ROWS, PROMPT_TOKENS, _timed, choose_plan, decode_step, prompt_step
     from shards.packed_linears import packed_forwards
 
     rows = []
@@ -81,7 +81,9 @@ def span_steps(root: str, names: list[str], rounds: int = 3) -> list[str]:
         packed_forwards(span)  # both paths stay timeable here
         steps = {label: (decode_step(span, path_name, batch), threads)
                  for label, (path_name, threads, batch) in candidates.items()}
-        times = {label: [] for label in ["local", *candidates]}
+        steps["prompt, plain"] = (prompt_step(span, "plain"), cores)  # prefills take every core
+        steps["prompt, plan"] = (prompt_step(span, plan.prompt_path or "plain"), cores)
+        times = {label: [] for label in ["local", *steps]}
         for _ in range(rounds):
             times["local"].append(local_baseline(path, 4, layers=True)["layers_step_s"])
             for label, (step, threads) in steps.items():
@@ -92,12 +94,14 @@ def span_steps(root: str, names: list[str], rounds: int = 3) -> list[str]:
         ms = {label: statistics.median(values) * 1000 for label, values in times.items()}
         rows.append(f"| {name} | {spread(times['local'])} | {spread(times['plain'])} | {plan} | "
                     f"{spread(times['plan'])} | {ms['local'] / ms['plan']:.2f}x | {spread(times['plain, batch'])} | "
-                    f"{plan.path_for(BATCH_ROWS)}: {spread(times['plan, batch'])} |")
+                    f"{plan.path_for(BATCH_ROWS)}: {spread(times['plan, batch'])} | {spread(times['prompt, plain'])} | "
+                    f"{plan.prompt_path or 'plain'}: {spread(times['prompt, plan'])} |")
         print(rows[-1], flush=True)
         del span, steps
     return ["| model | transformers' layers ms (clean process) | span, plain, all cores ms | the engine's plan | "
-            "span, the plan ms | speed vs transformers | batch of 8, plain ms | batch of 8, the plan's path ms |",
-            "|---|---|---|---|---|---|---|---|", *rows]
+            f"span, the plan ms | speed vs transformers | batch of 8, plain ms | batch of 8, the plan's path ms | "
+            f"prompt of {PROMPT_TOKENS}, plain ms | prompt of {PROMPT_TOKENS}, the plan's path ms |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 # ---------------------------------------------------------------------- swarm generate

@@ -8,6 +8,8 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
   CPU), or CUDA graphs (``cuda-graphs``, on a GPU: shards.decode_graphs);
 - the path of steps of several rows (a batch of sessions' steps, a verify step), timed on a batch of 8: on
   the development machine MKL re-packs each weight matrix for a GEMM of a few rows, oneDNN's copies do not;
+- the path of a prompt (a prefill, a chunk of one), timed on PROMPT_TOKENS tokens on every core: MKL's GEMM of
+  16 to 64 rows was the slowest of all on the machine of 2026-12-08 (bench/RESULTS.md, "Issue 25, stop 48");
 - on a CPU, its torch thread count (all cores, or half of them);
 - not timed: whether a CPU server's OpenMP workers are parked while it has nothing queued (shards.openmp) or
   left spinning. A spinning worker costs the next process of the chain its compute, which a measurement in
@@ -44,10 +46,11 @@ logger = logging.getLogger(__name__)
 PATHS = ("plain", "packed", "cuda-graphs")
 POLICIES = {"park": True, "spin": False}
 BUDGET_S = 2.0
-PLAN_VERSION = 7  # of what is measured: a plan cached by another version is measured again
+PLAN_VERSION = 8  # of what is measured: a plan cached by another version is measured again
 BATCH_ROWS = 8  # rows of the batched step timed for the path of batches
 MARGIN = 0.03  # how much faster than the default a candidate must be to be chosen
 PAST_TOKENS = 16  # the length of the cache the steps are timed on
+PROMPT_TOKENS = 32  # the prompt timed for the path of prompts
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class DecodePlan:
     batch_path: str = ""        # the path of a step of several rows (batched sessions, a verify step); "": path
     step_ms: float = 0.0        # the span's decode step alone, as measured (0: not measured)
     prefill_threads: int = 0    # torch threads of every other step (prefill, backward): all cores unless fixed
+    prompt_path: str = ""       # the path of a prompt's forward (a prefill); "": plain
 
     def path_for(self, rows: int) -> str:
         """The path of a decode step of ``rows`` rows x new tokens."""
@@ -89,8 +93,9 @@ class DecodePlan:
 
     def __str__(self) -> str:
         batches = f", batches {self.batch_path}" if self.batch_path and self.batch_path != self.path else ""
+        prompts = f", prompts {self.prompt_path}" if self.prompt_path and self.prompt_path != "plain" else ""
         measured = f", {self.step_ms:.2f} ms a step" if self.step_ms else ""
-        return f"decode path {self.spec}{batches}{measured}"
+        return f"decode path {self.spec}{batches}{prompts}{measured}"
 
 
 def candidate_paths(span: BlockSpan) -> list[str]:
@@ -105,7 +110,7 @@ def candidate_paths(span: BlockSpan) -> list[str]:
 def use_plan(span: BlockSpan, plan: DecodePlan) -> None:
     """Make ``plan`` the way this span's decode steps run: only the chosen path's extra state is kept. The calling
     thread's torch threads stay as they are: the thread that computes takes the plan's (swarm.server.engine)."""
-    if "packed" in (plan.path, plan.batch_path):
+    if "packed" in (plan.path, plan.batch_path, plan.prompt_path):
         packed_forwards(span)
     else:
         drop_packed_forwards(span)
@@ -128,6 +133,17 @@ def decode_step(span: BlockSpan, path: str, rows: int = 1) -> Callable[[], None]
             span(hidden[:, PAST_TOKENS:], cache=cache)
             sync()
         cache.layers[:] = [copy.copy(layer) for layer in past]  # (crop cannot undo a sliding window's step)
+
+    return step
+
+
+def prompt_step(span: BlockSpan, path: str, tokens: int = PROMPT_TOKENS) -> Callable[[], None]:
+    """A function that runs a prompt of ``tokens`` tokens through ``path`` onto an empty cache."""
+    hidden = torch.randn(1, tokens, span.config.hidden_size, dtype=span.dtype_, device=span.device)
+
+    def step() -> None:
+        with torch.inference_mode(), _through(span, path, span.decode_graphs):
+            span(hidden, cache=span.new_cache())
 
     return step
 
@@ -160,6 +176,8 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
     batch_paths = [p for p in paths if p != "cuda-graphs"] if cpu and len(paths) > 1 else []
     steps = {path: decode_step(span, path) for path in paths}
     batches = {path: decode_step(span, path, BATCH_ROWS) for path in batch_paths}
+    prompts = {path: prompt_step(span, path) for path in batch_paths}
+    prefill_threads = fixed.get("prefill_threads", cores) if cpu else 0
     saved_threads = torch.get_num_threads()
     set_threads = torch.set_num_threads if cpu else (lambda n: None)
     try:
@@ -176,14 +194,16 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         by_threads = {n: by_combo[path, n] for n in threads}
         by_batch = _in_rounds({p: (batches[p], chosen_threads) for p in batch_paths}, reps, set_threads)
         batch_path = _fastest(by_batch, batch_paths[0]) if by_batch else path
+        by_prompt = _in_rounds({p: (prompts[p], prefill_threads) for p in batch_paths}, 3, set_threads)
+        prompt_path = _fastest(by_prompt, batch_paths[0]) if by_prompt else ""
         set_threads(chosen_threads)
     finally:
         torch.set_num_threads(saved_threads)
-    logger.info(f"decode paths: {_ms(by_path)}; batches of {BATCH_ROWS}: {_ms(by_batch)}; threads: "
-                f"{_ms(by_threads)}")
+    logger.info(f"decode paths: {_ms(by_path)}; batches of {BATCH_ROWS}: {_ms(by_batch)}; prompts of "
+                f"{PROMPT_TOKENS}: {_ms(by_prompt)}; threads: {_ms(by_threads)}")
     # a decode step of a small span may run faster on fewer threads; a prefill's large matrices take every core
     return DecodePlan(path, chosen_threads if cpu else 0, park, batch_path, by_threads[chosen_threads] * 1000,
-                      fixed.get("prefill_threads", cores) if cpu else 0)
+                      prefill_threads, prompt_path)
 
 
 def _fastest(seconds: dict, default):

@@ -153,12 +153,12 @@ class Engine:
             return run_batched(self.span, [(t.request, t.cache, t.blocks) for (t,) in tasks], self._to_span)
 
     def _path(self, task: SpanTask, rows: int | None = None):
-        """How this task (or a batch of ``rows`` rows) runs: a decode step through the packed weights when the plan
-        chose them for its number of rows (CUDA graphs, when chosen, are the span's own for steps of one token);
-        everything else through the plain layers."""
+        """How this task (or a batch of ``rows`` rows) runs: through the packed weights where the plan chose them, for
+        a decode step of its number of rows or for a prompt (CUDA graphs, when chosen, are the span's own for steps
+        of one token); otherwise through the plain layers."""
         rows = task.tokens if rows is None else rows
-        packed = task.decode and self.plan.path_for(rows) == "packed"
-        return packed_linears(self.span) if packed else contextlib.nullcontext()
+        path = self.plan.path_for(rows) if task.decode else self.plan.prompt_path
+        return packed_linears(self.span) if path == "packed" else contextlib.nullcontext()
 
     def _threads(self, decode: bool = False) -> None:
         """Decode steps take the plan's measured threads; prefills and backward passes every core it allows."""
