@@ -1,4 +1,5 @@
-"""Decode steps on a CPU through copies of the linear weights that oneDNN packed once.
+"""Decode steps (and prompts, where measured faster) on a CPU through copies of the linear weights that oneDNN
+packed once.
 
 A decode step multiplies a few rows by every weight matrix of the span, and on a CPU that is bound by
 reading the weights. oneDNN's packed layout can read them faster than MKL's path through the plain matrix,
@@ -6,7 +7,8 @@ and for a batch of rows MKL also packs the whole matrix on every call (bench/RES
 of comments", has what was measured).
 Outputs differ from MKL's by float32 rounding (about 1e-6 relative), as a GEMM of a different number of rows
 does. The copies double the memory of the linear weights, so they are made only when the machine has that
-much memory free; otherwise steps use the plain weights. Prefill, forward and backward always do.
+much memory free; otherwise steps use the plain weights. Prompts take them too where the plan timed them faster
+on a prompt (MKL's GEMM of 16 to 64 rows was the slow one on the host of 2026-12-08); backward passes never do.
 
 Whether a server uses them at all is measured on its machine (shards.decode_paths): on the 2-core development
 machine of 2026-12-02 they were slower than MKL at hidden 512 and 2048 alike. They go through two private
