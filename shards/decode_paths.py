@@ -20,8 +20,8 @@ model sizes, against 1.7x faster on another CPU. So a server times what it could
 Paths and thread counts are timed together by rounds, one step of each candidate in turn, and compared by
 their medians: on a shared VM the speed drifts within seconds, and timed one after the other, the candidate
 timed during a lull would win. The choice is cached per machine, model shape, dtype and quantization (like
-shards.throughput); the whole measurement keeps to a budget of about 2 s. ``DecodePlan.parse`` reads a plan
-given on the command line: any part it fixes is not measured.
+shards.throughput); the single steps keep to a budget of about 2 s, and batches and prompts add about as much
+again. ``DecodePlan.parse`` reads a plan given on the command line: any part it fixes is not measured.
 """
 from __future__ import annotations
 
@@ -194,7 +194,8 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         by_threads = {n: by_combo[path, n] for n in threads}
         by_batch = _in_rounds({p: (batches[p], chosen_threads) for p in batch_paths}, reps, set_threads)
         batch_path = _fastest(by_batch, batch_paths[0]) if by_batch else path
-        by_prompt = _in_rounds({p: (prompts[p], prefill_threads) for p in batch_paths}, 3, set_threads)
+        prompt_reps = 3 if first * 24 <= budget_s else 1  # 8 prompts of ~3 steps each, or one round when too slow
+        by_prompt = _in_rounds({p: (prompts[p], prefill_threads) for p in batch_paths}, prompt_reps, set_threads)
         prompt_path = _fastest(by_prompt, batch_paths[0]) if by_prompt else ""
         set_threads(chosen_threads)
     finally:
