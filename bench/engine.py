@@ -82,7 +82,7 @@ def span_steps(root: str, names: list[str], rounds: int = 3) -> list[str]:
         steps = {label: (decode_step(span, path_name, batch), threads)
                  for label, (path_name, threads, batch) in candidates.items()}
         steps["prompt, plain"] = (prompt_step(span, "plain"), cores)  # prefills take every core
-        steps["prompt, plan"] = (prompt_step(span, plan.prompt_path or "plain"), cores)
+        steps["prompt, plan"] = (prompt_step(span, plan.prompt_path), cores)
         times = {label: [] for label in ["local", *steps]}
         for _ in range(rounds):
             times["local"].append(local_baseline(path, 4, layers=True)["layers_step_s"])
@@ -95,7 +95,7 @@ def span_steps(root: str, names: list[str], rounds: int = 3) -> list[str]:
         rows.append(f"| {name} | {spread(times['local'])} | {spread(times['plain'])} | {plan} | "
                     f"{spread(times['plan'])} | {ms['local'] / ms['plan']:.2f}x | {spread(times['plain, batch'])} | "
                     f"{plan.path_for(BATCH_ROWS)}: {spread(times['plan, batch'])} | {spread(times['prompt, plain'])} | "
-                    f"{plan.prompt_path or 'plain'}: {spread(times['prompt, plan'])} |")
+                    f"{plan.prompt_path}: {spread(times['prompt, plan'])} |")
         print(rows[-1], flush=True)
         del span, steps
     return ["| model | transformers' layers ms (clean process) | span, plain, all cores ms | the engine's plan | "

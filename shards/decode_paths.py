@@ -61,7 +61,7 @@ class DecodePlan:
     batch_path: str = ""        # the path of a step of several rows (batched sessions, a verify step); "": path
     step_ms: float = 0.0        # the span's decode step alone, as measured (0: not measured)
     prefill_threads: int = 0    # torch threads of every other step (prefill, backward): all cores unless fixed
-    prompt_path: str = ""       # the path of a prompt's forward (a prefill); "": plain
+    prompt_path: str = "plain"  # the path of a prompt's forward (a prefill)
 
     def path_for(self, rows: int) -> str:
         """The path of a decode step of ``rows`` rows x new tokens."""
@@ -93,7 +93,7 @@ class DecodePlan:
 
     def __str__(self) -> str:
         batches = f", batches {self.batch_path}" if self.batch_path and self.batch_path != self.path else ""
-        prompts = f", prompts {self.prompt_path}" if self.prompt_path and self.prompt_path != "plain" else ""
+        prompts = f", prompts {self.prompt_path}" if self.prompt_path != "plain" else ""
         measured = f", {self.step_ms:.2f} ms a step" if self.step_ms else ""
         return f"decode path {self.spec}{batches}{prompts}{measured}"
 
@@ -196,7 +196,7 @@ def choose_plan(span: BlockSpan, fixed: dict, budget_s: float = BUDGET_S) -> Dec
         batch_path = _fastest(by_batch, batch_paths[0]) if by_batch else path
         prompt_reps = 3 if first * 24 <= budget_s else 1  # 8 prompts of ~3 steps each, or one round when too slow
         by_prompt = _in_rounds({p: (prompts[p], prefill_threads) for p in batch_paths}, prompt_reps, set_threads)
-        prompt_path = _fastest(by_prompt, batch_paths[0]) if by_prompt else ""
+        prompt_path = _fastest(by_prompt, batch_paths[0]) if by_prompt else "plain"
         set_threads(chosen_threads)
     finally:
         torch.set_num_threads(saved_threads)

@@ -269,7 +269,7 @@ class Server:
         metrics.track_sessions(self.sessions)
         metrics.track_drafts(self.handler.steps.drafts)
         metrics.decode_plan.info({"path": self.plan.path, "batch_path": self.plan.path_for(2),
-                                  "prompt_path": self.plan.prompt_path or "plain", "threads": str(self.plan.threads),
+                                  "prompt_path": self.plan.prompt_path, "threads": str(self.plan.threads),
                                   "policy": "park" if self.plan.park_idle else "spin",
                                   "step_ms": f"{self.plan.step_ms:.3f}"})
         self.handler.metrics = metrics
